@@ -1,0 +1,40 @@
+"""Exceptions the pipeline raises on bad input.
+
+Every message names the file (URI, credentials redacted) and, where it applies, the byte offset
+or row, so a user can find the problem without a debugger. The CLI turns any ``PipelineError``
+into a one-line error and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class for errors caused by input, configuration or environment (not by bugs)."""
+
+
+class VectorFormatError(PipelineError):
+    """A vector file is malformed: truncated, inconsistent headers, bad size, NaN/Inf values."""
+
+    def __init__(self, uri: str, message: str, *, offset: int | None = None, row: int | None = None):
+        self.uri = uri
+        self.offset = offset
+        self.row = row
+        where = []
+        if row is not None:
+            where.append(f"row {row}")
+        if offset is not None:
+            where.append(f"byte offset {offset}")
+        loc = f" at {', '.join(where)}" if where else ""
+        super().__init__(f"{uri}{loc}: {message}")
+
+
+class StorageError(PipelineError):
+    """A file, bucket or endpoint cannot be reached, or access is denied."""
+
+
+class CheckpointError(PipelineError):
+    """A model or training checkpoint is missing, corrupt, or incompatible."""
+
+
+class ConfigError(PipelineError):
+    """Inconsistent or invalid parameters."""
