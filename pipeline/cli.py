@@ -41,6 +41,309 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --------------------------------------------------------------------------- train
+@command
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a QINCo model (in-process, or on Ray Train with --workers)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="training vectors: one or more files (fvecs/bvecs/fbin/u8bin/npy/parquet/..., local or s3://)")
+    p.add_argument("--out", required=True, help="model directory (local or s3:// prefix)")
+    p.add_argument("--preset", default="cpu", help="architecture preset: cpu, qinco1, qinco2-S/M/L (default cpu)")
+    for name, typ in (("M", int), ("K", int), ("L", int), ("h", int), ("de", int), ("dh", int),
+                      ("A", int), ("B", int), ("B-train", int)):
+        p.add_argument(f"--{name}", type=typ, default=None, help=f"override the preset's {name}")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-train", type=int, default=None, help="use at most N training vectors")
+    p.add_argument("--val", type=int, default=2000, help="held-out validation vectors (default 2000)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop training after S seconds")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (in-process training)")
+    p.add_argument("--ivf", type=int, default=0, metavar="NLIST",
+                   help="train an IVF coarse quantizer with NLIST lists first (IVF-QINCo)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray Train workers (DDP); 0 trains in this process without Ray (default 0)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the checkpoints of an earlier run at --out instead of resuming it")
+    p.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="end this invocation after N epochs; re-running the command resumes (Ray Train only)")
+
+    def run(a: argparse.Namespace) -> int:
+        if a.workers > 0:
+            return _train_distributed(a)
+        import numpy as np
+
+        from pipeline import storage, vecs_io
+        from pipeline.checkpoint import save_model
+        from pipeline.errors import ConfigError
+        from pipeline.qinco_model import config_from_preset
+        from pipeline.training import TrainConfig, train_model
+
+        limit = None if a.max_train is None else a.max_train + a.val
+        parts = []
+        for uri in a.data:
+            rows = None if limit is None else limit - sum(len(p) for p in parts)
+            if rows is not None and rows <= 0:
+                break
+            parts.append(vecs_io.read_vectors(uri, max_rows=rows).astype(np.float32))
+        x = np.concatenate(parts)
+        if len(x) <= a.val:
+            raise ConfigError(f"{storage.redact(a.data[0])} has {len(x)} vectors; need more than --val {a.val}")
+        perm = np.random.default_rng(a.seed).permutation(len(x))
+        x_val, x_train = x[np.sort(perm[:a.val])], x[np.sort(perm[a.val:])]
+        qcfg = config_from_preset(a.preset, x.shape[1], M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
+                                  A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf)
+        tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                           max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget)
+        print(f"training {a.preset} ({qcfg.code_bytes:g} bytes/vector) on {len(x_train)} vectors, "
+              f"validating on {len(x_val)}", flush=True)
+
+        def progress(rec: dict, trainer) -> None:
+            if rec.get("rq_init"):
+                print(f"epoch 0 (RQ init): val MSE {rec['val_mse']:.6g}", flush=True)
+                return
+            print(f"epoch {rec['epoch']}: {rec['samples_per_s']:.0f} samples/s, {rec['seconds']:.1f} s, "
+                  f"train MSE {rec['train_mse']:.6g}, val MSE {rec['val_mse']:.6g}"
+                  f"{' *' if rec['best'] else ''}", flush=True)
+
+        model, history = train_model(x_train, x_val, qcfg, tcfg, device=a.device, on_epoch_end=progress)
+        meta = {"train_config": tcfg.to_dict(), "preset": a.preset, "history": history,
+                "data": {"uris": [storage.redact(u) for u in a.data], "rows_read": int(len(x)),
+                         "train_rows": int(min(len(x_train), a.max_train or len(x_train))),
+                         "val_rows": int(len(x_val)), "split_seed": a.seed}}
+        save_model(model, a.out, metadata=meta)
+        best = min(h["val_mse"] for h in history)
+        print(f"saved model to {storage.redact(a.out)} (best val MSE {best:.6g})", flush=True)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _train_distributed(a: argparse.Namespace) -> int:
+    """`qinco train --workers N`: the same loop on Ray Train (see pipeline.distributed_training)."""
+    import json
+
+    from pipeline import vecs_io
+    from pipeline.distributed_training import DistTrainConfig, run_distributed_training
+    from pipeline.qinco_model import config_from_preset
+    from pipeline.ray_cluster import ensure_ray
+    from pipeline.training import TrainConfig
+
+    dim = vecs_io.info(a.data[0]).dim
+    qcfg = config_from_preset(a.preset, dim, M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
+                              A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf)
+    tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                       max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget)
+    ensure_ray()
+    summary = run_distributed_training(DistTrainConfig(
+        data_uris=list(a.data), out_uri=a.out, qinco=qcfg.to_dict(), train=tcfg.to_dict(),
+        workers=a.workers, cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+        fresh=a.fresh, stop_after_epochs=a.stop_after_epochs))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------- encode
+@command
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="encode vector files into IVF shards on Ray (or one codes file)",
+                       description="With an --out ending in .parquet, encode one file in this process into a "
+                                   "codes file. Otherwise --out is an index prefix: Ray Data reads the files in "
+                                   "byte ranges, an actor pool encodes them, and shards plus a manifest are "
+                                   "committed atomically (resumable: re-run the same command after a failure).")
+    p.add_argument("--model", required=True, help="model directory (local or s3://)")
+    p.add_argument("--data", required=True, nargs="+", help="vector files to encode (ids follow their order)")
+    p.add_argument("--out", required=True, help="index URI, or a codes file ending in .parquet")
+    p.add_argument("--workers", type=int, default=2, help="encoder actors (index mode, default 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--shard-rows", type=int, default=65536, help="vectors per read task and shard (default 65536)")
+    p.add_argument("--batch-size", type=int, default=None, help="encoder batch size (default: sized from B and A)")
+    p.add_argument("--fmt", default=None, help="input format when the extension does not tell")
+    p.add_argument("--overwrite", action="store_true", help="build a new version over a different index")
+    p.add_argument("--skip-bad-ranges", action="store_true",
+                   help="skip unreadable row ranges (listed in the report) instead of failing")
+    p.add_argument("--B", type=int, default=None, help="beam size (default: the model's)")
+    p.add_argument("--A", type=int, default=None, help="pre-selected candidates (default: the model's)")
+    p.add_argument("--block-rows", type=int, default=65536, help="vectors read per block")
+    p.add_argument("--device", default="cpu")
+
+    def run(a: argparse.Namespace) -> int:
+        if not a.out.endswith(".parquet"):
+            return _encode_index(a)
+        import time
+
+        import numpy as np
+
+        from pipeline import codes_io, storage, vecs_io
+        from pipeline.errors import ConfigError
+
+        if len(a.data) != 1:
+            raise ConfigError("a codes file holds one input; give one --data file or an index --out")
+        a.data = a.data[0]
+        from pipeline.checkpoint import load_model, model_identity
+        from pipeline.encoder import encode
+
+        model = load_model(a.model, device=a.device)
+        total = vecs_io.info(a.data).count
+        codes, lids = [], []
+        t0 = time.time()
+        for start, block in vecs_io.iter_blocks(a.data, a.block_rows):
+            c, l = encode(model, block, device=a.device, B=a.B, A=a.A, source=storage.redact(a.data))
+            codes.append(c)
+            lids.append(l)
+            done = start + len(block)
+            print(f"encoded {done}/{total} vectors ({done / max(time.time() - t0, 1e-9):.0f} vec/s)", flush=True)
+        K = model.config.K
+        all_codes = np.concatenate(codes) if codes else np.zeros((0, model.config.M), np.uint8)
+        all_lids = np.concatenate(lids) if model.ivf and lids else None
+        codes_io.write_codes(a.out, all_codes, K, all_lids, model=model_identity(a.model),
+                             extra={"source": storage.redact(a.data), "B": a.B or model.config.B,
+                                    "A": model.config.A if a.A is None else a.A})
+        print(f"wrote {len(all_codes)} codes ({model.config.code_bytes:g} bytes each) to {storage.redact(a.out)}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _encode_index(a: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.encode_job import EncodeJobConfig, run_encode
+    from pipeline.ray_cluster import ensure_ray
+
+    ensure_ray()
+    report = run_encode(EncodeJobConfig(
+        model_uri=a.model, data_uris=list(a.data), index_uri=a.out, fmt=a.fmt, workers=a.workers,
+        cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows,
+        batch_size=a.batch_size or 0, overwrite=a.overwrite, skip_bad_ranges=a.skip_bad_ranges))
+    keys = ("status", "version", "vectors", "shards", "vectors_encoded_this_run", "vectors_per_s", "wall_s", "bad_ranges")
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=2, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------- decode
+@command
+def _add_decode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("decode", help="decode a codes file back to vectors")
+    p.add_argument("--model", required=True, help="model directory (local or s3://)")
+    p.add_argument("--codes", required=True, help="codes file written by `qinco encode`")
+    p.add_argument("--out", required=True, help="vector file to write (format from the extension)")
+    p.add_argument("--prefix", type=int, default=None, help="decode only the first m codes")
+    p.add_argument("--device", default="cpu")
+
+    def run(a: argparse.Namespace) -> int:
+        from pipeline import codes_io, storage, vecs_io
+        from pipeline.checkpoint import load_model, model_identity
+        from pipeline.decoder import decode
+        from pipeline.errors import ConfigError
+
+        model = load_model(a.model, device=a.device)
+        data = codes_io.read_codes(a.codes)
+        ident = model_identity(a.model)
+        written_by = data.meta.get("model", {}).get("weights_sha256")
+        if written_by and written_by != ident["weights_sha256"]:
+            raise ConfigError(f"{storage.redact(a.codes)} was written by another model "
+                              f"({data.meta['model'].get('model_uri')}), not {storage.redact(a.model)}")
+        if (data.meta["M"], data.meta["K"]) != (model.config.M, model.config.K):
+            raise ConfigError(f"{storage.redact(a.codes)} holds M={data.meta['M']}, K={data.meta['K']} codes; "
+                              f"the model has M={model.config.M}, K={model.config.K}")
+        x = decode(model, data.codes, data.list_ids, prefix=a.prefix, device=a.device)
+        vecs_io.write_vectors(a.out, x)
+        print(f"wrote {len(x)} vectors to {storage.redact(a.out)}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- baselines
+@command
+def _add_baselines(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baselines", help="measure Faiss PQ/OPQ/RQ/LSQ baselines (MSE, recall)")
+    p.add_argument("--dataset", default=None, help="dataset name (dwsift, glove50) instead of the four URIs")
+    p.add_argument("--data-dir", default=None, help="datasets folder (default: $QINCO_DATA_DIR or ../shared/data)")
+    p.add_argument("--learn", help="training vectors (file or URI)")
+    p.add_argument("--base", help="database vectors")
+    p.add_argument("--queries", help="query vectors")
+    p.add_argument("--groundtruth", help="exact neighbours of the queries in the base (.ivecs); computed if omitted")
+    p.add_argument("--bytes", type=int, nargs="+", default=[8, 16], help="code sizes in bytes")
+    p.add_argument("--methods", nargs="+", default=["PQ", "OPQ", "RQ", "LSQ"],
+                   choices=["PQ", "OPQ", "RQ", "LSQ"])
+    p.add_argument("--max-learn", type=int, default=None, help="use only the first N training vectors")
+    p.add_argument("--max-base", type=int, default=None,
+                   help="use only the first N base vectors (the ground truth is then recomputed)")
+    p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
+    p.add_argument("--k", type=int, default=100, help="results per query")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", required=True, help="JSON results file (written atomically)")
+
+    def run(a: argparse.Namespace) -> int:
+        from pipeline.baselines import baselines_command
+
+        return baselines_command(a)
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- search
+@command
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="answer k-NN queries against an index on a Ray cluster (shard actors)")
+    p.add_argument("--index", required=True, help="index URI (written by `qinco encode`)")
+    p.add_argument("--queries", required=True, help="query vectors file URI")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query (default 16)")
+    p.add_argument("--shortlist", type=int, default=100,
+                   help="candidates kept by the lookup-table stage for QINCo re-ranking (default 100)")
+    p.add_argument("--no-rerank", action="store_true", help="return the lookup-table ranking (no QINCo decode)")
+    p.add_argument("--workers", type=int, default=2, help="shard actors (default 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--query-batch", type=int, default=2048)
+    p.add_argument("--max-queries", type=int, default=None)
+    p.add_argument("--version", default=None, help="index version (default: CURRENT)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="return results from the shards that answered and report those that did not")
+    p.add_argument("--out", required=True, help="results URI (big-ann k-NN format; also OUT.parquet and OUT.report.json)")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from pipeline.ray_cluster import ensure_ray
+        from pipeline.search_job import SearchJobConfig, run_search
+
+        ensure_ray()
+        report = run_search(SearchJobConfig(
+            index_uri=a.index, queries_uri=a.queries, out_uri=a.out, k=a.k, nprobe=a.nprobe,
+            shortlist=a.shortlist, rerank=not a.no_rerank, workers=a.workers,
+            cpus_per_worker=a.cpus_per_worker, query_batch=a.query_batch,
+            allow_partial=a.allow_partial, max_queries=a.max_queries, version=a.version))
+        print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- eval
+@command
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="recall@1/10/100 of a results file against ground truth")
+    p.add_argument("--results", required=True, help="results URI (big-ann k-NN format)")
+    p.add_argument("--groundtruth", required=True, help="ground truth (ivecs or big-ann format)")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from pipeline.search_job import evaluate_results
+
+        print(json.dumps(evaluate_results(a.results, a.groundtruth), indent=2))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -25,7 +25,17 @@ class VectorFormatError(PipelineError):
         if offset is not None:
             where.append(f"byte offset {offset}")
         loc = f" at {', '.join(where)}" if where else ""
+        self.detail = message
         super().__init__(f"{uri}{loc}: {message}")
+
+    def __reduce__(self):
+        # Keyword-only arguments are not restored by the default exception pickling; rebuild
+        # from the parts so the error keeps its type when raised inside a Ray task.
+        return (_rebuild_vector_format_error, (type(self), self.uri, self.detail, self.offset, self.row))
+
+
+def _rebuild_vector_format_error(cls, uri, message, offset, row):
+    return cls(uri, message, offset=offset, row=row)
 
 
 class StorageError(PipelineError):

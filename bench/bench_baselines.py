@@ -1,0 +1,104 @@
+"""Faiss baselines (PQ, OPQ, RQ, LSQ at 8 and 16 bytes) on the real datasets, full sets.
+
+Writes ``bench/out/baselines.json`` and the "Faiss baselines" section of ``bench/RESULTS.md``.
+Both are rewritten after every measured row, so an interrupted run still leaves its figures.
+
+    .venv/bin/python bench/bench_baselines.py [--datasets dwsift glove50] [--bytes 8 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import pathlib
+import shlex
+import sys
+import time
+
+from pipeline import storage
+from pipeline.baselines import METHODS, format_table, load_inputs, machine_info, run_baselines
+from pipeline.config import code_version
+from pipeline.datasets import DATASETS, resolve_dataset
+
+HERE = pathlib.Path(__file__).resolve().parent
+BEGIN = "<!-- section: faiss-baselines (bench/bench_baselines.py) -->"
+END = "<!-- end section: faiss-baselines -->"
+
+
+def update_results_md(path: pathlib.Path, section: str) -> None:
+    """Replace (or append) this script's section of RESULTS.md, leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    storage.write_bytes_atomic(str(path), text.encode())
+
+
+def render_section(rows: list[dict], machine: dict, command: str, started: str, done: bool) -> str:
+    lines = [
+        "## Faiss baselines",
+        "",
+        f"- machine: {machine['cpu_model']}, {machine['cpu_count']} cores ({machine['platform']}),"
+        " shared with other jobs, so times are indicative only",
+        f"- date: {started}" + ("" if done else " (run incomplete: rows so far)"),
+        f"- command: `{command}`",
+        "- protocol: codebooks trained on all of learn with Faiss defaults (RQ beam 5; PQ without"
+        " the polysemous re-ordering, which only permutes code ids), full base encoded and decoded,"
+        " exhaustive search of all queries over the decoded base; R@k = the true nearest"
+        " neighbour is in the top k; MSE = mean squared L2 reconstruction error per vector;"
+        " encode_vps includes decoding.",
+        "- glove50 (d=50): PQ/OPQ need d divisible by the number of sub-quantizers, so PQ zero-pads"
+        " to 56 / 64 dimensions (`Pad56`) and OPQ rotates into 56 / 64 dimensions (`OPQ8_56`).",
+        "",
+    ]
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        lines += [f"### {name}", "", format_table([r for r in rows if r["dataset"] == name]), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    ap.add_argument("--bytes", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=str(HERE / "out" / "baselines.json"))
+    ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = "python bench/bench_baselines.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = machine_info()
+    pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def save(done: bool) -> None:
+        report = {"rows": rows, "command": command, "started": started, "complete": done,
+                  "machine": machine, "code_version": code_version()}
+        storage.write_bytes_atomic(a.out, json.dumps(report, indent=2).encode())
+        update_results_md(pathlib.Path(a.results_md), render_section(rows, machine, command.strip(), started, done))
+
+    t0 = time.perf_counter()
+    for name in a.datasets:
+        ds = resolve_dataset(name, a.data_dir)
+        xt, xb, xq, gt = load_inputs(ds.learn, ds.base, ds.query, ds.groundtruth)
+        for nbytes in a.bytes:
+            for method in a.methods:
+                row = run_baselines(xt, xb, xq, gt, code_bytes=(nbytes,), methods=(method,))[0]
+                rows.append({"dataset": name, **row})
+                save(done=False)
+                print(format_table(rows[-1:]), flush=True)
+    save(done=True)
+    print(format_table(rows))
+    print(f"total {time.perf_counter() - t0:.0f} s; wrote {a.out} and {a.results_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

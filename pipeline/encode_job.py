@@ -1,0 +1,370 @@
+"""The encode job: vector files in object storage -> IVF shards + manifest, on Ray Data.
+
+Build pattern (as lance-ray's): the model is trained once beforehand; the driver plans the work,
+workers build shards, the driver commits a manifest atomically.
+
+1. The driver reads only headers (``plan_inputs``), checks every file's dimension against the
+   model before any work starts, and cuts each file into row ranges of ``shard_rows`` rows.
+   Every range becomes one shard with a deterministic name (file index, first row).
+2. Ranges whose shard already exists and verifies (size + sha256 from its sidecar) are skipped:
+   a killed job re-run with the same arguments encodes only what is missing.
+3. Ray Data reads the pending ranges with byte-range read tasks (``VectorDatasource``), an actor
+   pool (model loaded once per actor, CPU or GPU) assigns IVF lists and computes QINCo codes with
+   the same ``encoder.encode`` as single-process ``qinco encode``, and writes each range's shard
+   atomically, followed by its sidecar.
+4. When every range has a shard, the driver writes the manifest (the commit point), switches the
+   index's ``CURRENT`` pointer, and saves a run report beside the manifest.
+
+Nothing reads a shard that is not named in a committed manifest, so a crashed job never exposes
+a half-built index. No stage holds the whole collection: each actor holds one range at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.config import JsonConfig, code_version
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+
+
+@dataclass
+class EncodeJobConfig(JsonConfig):
+    """Parameters of one encode job (stored in the version directory and the manifest)."""
+
+    model_uri: str
+    data_uris: list[str]
+    index_uri: str
+    fmt: str | None = None
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    shard_rows: int = 65536
+    batch_size: int = 0  # encoder batch; 0 = sized from the model's beam and pre-selection
+    overwrite: bool = False
+    skip_bad_ranges: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs 'the same job' (resources and batch sizes do not change codes)."""
+        return {
+            "model_uri": self.model_uri,
+            "data_uris": list(self.data_uris),
+            "fmt": self.fmt,
+            "shard_rows": self.shard_rows,
+        }
+
+
+@dataclass
+class RangeTask(JsonConfig):
+    """One row range of one input file, encoded into one shard."""
+
+    file_index: int
+    start: int
+    stop: int
+    shard: str  # path relative to the version directory
+
+
+def plan_ranges(inputs: list, shard_rows: int) -> list[RangeTask]:
+    """Cut every input file into consecutive ranges of at most ``shard_rows`` rows."""
+    from pipeline.shard_format import shard_name
+
+    if shard_rows <= 0:
+        raise ConfigError(f"shard_rows must be positive, got {shard_rows}")
+    tasks = []
+    for fi, inp in enumerate(inputs):
+        for start in range(0, inp.count, shard_rows):
+            stop = min(inp.count, start + shard_rows)
+            tasks.append(RangeTask(fi, start, stop, f"shards/{shard_name(fi, start)}"))
+    return tasks
+
+
+def _sidecar(shard_uri: str) -> str:
+    return shard_uri + ".json"
+
+
+def _shard_is_done(version_uri: str, task: RangeTask, options=None) -> bool:
+    """True when the shard and its sidecar exist and the shard matches the sidecar."""
+    from pipeline.shard_format import ShardInfo, verify_shard
+
+    uri = storage.join(version_uri, task.shard)
+    side = _sidecar(uri)
+    if not storage.exists(side, options):
+        return False
+    try:
+        info = ShardInfo.from_dict(json.loads(storage.read_bytes(side, options)))
+    except (ValueError, TypeError, KeyError):
+        return False
+    return verify_shard(uri, info, options)
+
+
+class EncodeActor:
+    """Ray Data actor: loads the model once, encodes one range per call and writes its shard."""
+
+    def __init__(self, model_uri: str, version_uri: str, inputs: list, batch_size: int,
+                 threads: int, options=None):
+        import torch
+
+        from pipeline.checkpoint import load_model, model_identity
+
+        torch.set_num_threads(max(1, threads))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(model_uri, device=self.device, options=options)
+        self.model_sha = model_identity(model_uri, options)["config_sha256"]
+        self.version_uri = version_uri
+        self.inputs = inputs
+        self.batch_size = batch_size
+        self.options = options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline import encoder
+        from pipeline.shard_format import shard_name, write_shard
+
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        if len(ids) == 0:
+            return {"shard": np.array([], dtype=object), "info": np.array([], dtype=object),
+                    "encode_s": np.array([], dtype=np.float64)}
+        file_index = int(batch["file_index"][0])
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        first = int(rows[0])
+        if not (np.all(batch["file_index"] == file_index) and np.array_equal(rows, np.arange(first, first + len(rows)))):
+            raise PipelineError(
+                f"encode actor received a batch that is not one contiguous range "
+                f"(file {file_index}, rows {rows[0]}..{rows[-1]}); check shard_rows vs block size")
+        x = np.asarray(batch["vector"], dtype=np.float32)
+        t0 = time.perf_counter()
+        codes, list_ids = encoder.encode(self.model, x, batch_size=self.batch_size or None, device=self.device)
+        if list_ids is None:
+            list_ids = np.zeros(len(ids), dtype=np.int64)
+        encode_s = time.perf_counter() - t0
+        rel = f"shards/{shard_name(file_index, first)}"
+        uri = storage.join(self.version_uri, rel)
+        cfg = self.model.config
+        info = write_shard(uri, list_ids.astype(np.int32), ids, codes, K=cfg.K,
+                           nlist=max(1, cfg.nlist), model_sha=self.model_sha, options=self.options)
+        storage.write_bytes_atomic(_sidecar(uri), info.to_json().encode(), self.options)
+        return {"shard": np.array([rel], dtype=object), "info": np.array([info.to_json()], dtype=object),
+                "encode_s": np.array([encode_s])}
+
+
+def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: list[dict], options) -> str | None:
+    """Return the committed version when the index already holds exactly this job's result.
+
+    Raise ConfigError if the prefix holds a different index and ``overwrite`` is not set.
+    """
+    from pipeline.manifest import current_version, load_manifest
+
+    cur = current_version(cfg.index_uri, options)
+    if cur is None:
+        return None
+    m = load_manifest(cfg.index_uri, options=options)
+    same_model = m.model.get("sha256") == model_id["config_sha256"]
+    same_inputs = [(i.uri, i.count, i.header_sha256) for i in m.inputs] == [
+        (d["uri"], d["count"], d["header_sha256"]) for d in inputs_desc]
+    same_rows = m.job_config.get("shard_rows") == cfg.shard_rows
+    if same_model and same_inputs and same_rows:
+        return cur
+    if not cfg.overwrite:
+        raise ConfigError(
+            f"{storage.redact(cfg.index_uri)} already holds a different index (version {cur}, "
+            f"model {m.model.get('uri')}); pass --overwrite to build a new version there")
+    return None
+
+
+def _pick_version(cfg: EncodeJobConfig, options) -> str:
+    """Reuse an unfinished version directory of the same job, else take the next number."""
+    from pipeline.manifest import list_versions, next_version, version_dir
+
+    committed = set(list_versions(cfg.index_uri, options))
+    candidates = []
+    for uri in storage.list_files(storage.join(cfg.index_uri, "versions"), options):
+        if uri.endswith("/" + JOB_FILE):
+            v = uri.rstrip("/").split("/")[-2]
+            if v not in committed:
+                candidates.append(v)
+    for v in sorted(candidates, reverse=True):
+        try:
+            job = json.loads(storage.read_bytes(storage.join(version_dir(cfg.index_uri, v), JOB_FILE), options))
+        except (ValueError, PipelineError):
+            continue
+        if job.get("identity") == cfg.identity():
+            return v
+    return next_version(cfg.index_uri, options)
+
+
+def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the encode job; returns the run report (also saved beside the manifest)."""
+    import ray
+
+    from pipeline.checkpoint import load_model, model_identity
+    from pipeline.manifest import InputEntry, Manifest, ShardEntry, code_params, commit_manifest, version_dir
+    from pipeline.ray_datasource import VectorDatasource, plan_inputs
+
+    t_start = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    # -- plan: headers only, everything validated before work starts
+    t = time.perf_counter()
+    model_id = model_identity(cfg.model_uri, options)
+    model = load_model(cfg.model_uri, options=options)
+    mcfg = model.config
+    inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
+    for inp in inputs:
+        if inp.dim != mcfg.dim:
+            raise ConfigError(
+                f"{storage.redact(inp.uri)}: vectors have dimension {inp.dim} but the model "
+                f"{storage.redact(cfg.model_uri)} expects {mcfg.dim}")
+    inputs_desc = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else dict(i) for i in inputs]
+    done_version = _existing_index_check(cfg, model_id, inputs_desc, options)
+    if done_version is not None:
+        log.info("index %s already holds this job's result (version %s): nothing to do",
+                 storage.redact(cfg.index_uri), done_version)
+        return {"status": "up-to-date", "version": done_version}
+    version = _pick_version(cfg, options)
+    vuri = version_dir(cfg.index_uri, version)
+    job_uri = storage.join(vuri, JOB_FILE)
+    if not storage.exists(job_uri, options):
+        storage.write_bytes_atomic(job_uri, json.dumps(
+            {"identity": cfg.identity(), "config": cfg.to_dict(), "code_version": code_version()},
+            indent=2, sort_keys=True).encode(), options)
+    tasks = plan_ranges(inputs, cfg.shard_rows)
+    pending = [tk for tk in tasks if not _shard_is_done(vuri, tk, options)]
+    stages["plan_s"] = time.perf_counter() - t
+    total_rows = sum(i.count for i in inputs)
+    log.info("encode %s -> %s (%s): %d vectors in %d shards, %d to do",
+             len(inputs), storage.redact(cfg.index_uri), version, total_rows, len(tasks), len(pending))
+
+    # -- encode pending ranges on an actor pool
+    t = time.perf_counter()
+    done_now: list[dict] = []
+    bad_ranges: list[dict] = []
+    if pending:
+        from ray.data import ActorPoolStrategy, DataContext
+
+        ctx = DataContext.get_current()
+        rec_bytes = max(i.record_bytes or (i.dim * 4) for i in inputs)
+        ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 4 * cfg.shard_rows * rec_bytes)
+        ranges = [(tk.file_index, tk.start, tk.stop) for tk in pending]
+        source = VectorDatasource(inputs, rows_per_task=cfg.shard_rows, options=options, ranges=ranges,
+                                  on_error="skip" if cfg.skip_bad_ranges else "raise")
+        # one block per range: with fewer tasks than Ray's default parallelism it would split blocks
+        ds = ray.data.read_datasource(source, override_num_blocks=len(pending))
+        ds = ds.map_batches(
+            EncodeActor,
+            batch_size=None,
+            compute=ActorPoolStrategy(size=max(1, cfg.workers)),
+            fn_constructor_kwargs=dict(model_uri=cfg.model_uri, version_uri=vuri, inputs=inputs,
+                                       batch_size=cfg.batch_size,
+                                       threads=max(1, int(cfg.cpus_per_worker)), options=options),
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker or None,
+        )
+        encoded_rows = 0
+        last_log = time.perf_counter()
+        from pipeline.ray_datasource import unwrap_ray_error
+
+        try:
+            for row in ds.iter_rows():
+                info = json.loads(row["info"])
+                done_now.append(info)
+                encoded_rows += info["rows"]
+                now = time.perf_counter()
+                if progress and (now - last_log > 5 or len(done_now) == len(pending)):
+                    el = now - t
+                    log.info("encoded %d/%d shards, %d vectors, %.0f vectors/s",
+                             len(done_now), len(pending), encoded_rows, encoded_rows / max(el, 1e-9))
+                    last_log = now
+        except Exception as e:  # noqa: BLE001 - surface the original pipeline error
+            raise unwrap_ray_error(e) from None
+    stages["encode_s"] = time.perf_counter() - t
+
+    # -- verify all shards, collect entries; skipped bad ranges are reported, never silently dropped
+    t = time.perf_counter()
+    from pipeline.shard_format import ShardInfo
+
+    shard_entries = []
+    for tk in tasks:
+        uri = storage.join(vuri, tk.shard)
+        if not _shard_is_done(vuri, tk, options):
+            if cfg.skip_bad_ranges:
+                bad_ranges.append(_describe_bad_range(inputs[tk.file_index], tk, options))
+                continue
+            raise PipelineError(f"shard {storage.redact(uri)} is missing after encoding; re-run the job")
+        info = ShardInfo.from_dict(json.loads(storage.read_bytes(_sidecar(uri), options)))
+        shard_entries.append(ShardEntry(name=tk.shard, rows=info.rows, bytes=info.bytes, sha256=info.sha256,
+                                        file_index=tk.file_index, first_row=tk.start,
+                                        id_min=info.id_min, id_max=info.id_max, lists=info.lists))
+    manifest = Manifest(
+        format_version=1,
+        version=version,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model={"uri": cfg.model_uri, "sha256": model_id["config_sha256"],
+               "weights_sha256": model_id["weights_sha256"], "config": mcfg.to_dict()},
+        code=code_params(mcfg.M, mcfg.K, mcfg.nlist),
+        inputs=[InputEntry(**{k: d[k] for k in ("uri", "fmt", "count", "dim", "dtype", "id_start",
+                                                  "id_stop", "header_sha256")}) for d in inputs_desc],
+        shards=shard_entries,
+        total_rows=sum(s.rows for s in shard_entries),
+        job_config=cfg.to_dict(),
+        code_version=code_version(),
+        parent_version=None,
+    )
+    if not bad_ranges:
+        from pipeline.manifest import validate_manifest
+
+        validate_manifest(manifest)
+    commit_manifest(cfg.index_uri, manifest, options=options)
+    stages["commit_s"] = time.perf_counter() - t
+
+    wall = time.perf_counter() - t_start
+    bytes_in = sum((i.record_bytes or 0) * i.count for i in inputs)
+    bytes_out = sum(s.bytes for s in shard_entries)
+    report = {
+        "job": "encode",
+        "status": "committed",
+        "version": version,
+        "vectors": manifest.total_rows,
+        "shards": len(shard_entries),
+        "shards_encoded_this_run": len(done_now),
+        "vectors_encoded_this_run": int(sum(d["rows"] for d in done_now)),
+        "bytes_in": int(bytes_in),
+        "bytes_out": int(bytes_out),
+        "wall_s": wall,
+        "vectors_per_s": (sum(d["rows"] for d in done_now) / stages["encode_s"]) if done_now else None,
+        "stages": stages,
+        "bad_ranges": bad_ranges,
+        "config": cfg.to_dict(),
+        "code_version": code_version(),
+    }
+    storage.write_bytes_atomic(storage.join(vuri, "report.json"),
+                               json.dumps(report, indent=2, sort_keys=True).encode(), options)
+    log.info("committed %s version %s: %d vectors, %d shards, %.1f MB out, %.1f s",
+             storage.redact(cfg.index_uri), version, manifest.total_rows, len(shard_entries),
+             bytes_out / 1e6, wall)
+    return report
+
+
+def _describe_bad_range(inp, tk: RangeTask, options) -> dict:
+    """Re-read a range that produced no shard to name its error in the report."""
+    from pipeline import vecs_io
+
+    try:
+        vecs_io.read_rows(inp.uri, tk.start, tk.stop, fmt=inp.fmt, options=options)
+        err = "range produced no shard"
+    except PipelineError as e:
+        err = str(e)
+    return {"uri": storage.redact(inp.uri), "file_index": tk.file_index, "start": tk.start,
+            "stop": tk.stop, "error": storage.redact(err)}
+
+
+__all__ = ["EncodeJobConfig", "RangeTask", "plan_ranges", "run_encode", "EncodeActor"]

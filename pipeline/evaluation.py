@@ -1,0 +1,170 @@
+"""Exact ground truth and the accuracy measures used to compare quantizers.
+
+Everything here is plain NumPy/Faiss on in-memory arrays, except that the database given to
+``knn_ground_truth`` may be a vector-file URI streamed block by block, so the ground truth of a
+database larger than RAM can be computed with bounded memory.
+
+Definitions follow the QINCo papers: ``recall_at`` (R@k) is the fraction of queries whose true
+nearest neighbour appears among the first k results; ``k_recall_at_k`` is the big-ann measure
+|I[:, :k] ∩ gt[:, :k]| / k; the reconstruction MSE is the mean over vectors of the squared L2
+error (not divided by the dimension).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+from pipeline.topk import topk_smallest
+
+log = logging.getLogger(__name__)
+
+METRICS = ("L2", "IP")
+
+# Distances are computed on (query chunk x base chunk) tiles of at most this many entries.
+_TILE_ENTRIES = 1 << 23
+
+
+def _base_blocks(base, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    if isinstance(base, (str, os.PathLike)):
+        from pipeline import vecs_io
+
+        yield from vecs_io.iter_blocks(str(base), block_rows)
+    else:
+        base = np.asarray(base)
+        if base.ndim != 2:
+            raise ConfigError(f"base must be a 2-D array, got shape {base.shape}")
+        for i0 in range(0, base.shape[0], block_rows):
+            yield i0, base[i0:i0 + block_rows]
+
+
+def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000,
+                     metric: str = "L2") -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of each query in ``base`` (array or vector-file URI).
+
+    The base is processed ``block_rows`` rows at a time and the per-block results are merged,
+    so the answer does not depend on ``block_rows``. Distances are computed in float64 (exact
+    for integer-valued data such as SIFT) and ranked by (distance, smaller id).
+    For ``metric="L2"`` D holds squared distances (ascending); for ``"IP"`` inner products
+    (descending). Returns ``(D_QK float32, I_QK int64)``; rows are padded with id -1 when the
+    base holds fewer than k vectors.
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    if k < 1 or block_rows < 1:
+        raise ConfigError(f"k and block_rows must be >= 1, got k={k}, block_rows={block_rows}")
+    q_QD = np.asarray(queries_QD, dtype=np.float64)
+    if q_QD.ndim != 2:
+        raise ConfigError(f"queries must be a 2-D array, got shape {q_QD.shape}")
+    Q, d = q_QD.shape
+    qnorm_Q = (q_QD ** 2).sum(1)
+    D_QK = np.full((Q, k), np.inf, dtype=np.float32)
+    I_QK = np.full((Q, k), -1, dtype=np.int64)
+    n_done = 0
+    t0 = time.perf_counter()
+    for first_row, block_BD in _base_blocks(base, block_rows):
+        if block_BD.ndim != 2 or block_BD.shape[1] != d:
+            raise ConfigError(f"base dimension {block_BD.shape[1:]} differs from query dimension {d}")
+        n_b = block_BD.shape[0]
+        sub = max(1, min(n_b, _TILE_ENTRIES // max(1, min(Q, 1024))))
+        for j0 in range(0, n_b, sub):
+            b_BD = np.asarray(block_BD[j0:j0 + sub], dtype=np.float64)
+            bnorm_B = (b_BD ** 2).sum(1)
+            ids_B = np.arange(first_row + j0, first_row + j0 + b_BD.shape[0], dtype=np.int64)
+            qstep = max(1, _TILE_ENTRIES // b_BD.shape[0])
+            for q0 in range(0, Q, qstep):
+                q1 = min(Q, q0 + qstep)
+                ip_QB = q_QD[q0:q1] @ b_BD.T
+                if metric == "L2":
+                    dis_QB = qnorm_Q[q0:q1, None] + bnorm_B[None, :] - 2 * ip_QB
+                    np.maximum(dis_QB, 0, out=dis_QB)
+                else:
+                    dis_QB = -ip_QB
+                ids_QB = np.broadcast_to(ids_B, dis_QB.shape)
+                cand_D = np.concatenate([D_QK[q0:q1], dis_QB.astype(np.float32)], axis=1)
+                cand_I = np.concatenate([I_QK[q0:q1], ids_QB], axis=1)
+                D_QK[q0:q1], I_QK[q0:q1] = topk_smallest(cand_D, cand_I, k)
+        n_done += n_b
+        dt = time.perf_counter() - t0
+        log.info("ground truth: %d base rows scanned for %d queries (%.0f rows/s)",
+                 n_done, Q, n_done / max(dt, 1e-9))
+    if metric == "IP":
+        D_QK = np.where(I_QK >= 0, -D_QK, -np.inf).astype(np.float32)
+    return D_QK, I_QK
+
+
+def _check_results(I_QK: np.ndarray, gt_QK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    I_QK = np.asarray(I_QK)
+    gt_QK = np.asarray(gt_QK)
+    if I_QK.ndim != 2 or gt_QK.ndim != 2:
+        raise ConfigError(f"results and ground truth must be 2-D, got {I_QK.shape} and {gt_QK.shape}")
+    if I_QK.shape[0] != gt_QK.shape[0]:
+        raise ConfigError(f"{I_QK.shape[0]} result rows but {gt_QK.shape[0]} ground-truth rows")
+    if I_QK.shape[0] == 0:
+        raise ConfigError("no queries to evaluate")
+    return I_QK, gt_QK
+
+
+def recall_at(I_QK, gt_QK, ks: Iterable[int] = (1, 10, 100)) -> dict[str, float]:
+    """R@k: fraction of queries whose true nearest neighbour ``gt[:, 0]`` is in ``I[:, :k]``."""
+    I_QK, gt_QK = _check_results(I_QK, gt_QK)
+    hit_QK = I_QK == gt_QK[:, :1]
+    out = {}
+    for k in ks:
+        if not 1 <= k <= I_QK.shape[1]:
+            raise ConfigError(f"R@{k} needs at least {k} results per query, got {I_QK.shape[1]}")
+        out[f"R@{k}"] = float(hit_QK[:, :k].any(axis=1).mean())
+    return out
+
+
+def k_recall_at_k(I_QK, gt_QK, k: int) -> float:
+    """Mean over queries of |I[:, :k] ∩ gt[:, :k]| / k (ground-truth ids are distinct)."""
+    I_QK, gt_QK = _check_results(I_QK, gt_QK)
+    if not 1 <= k <= min(I_QK.shape[1], gt_QK.shape[1]):
+        raise ConfigError(f"{k}-recall@{k} needs {k} results and {k} ground-truth neighbours, "
+                          f"got {I_QK.shape[1]} and {gt_QK.shape[1]}")
+    found = 0
+    step = max(1, (1 << 22) // (k * k))
+    for q0 in range(0, I_QK.shape[0], step):
+        g = gt_QK[q0:q0 + step, :k, None]
+        r = I_QK[q0:q0 + step, None, :k]
+        found += int((g == r).any(axis=2).sum())
+    return found / (I_QK.shape[0] * k)
+
+
+def reconstruction_mse(x_ND, xhat_ND, block_rows: int = 65536) -> float:
+    """Mean over vectors of ||x - xhat||^2, accumulated in float64 block by block."""
+    x_ND = np.asarray(x_ND)
+    xhat_ND = np.asarray(xhat_ND)
+    if x_ND.shape != xhat_ND.shape or x_ND.ndim != 2:
+        raise ConfigError(f"shapes differ or are not 2-D: {x_ND.shape} vs {xhat_ND.shape}")
+    if x_ND.shape[0] == 0:
+        raise ConfigError("no vectors to compare")
+    total = 0.0
+    for i0 in range(0, x_ND.shape[0], block_rows):
+        diff = x_ND[i0:i0 + block_rows].astype(np.float64) - xhat_ND[i0:i0 + block_rows]
+        total += float(np.einsum("nd,nd->", diff, diff))
+    return total / x_ND.shape[0]
+
+
+def search_decoded(queries, decoded_base, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive L2 search of ``queries`` over ``decoded_base`` (Faiss flat index).
+
+    Returns ``(D_QK, I_QK)`` with squared distances; id -1 pads rows when the base is smaller
+    than k.
+    """
+    import faiss
+
+    xb = np.ascontiguousarray(decoded_base, dtype=np.float32)
+    xq = np.ascontiguousarray(queries, dtype=np.float32)
+    if xb.ndim != 2 or xq.ndim != 2 or xb.shape[1] != xq.shape[1]:
+        raise ConfigError(f"query shape {xq.shape} and base shape {xb.shape} do not match")
+    index = faiss.IndexFlatL2(xb.shape[1])
+    index.add(xb)
+    D, I = index.search(xq, k)
+    return D, I.astype(np.int64, copy=False)

@@ -1,0 +1,440 @@
+"""Index versions: the manifest that commits a version and the ``CURRENT`` pointer.
+
+Layout under an index URI (see ``docs/index-format.md``)::
+
+    CURRENT                               {"version", "manifest", "updated"}; replaced atomically
+    versions/<v>/manifest.json            written last: the commit point of version <v>
+    versions/<v>/shards/shard-f…-r….parquet
+
+A version exists for readers only once its ``manifest.json`` is written; shards not named in a
+committed manifest are never read. ``CURRENT`` names the version readers use by default and is
+switched only after the manifest is in place, so a reader following it always finds a complete
+version. One driver at a time commits to a given index (object stores offer no compare-and-swap
+for the pointer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import JsonConfig, code_version
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.shard_format import ShardInfo, code_dtype_for, parse_shard_name, shard_name
+from pipeline.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CURRENT_FILE = "CURRENT"
+MANIFEST_FILE = "manifest.json"
+VERSIONS_DIR = "versions"
+_VERSION_RE = re.compile(r"^v(\d{6,})$")
+
+
+class ManifestError(PipelineError):
+    """An index has no committed version, or a manifest / CURRENT object cannot be parsed."""
+
+
+@dataclasses.dataclass
+class InputEntry(JsonConfig):
+    """One input vector file; its rows get the global ids ``[id_start, id_stop)``."""
+
+    uri: str
+    fmt: str
+    count: int
+    dim: int
+    dtype: str
+    id_start: int
+    id_stop: int
+    header_sha256: str
+
+
+@dataclasses.dataclass
+class ShardEntry(JsonConfig):
+    """One shard of a version; ``name`` is relative to the version directory."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    file_index: int
+    first_row: int
+    id_min: int
+    id_max: int
+    lists: int
+
+    @classmethod
+    def from_info(cls, info: ShardInfo, file_index: int, first_row: int) -> "ShardEntry":
+        """Entry for a shard written by ``write_shard`` under ``shards/``."""
+        return cls(name=f"shards/{info.name}", rows=info.rows, bytes=info.bytes, sha256=info.sha256,
+                   file_index=int(file_index), first_row=int(first_row), id_min=info.id_min,
+                   id_max=info.id_max, lists=info.lists)
+
+    def info(self) -> ShardInfo:
+        """The :class:`ShardInfo` ``read_shard``/``verify_shard`` check the file against."""
+        return ShardInfo(name=self.name.rsplit("/", 1)[-1], rows=self.rows, bytes=self.bytes,
+                         sha256=self.sha256, id_min=self.id_min, id_max=self.id_max, lists=self.lists)
+
+
+@dataclasses.dataclass
+class Manifest(JsonConfig):
+    """Everything needed to read and trust one index version."""
+
+    format_version: int
+    version: str
+    created: str  # ISO 8601 UTC
+    model: dict  # uri, sha256, config
+    code: dict  # M, K, code_dtype, nlist, code_bytes
+    inputs: list[InputEntry]
+    shards: list[ShardEntry]
+    total_rows: int
+    job_config: dict
+    code_version: dict
+    parent_version: str | None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        d = dict(d)
+        fv = d.get("format_version")
+        if not isinstance(fv, int) or fv > FORMAT_VERSION or fv < 1:
+            raise ConfigError(f"manifest format_version {fv!r} is not supported "
+                              f"(this code reads 1..{FORMAT_VERSION})")
+        d["inputs"] = [InputEntry.from_dict(e) for e in d.get("inputs", [])]
+        d["shards"] = [ShardEntry.from_dict(e) for e in d.get("shards", [])]
+        return super().from_dict(d)
+
+    @classmethod
+    def create(cls, version: str, *, model: dict, code: dict, inputs: list[InputEntry],
+               shards: list[ShardEntry], job_config: dict,
+               parent_version: str | None = None) -> "Manifest":
+        """A manifest stamped with the current time, code version and summed row count."""
+        return cls(format_version=FORMAT_VERSION, version=version, created=utc_now(), model=model,
+                   code=code, inputs=list(inputs), shards=list(shards),
+                   total_rows=sum(s.rows for s in shards), job_config=job_config,
+                   code_version=code_version(), parent_version=parent_version)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def code_params(M: int, K: int, nlist: int) -> dict[str, Any]:
+    """The manifest's ``code`` dict for ``M`` codes of ``K`` entries and ``nlist`` lists."""
+    dtype = code_dtype_for(K)
+    return {"M": int(M), "K": int(K), "code_dtype": dtype.name, "nlist": int(nlist),
+            "code_bytes": int(M) * dtype.itemsize}
+
+
+# ----------------------------------------------------------------------------------------- paths
+
+def version_name(number: int) -> str:
+    if number < 1:
+        raise ConfigError(f"version numbers start at 1, got {number}")
+    return f"v{number:06d}"
+
+
+def version_number(version: str) -> int:
+    m = _VERSION_RE.match(version or "")
+    if not m:
+        raise ConfigError(f"not a version name (expected v000001, v000002, ...): {version!r}")
+    return int(m.group(1))
+
+
+def version_dir(index_uri: str, version: str) -> str:
+    """URI of ``versions/<version>`` under the index."""
+    version_number(version)
+    return storage.join(index_uri, VERSIONS_DIR, version)
+
+
+def manifest_uri(index_uri: str, version: str) -> str:
+    return storage.join(version_dir(index_uri, version), MANIFEST_FILE)
+
+
+def shard_uri(index_uri: str, version: str, entry: ShardEntry) -> str:
+    """URI of a shard named in a manifest."""
+    return storage.join(version_dir(index_uri, version), entry.name)
+
+
+def _listing_prefix(uri: str) -> str:
+    """``uri`` spelled the way ``storage.list_files`` spells the files under it, plus ``/``."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    return uri.rstrip("/") + "/"
+
+
+def _relative_files(prefix_uri: str, options: StorageOptions | None) -> list[str]:
+    """Paths (relative to ``prefix_uri``) of every file under it."""
+    prefix = _listing_prefix(prefix_uri)
+    return [u[len(prefix):] for u in storage.list_files(prefix_uri, options) if u.startswith(prefix)]
+
+
+def _version_dirs(index_uri: str, options: StorageOptions | None) -> dict[str, set[str]]:
+    """Every version directory holding at least one file -> its files' relative paths."""
+    out: dict[str, set[str]] = {}
+    for rel in _relative_files(storage.join(index_uri, VERSIONS_DIR), options):
+        v, _, rest = rel.partition("/")
+        if _VERSION_RE.match(v) and rest:
+            out.setdefault(v, set()).add(rest)
+    return out
+
+
+def list_versions(index_uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Committed versions (those with a ``manifest.json``), oldest first."""
+    dirs = _version_dirs(index_uri, options)
+    return sorted((v for v, files in dirs.items() if MANIFEST_FILE in files), key=version_number)
+
+
+def next_version(index_uri: str, options: StorageOptions | None = None) -> str:
+    """The first version number above every existing version directory, committed or not."""
+    nums = [version_number(v) for v in _version_dirs(index_uri, options)]
+    return version_name(max(nums, default=0) + 1)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+def _fail(msg: str) -> None:
+    raise ConfigError(f"invalid manifest: {msg}")
+
+
+def validate_manifest(m: Manifest, *, require_complete: bool = True) -> None:
+    """Check a manifest's internal consistency; raise ConfigError naming the first problem.
+
+    Inputs' id ranges must match their counts and not overlap; every shard must lie inside its
+    input file's id range with contiguous ids starting at ``id_start + first_row``; shards must
+    not overlap; ``total_rows`` must equal the shards' rows. With ``require_complete`` the shards
+    must also cover every input's ``[id_start, id_stop)`` with no gap.
+    """
+    if m.format_version != FORMAT_VERSION:
+        _fail(f"format_version {m.format_version} != {FORMAT_VERSION}")
+    version_number(m.version)
+    if m.parent_version is not None:
+        version_number(m.parent_version)
+    for key in ("M", "K", "code_dtype", "nlist", "code_bytes"):
+        if key not in m.code:
+            _fail(f"code dict lacks {key!r}")
+    try:
+        want = code_params(m.code["M"], m.code["K"], max(1, int(m.code["nlist"])))
+    except (ConfigError, TypeError, ValueError) as e:
+        _fail(f"bad code parameters {m.code}: {e}")
+    if m.code["M"] < 1 or m.code["nlist"] < 0:
+        _fail(f"bad code parameters {m.code}")
+    if m.code["code_dtype"] != want["code_dtype"] or m.code["code_bytes"] != want["code_bytes"]:
+        _fail(f"code dict {m.code} inconsistent: K={m.code['K']} needs {want['code_dtype']}, "
+              f"code_bytes {want['code_bytes']}")
+
+    for i, inp in enumerate(m.inputs):
+        if inp.count < 0 or inp.id_stop - inp.id_start != inp.count or inp.id_start < 0:
+            _fail(f"input {i} ({storage.redact(inp.uri)}): id range [{inp.id_start}, {inp.id_stop}) "
+                  f"does not hold count {inp.count}")
+    by_start = sorted(range(len(m.inputs)), key=lambda i: m.inputs[i].id_start)
+    for a, b in zip(by_start, by_start[1:]):
+        if m.inputs[b].id_start < m.inputs[a].id_stop:
+            _fail(f"inputs {a} and {b} have overlapping id ranges "
+                  f"[{m.inputs[a].id_start}, {m.inputs[a].id_stop}) and "
+                  f"[{m.inputs[b].id_start}, {m.inputs[b].id_stop})")
+
+    names = set()
+    for s in m.shards:
+        if s.name in names:
+            _fail(f"shard {s.name} listed twice")
+        names.add(s.name)
+        if not 0 <= s.file_index < len(m.inputs):
+            _fail(f"shard {s.name}: file_index {s.file_index} but {len(m.inputs)} inputs")
+        if s.name != f"shards/{shard_name(s.file_index, s.first_row)}":
+            _fail(f"shard {s.name}: name does not match file_index {s.file_index}, "
+                  f"first_row {s.first_row}")
+        parse_shard_name(s.name)
+        if s.rows < 1 or s.id_max - s.id_min + 1 != s.rows:
+            _fail(f"shard {s.name}: {s.rows} rows but ids [{s.id_min}, {s.id_max}] "
+                  f"(a shard holds one contiguous id range)")
+        if not 1 <= s.lists <= s.rows:
+            _fail(f"shard {s.name}: {s.lists} non-empty lists for {s.rows} rows")
+        inp = m.inputs[s.file_index]
+        if s.id_min != inp.id_start + s.first_row:
+            _fail(f"shard {s.name}: first id {s.id_min} != input id_start {inp.id_start} "
+                  f"+ first_row {s.first_row}")
+        if s.id_max >= inp.id_stop:
+            _fail(f"shard {s.name}: ids [{s.id_min}, {s.id_max}] run past input "
+                  f"{s.file_index}'s id_stop {inp.id_stop}")
+    ordered = sorted(m.shards, key=lambda s: s.id_min)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.id_min <= a.id_max:
+            _fail(f"shards {a.name} and {b.name} have overlapping ids "
+                  f"[{a.id_min}, {a.id_max}] and [{b.id_min}, {b.id_max}]")
+    rows = sum(s.rows for s in m.shards)
+    if m.total_rows != rows:
+        _fail(f"total_rows {m.total_rows} != sum of shard rows {rows}")
+    if require_complete:
+        for i, inp in enumerate(m.inputs):
+            covered = sum(s.rows for s in m.shards if s.file_index == i)
+            if covered != inp.count:
+                nxt = inp.id_start
+                for s in ordered:
+                    if s.file_index == i:
+                        if s.id_min != nxt:
+                            break
+                        nxt = s.id_max + 1
+                _fail(f"input {i} ({storage.redact(inp.uri)}): shards cover {covered} of "
+                      f"{inp.count} rows; first missing id {nxt}")
+
+
+# ----------------------------------------------------------------------------------------- read / commit
+
+def _read_json(uri: str, options: StorageOptions | None) -> dict:
+    data = storage.read_bytes(uri, options)
+    try:
+        out = json.loads(data)
+    except ValueError as e:
+        raise ManifestError(f"{storage.redact(uri)}: not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ManifestError(f"{storage.redact(uri)}: expected a JSON object")
+    return out
+
+
+def _parse_manifest(uri: str, d: dict) -> Manifest:
+    try:
+        return Manifest.from_dict(d)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ManifestError(f"{storage.redact(uri)}: bad manifest ({e})") from None
+
+
+def _current(index_uri: str, options: StorageOptions | None) -> dict | None:
+    uri = storage.join(index_uri, CURRENT_FILE)
+    if not storage.exists(uri, options):
+        return None
+    d = _read_json(uri, options)
+    if not isinstance(d.get("version"), str) or not _VERSION_RE.match(d["version"]):
+        raise ManifestError(f"{storage.redact(uri)}: no valid 'version' field")
+    return d
+
+
+def current_version(index_uri: str, options: StorageOptions | None = None) -> str | None:
+    """The version ``CURRENT`` names, or None when nothing was committed yet."""
+    d = _current(index_uri, options)
+    return None if d is None else d["version"]
+
+
+def load_manifest(index_uri: str, version: str | None = None,
+                  options: StorageOptions | None = None) -> Manifest:
+    """The committed manifest of ``version`` (default: the one ``CURRENT`` names)."""
+    if version is None:
+        version = current_version(index_uri, options)
+        if version is None:
+            raise ManifestError(f"{storage.redact(index_uri)}: no committed index version "
+                                f"({CURRENT_FILE} not found)")
+    uri = manifest_uri(index_uri, version)
+    if not storage.exists(uri, options):
+        raise ManifestError(f"{storage.redact(index_uri)}: version {version} is not committed "
+                            f"({storage.redact(uri)} not found)")
+    m = _parse_manifest(uri, _read_json(uri, options))
+    if m.version != version:
+        raise ManifestError(f"{storage.redact(uri)}: manifest says version {m.version}, "
+                            f"stored as {version}")
+    return m
+
+
+def _comparable(d: dict) -> dict:
+    """Manifest content without the fields that differ between re-runs of the same commit."""
+    return {k: v for k, v in d.items() if k not in ("created", "code_version")}
+
+
+def _check_shards_present(index_uri: str, m: Manifest, options: StorageOptions | None) -> None:
+    vdir = version_dir(index_uri, m.version)
+    present = set(_relative_files(vdir, options))
+    for s in m.shards:
+        uri = shard_uri(index_uri, m.version, s)
+        if s.name not in present:
+            raise ConfigError(f"cannot commit {m.version}: shard {storage.redact(uri)} is missing")
+
+
+def set_current(index_uri: str, version: str, options: StorageOptions | None = None) -> None:
+    """Point ``CURRENT`` at an already committed version (also used to roll back)."""
+    muri = manifest_uri(index_uri, version)
+    if not storage.exists(muri, options):
+        raise ConfigError(f"{storage.redact(index_uri)}: cannot switch to {version}: not committed")
+    body = {"version": version, "manifest": f"{VERSIONS_DIR}/{version}/{MANIFEST_FILE}",
+            "updated": utc_now()}
+    storage.write_bytes_atomic(storage.join(index_uri, CURRENT_FILE),
+                               (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), options)
+    log.info("%s: CURRENT -> %s", storage.redact(index_uri), version)
+
+
+def commit_manifest(index_uri: str, manifest: Manifest, *, switch_current: bool = True,
+                    options: StorageOptions | None = None, check_shards: bool = True) -> str:
+    """Commit a version: write its manifest atomically, then (optionally) switch ``CURRENT``.
+
+    The manifest is checked with :func:`validate_manifest` (gaps allowed: a job may commit with
+    ranges it reported as bad) and, with ``check_shards``, every shard must exist (one
+    listing; contents are checked by readers against the recorded size and SHA-256). Re-committing the same content is a no-op for the manifest (the stored one,
+    with its original ``created`` time, is kept); different content for an already committed
+    version raises ConfigError. Returns the manifest URI.
+    """
+    validate_manifest(manifest, require_complete=False)
+    uri = manifest_uri(index_uri, manifest.version)
+    new = manifest.to_dict()
+    if storage.exists(uri, options):
+        old = _read_json(uri, options)
+        if _comparable(old) != _comparable(json.loads(json.dumps(new))):
+            raise ConfigError(f"{storage.redact(uri)}: version {manifest.version} is already "
+                              f"committed with different content; commit a new version instead")
+        log.info("%s: version %s already committed", storage.redact(index_uri), manifest.version)
+    else:
+        if check_shards:
+            _check_shards_present(index_uri, manifest, options)
+        storage.write_bytes_atomic(uri, (manifest.to_json() + "\n").encode(), options)
+        log.info("%s: committed version %s (%d shards, %d rows)", storage.redact(index_uri),
+                 manifest.version, len(manifest.shards), manifest.total_rows)
+    if switch_current:
+        set_current(index_uri, manifest.version, options)
+    return uri
+
+
+# ----------------------------------------------------------------------------------------- GC
+
+def garbage_collect(index_uri: str, keep: int, options: StorageOptions | None = None) -> list[str]:
+    """Delete old versions, keeping ``keep`` committed versions including ``CURRENT``.
+
+    Kept: the version ``CURRENT`` names plus the newest other committed versions up to ``keep``
+    in all. Deleted: every other committed version, and uncommitted version directories older
+    than the newest committed version (abandoned runs). Uncommitted directories newer than that
+    may belong to a running or resumable job and are left alone. A committed version loses its
+    manifest first, so a concurrent reader never sees a manifest whose shards are half deleted.
+    Returns the deleted versions, oldest first.
+    """
+    if not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"garbage_collect: keep must be an integer >= 1, got {keep!r}")
+    dirs = _version_dirs(index_uri, options)
+    committed = list_versions(index_uri, options)
+    current = current_version(index_uri, options)
+    kept = {current} if current in committed else set()
+    for v in reversed(committed):
+        if len(kept) >= keep:
+            break
+        kept.add(v)
+    newest = max((version_number(v) for v in committed), default=0)
+    doomed = [v for v in committed if v not in kept]
+    doomed += [v for v in dirs if v not in committed and version_number(v) < newest]
+    doomed.sort(key=version_number)
+    for v in doomed:
+        if v in committed:
+            storage.remove(manifest_uri(index_uri, v), options)
+        storage.remove(version_dir(index_uri, v), options, recursive=True)
+        log.info("%s: deleted version %s", storage.redact(index_uri), v)
+    return doomed
+
+
+__all__ = [
+    "FORMAT_VERSION", "InputEntry", "ShardEntry", "Manifest", "ManifestError", "version_dir",
+    "next_version", "commit_manifest", "load_manifest", "current_version", "list_versions",
+    "garbage_collect", "validate_manifest", "set_current", "manifest_uri", "shard_uri",
+    "code_params",
+]

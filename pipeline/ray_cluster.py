@@ -1,0 +1,29 @@
+"""Connect to the Ray cluster a job runs on, or start a local one.
+
+Inside ``ray job submit`` (or with ``RAY_ADDRESS`` set) the job attaches to that cluster;
+otherwise a local Ray is started for this process, which is the embedded default of the demo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Initialise Ray if needed. Returns True when this call started a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return False
+    log.info("no RAY_ADDRESS: starting a local Ray")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return True

@@ -1,0 +1,357 @@
+"""The query job: fan query batches out to shard actors and merge an exact global top-k.
+
+Per query batch, following the QINCo paper's search pipeline:
+
+1. **Probe** (driver): the ``nprobe`` nearest IVF centroids of each query, once for all shards.
+2. **Shortlist** (shard actors, in parallel): every code in the probed lists gets an approximate
+   distance from the additive decoder's lookup tables; each actor returns its best ``shortlist``
+   candidates with their codes.
+3. **Merge** (driver): the exact global top-``shortlist`` of the approximate distances, ties broken
+   by id, so the shortlist does not depend on how the index is split into shards.
+4. **Re-rank** (actors, round robin): the global shortlist is decoded with the QINCo model and
+   ranked by exact distance; the best ``k`` are the result.
+
+Shard actors load only shards named in the committed manifest, verify their checksums, and are
+restarted by Ray when they die (the batch is retried). With ``allow_partial``, shards whose actor
+fails for good are skipped and listed in the report; otherwise the job fails naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.config import JsonConfig, code_version
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchJobConfig(JsonConfig):
+    index_uri: str
+    queries_uri: str
+    out_uri: str
+    k: int = 10
+    nprobe: int = 16
+    shortlist: int = 100
+    rerank: bool = True
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    query_batch: int = 2048
+    allow_partial: bool = False
+    max_queries: int | None = None
+    version: str | None = None
+
+
+def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], k: int):
+    """Exact per-query top-k over several shards' shortlists ``(D_QS, I_QS, codes_QSM, lists_QS)``.
+
+    Ordered by distance then id (``topk.topk_smallest``); codes and list ids travel with their
+    candidate. Padding entries have id -1, distance inf and list -1.
+    """
+    from pipeline.topk import topk_smallest
+
+    D = np.concatenate([p[0] for p in parts], axis=1)
+    I = np.concatenate([p[1] for p in parts], axis=1)
+    codes = np.concatenate([p[2] for p in parts], axis=1)
+    lists = np.concatenate([p[3] for p in parts], axis=1)
+    Q, T = D.shape
+    pos = np.broadcast_to(np.arange(T, dtype=np.int64), (Q, T))
+    Dk, Ik, pk = topk_smallest(D, I, k, payload_QC=pos)
+    safe = np.where(pk < 0, 0, pk)
+    codes_k = np.take_along_axis(codes, safe[..., None], axis=1)
+    lists_k = np.where(pk < 0, -1, np.take_along_axis(lists, safe, axis=1))
+    return Dk, Ik, codes_k, lists_k
+
+
+class ShardActor:
+    """Holds one or more shards in memory; answers shortlist and re-rank requests."""
+
+    def __init__(self, index_uri: str, version: str, shard_entries: list[dict], model_uri: str,
+                 threads: int = 1, options=None):
+        import torch
+
+        from pipeline.checkpoint import load_model
+        from pipeline.manifest import version_dir
+        from pipeline.search_kernels import ShardSearcher
+        from pipeline.shard_format import ShardInfo, read_shard
+
+        torch.set_num_threads(max(1, threads))
+        self.model = load_model(model_uri, options=options)
+        vuri = version_dir(index_uri, version)
+        cfg = self.model.config
+        nlist = max(1, cfg.nlist)
+        lists, ids, codes = [], [], []
+        for e in shard_entries:
+            info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
+                             id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
+            sh = read_shard(storage.join(vuri, e["name"]), expected=info, options=options, nlist=nlist)
+            lists.append(sh.list_ids_N)
+            ids.append(sh.ids_N)
+            codes.append(sh.codes_NM)
+        list_ids = np.concatenate(lists) if lists else np.zeros(0, np.int32)
+        ids_N = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        codes_NM = np.concatenate(codes) if codes else np.zeros((0, cfg.M), np.uint8)
+        order = np.lexsort((ids_N, list_ids))
+        list_ids, ids_N, codes_NM = list_ids[order], ids_N[order], codes_NM[order]
+        offsets = np.zeros(nlist + 1, np.int64)
+        np.cumsum(np.bincount(list_ids, minlength=nlist), out=offsets[1:])
+        self.list_ids, self.ids, self.codes = list_ids, ids_N, codes_NM
+        self.searcher = ShardSearcher(list_ids, ids_N, codes_NM, offsets,
+                                      _centroids(self.model), _codebooks(self.model), decode_fn=None)
+        self.names = [e["name"] for e in shard_entries]
+
+    def rows(self) -> int:
+        return int(len(self.ids))
+
+    def shortlist(self, q_QD: np.ndarray, lists_QP: np.ndarray, S: int):
+        t = time.perf_counter()
+        D, I, rows = self.searcher.lut_search(q_QD, lists_QP, S)
+        safe = np.where(rows < 0, 0, rows)
+        codes = self.codes[safe]
+        lists = np.where(rows < 0, -1, self.list_ids[safe]).astype(np.int64)
+        return D, I, codes, lists, time.perf_counter() - t
+
+    def rerank(self, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: np.ndarray, lists_QS: np.ndarray, k: int):
+        t = time.perf_counter()
+        D, I = rerank_exact(self.model, q_QD, I_QS, codes_QSM, lists_QS, k)
+        return D, I, time.perf_counter() - t
+
+    def ping(self) -> bool:
+        return True
+
+
+def _centroids(model) -> np.ndarray:
+    c = getattr(model, "centroids_LD", None)
+    if c is None or c.numel() == 0:
+        return np.zeros((1, model.config.dim), np.float32)
+    return c.detach().cpu().numpy().astype(np.float32)
+
+
+def _codebooks(model) -> np.ndarray:
+    cb = getattr(model, "additive_MKD", None)
+    if cb is None or cb.numel() == 0:
+        raise ConfigError("the model has no additive decoder; retrain or fit it before building a searchable index")
+    return cb.detach().cpu().numpy().astype(np.float32)
+
+
+def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k):
+    """Decode candidates with the QINCo model and keep the k nearest by exact squared L2."""
+    from pipeline.decoder import decode
+    from pipeline.topk import topk_smallest
+
+    Q, S = I_QS.shape
+    valid = I_QS >= 0
+    xhat = np.zeros((Q, S, q_QD.shape[1]), np.float32)
+    if valid.any():
+        lists = lists_QS[valid] if model.config.nlist > 0 else None
+        xhat[valid] = decode(model, codes_QSM[valid], lists)
+    d = ((xhat - q_QD[:, None, :]) ** 2).sum(-1)
+    d = np.where(valid, d, np.inf).astype(np.float32)
+    return topk_smallest(d, np.where(valid, I_QS, -1), k)
+
+
+def _assign_shards(entries: list[dict], workers: int) -> list[list[dict]]:
+    """Greedy balance of shards over actors by row count (largest first)."""
+    groups: list[list[dict]] = [[] for _ in range(max(1, min(workers, len(entries))))]
+    load = [0] * len(groups)
+    for e in sorted(entries, key=lambda e: (-e["rows"], e["name"])):
+        j = int(np.argmin(load))
+        groups[j].append(e)
+        load[j] += e["rows"]
+    return groups
+
+
+class ShardPool:
+    """Shard actors over the shards of one committed index version, plus the driver-side probe.
+
+    Actors are restarted by Ray when they die (``max_restarts``) and the interrupted call is
+    retried (``max_task_retries``); a restarted actor reloads and re-verifies its shards.
+    """
+
+    def __init__(self, index_uri: str, version: str | None = None, workers: int = 2,
+                 cpus_per_worker: float = 1.0, allow_partial: bool = False, options=None):
+        import faiss
+        import ray
+
+        from pipeline.checkpoint import load_model
+        from pipeline.manifest import load_manifest, version_dir
+
+        self.manifest = m = load_manifest(index_uri, version=version, options=options)
+        vuri = version_dir(index_uri, m.version)
+        for s in m.shards:
+            if not storage.exists(storage.join(vuri, s.name), options):
+                raise PipelineError(f"shard {storage.redact(storage.join(vuri, s.name))} named in the "
+                                    f"manifest of version {m.version} is missing")
+        self.model = load_model(m.model["uri"], options=options)
+        self.dim = self.model.config.dim
+        self.nlist = max(1, self.model.config.nlist)
+        self.allow_partial = allow_partial
+        self.probe_index = faiss.IndexFlatL2(self.dim)
+        self.probe_index.add(_centroids(self.model))
+        self.groups = _assign_shards([s.to_dict() for s in m.shards], workers)
+        Actor = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3)
+        self.actors = [Actor.remote(index_uri, m.version, g, m.model["uri"], max(1, int(cpus_per_worker)), options)
+                       for g in self.groups]
+        self.failed: dict[int, str] = {}
+        for j, a in enumerate(self.actors):
+            try:
+                ray.get(a.ping.remote())
+            except Exception as e:  # noqa: BLE001
+                self.failed[j] = _actor_error(e, self.groups[j])
+        if self.failed and not allow_partial:
+            raise PipelineError("shard actors failed to load: " + "; ".join(self.failed.values()))
+
+    def failed_shards(self) -> list[str]:
+        return sorted(e["name"] for j in self.failed for e in self.groups[j])
+
+    def search_batch(self, q_QD: np.ndarray, k: int, nprobe: int, shortlist: int, rerank: bool = True,
+                     stages: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Probe, fan out the shortlist stage, merge exactly, re-rank; returns ``(D_QK, I_QK)``."""
+        import ray
+
+        stages = stages if stages is not None else {}
+        q_QD = np.ascontiguousarray(q_QD, dtype=np.float32)
+        t = time.perf_counter()
+        _, lists = self.probe_index.search(q_QD, min(nprobe, self.nlist))
+        stages["probe_s"] = stages.get("probe_s", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        qref, lref = ray.put(q_QD), ray.put(lists)
+        futs = {j: a.shortlist.remote(qref, lref, shortlist) for j, a in enumerate(self.actors)
+                if j not in self.failed}
+        parts = []
+        for j, f in futs.items():
+            try:
+                D, I, codes, lst, _ = ray.get(f)
+                parts.append((D, I, codes, lst))
+            except Exception as e:  # noqa: BLE001
+                self.failed[j] = _actor_error(e, self.groups[j])
+                if not self.allow_partial:
+                    raise PipelineError("shard search failed: " + self.failed[j]) from None
+        stages["shortlist_s"] = stages.get("shortlist_s", 0.0) + time.perf_counter() - t
+        if not parts:
+            raise PipelineError("no shard answered: " + "; ".join(self.failed.values()))
+        t = time.perf_counter()
+        Ds, Is, codes, lst = merge_candidates(parts, shortlist)
+        stages["merge_s"] = stages.get("merge_s", 0.0) + time.perf_counter() - t
+        if not rerank:
+            return Ds[:, :k], Is[:, :k]
+        t = time.perf_counter()
+        live = [a for j, a in enumerate(self.actors) if j not in self.failed]
+        chunks = [c for c in np.array_split(np.arange(len(q_QD)), len(live)) if len(c)]
+        res = ray.get([a.rerank.remote(q_QD[c], Is[c], codes[c], lst[c], k) for a, c in zip(live, chunks)])
+        stages["rerank_s"] = stages.get("rerank_s", 0.0) + time.perf_counter() - t
+        return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
+    """Run the query job; writes results (big-ann format + parquet) and a report beside them."""
+    from pipeline import vecs_io
+
+    t0 = time.perf_counter()
+    if cfg.k <= 0 or cfg.shortlist < cfg.k:
+        raise ConfigError(f"need 0 < k <= shortlist, got k={cfg.k}, shortlist={cfg.shortlist}")
+    q = vecs_io.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
+    pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options)
+    load_s = time.perf_counter() - t0
+    try:
+        if q.shape[1] != pool.dim:
+            raise ConfigError(f"{storage.redact(cfg.queries_uri)}: queries have dimension {q.shape[1]}, "
+                              f"the index version {pool.manifest.version} expects {pool.dim}")
+        stages: dict[str, float] = {"load_s": load_s}
+        Q = len(q)
+        D_all = np.full((Q, cfg.k), np.inf, np.float32)
+        I_all = np.full((Q, cfg.k), -1, np.int64)
+        t1 = time.perf_counter()
+        for b0 in range(0, Q, cfg.query_batch):
+            qb = q[b0:b0 + cfg.query_batch]
+            D_all[b0:b0 + len(qb)], I_all[b0:b0 + len(qb)] = pool.search_batch(
+                qb, cfg.k, cfg.nprobe, cfg.shortlist, cfg.rerank, stages)
+            log.info("searched %d/%d queries (%.0f queries/s)", b0 + len(qb), Q,
+                     (b0 + len(qb)) / max(time.perf_counter() - t1, 1e-9))
+        search_s = time.perf_counter() - t1
+        failed = pool.failed_shards()
+        version = pool.manifest.version
+        n_shards = len(pool.manifest.shards)
+    finally:
+        pool.close()
+    write_results(cfg.out_uri, I_all, D_all, options)
+    report = {
+        "job": "search",
+        "index_uri": storage.redact(cfg.index_uri),
+        "version": version,
+        "queries": Q,
+        "params": cfg.to_dict(),
+        "wall_s": time.perf_counter() - t0,
+        "search_s": search_s,
+        "queries_per_s": Q / max(search_s, 1e-9),
+        "stages": stages,
+        "shards": n_shards,
+        "failed_shards": failed,
+        "code_version": code_version(),
+    }
+    storage.write_bytes_atomic(cfg.out_uri + ".report.json",
+                               json.dumps(report, indent=2, sort_keys=True).encode(), options)
+    return report
+
+
+def _actor_error(exc: Exception, group: list[dict]) -> str:
+    names = ", ".join(e["name"] for e in group)
+    cause = getattr(exc, "cause", None) or exc
+    return f"shards [{names}]: {storage.redact(str(cause).splitlines()[-1] if str(cause) else type(cause).__name__)}"
+
+
+def write_results(out_uri: str, I: np.ndarray, D: np.ndarray, options=None) -> None:
+    """Write results in the big-ann k-NN format at ``out_uri`` and as parquet at ``out_uri + '.parquet'``."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import vecs_io
+
+    vecs_io.write_knn_results(out_uri, I, D, options=options)
+    k = I.shape[1]
+    table = pa.table({
+        "query": pa.array(np.arange(len(I), dtype=np.int64)),
+        "ids": pa.FixedSizeListArray.from_arrays(pa.array(I.ravel().astype(np.int64)), k),
+        "distances": pa.FixedSizeListArray.from_arrays(pa.array(D.ravel().astype(np.float32)), k),
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(out_uri + ".parquet", buf.getvalue(), options)
+
+
+def evaluate_results(results_uri: str, groundtruth_uri: str, options=None) -> dict[str, float]:
+    """Recall@1/10/100 (QINCo definition) and k-recall@k of a results file against ground truth."""
+    from pipeline import vecs_io
+    from pipeline.evaluation import k_recall_at_k, recall_at
+
+    I, _ = vecs_io.read_knn_results(results_uri, options=options)
+    if vecs_io.detect_format(groundtruth_uri) == "ivecs":
+        gt = vecs_io.read_vectors(groundtruth_uri, options=options).astype(np.int64)
+    else:
+        gt, _ = vecs_io.read_knn_results(groundtruth_uri, options=options)
+    if len(gt) < len(I):
+        raise ConfigError(f"{storage.redact(groundtruth_uri)} has {len(gt)} rows, results have {len(I)} queries")
+    gt = gt[:len(I)]
+    k = I.shape[1]
+    ks = tuple(x for x in (1, 10, 100) if x <= k)
+    out = dict(recall_at(I, gt, ks=ks))
+    kk = min(k, gt.shape[1], 10)
+    out[f"{kk}-recall@{kk}"] = float(k_recall_at_k(I, gt, kk))
+    return out

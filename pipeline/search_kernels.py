@@ -1,0 +1,530 @@
+"""Search kernels for one IVF-QINCo shard: IVF probe, LUT shortlist, neural re-rank.
+
+The search follows the QINCo paper's pipeline. For a query batch ``q_QD``:
+
+1. ``probe``: the ``nprobe`` IVF lists whose coarse centroids are nearest to each query.
+2. ``lut_search``: approximate squared L2 distances from each query to every code of its probed
+   lists, using the least-squares additive decoder ``x ≈ c_l + Σ_m C_m[code_m]`` through
+   per-query lookup tables ``<q, C_m[k]>``; keeps a shortlist of ``S`` candidates per query.
+3. ``rerank``: decodes the shortlisted codes with the exact (neural) decoder and ranks them by
+   exact squared L2 distance.
+
+With ``r_n = Σ_m C_m[code_nm]`` the residual reconstruction of row ``n`` (list ``l``)::
+
+    ||q - c_l - r_n||^2 = ||q - c_l||^2 - 2 Σ_m <q, C_m[code_nm]> + (||r_n||^2 + 2 <c_l, r_n>)
+
+The last term depends only on the row, so it is precomputed once per row (``bias_N``, O(N)
+floats); the per-list terms ``<c_l, C_m[k]>`` are folded into it. A query then needs one
+``M x K`` table and the scan is ``M`` table gathers per code. Two scanners implement this:
+a vectorised NumPy one (queries grouped by the list they probe) and Faiss's C++
+``IndexIVFResidualQuantizer`` scanner fed with the same codebooks, codes and norms.
+
+Everything is plain NumPy/Faiss; rankings are exact and break ties by the smaller global id,
+so results are independent of sharding (see ``pipeline.topk``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+
+from pipeline.config import JsonConfig
+from pipeline.errors import ConfigError, VectorFormatError
+from pipeline.topk import PAD_ID, merge_topk, topk_smallest
+
+__all__ = [
+    "SearchParams",
+    "ShardSearcher",
+    "merge_topk",
+    "brute_force_reference",
+    "sqdist_rows",
+    "additive_decode",
+]
+
+log = logging.getLogger(__name__)
+
+DecodeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+# Above this many IVF lists the coarse quantizer is an HNSW graph instead of a flat scan.
+HNSW_MIN_NLIST = 1 << 16
+# Candidate-buffer budget (entries) of one NumPy scan chunk; ~20 bytes per entry.
+SCAN_BUFFER_ENTRIES = 1 << 22
+# Extra candidates fetched from the Faiss scanner to resolve ties at the shortlist boundary.
+FAISS_TIE_MARGIN = 16
+
+
+@dataclasses.dataclass
+class SearchParams(JsonConfig):
+    """Per-search parameters.
+
+    k: results per query. nprobe: IVF lists visited per query. shortlist: candidates kept by
+    the lookup-table stage. rerank: how many of the shortlist (best first) go to the neural
+    decoder; None means all of it.
+    """
+
+    k: int = 10
+    nprobe: int = 16
+    shortlist: int = 100
+    rerank: int | None = None
+
+    def validate(self) -> "SearchParams":
+        if self.k < 1:
+            raise ConfigError(f"SearchParams.k must be >= 1, got {self.k}")
+        if self.nprobe < 1:
+            raise ConfigError(f"SearchParams.nprobe must be >= 1, got {self.nprobe}")
+        if self.shortlist < self.k:
+            raise ConfigError(
+                f"SearchParams.shortlist ({self.shortlist}) must be >= k ({self.k})")
+        if self.rerank is not None and not (self.k <= self.rerank <= self.shortlist):
+            raise ConfigError(
+                f"SearchParams.rerank ({self.rerank}) must be between k ({self.k}) "
+                f"and shortlist ({self.shortlist})")
+        return self
+
+
+def sqdist_rows(q_QD: np.ndarray, x_QXD: np.ndarray) -> np.ndarray:
+    """Exact squared L2 distances ``||q_i - x_ij||^2`` -> ``(Q, X)`` float32.
+
+    Computed from explicit differences in float64 (no ``|q|^2 - 2qx + |x|^2`` cancellation), so
+    the value for a (query, vector) pair does not depend on the batch it is computed in: the
+    re-ranker and ``brute_force_reference`` agree bit for bit.
+    """
+    diff_QXD = x_QXD.astype(np.float64) - q_QD.astype(np.float64)[:, None, :]
+    np.multiply(diff_QXD, diff_QXD, out=diff_QXD)
+    return diff_QXD.sum(axis=-1).astype(np.float32)
+
+
+def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.ndarray,
+                          k: int, batch_entries: int = 1 << 22):
+    """Exact k-NN by scanning all vectors; ties broken by smaller id, padding (inf, -1)."""
+    q_QD = np.asarray(q_QD, dtype=np.float32)
+    vectors_ND = np.asarray(vectors_ND, dtype=np.float32)
+    ids_N = np.asarray(ids_N, dtype=np.int64)
+    Q, D = q_QD.shape
+    N = vectors_ND.shape[0]
+    if vectors_ND.shape[1] != D or ids_N.shape != (N,):
+        raise ValueError(f"shape mismatch: queries {q_QD.shape}, vectors {vectors_ND.shape}, "
+                         f"ids {ids_N.shape}")
+    best = (np.full((Q, k), np.inf, np.float32), np.full((Q, k), PAD_ID, np.int64))
+    n_blk = max(1, batch_entries // max(1, Q * D))
+    for a in range(0, N, n_blk):
+        x_QXD = np.broadcast_to(vectors_ND[None, a:a + n_blk], (Q, min(n_blk, N - a), D))
+        D_QX = sqdist_rows(q_QD, x_QXD)
+        I_QX = np.broadcast_to(ids_N[None, a:a + n_blk], D_QX.shape)
+        best = merge_topk([best, (D_QX, I_QX)], k)
+    return best
+
+
+def additive_decode(codes_NM: np.ndarray, list_ids_N: np.ndarray, centroids_LD: np.ndarray,
+                    codebooks_MKD: np.ndarray) -> np.ndarray:
+    """Additive reconstruction ``c_l + Σ_m C_m[code_m]`` (float32)."""
+    codes_NM = np.asarray(codes_NM)
+    x_ND = centroids_LD[np.asarray(list_ids_N, dtype=np.int64)].astype(np.float32)
+    for m in range(codes_NM.shape[1]):
+        x_ND += codebooks_MKD[m][codes_NM[:, m].astype(np.intp)]
+    return x_ND
+
+
+def _check_queries(q_QD: np.ndarray, D: int) -> np.ndarray:
+    q_QD = np.ascontiguousarray(q_QD, dtype=np.float32)
+    if q_QD.ndim != 2 or q_QD.shape[1] != D:
+        raise ConfigError(f"queries must have shape (Q, {D}), got {q_QD.shape}")
+    bad = ~np.isfinite(q_QD).all(axis=1)
+    if bad.any():
+        raise ConfigError(f"query row {int(np.flatnonzero(bad)[0])} contains NaN or Inf")
+    return q_QD
+
+
+class ShardSearcher:
+    """Searches one shard of an IVF-QINCo index.
+
+    Shard arrays (rows sorted by IVF list): ``list_ids_N`` (int32), ``ids_N`` (int64 global ids),
+    ``codes_NM`` (uint8 if K <= 256 else uint16) and CSR ``list_offsets`` (nlist + 1) so that
+    list ``l`` is rows ``[off[l], off[l+1])``. Model arrays: ``centroids_LD`` (coarse centroids,
+    original space) and ``codebooks_MKD`` (additive decoder of the residual).
+    ``decode_fn(codes_NM, list_ids_N) -> x_ND`` is the exact decoder used for re-ranking.
+
+    ``use_faiss_scanner`` builds a Faiss ``IndexIVFResidualQuantizer`` holding the same codes and
+    norms so that the lookup-table scan runs in C++ (needs K a power of two); otherwise, or if
+    False, the NumPy scanner is used. ``coarse_index`` may be a prebuilt Faiss index over the
+    centroids (e.g. HNSW); ``source`` names the shard in error messages.
+    """
+
+    def __init__(self, list_ids_N, ids_N, codes_NM, list_offsets, centroids_LD, codebooks_MKD,
+                 decode_fn: DecodeFn | None = None, use_faiss_scanner: bool = True, *,
+                 coarse_index=None, source: str = "<shard>", decode_batch_size: int = 65536,
+                 scan_buffer_entries: int = SCAN_BUFFER_ENTRIES):
+        self.source = source
+        self.centroids_LD = np.ascontiguousarray(centroids_LD, dtype=np.float32)
+        self.codebooks_MKD = np.ascontiguousarray(codebooks_MKD, dtype=np.float32)
+        if self.centroids_LD.ndim != 2 or self.codebooks_MKD.ndim != 3:
+            raise ConfigError(f"{source}: centroids must be (L, D) and codebooks (M, K, D), got "
+                              f"{self.centroids_LD.shape} and {self.codebooks_MKD.shape}")
+        self.nlist, self.D = self.centroids_LD.shape
+        self.M, self.K, D_cb = self.codebooks_MKD.shape
+        if D_cb != self.D:
+            raise ConfigError(f"{source}: codebook dim {D_cb} != centroid dim {self.D}")
+
+        codes_NM = np.asarray(codes_NM)
+        if codes_NM.ndim != 2 or codes_NM.shape[1] != self.M:
+            raise VectorFormatError(source, f"codes must have shape (N, {self.M}), "
+                                            f"got {codes_NM.shape}")
+        if not np.issubdtype(codes_NM.dtype, np.integer):
+            raise VectorFormatError(source, f"codes must be integers, got {codes_NM.dtype}")
+        self.N = codes_NM.shape[0]
+        code_dtype = np.uint8 if self.K <= 256 else np.uint16
+        if self.K > 65536:
+            raise ConfigError(f"{source}: K={self.K} codewords per codebook is not supported")
+        if self.N:
+            bad = (codes_NM < 0) | (codes_NM >= self.K)
+            if bad.any():
+                row = int(np.flatnonzero(bad.any(axis=1))[0])
+                raise VectorFormatError(source, f"code out of range [0, {self.K}): "
+                                                f"{codes_NM[row].tolist()}", row=row)
+        self.codes_NM = np.ascontiguousarray(codes_NM, dtype=code_dtype)
+        self.ids_N = np.ascontiguousarray(ids_N, dtype=np.int64)
+        self.list_ids_N = np.ascontiguousarray(list_ids_N, dtype=np.int32)
+        self.list_offsets = np.ascontiguousarray(list_offsets, dtype=np.int64)
+        self._check_layout()
+        self.list_sizes_L = np.diff(self.list_offsets)
+
+        self.decode_fn = decode_fn
+        self.decode_batch_size = int(decode_batch_size)
+        self.scan_buffer_entries = int(scan_buffer_entries)
+        self.norms_N, self.bias_N = self._row_terms()
+        self._coarse_index = coarse_index
+        if coarse_index is not None and (coarse_index.ntotal != self.nlist
+                                         or coarse_index.d != self.D):
+            raise ConfigError(f"{source}: coarse index has {coarse_index.ntotal} vectors of dim "
+                              f"{coarse_index.d}, expected {self.nlist} of dim {self.D}")
+        self._faiss_ivf = None
+        if use_faiss_scanner:
+            if self.K & (self.K - 1) == 0 and self.K >= 2:
+                self._faiss_ivf = self._build_faiss_ivf()
+            else:
+                log.info("%s: K=%d is not a power of two; using the NumPy scanner",
+                         source, self.K)
+
+    # ------------------------------------------------------------------ construction
+    def _check_layout(self) -> None:
+        src, N, off = self.source, self.N, self.list_offsets
+        if self.ids_N.shape != (N,) or self.list_ids_N.shape != (N,):
+            raise VectorFormatError(src, f"ids {self.ids_N.shape} / list ids "
+                                         f"{self.list_ids_N.shape} do not match {N} codes")
+        if off.shape != (self.nlist + 1,):
+            raise VectorFormatError(src, f"list_offsets must have {self.nlist + 1} entries "
+                                         f"(nlist + 1), got {off.shape}")
+        if off[0] != 0 or off[-1] != N:
+            raise VectorFormatError(src, f"list_offsets must start at 0 and end at N={N}, got "
+                                         f"{off[0]} .. {off[-1]}")
+        dec = np.flatnonzero(np.diff(off) < 0)
+        if dec.size:
+            raise VectorFormatError(src, f"list_offsets decrease at list {int(dec[0])}")
+        expected_N = np.repeat(np.arange(self.nlist, dtype=np.int32), np.diff(off))
+        wrong = np.flatnonzero(expected_N != self.list_ids_N)
+        if wrong.size:
+            r = int(wrong[0])
+            raise VectorFormatError(src, f"list id {int(self.list_ids_N[r])} but list_offsets "
+                                         f"put this row in list {int(expected_N[r])}", row=r)
+
+    def _row_terms(self, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+        """``||r_n||^2`` and ``||r_n||^2 + 2 <c_l, r_n>`` per row (float32, computed in float64)."""
+        norms_N = np.empty(self.N, np.float32)
+        bias_N = np.empty(self.N, np.float32)
+        cb_MKD = self.codebooks_MKD.astype(np.float64)
+        for a in range(0, self.N, chunk):
+            codes = self.codes_NM[a:a + chunk]
+            r_ND = np.zeros((codes.shape[0], self.D), np.float64)
+            for m in range(self.M):
+                r_ND += cb_MKD[m][codes[:, m].astype(np.intp)]
+            nrm = np.einsum("nd,nd->n", r_ND, r_ND)
+            c_ND = self.centroids_LD[self.list_ids_N[a:a + chunk]].astype(np.float64)
+            norms_N[a:a + chunk] = nrm
+            bias_N[a:a + chunk] = nrm + 2.0 * np.einsum("nd,nd->n", c_ND, r_ND)
+        return norms_N, bias_N
+
+    def _build_faiss_ivf(self):
+        """Faiss IVF-RQ index whose codebooks, inverted lists and norms are this shard's.
+
+        Faiss stores the shard row index as the label, so results map back to rows (and from
+        there to global ids) without a search over ids.
+        """
+        import faiss
+
+        t0 = time.perf_counter()
+        nbits = int(self.K).bit_length() - 1
+        quantizer = faiss.IndexFlatL2(self.D)
+        quantizer.add(self.centroids_LD)
+        index = faiss.IndexIVFResidualQuantizer(
+            quantizer, self.D, self.nlist, self.M, nbits, faiss.METRIC_L2,
+            faiss.AdditiveQuantizer.ST_norm_float)
+        index.own_fields = False
+        self._faiss_quantizer = quantizer  # keep alive: the index does not own it
+        rq = index.rq
+        faiss.copy_array_to_vector(self.codebooks_MKD.ravel(), rq.codebooks)
+        rq.is_trained = True
+        index.is_trained = True
+        index.by_residual = True
+        code_size = index.code_size
+        for l in range(self.nlist):
+            a, b = int(self.list_offsets[l]), int(self.list_offsets[l + 1])
+            if b == a:
+                continue
+            codes32 = np.ascontiguousarray(self.codes_NM[a:b], dtype=np.int32)
+            norms = np.ascontiguousarray(self.norms_N[a:b])
+            packed = np.empty((b - a, code_size), np.uint8)
+            rq.pack_codes(b - a, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1,
+                          faiss.swig_ptr(norms), None)
+            rows = np.arange(a, b, dtype=np.int64)
+            index.invlists.add_entries(l, b - a, faiss.swig_ptr(rows), faiss.swig_ptr(packed))
+        index.ntotal = self.N
+        log.debug("%s: built Faiss IVF-RQ scanner over %d codes in %.2fs",
+                  self.source, self.N, time.perf_counter() - t0)
+        return index
+
+    @property
+    def uses_faiss_scanner(self) -> bool:
+        return self._faiss_ivf is not None
+
+    # ------------------------------------------------------------------ stage 1: probe
+    def _coarse(self, nprobe: int):
+        if self._coarse_index is None:
+            import faiss
+
+            if self.nlist >= HNSW_MIN_NLIST:
+                idx = faiss.IndexHNSWFlat(self.D, 32)
+                idx.hnsw.efConstruction = 80
+            else:
+                idx = faiss.IndexFlatL2(self.D)
+            idx.add(self.centroids_LD)
+            self._coarse_index = idx
+        idx = self._coarse_index
+        if hasattr(idx, "hnsw"):
+            idx.hnsw.efSearch = max(idx.hnsw.efSearch, 2 * nprobe)
+        return idx
+
+    def probe(self, q_QD, nprobe: int):
+        """Nearest ``nprobe`` IVF lists per query -> ``(Dc_QP float32, lists_QP int64)``.
+
+        ``nprobe`` is capped at nlist; missing entries (from approximate coarse indexes) are -1.
+        """
+        q_QD = _check_queries(q_QD, self.D)
+        P = max(1, min(int(nprobe), self.nlist))
+        Dc_QP, lists_QP = self._coarse(P).search(q_QD, P)
+        return Dc_QP.astype(np.float32, copy=False), lists_QP.astype(np.int64, copy=False)
+
+    # ------------------------------------------------------------------ stage 2: LUT shortlist
+    def _coarse_dists(self, q_QD: np.ndarray, lists_QP: np.ndarray) -> np.ndarray:
+        """Exact ``||q - c_l||^2`` for each probed list (inf for -1)."""
+        c_QPD = self.centroids_LD[np.maximum(lists_QP, 0)]
+        diff = c_QPD - q_QD[:, None, :]
+        Dc_QP = np.einsum("qpd,qpd->qp", diff, diff)
+        Dc_QP[lists_QP < 0] = np.inf
+        return Dc_QP.astype(np.float32, copy=False)
+
+    def _check_lists(self, lists_QP, Q: int) -> np.ndarray:
+        lists_QP = np.ascontiguousarray(lists_QP, dtype=np.int64)
+        if lists_QP.ndim != 2 or lists_QP.shape[0] != Q:
+            raise ConfigError(f"lists must have shape ({Q}, nprobe), got {lists_QP.shape}")
+        if lists_QP.size and lists_QP.max() >= self.nlist:
+            raise ConfigError(f"{self.source}: probed list {int(lists_QP.max())} >= nlist "
+                              f"{self.nlist}")
+        return lists_QP
+
+    def lut_search(self, q_QD, lists_QP, S: int):
+        """Shortlist of ``S`` candidates per query from the probed lists.
+
+        Returns ``(D_QS float32, I_QS int64 global ids, rows_QS int64 shard rows)`` sorted by
+        (approximate squared distance, id); missing candidates are (inf, -1, -1).
+        """
+        q_QD = _check_queries(q_QD, self.D)
+        lists_QP = self._check_lists(lists_QP, q_QD.shape[0])
+        if S < 1:
+            raise ConfigError(f"shortlist size must be >= 1, got {S}")
+        if self._faiss_ivf is not None:
+            return self._lut_search_faiss(q_QD, lists_QP, S)
+        return self._lut_search_numpy(q_QD, lists_QP, S)
+
+    def _lut_search_faiss(self, q_QD, lists_QP, S):
+        Q, P = lists_QP.shape
+        if Q == 0:
+            return self._empty(0, S)
+        Dc_QP = self._coarse_dists(q_QD, lists_QP)
+        index = self._faiss_ivf
+        index.nprobe = P
+        # Faiss keeps an arbitrary subset of candidates tied at the S-th distance (identical
+        # codes in one list tie exactly). Fetch a margin, canonicalise to (distance, id), and
+        # rescan with the NumPy kernel any query whose tie runs past the margin.
+        S_ext = S + FAISS_TIE_MARGIN
+        D_QX, rows_QX = index.search_preassigned(q_QD, S_ext, lists_QP, Dc_QP)
+        rows_QX = np.where(np.isfinite(D_QX), rows_QX, PAD_ID)
+        I_QX = np.where(rows_QX >= 0, self.ids_N[np.maximum(rows_QX, 0)], PAD_ID)
+        D_QS, I_QS, rows_QS = topk_smallest(D_QX, I_QX, S, payload_QC=rows_QX)
+        last_Q = np.max(np.where(rows_QX >= 0, D_QX, -np.inf), axis=1)
+        redo = np.flatnonzero((rows_QX[:, -1] >= 0) & (last_Q <= D_QS[:, -1]))
+        if redo.size:
+            D_QS[redo], I_QS[redo], rows_QS[redo] = self._lut_search_numpy(
+                q_QD[redo], lists_QP[redo], S)
+        return D_QS, I_QS, rows_QS
+
+    def _empty(self, Q: int, S: int):
+        return (np.full((Q, S), np.inf, np.float32), np.full((Q, S), PAD_ID, np.int64),
+                np.full((Q, S), PAD_ID, np.int64))
+
+    def _lut_search_numpy(self, q_QD, lists_QP, S):
+        Q, P = lists_QP.shape
+        sizes_QP = np.where(lists_QP >= 0, self.list_sizes_L[np.maximum(lists_QP, 0)], 0)
+        tot_Q = sizes_QP.sum(axis=1)
+        out = self._empty(Q, S)
+        a = 0
+        while a < Q:
+            # Grow the query chunk while its candidate buffer stays within budget.
+            b, width = a + 1, max(int(tot_Q[a]), 1)
+            while b < Q and (b + 1 - a) * max(width, int(tot_Q[b])) <= self.scan_buffer_entries:
+                width = max(width, int(tot_Q[b]))
+                b += 1
+            D_, I_, R_ = self._scan_chunk(q_QD[a:b], lists_QP[a:b], sizes_QP[a:b], width, S)
+            out[0][a:b], out[1][a:b], out[2][a:b] = D_, I_, R_
+            a = b
+        return out
+
+    def _scan_chunk(self, q_QD, lists_QP, sizes_QP, C, S):
+        """Approximate distances of every code in the probed lists, then exact top-S."""
+        Q, P = lists_QP.shape
+        K, M = self.K, self.M
+        starts_QP = np.cumsum(sizes_QP, axis=1) - sizes_QP
+        buf_D = np.full(Q * C, np.inf, np.float32)
+        Dc_QP = self._coarse_dists(q_QD, lists_QP)
+        # Per-query tables <q, C_m[k]>, laid out (M, Q, K) so one codebook's rows gather fast.
+        lut_MQK = np.ascontiguousarray(
+            (q_QD @ self.codebooks_MKD.reshape(M * K, self.D).T).reshape(Q, M, K)
+            .transpose(1, 0, 2))
+        # Group (query, probe) pairs by list so each list's codes are read once per batch.
+        q_of = np.repeat(np.arange(Q), P)
+        p_of = np.tile(np.arange(P), Q)
+        flat_lists = lists_QP.ravel()
+        keep = sizes_QP.ravel() > 0
+        q_of, p_of, flat_lists = q_of[keep], p_of[keep], flat_lists[keep]
+        order = np.argsort(flat_lists, kind="stable")
+        q_of, p_of, flat_lists = q_of[order], p_of[order], flat_lists[order]
+        bounds = np.flatnonzero(np.diff(flat_lists)) + 1
+        for g0, g1 in zip(np.r_[0, bounds], np.r_[bounds, flat_lists.size]):
+            if g0 == g1:
+                continue
+            l = int(flat_lists[g0])
+            qi, pi = q_of[g0:g1], p_of[g0:g1]
+            lo, hi = int(self.list_offsets[l]), int(self.list_offsets[l + 1])
+            codes_nM = self.codes_NM[lo:hi].astype(np.intp)
+            acc_Gn = np.take(lut_MQK[0][qi], codes_nM[:, 0], axis=1)
+            for m in range(1, M):
+                acc_Gn += np.take(lut_MQK[m][qi], codes_nM[:, m], axis=1)
+            acc_Gn *= -2.0
+            acc_Gn += self.bias_N[lo:hi][None, :]
+            acc_Gn += Dc_QP[qi, pi][:, None]
+            dst = (qi * C + starts_QP[qi, pi])[:, None] + np.arange(hi - lo)
+            buf_D[dst] = acc_Gn
+        buf_D = buf_D.reshape(Q, C)
+        tot_Q = sizes_QP.sum(axis=1)
+        # Column c of query q is row off[l] + (c - start) of the probe slot (q, p) holding it.
+        slot_start = (np.arange(Q)[:, None] * C + starts_QP).ravel()
+        slot_row0 = np.where(lists_QP >= 0, self.list_offsets[np.maximum(lists_QP, 0)], 0).ravel()
+
+        def rows_of(q_X, c_X):
+            g = q_X * C + c_X
+            slot = np.searchsorted(slot_start, g, side="right") - 1
+            return np.where(c_X < tot_Q[q_X], slot_row0[slot] + (g - slot_start[slot]), PAD_ID)
+
+        def ids_of(rows):
+            return np.where(rows >= 0, self.ids_N[np.maximum(rows, 0)], PAD_ID)
+
+        if C <= S:
+            cols_QX = np.broadcast_to(np.arange(C), (Q, C))
+        else:
+            cols_QX = np.argpartition(buf_D, S - 1, axis=1)[:, :S]
+            kth_Q = np.take_along_axis(buf_D, cols_QX, axis=1).max(axis=1)
+            # Candidates tied at the S-th distance: choose by id, exactly as topk_smallest.
+            for q in np.flatnonzero(np.count_nonzero(buf_D <= kth_Q[:, None], axis=1) > S):
+                cand = np.flatnonzero(buf_D[q] <= kth_Q[q])
+                cand_ids = ids_of(rows_of(np.full(cand.size, q), cand))
+                cols_QX[q] = cand[np.lexsort((cand_ids, buf_D[q, cand]))[:S]]
+        rows_QX = rows_of(np.repeat(np.arange(Q), cols_QX.shape[1]).reshape(cols_QX.shape),
+                          cols_QX)
+        D_QX = np.take_along_axis(buf_D, cols_QX, axis=1)
+        return topk_smallest(D_QX, ids_of(rows_QX), S, payload_QC=rows_QX)
+
+    # ------------------------------------------------------------------ stage 3: re-rank
+    def decode_rows(self, rows_U: np.ndarray) -> np.ndarray:
+        """Exact decoder output for shard rows (batched through ``decode_fn``)."""
+        if self.decode_fn is None:
+            raise ConfigError(f"{self.source}: re-ranking needs a decode_fn")
+        x_UD = np.empty((rows_U.size, self.D), np.float32)
+        for a in range(0, rows_U.size, self.decode_batch_size):
+            r = rows_U[a:a + self.decode_batch_size]
+            x = self.decode_fn(self.codes_NM[r], self.list_ids_N[r])
+            if hasattr(x, "detach"):
+                x = x.detach().cpu().numpy()
+            x = np.asarray(x, dtype=np.float32)
+            if x.shape != (r.size, self.D):
+                raise ConfigError(f"decode_fn returned shape {x.shape}, expected "
+                                  f"{(r.size, self.D)}")
+            x_UD[a:a + r.size] = x
+        return x_UD
+
+    def rerank(self, q_QD, rows_QS, k: int):
+        """Top-k by exact squared distance to ``decode_fn`` of the candidate rows.
+
+        Rows shared by several queries of the batch are decoded once. Rows -1 are padding.
+        """
+        q_QD = _check_queries(q_QD, self.D)
+        rows_QS = np.asarray(rows_QS, dtype=np.int64)
+        if rows_QS.ndim != 2 or rows_QS.shape[0] != q_QD.shape[0]:
+            raise ConfigError(f"rows must have shape ({q_QD.shape[0]}, S), got {rows_QS.shape}")
+        if rows_QS.size and rows_QS.max() >= self.N:
+            raise ConfigError(f"{self.source}: row {int(rows_QS.max())} >= N={self.N}")
+        valid = rows_QS >= 0
+        rows_U, inv = np.unique(rows_QS[valid], return_inverse=True)
+        x_UD = self.decode_rows(rows_U)
+        uidx_QS = np.zeros(rows_QS.shape, np.int64)
+        uidx_QS[valid] = inv
+        Q, S = rows_QS.shape
+        D_QS = np.empty((Q, S), np.float32)
+        step = max(1, (1 << 22) // max(1, S * self.D))
+        for a in range(0, Q, step):
+            x_QSD = x_UD[uidx_QS[a:a + step]] if rows_U.size else \
+                np.zeros((min(step, Q - a), S, self.D), np.float32)
+            D_QS[a:a + step] = sqdist_rows(q_QD[a:a + step], x_QSD)
+        D_QS[~valid] = np.inf
+        I_QS = np.where(valid, self.ids_N[np.maximum(rows_QS, 0)], PAD_ID)
+        return topk_smallest(D_QS, I_QS, k)
+
+    # ------------------------------------------------------------------ full search
+    def search(self, q_QD, params: SearchParams, timings: dict | None = None):
+        """probe -> LUT shortlist -> re-rank (skipped without decode_fn) -> ``(D_QK, I_QK)``.
+
+        ``timings`` (if given) accumulates seconds per stage under "probe", "lut", "rerank".
+        """
+        params.validate()
+        q_QD = _check_queries(q_QD, self.D)
+        t = timings if timings is not None else {}
+        t0 = time.perf_counter()
+        _, lists_QP = self.probe(q_QD, params.nprobe)
+        t1 = time.perf_counter()
+        t["probe"] = t.get("probe", 0.0) + (t1 - t0)
+        if self.decode_fn is None:
+            D_QK, I_QK, _ = self.lut_search(q_QD, lists_QP, params.k)
+            t["lut"] = t.get("lut", 0.0) + (time.perf_counter() - t1)
+            return D_QK, I_QK
+        _, _, rows_QS = self.lut_search(q_QD, lists_QP, params.shortlist)
+        t2 = time.perf_counter()
+        t["lut"] = t.get("lut", 0.0) + (t2 - t1)
+        if params.rerank is not None:
+            rows_QS = rows_QS[:, :params.rerank]
+        D_QK, I_QK = self.rerank(q_QD, rows_QS, params.k)
+        t["rerank"] = t.get("rerank", 0.0) + (time.perf_counter() - t2)
+        log.debug("%s: %d queries probe %.4fs lut %.4fs rerank %.4fs", self.source,
+                  q_QD.shape[0], t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return D_QK, I_QK

@@ -1,0 +1,354 @@
+"""IVF index shards: one parquet file per encoded row range.
+
+A shard holds, for a contiguous range of database rows, each vector's inverted-list id, its global
+id and its QINCo codes. Rows are sorted by ``(list_id, id)`` so each inverted list is one
+contiguous run of rows; a reader rebuilds CSR offsets (``list_offsets``) with one
+``searchsorted`` and serves list ``l`` as rows ``[off[l], off[l+1])``.
+
+Columns (see ``docs/index-format.md``):
+
+- ``list_id``: int32, in ``[0, nlist)``
+- ``id``: int64, ``>= 0``, unique within the shard
+- ``codes``: ``fixed_size_binary(M * itemsize)``; the ``M`` codes of a row as little-endian
+  ``uint8`` (``K <= 256``) or ``uint16`` (``K <= 65536``) packed back to back
+
+A shard is serialised in memory, hashed (SHA-256 of the exact file bytes) and written with
+``storage.open_atomic``: a reader sees either no object or the complete file. The hash and size go
+into the manifest, so a reader can detect any later change and a resumed job can trust a shard
+left by an earlier run only when both match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import posixpath
+import re
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import JsonConfig
+from pipeline.errors import ConfigError, PipelineError, StorageError
+from pipeline.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMAT_VERSION = 1
+DEFAULT_ROW_GROUP_ROWS = 65536
+MAX_FILE_INDEX = 99_999
+MAX_FIRST_ROW = 999_999_999_999
+
+_META_PREFIX = "qinco."
+_NAME_RE = re.compile(r"^shard-f(\d{5})-r(\d{12})\.parquet$")
+
+
+class CorruptShardError(PipelineError):
+    """A shard file is unreadable, malformed, or differs from its manifest entry."""
+
+    def __init__(self, uri: str, message: str):
+        self.uri = uri
+        super().__init__(f"{storage.redact(uri)}: corrupt shard: {message}")
+
+
+@dataclasses.dataclass
+class ShardInfo(JsonConfig):
+    """What a writer learns about a shard it wrote: enough to check it later without parsing it."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    id_min: int
+    id_max: int
+    lists: int  # number of non-empty inverted lists
+
+
+def code_dtype_for(K: int) -> np.dtype:
+    """Smallest unsigned dtype holding codes in ``[0, K)``: uint8 up to 256, uint16 up to 65536."""
+    if not isinstance(K, (int, np.integer)) or K < 2:
+        raise ConfigError(f"codebook size K must be an integer >= 2, got {K!r}")
+    if K <= 256:
+        return np.dtype(np.uint8)
+    if K <= 65536:
+        return np.dtype(np.uint16)
+    raise ConfigError(f"codebook size K={K} exceeds 65536 (codes are at most 16 bits)")
+
+
+def shard_name(file_index: int, first_row: int) -> str:
+    """Deterministic name of the shard holding rows from ``first_row`` of input file ``file_index``.
+
+    Fixed-width numbers make lexicographic order equal numeric order.
+    """
+    if not 0 <= int(file_index) <= MAX_FILE_INDEX:
+        raise ConfigError(f"file index {file_index} out of range [0, {MAX_FILE_INDEX}]")
+    if not 0 <= int(first_row) <= MAX_FIRST_ROW:
+        raise ConfigError(f"first row {first_row} out of range [0, {MAX_FIRST_ROW}]")
+    return f"shard-f{int(file_index):05d}-r{int(first_row):012d}.parquet"
+
+
+def parse_shard_name(name: str) -> tuple[int, int]:
+    """Inverse of :func:`shard_name` (accepts a path; uses its last component)."""
+    m = _NAME_RE.match(posixpath.basename(name))
+    if not m:
+        raise ConfigError(f"not a shard file name: {name!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _require_int_array(name: str, a: Any, ndim: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != ndim:
+        raise ConfigError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ConfigError(f"{name} must have an integer dtype, got {a.dtype}")
+    return a
+
+
+def _check_range(name: str, a: np.ndarray, lo: int, hi: int | None) -> None:
+    """Raise ConfigError unless ``lo <= a < hi`` (``hi`` None: no upper bound)."""
+    if a.size == 0:
+        return
+    bad = (a < lo) if hi is None else ((a < lo) | (a >= hi))
+    if bad.any():
+        bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        row = int(np.flatnonzero(bad.reshape(len(a), -1).any(axis=1))[0])
+        raise ConfigError(f"{name} values must be in {bound}, got {a[row].tolist()} at row {row}")
+
+
+def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: str,
+                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> tuple[bytes, dict[str, Any]]:
+    """Validate, sort and serialise one shard; returns the parquet bytes and a summary dict.
+
+    Pure function (no I/O) so the format can be produced and tested without storage.
+    """
+    dtype = code_dtype_for(K)
+    if not isinstance(nlist, (int, np.integer)) or nlist < 1:
+        raise ConfigError(f"nlist must be a positive integer, got {nlist!r}")
+    if not isinstance(model_sha, str) or not model_sha:
+        raise ConfigError("model_sha must be a non-empty string identifying the model")
+    if row_group_rows < 1:
+        raise ConfigError(f"row_group_rows must be >= 1, got {row_group_rows}")
+    list_ids_N = _require_int_array("list_ids_N", list_ids_N, 1)
+    ids_N = _require_int_array("ids_N", ids_N, 1)
+    codes_NM = _require_int_array("codes_NM", codes_NM, 2)
+    N = len(ids_N)
+    if N == 0:
+        raise ConfigError("a shard must hold at least one row")
+    if len(list_ids_N) != N or codes_NM.shape[0] != N:
+        raise ConfigError(
+            f"row counts differ: list_ids_N {list_ids_N.shape}, ids_N {ids_N.shape}, "
+            f"codes_NM {codes_NM.shape}")
+    M = codes_NM.shape[1]
+    if M < 1:
+        raise ConfigError("codes_NM must have at least one code per row")
+    _check_range("list_ids_N", list_ids_N, 0, int(nlist))
+    _check_range("ids_N", ids_N, 0, None)
+    _check_range("codes_NM", codes_NM, 0, int(K))
+
+    order = np.lexsort((ids_N, list_ids_N))
+    list_ids_N = list_ids_N[order].astype(np.int32)
+    ids_N = ids_N[order].astype(np.int64)
+    codes_NM = np.ascontiguousarray(codes_NM[order].astype(dtype.newbyteorder("<")))
+    same_list = np.diff(list_ids_N) == 0
+    dup = same_list & (np.diff(ids_N) == 0)
+    if dup.any():
+        raise ConfigError(f"ids_N holds duplicate id {int(ids_N[np.flatnonzero(dup)[0]])}")
+    # ids must be unique across lists too
+    ids_sorted = np.sort(ids_N)
+    dup_any = np.diff(ids_sorted) == 0
+    if dup_any.any():
+        raise ConfigError(f"ids_N holds duplicate id {int(ids_sorted[np.flatnonzero(dup_any)[0]])}")
+
+    width = M * dtype.itemsize
+    codes_arr = pa.Array.from_buffers(pa.binary(width), N, [None, pa.py_buffer(codes_NM.tobytes())])
+    meta = {
+        "format_version": SHARD_FORMAT_VERSION,
+        "M": int(M),
+        "K": int(K),
+        "code_dtype": dtype.name,
+        "nlist": int(nlist),
+        "model_sha": model_sha,
+    }
+    schema = pa.schema(
+        [pa.field("list_id", pa.int32(), nullable=False),
+         pa.field("id", pa.int64(), nullable=False),
+         pa.field("codes", pa.binary(width), nullable=False)],
+        metadata={f"{_META_PREFIX}{k}": str(v) for k, v in meta.items()},
+    )
+    table = pa.Table.from_arrays(
+        [pa.array(list_ids_N, pa.int32()), pa.array(ids_N, pa.int64()), codes_arr], schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table, sink,
+        row_group_size=int(row_group_rows),
+        use_dictionary=["list_id"],
+        column_encoding={"id": "DELTA_BINARY_PACKED", "codes": "PLAIN"},
+        compression={"list_id": "zstd", "id": "zstd", "codes": "none"},
+        write_statistics=["list_id", "id"],
+        sorting_columns=[pq.SortingColumn(0), pq.SortingColumn(1)],
+    )
+    data = sink.getvalue().to_pybytes()
+    summary = {
+        "rows": int(N),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "id_min": int(ids_sorted[0]),
+        "id_max": int(ids_sorted[-1]),
+        "lists": int(np.count_nonzero(np.diff(list_ids_N)) + 1),
+    }
+    return data, summary
+
+
+def write_shard(uri: str, list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: str,
+                options: StorageOptions | None = None,
+                row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> ShardInfo:
+    """Write one shard atomically at ``uri`` and return its :class:`ShardInfo`.
+
+    Rows are sorted by ``(list_id, id)``. Bad shapes, dtypes or out-of-range values raise
+    ``ConfigError`` before anything is written.
+    """
+    try:
+        data, summary = encode_shard(list_ids_N, ids_N, codes_NM, K=K, nlist=nlist,
+                                     model_sha=model_sha, row_group_rows=row_group_rows)
+    except ConfigError as e:
+        raise ConfigError(f"{storage.redact(uri)}: {e}") from None
+    with storage.open_atomic(uri, "wb", options=options) as f:
+        f.write(data)
+    info = ShardInfo(name=posixpath.basename(uri.rstrip("/")), **summary)
+    log.debug("wrote shard %s: %d rows, %d bytes, %d lists", uri, info.rows, info.bytes, info.lists)
+    return info
+
+
+@dataclasses.dataclass
+class Shard:
+    """A shard loaded in memory, sorted by ``(list_id, id)``, with CSR offsets per inverted list."""
+
+    list_ids_N: np.ndarray  # int32
+    ids_N: np.ndarray  # int64
+    codes_NM: np.ndarray  # uint8 or uint16
+    list_offsets: np.ndarray  # int64, nlist + 1
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.ids_N)
+
+    @property
+    def nlist(self) -> int:
+        return len(self.list_offsets) - 1
+
+    def list_slice(self, l: int) -> slice:
+        """Rows of inverted list ``l``."""
+        if not 0 <= l < self.nlist:
+            raise IndexError(f"list id {l} out of range [0, {self.nlist})")
+        return slice(int(self.list_offsets[l]), int(self.list_offsets[l + 1]))
+
+    def list_sizes(self) -> np.ndarray:
+        return np.diff(self.list_offsets)
+
+
+def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
+                 nlist: int | None = None) -> Shard:
+    """Parse shard bytes read from ``uri``; any inconsistency raises CorruptShardError."""
+    if expected is not None:
+        if len(data) != expected.bytes:
+            raise CorruptShardError(uri, f"size {len(data)} bytes, manifest says {expected.bytes}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected.sha256:
+            raise CorruptShardError(uri, f"sha256 {digest} differs from manifest {expected.sha256}")
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        raw = pf.schema_arrow.metadata or {}
+        table = pf.read()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CorruptShardError(uri, f"unreadable parquet: {e}") from None
+    try:
+        meta_s = {k.decode()[len(_META_PREFIX):]: v.decode() for k, v in raw.items()
+                  if k.startswith(_META_PREFIX.encode())}
+        meta: dict[str, Any] = {
+            "format_version": int(meta_s["format_version"]),
+            "M": int(meta_s["M"]),
+            "K": int(meta_s["K"]),
+            "code_dtype": meta_s["code_dtype"],
+            "nlist": int(meta_s["nlist"]),
+            "model_sha": meta_s["model_sha"],
+        }
+    except (KeyError, ValueError) as e:
+        raise CorruptShardError(uri, f"missing or bad key-value metadata ({e})") from None
+    if meta["M"] < 1 or meta["nlist"] < 1:
+        raise CorruptShardError(uri, f"bad metadata M={meta['M']}, nlist={meta['nlist']}")
+    if meta["format_version"] != SHARD_FORMAT_VERSION:
+        raise CorruptShardError(uri, f"shard format version {meta['format_version']} is not "
+                                     f"supported (this code reads {SHARD_FORMAT_VERSION})")
+    try:
+        dtype = code_dtype_for(meta["K"])
+    except ConfigError as e:
+        raise CorruptShardError(uri, str(e)) from None
+    if meta["code_dtype"] != dtype.name:
+        raise CorruptShardError(uri, f"code dtype {meta['code_dtype']} does not match K={meta['K']}")
+    if nlist is not None and meta["nlist"] != nlist:
+        raise CorruptShardError(uri, f"built for nlist={meta['nlist']}, expected {nlist}")
+    width = meta["M"] * dtype.itemsize
+    want = pa.schema([("list_id", pa.int32()), ("id", pa.int64()), ("codes", pa.binary(width))])
+    got = pa.schema([(f.name, f.type) for f in table.schema])
+    if not got.equals(want):
+        raise CorruptShardError(uri, f"schema {got} differs from expected {want}")
+    if table.num_rows == 0 or any(table.column(c).null_count for c in table.column_names):
+        raise CorruptShardError(uri, "empty shard or null values")
+    if expected is not None and table.num_rows != expected.rows:
+        raise CorruptShardError(uri, f"{table.num_rows} rows, manifest says {expected.rows}")
+
+    N = table.num_rows
+    list_ids_N = table.column("list_id").to_numpy().astype(np.int32, copy=False)
+    ids_N = table.column("id").to_numpy().astype(np.int64, copy=False)
+    codes = table.column("codes").combine_chunks()
+    buf = codes.buffers()[1]
+    codes_NM = np.frombuffer(buf, dtype=dtype.newbyteorder("<"), count=N * meta["M"],
+                             offset=codes.offset * width).reshape(N, meta["M"])
+    codes_NM = codes_NM.astype(dtype, copy=True)  # native order, writable, owns its memory
+
+    d_list = np.diff(list_ids_N.astype(np.int64))
+    d_id = np.diff(ids_N)
+    if ((d_list < 0) | ((d_list == 0) & (d_id <= 0))).any():
+        bad = int(np.flatnonzero((d_list < 0) | ((d_list == 0) & (d_id <= 0)))[0]) + 1
+        raise CorruptShardError(uri, f"rows not sorted by (list_id, id) at row {bad}")
+    if list_ids_N[0] < 0 or list_ids_N[-1] >= meta["nlist"]:
+        raise CorruptShardError(uri, f"list ids outside [0, {meta['nlist']})")
+    if int(codes_NM.max()) >= meta["K"]:
+        raise CorruptShardError(uri, f"code values >= K={meta['K']}")
+    offsets = np.searchsorted(list_ids_N, np.arange(meta["nlist"] + 1), side="left").astype(np.int64)
+    return Shard(list_ids_N=list_ids_N, ids_N=ids_N, codes_NM=codes_NM, list_offsets=offsets,
+                 meta=meta)
+
+
+def read_shard(uri: str, expected: ShardInfo | None = None, options: StorageOptions | None = None,
+               nlist: int | None = None) -> Shard:
+    """Load a whole shard into memory.
+
+    With ``expected`` (the manifest entry) the size, SHA-256 and row count are checked first;
+    with ``nlist`` the shard must have been built for that many lists. Any mismatch, a missing
+    object or an unparsable file raises :class:`CorruptShardError` naming ``uri``.
+    """
+    try:
+        data = storage.read_bytes(uri, options=options)
+    except StorageError:
+        if not storage.exists(uri, options=options):
+            raise CorruptShardError(uri, "file is missing") from None
+        raise
+    return decode_shard(uri, data, expected=expected, nlist=nlist)
+
+
+def verify_shard(uri: str, expected: ShardInfo, options: StorageOptions | None = None) -> bool:
+    """True when ``uri`` exists with exactly the size and SHA-256 in ``expected``.
+
+    Used by resumable jobs to skip work already done: the size check needs only a metadata
+    request; the file is read and hashed only when the size matches.
+    """
+    if not storage.exists(uri, options=options):
+        return False
+    if storage.file_size(uri, options=options) != expected.bytes:
+        return False
+    return hashlib.sha256(storage.read_bytes(uri, options=options)).hexdigest() == expected.sha256

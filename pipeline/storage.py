@@ -1,0 +1,420 @@
+"""One place that turns a URI (local path, ``file://``, ``s3://``) plus options into filesystems.
+
+Everything that touches files goes through here so that credentials, endpoints and error
+messages are handled the same way everywhere: ranged reads, atomic writes, listing, and a
+``redact`` that keeps access keys out of logs and exceptions. Errors from the local disk,
+s3fs or botocore become :class:`~pipeline.errors.StorageError` naming the URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+from urllib.parse import urlencode, urlsplit
+
+import fsspec
+
+from pipeline.config import JsonConfig
+from pipeline.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_known_secrets: set[str] = set()
+_cache: dict[tuple, Any] = {}
+_cache_lock = threading.Lock()
+
+
+@dataclass(repr=False)
+class StorageOptions(JsonConfig):
+    """Where and how to reach object storage; every unset field falls back to the AWS env vars.
+
+    ``__repr__`` masks the keys so an options object can be logged safely.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    anon: bool = False
+
+    def __repr__(self) -> str:
+        def mask(v: str | None) -> str:
+            return "None" if v is None else "'***'"
+
+        return (f"StorageOptions(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+                f"access_key={mask(self.access_key)}, secret_key={mask(self.secret_key)}, "
+                f"anon={self.anon!r})")
+
+    __str__ = __repr__
+
+    def resolved(self) -> "StorageOptions":
+        """A copy with every unset field filled from the standard AWS environment variables."""
+        env = os.environ
+        out = StorageOptions(
+            endpoint_url=self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            region=self.region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
+            access_key=self.access_key or env.get("AWS_ACCESS_KEY_ID"),
+            secret_key=self.secret_key or env.get("AWS_SECRET_ACCESS_KEY"),
+            anon=self.anon,
+        )
+        for s in (out.access_key, out.secret_key):
+            if s:
+                _known_secrets.add(s)
+        return out
+
+
+# ----------------------------------------------------------------------------------------- redaction
+
+_QS_SECRET = re.compile(
+    r"(?i)((?:aws_)?(?:access_key(?:_id)?|secret_key|secret_access_key|session_token|secret|password|token"
+    r"|x-amz-credential|x-amz-signature|x-amz-security-token)=)([^&\s'\"]+)")
+
+
+def redact(text: str) -> str:
+    """Remove access/secret keys (from the environment and any options seen) and query-string
+    credentials from ``text``."""
+    text = str(text)
+    secrets = set(_known_secrets)
+    for name in _SECRET_ENV:
+        v = os.environ.get(name)
+        if v:
+            secrets.add(v)
+    # longest first so a key that contains another is removed whole
+    for s in sorted(secrets, key=len, reverse=True):
+        if len(s) >= 4:
+            text = text.replace(s, "***")
+    return _QS_SECRET.sub(r"\1***", text)
+
+
+# ----------------------------------------------------------------------------------------- URIs
+
+def _split(uri: str) -> tuple[str, str]:
+    """(protocol, path-within-fs). Local paths become absolute; query strings are dropped."""
+    uri = os.fspath(uri)
+    if uri.startswith("s3://") or uri.startswith("s3a://"):
+        parts = urlsplit(uri)
+        path = (parts.netloc + parts.path).rstrip("/") if parts.path not in ("", "/") else parts.netloc
+        if not parts.netloc:
+            raise StorageError(f"{redact(uri)}: S3 URI has no bucket")
+        return "s3", path
+    if uri.startswith("file://"):
+        return "file", os.path.abspath(uri[len("file://"):])
+    if "://" in uri:
+        raise StorageError(f"{redact(uri)}: unsupported URI scheme (use a local path, file:// or s3://)")
+    return "file", os.path.abspath(uri)
+
+
+def _uri_of(protocol: str, path: str) -> str:
+    return f"s3://{path}" if protocol == "s3" else path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path components to a local path or URI with ``/`` (no duplicate separators)."""
+    out = os.fspath(uri)
+    for p in parts:
+        p = str(p)
+        if not p:
+            continue
+        out = out.rstrip("/") + "/" + p.lstrip("/")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- filesystems
+
+def get_fs(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a local path, ``file://`` or ``s3://`` URI.
+
+    S3 filesystems are cached per (process, endpoint, credentials, region) so repeated calls are
+    cheap; the pid in the key gives a forked worker its own instance (aiobotocore sessions do
+    not survive a fork). Instances pickle by their constructor arguments, so they also work
+    after being shipped to Ray workers.
+    """
+    protocol, path = _split(uri)
+    if protocol == "file":
+        return fsspec.filesystem("file"), path
+    opts = (options or StorageOptions()).resolved()
+    key = (os.getpid(), "s3", opts.endpoint_url, opts.region, opts.access_key, opts.secret_key, opts.anon)
+    with _cache_lock:
+        fs = _cache.get(key)
+        if fs is None:
+            import s3fs
+
+            client_kwargs: dict[str, Any] = {}
+            if opts.region:
+                client_kwargs["region_name"] = opts.region
+            fs = s3fs.S3FileSystem(
+                anon=opts.anon,
+                key=None if opts.anon else opts.access_key,
+                secret=None if opts.anon else opts.secret_key,
+                endpoint_url=opts.endpoint_url,
+                client_kwargs=client_kwargs,
+                config_kwargs={"connect_timeout": 10, "read_timeout": 120,
+                               "retries": {"max_attempts": 3, "mode": "standard"}},
+                use_listings_cache=False,
+                skip_instance_cache=True,
+            )
+            _cache[key] = fs
+    return fs, path
+
+
+def _endpoint_parts(endpoint_url: str) -> tuple[str, str]:
+    parts = urlsplit(endpoint_url if "://" in endpoint_url else "https://" + endpoint_url)
+    return parts.scheme or "https", parts.netloc
+
+
+def get_pyarrow_fs(uri: str, options: StorageOptions | None = None):
+    """(pyarrow.fs.FileSystem, path within it): for Ray Data readers/writers and Ray Train."""
+    import pyarrow.fs as pafs
+
+    protocol, path = _split(uri)
+    if protocol == "file":
+        return pafs.LocalFileSystem(), path
+    opts = (options or StorageOptions()).resolved()
+    kw: dict[str, Any] = {}
+    if opts.anon:
+        kw["anonymous"] = True
+    else:
+        if opts.access_key:
+            kw["access_key"] = opts.access_key
+        if opts.secret_key:
+            kw["secret_key"] = opts.secret_key
+    if opts.region:
+        kw["region"] = opts.region
+    if opts.endpoint_url:
+        scheme, netloc = _endpoint_parts(opts.endpoint_url)
+        kw["endpoint_override"] = netloc
+        kw["scheme"] = scheme
+    return pafs.S3FileSystem(**kw), path
+
+
+def ray_storage_uri(uri: str, options: StorageOptions | None = None) -> str:
+    """A URI Ray (pyarrow) accepts as ``storage_path``: local paths become absolute; S3 URIs get
+    ``endpoint_override``/``scheme``/``region`` query parameters. Credentials are never put in
+    the URI: Ray workers read them from the standard environment variables."""
+    protocol, path = _split(uri)
+    if protocol == "file":
+        return path
+    opts = (options or StorageOptions()).resolved()
+    q: dict[str, str] = {}
+    if opts.endpoint_url:
+        scheme, netloc = _endpoint_parts(opts.endpoint_url)
+        q["endpoint_override"] = netloc
+        q["scheme"] = scheme
+    if opts.region:
+        q["region"] = opts.region
+    return f"s3://{path}" + (f"?{urlencode(q, safe=':')}" if q else "")
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+def _error_message(uri: str, exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    code = ""
+    resp = getattr(exc, "response", None) or getattr(getattr(exc, "__cause__", None), "response", None)
+    if isinstance(resp, dict):
+        code = str(resp.get("Error", {}).get("Code", ""))
+    chain = exc
+    while chain is not None and not code:
+        r = getattr(chain, "response", None)
+        if isinstance(r, dict):
+            code = str(r.get("Error", {}).get("Code", ""))
+        chain = chain.__cause__ or chain.__context__
+    if code == "NoSuchBucket" or "bucket does not exist" in low or "nosuchbucket" in low:
+        what = "bucket not found"
+    elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") \
+            or isinstance(exc, PermissionError) or "access denied" in low or "forbidden" in low:
+        what = "access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+    elif "could not connect" in low or "connect timeout" in low or "endpointconnectionerror" in low \
+            or "connection refused" in low or "cannot connect" in low:
+        what = "endpoint unreachable (check AWS_ENDPOINT_URL)"
+    elif "nocredentials" in low or "unable to locate credentials" in low:
+        what = "no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+    elif isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "404"):
+        what = "file not found"
+    elif isinstance(exc, IsADirectoryError):
+        what = "is a directory, not a file"
+    else:
+        what = "storage error"
+    return redact(f"{uri}: {what} ({text})")
+
+
+@contextlib.contextmanager
+def _errors(uri: str) -> Iterator[None]:
+    """Turn filesystem/botocore exceptions raised inside into StorageError naming ``uri``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every backend error class is mapped here
+        if not _is_storage_exception(exc):
+            raise
+        raise StorageError(_error_message(uri, exc)) from None
+
+
+def _is_storage_exception(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    mod = type(exc).__module__ or ""
+    return mod.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec"))
+
+
+# ----------------------------------------------------------------------------------------- operations
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    """True if a file (object) exists at ``uri``. For S3 an empty "directory" prefix is not a file."""
+    fs, path = get_fs(uri, options)
+    protocol, _ = _split(uri)
+    with _errors(uri):
+        if protocol == "file":
+            return os.path.isfile(path)
+        # not fs.isfile(): it turns every error (wrong credentials included) into False
+        try:
+            return fs.info(path).get("type") == "file"
+        except FileNotFoundError as exc:
+            if "bucket does not exist" in str(exc).lower():
+                raise
+            return False
+
+
+def list_files(uri_prefix: str, options: StorageOptions | None = None) -> list[str]:
+    """Full URIs of every file (object) under a prefix/directory, sorted. Missing prefix -> []."""
+    fs, path = get_fs(uri_prefix, options)
+    protocol, _ = _split(uri_prefix)
+    with _errors(uri_prefix):
+        if protocol == "file":
+            if os.path.isfile(path):
+                return [path]
+            if not os.path.isdir(path):
+                return []
+            out = []
+            for root, _dirs, files in os.walk(path):
+                out.extend(os.path.join(root, f) for f in files)
+            return sorted(out)
+        if "/" not in path:
+            # a bare bucket: a missing bucket is an error, not an empty listing
+            fs.ls(path, refresh=True)
+        try:
+            found = fs.find(path, withdirs=False, detail=True)
+        except FileNotFoundError:
+            return []
+        files = [p for p, d in found.items() if d.get("type", "file") == "file" and not p.endswith("/")]
+        return sorted(_uri_of(protocol, p) for p in files)
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None,
+               start: int | None = None, end: int | None = None) -> bytes:
+    """Bytes ``[start, end)`` of a file with one ranged request (whole file if both unset)."""
+    fs, path = get_fs(uri, options)
+    with _errors(uri):
+        return fs.cat_file(path, start=start, end=end)
+
+
+def file_size(uri: str, options: StorageOptions | None = None) -> int:
+    """Size of a file in bytes (a HEAD request on S3)."""
+    fs, path = get_fs(uri, options)
+    protocol, _ = _split(uri)
+    with _errors(uri):
+        if protocol == "file":
+            return os.stat(path).st_size
+        info_ = fs.info(path)
+        if info_.get("type") != "file":
+            raise FileNotFoundError(path)
+        return int(info_["size"])
+
+
+def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write ``data`` so readers see either the old file or the complete new one."""
+    with open_atomic(uri, "wb", options) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = None):
+    """Yield a writable file; the content becomes visible at ``uri`` only if the block succeeds.
+
+    Local: a temporary file in the same directory, fsync'ed and renamed over ``uri``. S3: a
+    (multipart) upload completed on success and aborted on exception — S3 makes an object
+    visible only when its upload completes.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"open_atomic: mode must be 'wb' or 'w', got {mode!r}")
+    fs, path = get_fs(uri, options)
+    protocol, _ = _split(uri)
+    if protocol == "file":
+        parent = os.path.dirname(path) or "."
+        with _errors(uri):
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        raw = os.fdopen(fd, "wb")
+        try:
+            f = io.TextIOWrapper(raw, encoding="utf-8") if mode == "w" else raw
+            yield f
+            f.flush()
+            with _errors(uri):
+                os.fsync(raw.fileno())
+            f.close()
+            with _errors(uri):
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return
+    with _errors(uri):
+        raw = fs.open(path, "wb", autocommit=True)
+    try:
+        f = io.TextIOWrapper(raw, encoding="utf-8", write_through=True) if mode == "w" else raw
+        yield f
+    except BaseException:
+        with contextlib.suppress(Exception):
+            raw.discard()
+        raw.closed = True  # never let close()/__del__ upload the partial buffer
+        raise
+    with _errors(uri):
+        if mode == "w":
+            f.flush()
+        raw.close()
+
+
+def remove(uri: str, options: StorageOptions | None = None, recursive: bool = False) -> None:
+    """Delete a file, or a directory/prefix with ``recursive=True``. A missing path is a no-op."""
+    fs, path = get_fs(uri, options)
+    protocol, _ = _split(uri)
+    with _errors(uri):
+        if protocol == "file":
+            if os.path.isdir(path):
+                if not recursive:
+                    raise IsADirectoryError(path)
+                import shutil
+
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+            return
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            return
+
+
+def _clear_cache() -> None:
+    """Drop cached filesystems (tests; credentials changed)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+__all__ = [
+    "StorageOptions", "get_fs", "get_pyarrow_fs", "ray_storage_uri", "join", "exists", "list_files",
+    "read_bytes", "file_size", "write_bytes_atomic", "open_atomic", "remove", "redact",
+]

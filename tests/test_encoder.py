@@ -1,0 +1,70 @@
+"""Beam-search encoder and decoders on a briefly trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.decoder import decode, reconstruct, reconstruction_mse
+from pipeline.encoder import auto_batch_size, codes_dtype, encode
+from pipeline.qinco_model import QINCo, QincoConfig
+from pipeline.rq_init import init_from_rq
+from pipeline.training import TrainConfig, train_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def trained(codec_vectors):
+    x, xv, _ = codec_vectors
+    q = QincoConfig(dim=x.shape[1], M=4, K=32, L=1, de=32, dh=64, A=8, B=4, B_train=2)
+    t = TrainConfig(epochs=2, batch_size=256, lr=3e-3, warmup_steps=5, rq_iters=4, fit_additive=False)
+    model, _ = train_model(x, xv, q, t)
+    return model, xv
+
+
+def test_beam_not_worse_than_greedy(trained):
+    model, xv = trained
+    mse = {B: reconstruction_mse(xv, reconstruct(model, xv, B=B)) for B in (1, 4)}
+    assert mse[4] <= mse[1]
+
+
+def test_preselect_all_equals_no_preselection(trained):
+    model, xv = trained
+    c0, _ = encode(model, xv, A=0)
+    cK, _ = encode(model, xv, A=model.config.K)
+    np.testing.assert_array_equal(c0, cK)
+    # a small A really restricts the candidates (different codes for some vectors)
+    c2, _ = encode(model, xv, A=2, B=1)
+    g0, _ = encode(model, xv, A=0, B=1)
+    assert (c2 != g0).any()
+
+
+def test_prefix_decoding_improves_with_m(trained):
+    model, xv = trained
+    codes, _ = encode(model, xv)
+    mses = [reconstruction_mse(xv, decode(model, codes, prefix=m)) for m in range(1, 5)]
+    assert all(b < a for a, b in zip(mses, mses[1:]))
+    np.testing.assert_allclose(decode(model, codes, prefix=4), decode(model, codes), rtol=0, atol=0)
+
+
+def test_batching_does_not_change_codes(trained):
+    model, xv = trained
+    a, _ = encode(model, xv[:200])
+    b, _ = encode(model, xv[:200], batch_size=7)
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == np.uint8
+    assert 16 <= auto_batch_size(model, 32, 16) <= 65536
+
+
+def test_large_K_uses_uint16():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    model = QINCo(QincoConfig(dim=8, M=2, K=300, L=1, de=8, dh=8, A=4, B=2))
+    model.set_normalisation(x)
+    init_from_rq(model, x, niter=2)
+    codes, lids = encode(model, x)
+    assert codes.dtype == np.uint16 and lids is None and codes.max() >= 256
+    assert codes_dtype(65536) == np.uint16
+    assert reconstruction_mse(x, decode(model, codes)) < 0.5 * reconstruction_mse(x, x * 0 + x.mean(0))

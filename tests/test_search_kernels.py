@@ -1,0 +1,276 @@
+"""Search kernels: LUT distances, exact re-rank, sharding + merge, Faiss scanner agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import search_kernels
+from pipeline.errors import ConfigError, VectorFormatError
+from pipeline.search_kernels import (
+    SearchParams, ShardSearcher, additive_decode, brute_force_reference, merge_topk,
+)
+
+D, NLIST, M, K, N, Q = 16, 8, 4, 16, 2000, 40
+
+
+def make_shard(seed=0, n=N, k_codes=K, n_dup=200):
+    """Synthetic shard: rows sorted by list, random codes, some exact duplicate rows."""
+    rng = np.random.default_rng(seed)
+    centroids = (rng.normal(size=(NLIST, D)) * 3).astype(np.float32)
+    codebooks = (rng.normal(size=(M, k_codes, D)) * 0.6 / (1 + np.arange(M))[:, None, None])
+    codebooks = codebooks.astype(np.float32)
+    list_ids = np.sort(rng.integers(0, NLIST, n)).astype(np.int32)
+    codes = rng.integers(0, k_codes, (n, M))
+    # duplicates: copy the code of the previous row in the same list -> identical vectors
+    dup = rng.choice(np.arange(1, n), n_dup, replace=False)
+    dup = dup[list_ids[dup] == list_ids[dup - 1]]
+    for r in np.sort(dup):
+        codes[r] = codes[r - 1]
+    codes = codes.astype(np.uint8 if k_codes <= 256 else np.uint16)
+    offsets = np.searchsorted(list_ids, np.arange(NLIST + 1)).astype(np.int64)
+    ids = rng.permutation(5 * n)[:n].astype(np.int64)
+    queries = (centroids[rng.integers(0, NLIST, Q)] + rng.normal(size=(Q, D))).astype(np.float32)
+    return dict(list_ids_N=list_ids, ids_N=ids, codes_NM=codes, list_offsets=offsets,
+                centroids_LD=centroids, codebooks_MKD=codebooks), queries
+
+
+def make_decode(shard):
+    """Exact decoder stand-in: additive decode plus a fixed non-linear perturbation."""
+    cent, cb = shard["centroids_LD"], shard["codebooks_MKD"]
+    W = np.random.default_rng(123).normal(size=(D, D)).astype(np.float32) * 0.5
+
+    def decode_fn(codes_NM, list_ids_N):
+        decode_fn.calls.append(len(codes_NM))
+        x = additive_decode(codes_NM, list_ids_N, cent, cb)
+        return (x + np.sin(x @ W)).astype(np.float32)
+
+    decode_fn.calls = []
+    return decode_fn
+
+
+@pytest.fixture(scope="module")
+def data():
+    shard, q = make_shard()
+    return shard, q, make_decode(shard)
+
+
+@pytest.mark.parametrize("faiss_scan", [False, True])
+def test_lut_distances_equal_additive_bruteforce(data, faiss_scan):
+    shard, q, _ = data
+    s = ShardSearcher(**shard, use_faiss_scanner=faiss_scan)
+    assert s.uses_faiss_scanner == faiss_scan
+    x = additive_decode(shard["codes_NM"], shard["list_ids_N"], shard["centroids_LD"],
+                        shard["codebooks_MKD"]).astype(np.float64)
+    exact_QN = ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    _, lists = s.probe(q, NLIST)
+    D_, I_, rows = s.lut_search(q, lists, N)
+    assert (rows >= 0).all() and (np.sort(rows, axis=1) == np.arange(N)).all()
+    np.testing.assert_array_equal(I_, shard["ids_N"][rows])
+    np.testing.assert_allclose(D_, np.take_along_axis(exact_QN, rows, 1), rtol=1e-4, atol=1e-3)
+    assert (np.diff(D_, axis=1) >= 0).all()
+    # a short shortlist holds the S nearest additive reconstructions
+    D50, _, rows50 = s.lut_search(q, lists, 50)
+    np.testing.assert_allclose(D50, np.sort(exact_QN, axis=1)[:, :50], rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(rows50, rows[:, :50])
+
+
+@pytest.mark.parametrize("faiss_scan", [False, True])
+def test_search_all_lists_equals_bruteforce_of_decoder(data, faiss_scan):
+    shard, q, decode_fn = data
+    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=faiss_scan)
+    params = SearchParams(k=20, nprobe=NLIST, shortlist=N)
+    timings = {}
+    D_, I_ = s.search(q, params, timings)
+    x_all = decode_fn(shard["codes_NM"], shard["list_ids_N"])
+    Dr, Ir = brute_force_reference(q, x_all, shard["ids_N"], 20)
+    np.testing.assert_array_equal(I_, Ir)
+    np.testing.assert_array_equal(D_, Dr)
+    assert D_.dtype == np.float32 and I_.dtype == np.int64
+    assert set(timings) == {"probe", "lut", "rerank"}
+    # the exact decoder really changes the ranking compared with the additive one
+    _, I_lut = ShardSearcher(**shard, use_faiss_scanner=faiss_scan).search(q, params)
+    assert (I_lut != I_).any()
+
+
+def test_duplicates_break_ties_by_id(data):
+    shard, q, decode_fn = data
+    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
+    # query exactly at a duplicated vector: both copies at distance 0, smaller id first
+    codes, lists = shard["codes_NM"], shard["list_ids_N"]
+    r = next(i for i in range(1, N) if (codes[i] == codes[i - 1]).all()
+             and lists[i] == lists[i - 1])
+    q0 = decode_fn(codes[r:r + 1], lists[r:r + 1])
+    D_, I_ = s.search(q0, SearchParams(k=2, nprobe=NLIST, shortlist=N))
+    assert (D_[0] == 0).all()
+    assert I_[0].tolist() == sorted(shard["ids_N"][[r - 1, r]].tolist())
+
+
+def test_small_nprobe_equals_bruteforce_over_probed_lists(data):
+    shard, _, decode_fn = data
+    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
+    nprobe, k = 2, 10
+    # queries between clusters, so that the probed lists miss true neighbours
+    rng = np.random.default_rng(5)
+    c = shard["centroids_LD"]
+    q = (0.5 * (c[rng.integers(0, NLIST, Q)] + c[rng.integers(0, NLIST, Q)])
+         + rng.normal(size=(Q, D))).astype(np.float32)
+    D_, I_ = s.search(q, SearchParams(k=k, nprobe=nprobe, shortlist=N))
+    _, lists = s.probe(q, nprobe)
+    x_all = decode_fn(shard["codes_NM"], shard["list_ids_N"])
+    for i in range(Q):
+        sel = np.isin(shard["list_ids_N"], lists[i])
+        Dr, Ir = brute_force_reference(q[i:i + 1], x_all[sel], shard["ids_N"][sel], k)
+        np.testing.assert_array_equal(I_[i], Ir[0])
+        np.testing.assert_array_equal(D_[i], Dr[0])
+    # probing fewer lists must miss some of the global neighbours for these queries
+    _, I_all = s.search(q, SearchParams(k=k, nprobe=NLIST, shortlist=N))
+    assert (I_all != I_).any()
+
+
+def test_rerank_subset_and_dedup(data):
+    shard, q, decode_fn = data
+    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
+    params = SearchParams(k=5, nprobe=4, shortlist=60, rerank=30)
+    _, lists = s.probe(q, params.nprobe)
+    _, _, rows = s.lut_search(q, lists, params.shortlist)
+    decode_fn.calls.clear()
+    D_, I_ = s.search(q, params)
+    # each distinct shortlisted row is decoded exactly once for the batch
+    assert sum(decode_fn.calls) == np.unique(rows[:, :30]).size < rows[:, :30].size
+    x_all = decode_fn(shard["codes_NM"], shard["list_ids_N"])
+    for i in range(Q):
+        r = rows[i, :30]
+        Dr, Ir = brute_force_reference(q[i:i + 1], x_all[r], shard["ids_N"][r], 5)
+        np.testing.assert_array_equal(I_[i], Ir[0])
+        np.testing.assert_array_equal(D_[i], Dr[0])
+
+
+def _split(shard, n_shards, seed=7):
+    """Partition rows into shards, each keeping the list-sorted layout."""
+    owner = np.random.default_rng(seed).integers(0, n_shards, N)
+    parts = []
+    for j in range(n_shards):
+        sel = owner == j
+        li = shard["list_ids_N"][sel]
+        parts.append(dict(shard, list_ids_N=li, ids_N=shard["ids_N"][sel],
+                          codes_NM=shard["codes_NM"][sel],
+                          list_offsets=np.searchsorted(li, np.arange(NLIST + 1))))
+    return parts
+
+
+@pytest.mark.parametrize("faiss_scan", [False, True])
+def test_three_shards_merged_equal_one_shard(data, faiss_scan):
+    shard, q, decode_fn = data
+    parts = _split(shard, 3)
+    for with_decoder, params in [(True, SearchParams(k=15, nprobe=3, shortlist=N)),
+                                 (False, SearchParams(k=15, nprobe=3))]:
+        fn = decode_fn if with_decoder else None
+        one = ShardSearcher(**shard, decode_fn=fn, use_faiss_scanner=faiss_scan).search(q, params)
+        many = [ShardSearcher(**p, decode_fn=fn, use_faiss_scanner=faiss_scan).search(q, params)
+                for p in parts]
+        merged = merge_topk(many, params.k)
+        np.testing.assert_array_equal(merged[1], one[1])
+        np.testing.assert_allclose(merged[0], one[0], rtol=1e-6)
+        assert (merged[1] >= 0).all()
+
+
+def test_faiss_scanner_agrees_with_numpy(data, monkeypatch):
+    shard, q, _ = data
+    s_np = ShardSearcher(**shard, use_faiss_scanner=False)
+    s_fs = ShardSearcher(**shard, use_faiss_scanner=True)
+    _, lists = s_np.probe(q, 3)
+    a, b = s_np.lut_search(q, lists, 100), s_fs.lut_search(q, lists, 100)
+    np.testing.assert_allclose(b[0], a[0], rtol=1e-3, atol=1e-4)
+    same = a[1] == b[1]
+    # ids may only differ where distances are (near-)tied
+    assert same.mean() > 0.99
+    assert np.allclose(a[0][~same], b[0][~same], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(shard["ids_N"][b[2]], b[1])
+    # ties at the shortlist boundary (duplicate codes) resolve by id with any margin
+    _, lists8 = s_np.probe(q, NLIST)
+    ref = s_np.lut_search(q, lists8, 50)
+    for margin in (0, 1, 16):
+        monkeypatch.setattr(search_kernels, "FAISS_TIE_MARGIN", margin)
+        got = s_fs.lut_search(q, lists8, 50)
+        np.testing.assert_array_equal(got[2], ref[2])
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_large_k_uint16_codes_and_non_power_of_two():
+    for k_codes in (300, 512):
+        shard, q = make_shard(seed=3, n=600, k_codes=k_codes, n_dup=0)
+        assert shard["codes_NM"].dtype == np.uint16
+        s_np = ShardSearcher(**shard, use_faiss_scanner=False)
+        s_fs = ShardSearcher(**shard, use_faiss_scanner=True)
+        assert s_fs.uses_faiss_scanner == (k_codes == 512)
+        x = additive_decode(shard["codes_NM"], shard["list_ids_N"], shard["centroids_LD"],
+                            shard["codebooks_MKD"])
+        Dr, Ir = brute_force_reference(q, x, shard["ids_N"], 10)
+        for s in (s_np, s_fs):
+            D_, I_ = s.search(q, SearchParams(k=10, nprobe=NLIST))
+            assert (I_ == Ir).mean() > 0.99
+            np.testing.assert_allclose(D_, Dr, rtol=1e-4, atol=1e-3)
+
+
+def test_padding_when_lists_are_small(data):
+    shard, q, decode_fn = data
+    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
+    _, lists = s.probe(q[:2], 1)
+    n_avail = np.diff(shard["list_offsets"])[lists[:, 0]]
+    for fs in (False, True):
+        s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=fs)
+        big = int(n_avail.max()) + 5
+        D_, I_, rows = s.lut_search(q[:2], lists, big)
+        for i in range(2):
+            assert (I_[i, :n_avail[i]] >= 0).all() and (I_[i, n_avail[i]:] == -1).all()
+            assert np.isinf(D_[i, n_avail[i]:]).all() and (rows[i, n_avail[i]:] == -1).all()
+        Dk, Ik = s.rerank(q[:2], rows, big)
+        assert ((Ik >= 0).sum(1) == n_avail).all() and np.isinf(Dk[Ik < 0]).all()
+
+
+def test_merge_topk_ties_padding_and_short_inputs():
+    D1 = np.array([[1.0, 2.0, np.inf]], np.float32)
+    I1 = np.array([[9, 4, -1]])
+    D2 = np.array([[1.0, 2.0, 0.5]], np.float32)
+    I2 = np.array([[3, 7, -1]])          # id -1 with a finite distance is still padding
+    D_, I_ = merge_topk([(D1, I1), (D2, I2)], 6)
+    assert I_.tolist() == [[3, 9, 4, 7, -1, -1]]
+    assert D_[0, :4].tolist() == [1.0, 1.0, 2.0, 2.0] and np.isinf(D_[0, 4:]).all()
+    D_, I_ = merge_topk([(D1, I1), (D2, I2)], 3)
+    assert I_.tolist() == [[3, 9, 4]]
+    # many ties at the k boundary are resolved by id regardless of input order
+    rng = np.random.default_rng(0)
+    Dt = np.zeros((3, 50), np.float32)
+    It = np.stack([rng.permutation(50) for _ in range(3)])
+    _, I_ = merge_topk([(Dt[:, :20], It[:, :20]), (Dt[:, 20:], It[:, 20:])], 5)
+    assert (I_ == np.arange(5)).all()
+    with pytest.raises(ValueError):
+        merge_topk([(D1, I1), (np.zeros((2, 3), np.float32), np.zeros((2, 3), np.int64))], 2)
+
+
+def test_bad_inputs_raise_clear_errors(data):
+    shard, q, _ = data
+    codes = shard["codes_NM"].copy()
+    codes[123, 2] = K
+    with pytest.raises(VectorFormatError, match=r"s3://b/shard-0.*row 123"):
+        ShardSearcher(**dict(shard, codes_NM=codes), source="s3://b/shard-0")
+    lids = shard["list_ids_N"].copy()
+    lids[500] = (lids[500] + 1) % NLIST
+    with pytest.raises(VectorFormatError, match="row 500"):
+        ShardSearcher(**dict(shard, list_ids_N=lids))
+    with pytest.raises(VectorFormatError, match="list_offsets"):
+        ShardSearcher(**dict(shard, list_offsets=shard["list_offsets"][:-1]))
+    s = ShardSearcher(**shard, use_faiss_scanner=False)
+    bad_q = q.copy()
+    bad_q[4, 0] = np.nan
+    with pytest.raises(ConfigError, match="query row 4"):
+        s.search(bad_q, SearchParams())
+    with pytest.raises(ConfigError, match="decode_fn"):
+        s.rerank(q, np.zeros((Q, 3), np.int64), 2)
+    for bad in (SearchParams(k=0), SearchParams(k=10, shortlist=5),
+                SearchParams(k=10, shortlist=50, rerank=60), SearchParams(nprobe=0)):
+        with pytest.raises(ConfigError):
+            s.search(q, bad)
+    p = SearchParams(k=3, nprobe=2, shortlist=40, rerank=20)
+    assert SearchParams.from_json(p.to_json()) == p

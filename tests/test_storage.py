@@ -1,0 +1,205 @@
+"""Storage helper: local and real-S3 (SeaweedFS) behaviour, atomicity, error mapping, redaction."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+
+from pipeline import storage
+from pipeline.errors import StorageError
+from pipeline.storage import StorageOptions
+
+
+def test_options_repr_masks_keys_and_json_roundtrip():
+    o = StorageOptions(endpoint_url="http://h:1", access_key="AKIAEXAMPLEKEY", secret_key="s3cr3tvalue")
+    text = repr(o) + str(o)
+    assert "AKIAEXAMPLEKEY" not in text and "s3cr3tvalue" not in text and "http://h:1" in text
+    assert StorageOptions.from_json(o.to_json()) == o
+
+
+def test_options_resolve_from_env(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "envkey123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret123")
+    r = StorageOptions(region="us-west-2").resolved()
+    assert (r.endpoint_url, r.region, r.access_key, r.secret_key) == (
+        "http://127.0.0.1:9", "us-west-2", "envkey123", "envsecret123")
+
+
+def test_redact(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "topsecretvalue")
+    StorageOptions(access_key="optionkey42").resolved()
+    text = storage.redact("a topsecretvalue b optionkey42 s3://b/k?secret_key=zzz&access_key=yyy&region=x")
+    assert "topsecretvalue" not in text and "optionkey42" not in text
+    assert "zzz" not in text and "yyy" not in text and "region=x" in text
+
+
+def test_join_and_ray_uri(tmp_path):
+    assert storage.join("s3://b/p/", "x", "/y.bin") == "s3://b/p/x/y.bin"
+    assert storage.join(str(tmp_path), "a") == f"{tmp_path}/a"
+    assert storage.ray_storage_uri("rel/dir") == os.path.abspath("rel/dir")
+    u = storage.ray_storage_uri("s3://b/p", StorageOptions(endpoint_url="http://127.0.0.1:8333", region="r1"))
+    assert u == "s3://b/p?endpoint_override=127.0.0.1:8333&scheme=http&region=r1"
+
+
+def _exercise(base: str, options=None) -> None:
+    """Same contract for local disk and S3."""
+    a = storage.join(base, "d", "a.bin")
+    assert not storage.exists(a, options)
+    storage.write_bytes_atomic(a, b"0123456789", options)
+    assert storage.exists(a, options)
+    assert storage.file_size(a, options) == 10
+    assert storage.read_bytes(a, options) == b"0123456789"
+    assert storage.read_bytes(a, options, start=3, end=7) == b"3456"
+    storage.write_bytes_atomic(a, b"new", options)  # overwrite
+    assert storage.read_bytes(a, options) == b"new"
+    with storage.open_atomic(storage.join(base, "d", "sub", "t.txt"), "w", options) as f:
+        f.write("héllo")
+    assert storage.read_bytes(storage.join(base, "d", "sub", "t.txt"), options) == "héllo".encode()
+    # a directory/prefix is not a file
+    assert not storage.exists(storage.join(base, "d"), options)
+    assert storage.list_files(storage.join(base, "d"), options) == sorted(
+        [storage.join(base, "d", "a.bin"), storage.join(base, "d", "sub", "t.txt")])
+    assert storage.list_files(storage.join(base, "nothing-here"), options) == []
+
+    # an exception inside open_atomic leaves nothing (and keeps an older version intact)
+    b = storage.join(base, "d", "b.bin")
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.open_atomic(b, "wb", options) as f:
+            f.write(b"x" * (6 << 20))  # larger than one multipart part
+            raise RuntimeError("boom")
+    assert not storage.exists(b, options)
+    with pytest.raises(RuntimeError):
+        with storage.open_atomic(a, "wb", options) as f:
+            f.write(b"partial")
+            raise RuntimeError("boom")
+    assert storage.read_bytes(a, options) == b"new"
+    # a large successful streamed write arrives whole
+    with storage.open_atomic(b, "wb", options) as f:
+        for i in range(3):
+            f.write(bytes([i]) * (3 << 20))
+    assert storage.file_size(b, options) == 9 << 20
+    assert storage.read_bytes(b, options, start=(6 << 20) - 1, end=(6 << 20) + 1) == b"\x01\x02"
+
+    with pytest.raises(StorageError, match="missing.bin.*not found"):
+        storage.read_bytes(storage.join(base, "missing.bin"), options)
+    with pytest.raises(StorageError, match="not found"):
+        storage.file_size(storage.join(base, "missing.bin"), options)
+
+    storage.remove(a, options)
+    assert not storage.exists(a, options)
+    storage.remove(a, options)  # idempotent
+    storage.remove(storage.join(base, "d"), options, recursive=True)
+    assert storage.list_files(base, options) == []
+
+
+def test_local_contract(tmp_path):
+    _exercise(str(tmp_path / "root"))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_local_file_uri(tmp_path):
+    storage.write_bytes_atomic(f"file://{tmp_path}/x.bin", b"abc")
+    assert (tmp_path / "x.bin").read_bytes() == b"abc"
+    assert storage.list_files(f"file://{tmp_path}") == [str(tmp_path / "x.bin")]
+
+
+def test_unsupported_scheme():
+    with pytest.raises(StorageError, match="unsupported URI scheme"):
+        storage.get_fs("gs://b/x")
+
+
+@pytest.mark.s3
+def test_s3_contract_env(s3):
+    _exercise(s3.bucket("stor-env") + "/p")
+
+
+@pytest.mark.s3
+def test_s3_contract_explicit_options(s3, monkeypatch):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k)
+    _exercise(s3.bucket("stor-opts"), s3.options())
+
+
+@pytest.mark.s3
+def test_s3_wrong_secret_is_storage_error_without_secret(s3):
+    base = s3.bucket("stor-auth")
+    storage.write_bytes_atomic(base + "/k.bin", b"x")
+    bad = s3.options().replace(secret_key="WRONGwrongWRONG-secret")
+    for op in (lambda: storage.read_bytes(base + "/k.bin", bad),
+               lambda: storage.write_bytes_atomic(base + "/k2.bin", b"y", bad),
+               lambda: storage.list_files(base, bad),
+               lambda: storage.exists(base + "/k.bin", bad)):
+        with pytest.raises(StorageError, match="access denied") as ei:
+            op()
+        msg = str(ei.value)
+        assert "stor-auth" in msg
+        assert "WRONGwrongWRONG-secret" not in msg and s3.secret_key not in msg
+    assert not storage.exists(base + "/k2.bin")
+
+
+@pytest.mark.s3
+def test_s3_missing_bucket_and_unreachable_endpoint(s3):
+    for op in (lambda: storage.read_bytes("s3://no-such-bucket-xyz/k"),
+               lambda: storage.list_files("s3://no-such-bucket-xyz"),
+               lambda: storage.exists("s3://no-such-bucket-xyz/k"),
+               lambda: storage.write_bytes_atomic("s3://no-such-bucket-xyz/k", b"1")):
+        with pytest.raises(StorageError, match="no-such-bucket-xyz.*bucket not found"):
+            op()
+    from s3_server import free_ports
+
+    dead = s3.options().replace(endpoint_url=f"http://127.0.0.1:{free_ports(1)[0]}")
+    with pytest.raises(StorageError, match="endpoint unreachable"):
+        storage.read_bytes("s3://stor-env/x", dead)
+
+
+@pytest.mark.s3
+def test_s3_fs_cached_and_picklable(s3):
+    base = s3.bucket("stor-pickle")
+    storage.write_bytes_atomic(base + "/k.bin", b"pickled")
+    fs1, path = storage.get_fs(base + "/k.bin")
+    fs2, _ = storage.get_fs(base + "/other")
+    assert fs1 is fs2
+    clone = pickle.loads(pickle.dumps(fs1))
+    assert clone.cat_file(path) == b"pickled"
+
+
+@pytest.mark.s3
+def test_s3_pyarrow_fs(s3):
+    base = s3.bucket("stor-arrow")
+    storage.write_bytes_atomic(base + "/a/k.bin", b"arrow!")
+    fs, path = storage.get_pyarrow_fs(base + "/a/k.bin")
+    with fs.open_input_file(path) as f:
+        assert f.read() == b"arrow!"
+    import pyarrow.fs as pafs
+
+    fs2, p2 = pafs.FileSystem.from_uri(storage.ray_storage_uri(base + "/a"))
+    assert [i.path for i in fs2.get_file_info(pafs.FileSelector(p2))] == [path]
+
+
+@pytest.mark.s3
+@pytest.mark.ray
+def test_s3_from_ray_worker(s3, ray_session):
+    """A filesystem made in the driver works inside a Ray worker, both pickled and via get_fs."""
+    import numpy as np
+
+    from pipeline import vecs_io
+
+    uri = s3.bucket("stor-ray") + "/w.fvecs"
+    x = np.arange(40, dtype=np.float32).reshape(8, 5)
+    vecs_io.write_vectors(uri, x)
+    fs, path = storage.get_fs(uri)
+
+    @ray_session.remote(num_cpus=0.5)
+    def work(fs_, path_, uri_, options):
+        from pipeline import vecs_io as v
+
+        return fs_.cat_file(path_, start=0, end=4), v.read_rows(uri_, 2, 5, options=options)
+
+    # options passed explicitly: the Ray instance may have been started before the AWS_* env vars
+    head, rows = ray_session.get(work.remote(fs, path, uri, s3.options()), timeout=120)
+    assert head == np.array([5], "<i4").tobytes()
+    np.testing.assert_array_equal(rows, x[2:5])
