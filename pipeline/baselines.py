@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 METHODS = ("PQ", "OPQ", "RQ", "LSQ")
 RQ_BEAM_SIZE = 5
 TABLE_COLUMNS = ("method", "factory", "bytes", "mse", "R@1", "R@10", "R@100",
-                 "train_s", "encode_vps")
+                 "train_s", "encode_vps", "threads")
 _ENCODE_BLOCK = 65536
 
 
@@ -248,11 +248,12 @@ def baselines_command(a) -> int:
     print(format_table(rows))
     report = {
         "rows": rows,
-        "arguments": {key: v for key, v in vars(a).items() if key != "func"},
-        "inputs": uris,
+        "arguments": {key: storage.redact(v) if isinstance(v, str) else v
+                      for key, v in vars(a).items() if key != "func"},
+        "inputs": {key: storage.redact(v) if v else v for key, v in uris.items()},
         "code_version": code_version(),
         "machine": machine_info(),
     }
     storage.write_bytes_atomic(a.out, json.dumps(report, indent=2, sort_keys=True).encode())
-    print(f"wrote {a.out}")
+    print(f"wrote {storage.redact(a.out)}")
     return 0

@@ -65,7 +65,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="Ray Train workers (DDP); 0 trains in this process without Ray (default 0)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs each Ray Train worker reserves (default: 1, or less so that all workers fit "
+                        "with half a CPU left for the data reads)")
+    p.add_argument("--threads-per-worker", type=int, default=0,
+                   help="torch threads per worker (default: the reserved CPUs, at least 1)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the checkpoints of an earlier run at --out instead of resuming it")
     p.add_argument("--stop-after-epochs", type=int, default=None,
@@ -126,22 +130,22 @@ def _train_distributed(a: argparse.Namespace) -> int:
     """`qinco train --workers N`: the same loop on Ray Train (see pipeline.distributed_training)."""
     import json
 
-    from pipeline import vecs_io
     from pipeline.distributed_training import DistTrainConfig, run_distributed_training
     from pipeline.qinco_model import config_from_preset
-    from pipeline.ray_cluster import ensure_ray
+    from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
     from pipeline.training import TrainConfig
 
-    dim = vecs_io.info(a.data[0]).dim
-    qcfg = config_from_preset(a.preset, dim, M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
-                              A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf)
+    # the dimension comes from the data headers, checked by the job before anything else
+    qd = config_from_preset(a.preset, 1, M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
+                            A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf).to_dict()
+    qd["dim"] = None
     tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                        max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget)
     ensure_ray()
     summary = run_distributed_training(DistTrainConfig(
-        data_uris=list(a.data), out_uri=a.out, qinco=qcfg.to_dict(), train=tcfg.to_dict(),
-        workers=a.workers, cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
-        fresh=a.fresh, stop_after_epochs=a.stop_after_epochs))
+        data_uris=list(a.data), out_uri=a.out, qinco=qd, train=tcfg.to_dict(),
+        workers=a.workers, cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker,
+        threads_per_worker=a.threads_per_worker, fresh=a.fresh, stop_after_epochs=a.stop_after_epochs))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
     return 0
 
@@ -158,7 +162,8 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, nargs="+", help="vector files to encode (ids follow their order)")
     p.add_argument("--out", required=True, help="index URI, or a codes file ending in .parquet")
     p.add_argument("--workers", type=int, default=2, help="encoder actors (index mode, default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--shard-rows", type=int, default=65536, help="vectors per read task and shard (default 65536)")
     p.add_argument("--batch-size", type=int, default=None, help="encoder batch size (default: sized from B and A)")
@@ -213,12 +218,12 @@ def _encode_index(a: argparse.Namespace) -> int:
     import json
 
     from pipeline.encode_job import EncodeJobConfig, run_encode
-    from pipeline.ray_cluster import ensure_ray
+    from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
 
     ensure_ray()
     report = run_encode(EncodeJobConfig(
         model_uri=a.model, data_uris=list(a.data), index_uri=a.out, fmt=a.fmt, workers=a.workers,
-        cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows,
+        cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows,
         batch_size=a.batch_size or 0, overwrite=a.overwrite, skip_bad_ranges=a.skip_bad_ranges))
     keys = ("status", "version", "vectors", "shards", "vectors_encoded_this_run", "vectors_per_s", "wall_s", "bad_ranges")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2, default=str))
@@ -300,7 +305,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="candidates kept by the lookup-table stage for QINCo re-ranking (default 100)")
     p.add_argument("--no-rerank", action="store_true", help="return the lookup-table ranking (no QINCo decode)")
     p.add_argument("--workers", type=int, default=2, help="shard actors (default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
     p.add_argument("--query-batch", type=int, default=2048)
     p.add_argument("--max-queries", type=int, default=None)
     p.add_argument("--version", default=None, help="index version (default: CURRENT)")
@@ -311,14 +317,14 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from pipeline.ray_cluster import ensure_ray
+        from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
         from pipeline.search_job import SearchJobConfig, run_search
 
         ensure_ray()
         report = run_search(SearchJobConfig(
             index_uri=a.index, queries_uri=a.queries, out_uri=a.out, k=a.k, nprobe=a.nprobe,
             shortlist=a.shortlist, rerank=not a.no_rerank, workers=a.workers,
-            cpus_per_worker=a.cpus_per_worker, query_batch=a.query_batch,
+            cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
             allow_partial=a.allow_partial, max_queries=a.max_queries, version=a.version))
         print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
         return 0
@@ -339,6 +345,69 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         from pipeline.search_job import evaluate_results
 
         print(json.dumps(evaluate_results(a.results, a.groundtruth), indent=2))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- reencode
+@command
+def _add_reencode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reencode", help="new index version: re-encode with a new model, or add vector files",
+                       description="Build a new version of an index on Ray and switch CURRENT to it once it is "
+                                   "complete. --model re-encodes every input of the current version with a new "
+                                   "model; --add encodes new files (ids continue after the existing ones) and "
+                                   "reuses the existing shards. Re-run the same command to resume after a "
+                                   "failure. --keep N then deletes all but the last N versions.")
+    p.add_argument("--index", required=True, help="index URI (written by `qinco encode`)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", default=None, help="new model directory (local or s3://)")
+    what.add_argument("--add", nargs="+", default=None, metavar="URI", help="vector files to add to the index")
+    p.add_argument("--keep", type=int, default=None, help="keep the last N versions, delete older ones")
+    p.add_argument("--workers", type=int, default=2, help="encoder actors (default 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=None, help="encoder batch size (default: sized from B and A)")
+    p.add_argument("--shard-rows", type=int, default=None,
+                   help="vectors per shard with --model (default: the current version's)")
+    p.add_argument("--fmt", default=None, help="format of the added files when the extension does not tell")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
+        from pipeline.reencode import ReencodeConfig, run_reencode
+
+        ensure_ray()
+        cfg = ReencodeConfig(index_uri=a.index, model_uri=a.model, add_uris=list(a.add or []), keep=a.keep,
+                             workers=a.workers, cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers),
+                             gpus_per_worker=a.gpus_per_worker, batch_size=a.batch_size or 0,
+                             shard_rows=a.shard_rows, fmt=a.fmt)
+        cfg.validate()
+        report = run_reencode(cfg)
+        keys = ("status", "mode", "parent_version", "version", "vectors", "shards", "shards_encoded_this_run",
+                "shards_reused_this_run", "vectors_per_s", "wall_s", "deleted_versions")
+        print(json.dumps({k: report[k] for k in keys if k in report}, indent=2, default=str))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- report
+@command
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="history of an index: versions, models, sizes, recall")
+    p.add_argument("index", help="index URI")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from pipeline.index_history import format_report, index_report
+
+        rep = index_report(a.index)
+        print(json.dumps(rep, indent=2, sort_keys=True, default=str) if a.json else format_report(rep))
         return 0
 
     p.set_defaults(func=run)

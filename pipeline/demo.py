@@ -2,8 +2,11 @@
 
 It runs a list of named stages over one shared state and prints how long each took. The data
 is the real ``dwsift`` set when it is available (subsampled so the demo stays short), otherwise a
-small synthetic clustered set written into the output folder. Later pipeline steps (training,
-encoding, search) join the demo by appending a stage to ``demo_stages``.
+small synthetic clustered set written into the output folder. After the Faiss baselines it runs
+the production path on the embedded default (a local Ray, a local folder as the object store):
+train an IVF-QINCo2 model, encode the base into index shards with the Ray encode job, answer the
+queries with the Ray search job, measure recall against the exact ground truth next to the
+baselines, and print the index's history.
 """
 
 from __future__ import annotations
@@ -34,11 +37,21 @@ class DemoConfig(JsonConfig):
     methods: tuple = ("PQ", "RQ")
     k: int = 100
     seed: int = 1234
+    nlist: int = 64             # IVF lists of the QINCo model
+    train_epochs: int = 30
+    train_time_s: float = 60.0  # training stops after this many seconds
+    rq_iters: int = 10          # k-means iterations of the RQ initialisation
+    n_val: int = 1_000
+    workers: int = 2            # encode and search actors
+    shard_rows: int = 12_500
+    nprobe: int = 16
+    shortlist: int = 200        # candidates re-ranked with the QINCo decoder
 
     @classmethod
     def for_mode(cls, quick: bool) -> "DemoConfig":
         if quick:
-            return cls(n_learn=1_000, n_base=2_000, n_query=100, n_check=10)
+            return cls(n_learn=1_000, n_base=2_000, n_query=100, n_check=10, nlist=8, train_epochs=2,
+                       train_time_s=20.0, rq_iters=3, n_val=200, shard_rows=1_000, nprobe=4)
         return cls()
 
 
@@ -55,6 +68,10 @@ class DemoState:
     queries: np.ndarray | None = None
     gt: np.ndarray | None = None
     report: dict = dataclasses.field(default_factory=dict)
+    files: dict = dataclasses.field(default_factory=dict)  # base / query / groundtruth in the store
+    model_uri: str | None = None
+    index_uri: str | None = None
+    results_uri: str | None = None
 
 
 Stage = tuple[str, Callable[[DemoState], None]]
@@ -116,12 +133,114 @@ def stage_baselines(s: DemoState) -> None:
     print(format_table(rows))
 
 
+def stage_train(s: DemoState) -> None:
+    """Train an IVF-QINCo2 model (``cpu`` preset, 8-byte codes) in this process, time-boxed."""
+    from pipeline import storage
+    from pipeline.checkpoint import save_model
+    from pipeline.qinco_model import config_from_preset
+    from pipeline.training import TrainConfig, train_model
+
+    c = s.config
+    x = np.asarray(s.learn, dtype=np.float32)
+    n_val = min(c.n_val, len(x) // 5)
+    qcfg = config_from_preset("cpu", x.shape[1], M=c.code_bytes, K=256, nlist=c.nlist)
+    tcfg = TrainConfig(epochs=c.train_epochs, time_budget_s=c.train_time_s, seed=c.seed, val_size=n_val,
+                       rq_iters=c.rq_iters,
+                       batch_size=256 if len(x) < 5_000 else 1024)
+    model, history = train_model(x[n_val:], x[:n_val], qcfg, tcfg,
+                                 on_epoch_end=lambda rec, _t: print(
+                                     f"  epoch {rec['epoch']}: val MSE {rec['val_mse']:.5g}", flush=True))
+    s.model_uri = storage.join(s.out, "model")
+    save_model(model, s.model_uri, metadata={"train_config": tcfg.to_dict(), "preset": "cpu", "history": history})
+    best = min(h["val_mse"] for h in history)
+    s.report["train"] = {"qinco": qcfg.to_dict(), "epochs": len(history) - 1, "val_mse_rq_init": history[0]["val_mse"],
+                         "val_mse_best": best, "model_uri": s.model_uri}
+    print(f"  {len(history) - 1} epochs; val MSE {history[0]['val_mse']:.5g} (RQ init) -> {best:.5g}")
+
+
+def _store_inputs(s: DemoState) -> None:
+    """Put the demo's base, queries and ground truth into the object store (a local folder)."""
+    from pipeline import storage, vecs_io
+
+    data = storage.join(s.out, "store")
+    ext = "bvecs" if s.base.dtype == np.uint8 else "fvecs"
+    s.files = {"base": storage.join(data, f"base.{ext}"), "query": storage.join(data, "query.fvecs"),
+               "groundtruth": storage.join(data, "groundtruth.ivecs")}
+    vecs_io.write_vectors(s.files["base"], s.base)
+    vecs_io.write_vectors(s.files["query"], np.asarray(s.queries, dtype=np.float32))
+    vecs_io.write_vectors(s.files["groundtruth"], np.asarray(s.gt, dtype=np.int32))
+
+
+def stage_encode(s: DemoState) -> None:
+    """Encode the base into IVF shards with the Ray encode job (byte-range reads, actor pool)."""
+    from pipeline import storage
+    from pipeline.encode_job import EncodeJobConfig, run_encode
+    from pipeline.manifest import garbage_collect
+
+    c = s.config
+    _store_inputs(s)
+    s.index_uri = storage.join(s.out, "index")
+    rep = run_encode(EncodeJobConfig(model_uri=s.model_uri, data_uris=[s.files["base"]], index_uri=s.index_uri,
+                                     workers=c.workers, cpus_per_worker=0.5, shard_rows=c.shard_rows,
+                                     overwrite=True), progress=True)
+    garbage_collect(s.index_uri, keep=2)  # re-runs into the same folder keep the last two versions
+    s.report["encode"] = {k: rep.get(k) for k in ("status", "version", "vectors", "shards", "vectors_per_s",
+                                                  "bytes_out", "wall_s")}
+    vps = rep.get("vectors_per_s")
+    print(f"  {rep['status']} {rep['version']}: {rep.get('vectors')} vectors in {rep.get('shards')} shards"
+          + (f", {vps:,.0f} vectors/s" if vps else ""))
+
+
+def stage_search(s: DemoState) -> None:
+    """Answer the queries with the Ray search job (shard actors, LUT shortlist, QINCo re-rank)."""
+    from pipeline import storage
+    from pipeline.search_job import SearchJobConfig, run_search
+
+    c = s.config
+    s.results_uri = storage.join(s.out, "results", "qinco.bin")
+    k = min(c.k, len(s.base))
+    rep = run_search(SearchJobConfig(index_uri=s.index_uri, queries_uri=s.files["query"], out_uri=s.results_uri,
+                                     k=k, nprobe=min(c.nprobe, c.nlist), shortlist=max(c.shortlist, k),
+                                     workers=c.workers, cpus_per_worker=0.5))
+    s.report["search"] = {k_: rep[k_] for k_ in ("version", "queries", "queries_per_s", "search_s")}
+    print(f"  {rep['queries']} queries against {rep['version']}: {rep['queries_per_s']:,.0f} queries/s")
+
+
+def stage_evaluate(s: DemoState) -> None:
+    """Recall of the QINCo index against exact ground truth, next to the Faiss baselines."""
+    from pipeline.baselines import format_table
+    from pipeline.search_job import evaluate_results
+
+    c = s.config
+    recall = evaluate_results(s.results_uri, s.files["groundtruth"])  # also recorded in the index history
+    row = {"method": "QINCo2", "factory": f"IVF{c.nlist},QINCo2-cpu,{c.code_bytes}x8", "bytes": c.code_bytes,
+           **{k: v for k, v in recall.items() if k.startswith("R@")}}
+    s.report["recall"] = {"qinco": recall, "nprobe": min(c.nprobe, c.nlist), "shortlist": c.shortlist}
+    rows = [row] + [r for r in s.report.get("baselines", []) if r.get("bytes") == c.code_bytes]
+    print(format_table(rows, columns=["method", "factory", "bytes", *[k for k in ("R@1", "R@10", "R@100")
+                                                                     if k in recall]]))
+    print("  QINCo2 searches its IVF index (nprobe lists) and re-ranks a shortlist; the baselines scan "
+          "every code.")
+
+
+def stage_history(s: DemoState) -> None:
+    """``qinco report`` for the demo index: versions, model, sizes, recall."""
+    from pipeline.index_history import format_report, index_report
+
+    print(format_report(index_report(s.index_uri)))
+
+
 def demo_stages() -> list[Stage]:
     """The stages of the demo, in order."""
     return [
         ("dataset", stage_dataset),
         ("ground_truth", stage_ground_truth),
         ("baselines", stage_baselines),
+        ("train", stage_train),
+        ("encode", stage_encode),
+        ("search", stage_search),
+        ("evaluate", stage_evaluate),
+        ("history", stage_history),
     ]
 
 
@@ -130,19 +249,29 @@ def run_demo(data_dir: str | None = None, out: str = "demo-out", quick: bool = F
     from pipeline import storage
     from pipeline.baselines import machine_info
 
+    from pipeline.ray_cluster import ensure_ray
+
     config = DemoConfig.for_mode(quick)
     state = DemoState(config=config, out=str(out), data_dir=data_dir)
-    timings = {}
+    timings: list[dict] = []
     t_all = time.perf_counter()
-    for name, fn in demo_stages():
-        print(f"[{name}]", flush=True)
-        t0 = time.perf_counter()
-        fn(state)
-        timings[name] = time.perf_counter() - t0
-        print(f"[{name}] done in {timings[name]:.1f} s", flush=True)
+    started_ray = ensure_ray()
+    try:
+        for name, fn in demo_stages():
+            print(f"[{name}]", flush=True)
+            t0 = time.perf_counter()
+            fn(state)
+            dt = time.perf_counter() - t0
+            timings.append({"stage": name, "seconds": dt})
+            print(f"[{name}] done in {dt:.1f} s", flush=True)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     total = time.perf_counter() - t_all
     report = {**state.report, "config": config.to_dict(), "quick": quick,
-              "stage_seconds": timings, "total_seconds": total,
+              "stages": timings, "total_seconds": total,
               "code_version": code_version(), "machine": machine_info()}
     uri = storage.join(state.out, "demo_report.json")
     storage.write_bytes_atomic(uri, json.dumps(report, indent=2, sort_keys=True).encode())

@@ -2,21 +2,27 @@
 
 Driver (``run_distributed_training``):
 
-1. Reads only headers of the inputs (any supported format, local or S3), checks them, and
-   refuses a run directory that holds a run with other hyper-parameters or data (unless
-   ``fresh``).
-2. Draws deterministic, disjoint train/validation samples (hash of the global row id, seeded):
-   a driver-side sample initialises the model (normalisation, IVF centroids with Faiss k-means,
-   RQ codebooks) and a held-out validation set that is never trained on.
+1. Reads only headers of the inputs (any supported format, local or S3) and checks them
+   (empty, corrupt, unreachable, dimension), then refuses a run directory that holds a run
+   with another data dimension, other data or other hyper-parameters (unless ``fresh``). All of
+   this happens before any training starts.
+2. Draws deterministic, disjoint train/validation samples (hash of the global row id, seeded;
+   see :class:`pipeline.ray_datasource.RowSample`) with one parallel byte-range Ray Data read:
+   a sample of the training band initialises the model (normalisation, IVF centroids with
+   Faiss k-means — two-level for large ``nlist`` — and RQ codebooks; stored once in the run
+   directory so a resumed run starts from the same point) and the validation band is never
+   trained on.
 3. Runs ``TorchTrainer`` with N workers (gloo on CPU, NCCL on GPU). Each worker streams its
-   share of the training sample from object storage with ``ray.train.get_dataset_shard`` and runs
-   :class:`pipeline.training.Trainer` with a DDP-wrapped model. Rank 0 checkpoints the full
-   trainer state every epoch to ``<out>/checkpoints`` (``RunConfig(name, storage_path)``), so
-   re-running the same command resumes at the next epoch; ``FailureConfig`` retries survive a
-   worker that dies.
-4. Loads the best model of the last checkpoint, fits the least-squares additive decoder on
-   training codes, and saves the model directory with config, weights, normalisation,
-   centroids, decoder, per-epoch metrics, code version and input provenance.
+   equal share of the training band from storage with ``ray.train.get_dataset_shard`` and runs
+   :class:`pipeline.training.Trainer` on a DDP-wrapped model. ``TrainConfig.batch_size`` is the
+   global batch (each worker takes ``batch_size / N`` rows per step), so N workers follow the
+   same schedule as one. Validation is split across workers and all-reduced. Rank 0 checkpoints
+   the full trainer state every epoch under ``<out>/checkpoints/<run_name>``
+   (``RunConfig(name, storage_path)``): re-running the same command resumes at the next epoch,
+   and ``FailureConfig`` restarts the worker group from the last checkpoint when a worker dies.
+4. Takes the best-by-validation weights of the last checkpoint, fits the least-squares additive
+   decoder on training codes, and saves the model directory with config, weights,
+   normalisation, centroids, decoder, per-epoch metrics, code version and input provenance.
 """
 
 from __future__ import annotations
@@ -34,33 +40,45 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import JsonConfig, code_version
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "qinco_run.json"
 STATE_FILE = "trainer.pt"
+INIT_FILE = "init_model.safetensors"
+LOCAL_SAMPLE_BYTES = 64 << 20  # inputs up to this size are sampled on the driver (no Ray Data pass)
 
 
 @dataclass
 class DistTrainConfig(JsonConfig):
-    """One distributed training run (stored with the model and in the run directory)."""
+    """One distributed training run (stored with the model and in the run directory).
+
+    ``qinco`` / ``train`` are ``QincoConfig`` / ``TrainConfig`` dicts (``qinco["dim"]`` may be
+    ``None``: taken from the data). ``init_rows``: size of the training-band sample used for
+    normalisation, IVF k-means, RQ initialisation and the additive decoder.
+    ``stop_after_epochs`` ends this invocation after that many epochs (re-run to continue).
+    ``local_sample_bytes``: inputs up to this size are sampled on the driver, larger ones with a
+    parallel Ray Data read.
+    """
 
     data_uris: list[str]
     out_uri: str
-    qinco: dict[str, Any]            # QincoConfig.to_dict() (dim filled from the data)
-    train: dict[str, Any]            # TrainConfig.to_dict()
+    qinco: dict[str, Any]
+    train: dict[str, Any]
     fmt: str | None = None
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    init_rows: int = 100_000         # driver-side sample for normalisation / IVF / RQ init
+    threads_per_worker: int = 0      # torch threads per worker; 0: max(1, int(cpus_per_worker))
+    init_rows: int = 100_000
     rows_per_task: int = 65536
     ivf_niter: int = 20
     run_name: str = "train"
     fresh: bool = False
     max_failures: int = 2
-    stop_after_epochs: int | None = None   # end this invocation after N epochs (resumable)
+    stop_after_epochs: int | None = None
+    local_sample_bytes: int = LOCAL_SAMPLE_BYTES
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, inputs_desc: list[dict]) -> dict[str, Any]:
@@ -71,12 +89,20 @@ class DistTrainConfig(JsonConfig):
             "qinco": self.qinco,
             "train": self.train,
             "init_rows": self.init_rows,
+            "ivf_niter": self.ivf_niter,
         }
 
 
-def _checkpoint_root(cfg: DistTrainConfig) -> str:
+def checkpoint_root(cfg: DistTrainConfig) -> str:
+    """``<out>/checkpoints``: Ray Train's ``storage_path``; the run lives in ``<run_name>/``."""
     return storage.join(cfg.out_uri, "checkpoints")
 
+
+def run_dir(cfg: DistTrainConfig) -> str:
+    return storage.join(checkpoint_root(cfg), cfg.run_name)
+
+
+# ----------------------------------------------------------------------------------------- state files
 
 def _save_state(trainer, path: str) -> None:
     """Trainer state as a torch file loadable with ``weights_only=True``."""
@@ -91,16 +117,63 @@ def _save_state(trainer, path: str) -> None:
 def _load_state(path: str) -> dict:
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types on truncated or foreign files
+        raise CheckpointError(f"{storage.redact(path)}: unreadable trainer checkpoint ({e})") from e
+
+
+def _save_init(model, uri: str, options) -> None:
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    storage.write_bytes_atomic(uri, blob, options)
+
+
+def _load_init(uri: str, options) -> dict:
+    from safetensors.torch import load
+
+    try:
+        return load(storage.read_bytes(uri, options))
+    except PipelineError:
+        raise
+    except Exception as e:  # safetensors raises its own error types on malformed headers
+        raise CheckpointError(f"{storage.redact(uri)}: unreadable initial model ({e})") from e
+
+
+def _model_from_state(qcfg, state: dict):
+    """A ``QINCo`` holding ``state`` (buffers such as centroids are resized to fit)."""
+    import torch
+
+    from pipeline.qinco_model import QINCo
+
+    model = QINCo(qcfg)
+    state = {k: torch.as_tensor(v) for k, v in state.items()}
+    if "centroids_LD" in state:
+        model.centroids_LD = torch.zeros_like(state["centroids_LD"])
+    if "additive_MKD" in state:
+        model.additive_MKD = torch.zeros_like(state["additive_MKD"])
+    model.load_state_dict(state)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- worker
+
+def _ddp_args() -> set[str]:
+    import inspect
+
+    import torch
+
+    return set(inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters)
 
 
 def _train_loop_per_worker(config: dict) -> None:
-    """Body of every Ray Train worker."""
+    """Body of every Ray Train worker (see the module docstring, step 3)."""
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from pipeline.qinco_model import QINCo, QincoConfig
+    from pipeline.qinco_model import QincoConfig
     from pipeline.training import Trainer, TrainConfig
 
     ctx = ray.train.get_context()
@@ -111,74 +184,83 @@ def _train_loop_per_worker(config: dict) -> None:
     qcfg = QincoConfig.from_dict(config["qinco"])
     tcfg = TrainConfig.from_dict(config["train"])
     budget = tcfg.time_budget_s
+    per_worker_batch = max(1, math.ceil(tcfg.batch_size / world))
     # The budget is enforced here at batch granularity, agreed across ranks; the Trainer's own
     # check would let ranks stop at different batches and deadlock DDP.
     tcfg_worker = tcfg.replace(time_budget_s=None)
-    model = QINCo(qcfg)
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in config["init_state"].items()})
-    model.to(device)
+    model = _model_from_state(qcfg, _load_init(config["init_uri"], config["options"])).to(device)
     ddp = None
     if world > 1:
+        # Buffers (normalisation, centroids) are fixed during training: synced once at init,
+        # not broadcast before every forward (centroid tables can be large).
+        kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in _ddp_args() else {"broadcast_buffers": False}
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None, **kw)
     trainer = Trainer(model, tcfg_worker, device, ddp_model=ddp, total_steps=config["total_steps"])
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             trainer.load_state_dict(_load_state(os.path.join(d, STATE_FILE)))
         if rank == 0:
-            print(f"[qinco] resuming at epoch {trainer.epoch + 1} from the last checkpoint", flush=True)
-    x_val = np.asarray(config["x_val"], dtype=np.float32)
+            print(f"[qinco] resuming after epoch {trainer.epoch} from the last checkpoint", flush=True)
+    x_val = np.asarray(config["x_val"], dtype=np.float32)[rank::world]
     lids_val = config.get("lids_val")
+    if lids_val is not None:
+        lids_val = np.asarray(lids_val)[rank::world]
+    n_val_total = len(config["x_val"])
     shard = ray.train.get_dataset_shard("train")
-    epochs_this_run = 0
     t_run = time.time() - trainer.time_used_s
 
-    def agreed(flag: bool) -> bool:
+    def all_sum(values: list[float]) -> list[float]:
         if world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def agreed(flag: bool) -> bool:
+        return all_sum([1.0 if flag else 0.0])[0] > 0
 
     stopped_by_budget = False
 
     def batches(epoch: int):
         nonlocal stopped_by_budget
-        it = shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy",
-                                local_shuffle_buffer_size=min(4 * tcfg.batch_size, 65536),
-                                local_shuffle_seed=tcfg.seed * 1000 + epoch)
+        it = shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
+                                local_shuffle_buffer_size=min(4 * per_worker_batch, 65536),
+                                local_shuffle_seed=tcfg.seed * 1000 + epoch * 16 + rank)
         for b in it:
-            if agreed(budget is not None and time.time() - t_run >= budget):
+            if budget is not None and agreed(time.time() - t_run >= budget):
                 stopped_by_budget = True
                 return
             yield b["vector"].astype(np.float32, copy=False)
 
-    while trainer.epoch < tcfg.epochs:
+    finished = trainer.epoch >= tcfg.epochs or bool(trainer.history and trainer.history[-1].get("stop"))
+    epochs_this_run = 0
+    while not finished:
         stats = trainer.train_epoch(batches(trainer.epoch))
         stats["stopped_by_budget"] = stopped_by_budget
-        # gather throughput over ranks
-        samples = stats["samples"]
-        if world > 1:
-            t = torch.tensor([float(samples)])
-            dist.all_reduce(t)
-            samples = int(t.item())
-        val = trainer.validate(x_val, lids_val)
-        rec = trainer.end_epoch(stats, val)
-        rec["samples_all_workers"] = samples
-        rec["samples_per_s_all_workers"] = samples / max(stats["seconds"], 1e-9)
+        sse = trainer.validate(x_val, lids_val) * len(x_val) if len(x_val) else 0.0
+        train_sse = stats["train_mse"] * stats["samples"] if stats["samples"] else 0.0
+        samples, sse, train_sse, secs = all_sum([float(stats["samples"]), sse, train_sse,
+                                                 float(stats["seconds"])])
+        secs = max(secs / world, 1e-9)  # mean epoch time over ranks
+        stats["train_mse"] = train_sse / samples if samples else math.nan
+        rec = trainer.end_epoch(stats, sse / n_val_total)
+        rec["workers"] = world
+        rec["samples_all_workers"] = int(samples)
+        rec["samples_per_s_all_workers"] = samples / secs
+        rec["epoch_s_all_workers"] = secs
         epochs_this_run += 1
-        stop = agreed(bool(rec["stop"]) or stopped_by_budget or
-                      (config["stop_after"] is not None and epochs_this_run >= config["stop_after"]))
+        finished = trainer.epoch >= tcfg.epochs or bool(rec["stop"])
+        pause = config["stop_after"] is not None and epochs_this_run >= config["stop_after"]
+        stop = agreed(finished or stopped_by_budget or pause)
         metrics = {"epoch": rec["epoch"], "train_mse": rec["train_mse"], "val_mse": rec["val_mse"],
-                   "samples_per_s": rec["samples_per_s_all_workers"], "epoch_s": stats["seconds"],
-                   "best_val_mse": trainer.best_val, "stop": stop}
+                   "samples": int(samples), "samples_per_s": rec["samples_per_s_all_workers"],
+                   "epoch_s": secs, "best_val_mse": trainer.best_val, "stop": stop}
         if rank == 0:
             print(f"[qinco] epoch {rec['epoch']}/{tcfg.epochs}: train MSE {rec['train_mse']:.6g}, "
                   f"val MSE {rec['val_mse']:.6g}{' (best)' if rec['best'] else ''}, "
-                  f"{metrics['samples_per_s']:.0f} samples/s on {world} worker(s), "
-                  f"{stats['seconds']:.1f} s", flush=True)
+                  f"{metrics['samples_per_s']:.0f} samples/s on {world} worker(s), {secs:.1f} s", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 _save_state(trainer, os.path.join(tmp, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -188,40 +270,97 @@ def _train_loop_per_worker(config: dict) -> None:
             break
 
 
-def _describe_inputs(inputs) -> list[dict]:
-    return [i.to_dict() for i in inputs]
-
-
-def _run_file(cfg: DistTrainConfig) -> str:
-    return storage.join(_checkpoint_root(cfg), cfg.run_name, RUN_FILE)
-
+# ----------------------------------------------------------------------------------------- driver
 
 def _check_or_record_run(cfg: DistTrainConfig, inputs_desc: list[dict], options) -> None:
-    """Refuse to resume a run with different data or hyper-parameters (unless ``fresh``)."""
-    path = _run_file(cfg)
+    """Refuse to resume a run with another dimension, other data or other hyper-parameters
+    (unless ``fresh``, which discards it); record this run's identity otherwise."""
+    path = storage.join(run_dir(cfg), RUN_FILE)
     ident = json.loads(json.dumps(cfg.identity(inputs_desc)))
     if cfg.fresh:
-        root = storage.join(_checkpoint_root(cfg), cfg.run_name)
-        for f in storage.list_files(root, options):
+        for f in storage.list_files(run_dir(cfg), options):
             storage.remove(f, options)
     elif storage.exists(path, options):
         try:
             old = json.loads(storage.read_bytes(path, options))["identity"]
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{storage.redact(path)}: unreadable run record ({e})") from e
+        old_dims = {int(i[2]) for i in old.get("inputs", [])}
+        new_dim = int(inputs_desc[0]["dim"])
+        if old_dims and new_dim not in old_dims:
+            raise ConfigError(
+                f"{storage.redact(inputs_desc[0]['uri'])}: vectors have dimension {new_dim} but the "
+                f"checkpoint at {storage.redact(run_dir(cfg))} was trained on dimension "
+                f"{sorted(old_dims)[0]}; use another --out or pass --fresh to start over")
         if old != ident:
             diffs = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+            detail = []
+            for k in ("qinco", "train"):
+                if k in diffs and isinstance(old.get(k), dict) and isinstance(ident.get(k), dict):
+                    detail += [f"{k}.{n}: {old[k].get(n)!r} -> {ident[k].get(n)!r}"
+                               for n in sorted(set(old[k]) | set(ident[k])) if old[k].get(n) != ident[k].get(n)]
             raise ConfigError(
-                f"{storage.redact(_checkpoint_root(cfg))} holds a run with different {', '.join(diffs)}; "
-                f"re-run with the same arguments to resume, or pass --fresh to start over")
+                f"{storage.redact(run_dir(cfg))} holds a run with different {', '.join(diffs)}"
+                f"{' (' + '; '.join(detail) + ')' if detail else ''}; re-run with the same arguments "
+                f"to resume, or pass --fresh to start over")
         return
     storage.write_bytes_atomic(path, json.dumps({"identity": ident, "config": cfg.to_dict(),
                                                  "code_version": code_version()},
                                                 indent=2, sort_keys=True).encode(), options)
 
 
+def _band_fraction(n: int, total: int) -> float:
+    """Hash-band width that holds at least ``n`` of ``total`` rows with high probability."""
+    return min(1.0, (n + 5.0 * math.sqrt(n) + 16.0) / max(total, 1))
+
+
+def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: float, n_init: int | None,
+                  rows_per_task: int, options, local_bytes: int = LOCAL_SAMPLE_BYTES
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Validation rows (the ``n_val`` smallest hashes of ``[0, val_frac)``) and initialisation
+    rows (the ``n_init`` smallest of ``[val_frac, val_frac + init_frac)``; all of them for
+    ``None``), both in global id
+    order, float32. Inputs of more than ``local_bytes`` are read in one parallel byte-range Ray
+    Data pass, smaller ones on the driver; the rows are the same whatever the path or task split."""
+    import ray.data
+
+    from pipeline.ray_datasource import RowSample, VectorDatasource, hash01, sample_rows_local, unwrap_ray_error
+
+    if sum(i.size_bytes for i in inputs) <= local_bytes:
+        val_s = RowSample(val_frac, seed, "val", val_frac)
+        init_s = RowSample(init_frac, seed, "train", val_frac)
+        return (sample_rows_local(inputs, n=n_val, sample=val_s, options=options).astype(np.float32),
+                sample_rows_local(inputs, n=n_init, sample=init_s, options=options).astype(np.float32))
+    sample = RowSample(fraction=min(1.0, val_frac + init_frac), seed=seed, split="all")
+    ds = ray.data.read_datasource(VectorDatasource(inputs, rows_per_task=rows_per_task, options=options,
+                                                   sample=sample))
+    ds.context.enable_progress_bars = False
+    ids, xs = [], []
+    try:
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ids.append(np.asarray(b["id"], dtype=np.int64))
+            xs.append(np.asarray(b["vector"]))
+    except Exception as e:  # noqa: BLE001 - re-raise the pipeline error naming file and offset
+        err = unwrap_ray_error(e)
+        if err is e:
+            raise
+        raise err from None
+    dim = inputs[0].dim
+    ids_N = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    x_ND = np.concatenate(xs) if xs else np.empty((0, dim), np.float32)
+    u = hash01(ids_N, seed)
+
+    def pick(mask: np.ndarray, n: int | None) -> np.ndarray:
+        sel = np.nonzero(mask)[0]
+        sel = sel[np.lexsort((ids_N[sel], u[sel]))[:n]]
+        sel = sel[np.argsort(ids_N[sel], kind="stable")]
+        return np.ascontiguousarray(x_ND[sel], dtype=np.float32)
+
+    return pick(u < val_frac, n_val), pick(u >= val_frac, n_init)
+
+
 def _init_model(qcfg, tcfg, x_init: np.ndarray, ivf_niter: int):
-    """Normalisation, IVF centroids and RQ codebooks from the driver-side sample."""
+    """Normalisation, IVF centroids and RQ codebooks from the initialisation sample."""
     from pipeline.encoder import assign_lists
     from pipeline.ivf import IVFConfig, train_coarse_quantizer
     from pipeline.qinco_model import QINCo
@@ -231,6 +370,9 @@ def _init_model(qcfg, tcfg, x_init: np.ndarray, ivf_niter: int):
     model.set_normalisation(x_init)
     lids = None
     if qcfg.nlist:
+        if len(x_init) < qcfg.nlist:
+            raise ConfigError(f"IVF nlist={qcfg.nlist} needs at least that many training vectors; "
+                              f"the initialisation sample has {len(x_init)}")
         cent = train_coarse_quantizer(x_init, IVFConfig(nlist=qcfg.nlist, niter=ivf_niter, seed=tcfg.seed))
         model.set_centroids(cent)
         lids = assign_lists(model, x_init)
@@ -238,34 +380,34 @@ def _init_model(qcfg, tcfg, x_init: np.ndarray, ivf_niter: int):
     return model
 
 
-def _save_init(model, path_uri: str, options) -> None:
-    from safetensors.torch import save
-
-    blob = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    storage.write_bytes_atomic(path_uri, blob, options)
-
-
-def _load_init(path_uri: str, options) -> dict:
-    from safetensors.torch import load
-
-    return load(storage.read_bytes(path_uri, options))
-
-
 def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, Any]:
-    """Train (or resume) a model on Ray Train; returns a summary and writes the model."""
-    import ray.train
-    import torch
+    """Train (or resume) a model on Ray Train; writes the model to ``cfg.out_uri``.
+
+    Returns a summary: ``status`` ("trained", or "paused" after ``stop_after_epochs``),
+    ``epochs_done``, ``best_epoch``, ``best_val_mse``, ``history`` (one record per epoch with
+    train/val MSE, samples/s, seconds) and timings. Input problems raise before training starts:
+    ``VectorFormatError`` / ``StorageError`` naming the file, ``ConfigError`` for a run directory
+    holding another dimension or other hyper-parameters.
+    """
+    import ray
+    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.additive_decoder import fit_additive_decoder
     from pipeline.checkpoint import save_model
     from pipeline.encoder import assign_lists, encode
-    from pipeline.qinco_model import QINCo, QincoConfig
-    from pipeline.ray_datasource import RowSample, VectorDatasource, plan_inputs, sample_rows_local
+    from pipeline.qinco_model import QincoConfig
+    from pipeline.ray_datasource import RowSample, VectorDatasource, plan_inputs, unwrap_ray_error
     from pipeline.training import TrainConfig
 
     t0 = time.time()
+    if cfg.workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {cfg.workers}")
+    if cfg.stop_after_epochs is not None and cfg.stop_after_epochs < 1:
+        raise ConfigError(f"stop_after_epochs must be >= 1, got {cfg.stop_after_epochs}")
+    # Workers and read tasks may run where the driver's AWS_* variables are unknown.
+    options = (options or storage.StorageOptions()).resolved()
     inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
     dim = inputs[0].dim
     qd = dict(cfg.qinco)
@@ -276,90 +418,110 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     cfg = cfg.replace(qinco=qd)
     qcfg = QincoConfig.from_dict(qd)
     tcfg = TrainConfig.from_dict(cfg.train)
-    inputs_desc = _describe_inputs(inputs)
+    inputs_desc = [i.to_dict() for i in inputs]
+    for d in inputs_desc:
+        d["uri"] = storage.redact(d["uri"])
     total = sum(i.count for i in inputs)
-    if cfg.workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {cfg.workers}")
+    if total <= tcfg.val_size:
+        raise ConfigError(f"{storage.redact(inputs[0].uri)}: {total} vectors in all; need more than the "
+                          f"{tcfg.val_size} validation vectors")
     _check_or_record_run(cfg, inputs_desc, options)
 
     # deterministic disjoint samples: validation band first, training band after it
-    val_frac = min(0.5, max(1.0 / max(total, 1), 2.0 * tcfg.val_size / max(total, 1)))
-    want_train = tcfg.max_train or total
-    train_frac = min(1.0 - val_frac, want_train / max(total, 1) * 1.02)
+    val_frac = _band_fraction(tcfg.val_size, total)
+    want_train = min(tcfg.max_train or total, total)
+    train_frac = min(1.0 - val_frac, _band_fraction(want_train, total) if tcfg.max_train else 1.0)
+    n_init = min(cfg.init_rows, want_train)
+    init_frac = min(train_frac, _band_fraction(n_init, total))
+    if init_frac >= train_frac:
+        n_init = None  # the whole training band
     train_s, val_s = RowSample.pair(train_frac, val_frac, seed=tcfg.seed)
-    root = storage.join(_checkpoint_root(cfg), cfg.run_name)
     t = time.time()
-    x_val = sample_rows_local(inputs, n=tcfg.val_size, sample=val_s, options=options).astype(np.float32)
-    if len(x_val) == 0:
-        raise ConfigError("no validation vectors: the input is too small")
-    init_uri = storage.join(root, "init_model.safetensors")
-    x_init = None
+    x_val, x_init = _draw_samples(inputs, tcfg.seed, val_frac, tcfg.val_size, init_frac, n_init,
+                                  cfg.rows_per_task, options, cfg.local_sample_bytes)
+    if len(x_val) == 0 or len(x_init) == 0:
+        raise ConfigError(f"{storage.redact(inputs[0].uri)}: too few vectors for a training and a "
+                          f"validation sample ({total} in all)")
+    sample_s = time.time() - t
+    log.info("sampled %d validation and %d initialisation vectors from %d in %.1f s",
+             len(x_val), len(x_init), total, sample_s)
+    init_uri = storage.join(run_dir(cfg), INIT_FILE)
+    t = time.time()
     if storage.exists(init_uri, options):
-        init_state = _load_init(init_uri, options)
+        model0 = _model_from_state(qcfg, _load_init(init_uri, options))
     else:
-        x_init = sample_rows_local(inputs, n=min(cfg.init_rows, int(want_train)), sample=train_s,
-                                   options=options).astype(np.float32)
-        log.info("initialising from %d sampled vectors (normalisation, %sRQ codebooks)", len(x_init),
+        log.info("initialising from %d vectors (normalisation, %sRQ codebooks)", len(x_init),
                  f"IVF k-means nlist={qcfg.nlist}, " if qcfg.nlist else "")
         model0 = _init_model(qcfg, tcfg, x_init, cfg.ivf_niter)
         _save_init(model0, init_uri, options)
-        init_state = {k: v.detach().cpu() for k, v in model0.state_dict().items()}
     init_s = time.time() - t
-    lids_val = None
-    if qcfg.nlist:
-        m_tmp = QINCo(qcfg)
-        m_tmp.load_state_dict(init_state)
-        lids_val = assign_lists(m_tmp, x_val)
+    lids_val = assign_lists(model0, x_val) if qcfg.nlist else None
 
     n_train_est = int(round(train_frac * total))
-    steps_per_epoch = max(1, math.ceil(n_train_est / cfg.workers / tcfg.batch_size))
+    steps_per_epoch = max(1, math.ceil(n_train_est / tcfg.batch_size))
     ds = ray.data.read_datasource(VectorDatasource(inputs, rows_per_task=cfg.rows_per_task,
                                                    options=options, sample=train_s))
+    ds.context.enable_progress_bars = False  # per-epoch progress is logged by rank 0 instead
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    fs, path = storage.get_pyarrow_fs(_checkpoint_root(cfg), options)
+    spare = (ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else math.inf) \
+        - cfg.workers * cfg.cpus_per_worker
+    if spare < 1.0:
+        log.warning("the %d training workers reserve %.1f CPUs and leave %.1f for the read tasks that "
+                    "stream their data: lower cpus_per_worker (and set threads_per_worker) unless "
+                    "the cluster autoscales", cfg.workers, cfg.workers * cfg.cpus_per_worker, spare)
+    fs, path = storage.get_pyarrow_fs(checkpoint_root(cfg), options)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
-            "qinco": qcfg.to_dict(), "train": tcfg.to_dict(),
-            "init_state": {k: v.numpy() for k, v in init_state.items()},
+            "qinco": qcfg.to_dict(), "train": tcfg.to_dict(), "init_uri": init_uri, "options": options,
             "x_val": x_val, "lids_val": lids_val, "total_steps": tcfg.epochs * steps_per_epoch,
-            "threads": max(1, int(cfg.cpus_per_worker)), "use_gpu": use_gpu, "seed": tcfg.seed,
+            "threads": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)), "use_gpu": use_gpu, "seed": tcfg.seed,
             "stop_after": cfg.stop_after_epochs,
         },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds},
     )
+    log.info("training on %d worker(s): ~%d training vectors, %d validation, %d epochs, checkpoints in %s",
+             cfg.workers, n_train_est, len(x_val), tcfg.epochs, storage.redact(run_dir(cfg)))
     t = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - surface the pipeline error (file, offset) if there is one
+        err = unwrap_ray_error(e)
+        if err is e:
+            raise
+        raise err from None
     fit_s = time.time() - t
     if result.checkpoint is None:
-        raise CheckpointError(f"{storage.redact(root)}: training produced no checkpoint")
+        raise CheckpointError(f"{storage.redact(run_dir(cfg))}: training produced no checkpoint")
     with result.checkpoint.as_directory() as d:
         state = _load_state(os.path.join(d, STATE_FILE))
     history = state["history"]
+    for rec in history:
+        log.info("epoch %d/%d: train MSE %.6g, val MSE %.6g%s, %.0f samples/s on %d worker(s), %.1f s",
+                 rec["epoch"], tcfg.epochs, rec["train_mse"], rec["val_mse"], " (best)" if rec.get("best") else "",
+                 rec.get("samples_per_s_all_workers", rec["samples_per_s"]), rec.get("workers", 1),
+                 rec.get("epoch_s_all_workers", rec["seconds"]))
     finished = state["epoch"] >= tcfg.epochs or bool(history and history[-1].get("stop"))
     if not finished:
         log.info("stopped after epoch %d of %d as asked; re-run the same command to continue",
                  state["epoch"], tcfg.epochs)
-        return {"status": "paused", "epochs_done": state["epoch"], "history": history, "fit_s": fit_s}
+        return {"status": "paused", "epochs_done": state["epoch"], "history": history,
+                "timings_s": {"sample": sample_s, "init": init_s, "fit": fit_s, "total": time.time() - t0}}
 
-    model = QINCo(qcfg)
-    model.load_state_dict(state["best_state"] if state.get("best_state") else state["model"])
+    model = _model_from_state(qcfg, state["best_state"] if state.get("best_state") else state["model"])
     model.eval()
     t = time.time()
     if tcfg.fit_additive:
-        if x_init is None:
-            x_init = sample_rows_local(inputs, n=min(cfg.init_rows, int(want_train)), sample=train_s,
-                                       options=options).astype(np.float32)
         xa = x_init[:tcfg.additive_max_rows]
-        la = assign_lists(model, xa) if qcfg.nlist else None
-        codes, la = encode(model, xa, la)
+        codes, la = encode(model, xa, source="training sample")
         cent = model.centroids_LD.cpu().numpy() if qcfg.nlist else None
         model.set_additive_codebooks(fit_additive_decoder(codes, xa, qcfg.K, la, cent, ridge=tcfg.ridge))
     decoder_s = time.time() - t
@@ -369,7 +531,9 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
         "best_epoch": state["best_epoch"],
         "best_val_mse": state["best_val"],
         "workers": cfg.workers,
-        "timings_s": {"init": init_s, "fit": fit_s, "additive_decoder": decoder_s, "total": time.time() - t0},
+        "code_bytes": qcfg.code_bytes,
+        "timings_s": {"sample": sample_s, "init": init_s, "fit": fit_s, "additive_decoder": decoder_s,
+                      "total": time.time() - t0},
         "history": history,
     }
     save_model(model, cfg.out_uri, metadata={
@@ -378,7 +542,8 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
         "provenance": {"inputs": [{k: d[k] for k in ("uri", "fmt", "count", "dim", "dtype", "header_sha256")}
                                   for d in inputs_desc],
                        "train_sample": train_s.to_dict(), "val_sample": val_s.to_dict(),
-                       "n_val": int(len(x_val))},
+                       "n_train_estimate": n_train_est, "n_val": int(len(x_val)),
+                       "n_init": int(len(x_init))},
         "metrics": summary,
     }, options=options)
     log.info("model saved to %s (best val MSE %.6g at epoch %d)", storage.redact(cfg.out_uri),
@@ -386,4 +551,4 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     return summary
 
 
-__all__ = ["DistTrainConfig", "run_distributed_training"]
+__all__ = ["DistTrainConfig", "checkpoint_root", "run_dir", "run_distributed_training"]

@@ -13,7 +13,13 @@ workers build shards, the driver commits a manifest atomically.
    the same ``encoder.encode`` as single-process ``qinco encode``, and writes each range's shard
    atomically, followed by its sidecar.
 4. When every range has a shard, the driver writes the manifest (the commit point), switches the
-   index's ``CURRENT`` pointer, and saves a run report beside the manifest.
+   index's ``CURRENT`` pointer, and saves a run report beside the manifest (and a copy in the
+   index's history, ``pipeline.index_history``).
+
+A job with a ``parent_version`` (``pipeline.reencode``) derives a new version from a committed
+one: ranges whose shard in the parent holds the same input rows encoded by the same model are
+copied from the parent (``storage.copy_file``: a hard link locally, a server-side copy on S3)
+instead of being encoded again, so adding files to an index encodes only the new files.
 
 Nothing reads a shard that is not named in a committed manifest, so a crashed job never exposes
 a half-built index. No stage holds the whole collection: each actor holds one range at a time.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -54,15 +61,19 @@ class EncodeJobConfig(JsonConfig):
     batch_size: int = 0  # encoder batch; 0 = sized from the model's beam and pre-selection
     overwrite: bool = False
     skip_bad_ranges: bool = False
+    parent_version: str | None = None  # committed version this one derives from (shards reused)
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs 'the same job' (resources and batch sizes do not change codes)."""
-        return {
+        ident = {
             "model_uri": self.model_uri,
             "data_uris": list(self.data_uris),
             "fmt": self.fmt,
             "shard_rows": self.shard_rows,
         }
+        if self.parent_version is not None:
+            ident["parent_version"] = self.parent_version
+        return ident
 
 
 @dataclass
@@ -93,6 +104,23 @@ def _sidecar(shard_uri: str) -> str:
     return shard_uri + ".json"
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (``VmHWM``), in bytes; 0 when unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return 0
+
+
 def _shard_is_done(version_uri: str, task: RangeTask, options=None) -> bool:
     """True when the shard and its sidecar exist and the shard matches the sidecar."""
     from pipeline.shard_format import ShardInfo, verify_shard
@@ -109,7 +137,11 @@ def _shard_is_done(version_uri: str, task: RangeTask, options=None) -> bool:
 
 
 class EncodeActor:
-    """Ray Data actor: loads the model once, encodes one range per call and writes its shard."""
+    """Ray Data actor: loads the model once, encodes one range per call and writes its shard.
+
+    Each output row also carries the actor's process id and peak resident memory, so the job
+    report can show that memory per actor does not grow with the collection.
+    """
 
     def __init__(self, model_uri: str, version_uri: str, inputs: list, batch_size: int,
                  threads: int, options=None):
@@ -133,7 +165,8 @@ class EncodeActor:
         ids = np.asarray(batch["id"], dtype=np.int64)
         if len(ids) == 0:
             return {"shard": np.array([], dtype=object), "info": np.array([], dtype=object),
-                    "encode_s": np.array([], dtype=np.float64)}
+                    "encode_s": np.array([], dtype=np.float64), "pid": np.array([], dtype=np.int64),
+                    "peak_rss": np.array([], dtype=np.int64)}
         file_index = int(batch["file_index"][0])
         rows = np.asarray(batch["row"], dtype=np.int64)
         first = int(rows[0])
@@ -154,7 +187,44 @@ class EncodeActor:
                            nlist=max(1, cfg.nlist), model_sha=self.model_sha, options=self.options)
         storage.write_bytes_atomic(_sidecar(uri), info.to_json().encode(), self.options)
         return {"shard": np.array([rel], dtype=object), "info": np.array([info.to_json()], dtype=object),
-                "encode_s": np.array([encode_s])}
+                "encode_s": np.array([encode_s]), "pid": np.array([os.getpid()], dtype=np.int64),
+                "peak_rss": np.array([peak_rss_bytes()], dtype=np.int64)}
+
+
+def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict], model_id: dict,
+                         pending: list[RangeTask], options) -> int:
+    """Copy the parent version's shards that hold exactly the codes ``pending`` ranges would get.
+
+    A parent shard qualifies when the parent was encoded by the same model (config and weights
+    hashes), its input at that file index is the same file (URI, count, header hash, id range)
+    and the shard covers the same rows. Each copy is followed by its sidecar, so an interrupted
+    copy is simply redone by the next run. Returns the number of shards copied.
+    """
+    from pipeline.manifest import load_manifest, shard_uri
+
+    parent = load_manifest(cfg.index_uri, version=cfg.parent_version, options=options)
+    if (parent.model.get("sha256"), parent.model.get("weights_sha256")) != (
+            model_id["config_sha256"], model_id["weights_sha256"]):
+        return 0
+
+    def key(d: dict) -> tuple:
+        return (d["uri"], d["count"], d["header_sha256"], d["id_start"], d["id_stop"])
+
+    same_input = {i for i, e in enumerate(parent.inputs)
+                  if i < len(inputs_desc) and key(e.to_dict()) == key(inputs_desc[i])}
+    by_name = {s.name: s for s in parent.shards if s.file_index in same_input}
+    copied = 0
+    for tk in pending:
+        entry = by_name.get(tk.shard)
+        if entry is None or entry.rows != tk.stop - tk.start or entry.first_row != tk.start:
+            continue
+        dst = storage.join(vuri, tk.shard)
+        storage.copy_file(shard_uri(cfg.index_uri, parent.version, entry), dst, options)
+        storage.write_bytes_atomic(_sidecar(dst), entry.info().to_json().encode(), options)
+        copied += 1
+    if copied:
+        log.info("reused %d shards of version %s (same model and inputs)", copied, parent.version)
+    return copied
 
 
 def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: list[dict], options) -> str | None:
@@ -181,8 +251,12 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
     return None
 
 
-def _pick_version(cfg: EncodeJobConfig, options) -> str:
-    """Reuse an unfinished version directory of the same job, else take the next number."""
+def _pick_version(cfg: EncodeJobConfig, options, model_sha: str) -> str:
+    """Reuse an unfinished version directory of the same job, else take the next number.
+
+    The same job means the same identity and the same model content (``model_sha``): shards
+    left by a run whose model was since replaced at the same URI are never reused.
+    """
     from pipeline.manifest import list_versions, next_version, version_dir
 
     committed = set(list_versions(cfg.index_uri, options))
@@ -197,7 +271,7 @@ def _pick_version(cfg: EncodeJobConfig, options) -> str:
             job = json.loads(storage.read_bytes(storage.join(version_dir(cfg.index_uri, v), JOB_FILE), options))
         except (ValueError, PipelineError):
             continue
-        if job.get("identity") == cfg.identity():
+        if job.get("identity") == cfg.identity() and job.get("model_sha256") == model_sha:
             return v
     return next_version(cfg.index_uri, options)
 
@@ -230,15 +304,21 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         log.info("index %s already holds this job's result (version %s): nothing to do",
                  storage.redact(cfg.index_uri), done_version)
         return {"status": "up-to-date", "version": done_version}
-    version = _pick_version(cfg, options)
+    version = _pick_version(cfg, options, model_id["config_sha256"])
     vuri = version_dir(cfg.index_uri, version)
     job_uri = storage.join(vuri, JOB_FILE)
     if not storage.exists(job_uri, options):
         storage.write_bytes_atomic(job_uri, json.dumps(
-            {"identity": cfg.identity(), "config": cfg.to_dict(), "code_version": code_version()},
+            {"identity": cfg.identity(), "model_sha256": model_id["config_sha256"], "config": cfg.to_dict(),
+             "code_version": code_version()},
             indent=2, sort_keys=True).encode(), options)
     tasks = plan_ranges(inputs, cfg.shard_rows)
     pending = [tk for tk in tasks if not _shard_is_done(vuri, tk, options)]
+    reused = 0
+    if cfg.parent_version is not None and pending:
+        reused = _reuse_parent_shards(cfg, vuri, inputs_desc, model_id, pending, options)
+        if reused:
+            pending = [tk for tk in pending if not _shard_is_done(vuri, tk, options)]
     stages["plan_s"] = time.perf_counter() - t
     total_rows = sum(i.count for i in inputs)
     log.info("encode %s -> %s (%s): %d vectors in %d shards, %d to do",
@@ -248,6 +328,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     t = time.perf_counter()
     done_now: list[dict] = []
     bad_ranges: list[dict] = []
+    actor_peak_rss: dict[int, int] = {}
     if pending:
         from ray.data import ActorPoolStrategy, DataContext
 
@@ -277,6 +358,8 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
             for row in ds.iter_rows():
                 info = json.loads(row["info"])
                 done_now.append(info)
+                pid = int(row["pid"])
+                actor_peak_rss[pid] = max(actor_peak_rss.get(pid, 0), int(row["peak_rss"]))
                 encoded_rows += info["rows"]
                 now = time.perf_counter()
                 if progress and (now - last_log > 5 or len(done_now) == len(pending)):
@@ -317,7 +400,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         total_rows=sum(s.rows for s in shard_entries),
         job_config=cfg.to_dict(),
         code_version=code_version(),
-        parent_version=None,
+        parent_version=cfg.parent_version,
     )
     if not bad_ranges:
         from pipeline.manifest import validate_manifest
@@ -336,6 +419,10 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         "vectors": manifest.total_rows,
         "shards": len(shard_entries),
         "shards_encoded_this_run": len(done_now),
+        "shards_reused_this_run": reused,
+        "parent_version": cfg.parent_version,
+        "model_uri": storage.redact(cfg.model_uri),
+        "index_uri": storage.redact(cfg.index_uri),
         "vectors_encoded_this_run": int(sum(d["rows"] for d in done_now)),
         "bytes_in": int(bytes_in),
         "bytes_out": int(bytes_out),
@@ -343,11 +430,15 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         "vectors_per_s": (sum(d["rows"] for d in done_now) / stages["encode_s"]) if done_now else None,
         "stages": stages,
         "bad_ranges": bad_ranges,
+        "actor_peak_rss_bytes": {str(k): v for k, v in sorted(actor_peak_rss.items())},
         "config": cfg.to_dict(),
         "code_version": code_version(),
     }
     storage.write_bytes_atomic(storage.join(vuri, "report.json"),
                                json.dumps(report, indent=2, sort_keys=True).encode(), options)
+    from pipeline.index_history import record_event
+
+    record_event(cfg.index_uri, "encode", report, version=version, options=options)
     log.info("committed %s version %s: %d vectors, %d shards, %.1f MB out, %.1f s",
              storage.redact(cfg.index_uri), version, manifest.total_rows, len(shard_entries),
              bytes_out / 1e6, wall)
@@ -367,4 +458,4 @@ def _describe_bad_range(inp, tk: RangeTask, options) -> dict:
             "stop": tk.stop, "error": storage.redact(err)}
 
 
-__all__ = ["EncodeJobConfig", "RangeTask", "plan_ranges", "run_encode", "EncodeActor"]
+__all__ = ["EncodeJobConfig", "RangeTask", "plan_ranges", "run_encode", "EncodeActor", "peak_rss_bytes"]

@@ -27,3 +27,13 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     log.info("no RAY_ADDRESS: starting a local Ray")
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
+
+
+def default_cpus_per_worker(workers: int, reserve: float = 0.5) -> float:
+    """CPUs each of ``workers`` actors reserves when the user did not say: one, or less so that
+    all of them fit on the cluster with ``reserve`` CPUs left for read tasks and the driver."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    share = (total - reserve) / max(1, workers)
+    return max(0.25, min(1.0, round(share * 4) / 4 if share >= 0.25 else 0.25))

@@ -71,41 +71,68 @@ def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return Dk, Ik, codes_k, lists_k
 
 
+def load_shards(version_uri: str, shard_entries: list[dict], nlist: int, M: int, options=None,
+                errors: dict[str, str] | None = None):
+    """Read and verify shards (manifest entries) of one index version and merge them.
+
+    Returns ``(list_ids_N int32, ids_N int64, codes_NM, list_offsets)`` sorted by (list, id), the
+    layout ``ShardSearcher`` takes. A missing or corrupt shard raises ``CorruptShardError``
+    naming it; when ``errors`` is given such shards are skipped instead and their messages
+    recorded there by shard name.
+    """
+    from pipeline.shard_format import ShardInfo, read_shard
+
+    lists, ids, codes = [], [], []
+    for e in shard_entries:
+        info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
+                         id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
+        try:
+            sh = read_shard(storage.join(version_uri, e["name"]), expected=info, options=options, nlist=nlist)
+        except PipelineError as exc:
+            if errors is None:
+                raise
+            errors[e["name"]] = storage.redact(str(exc))
+            log.warning("skipping shard %s: %s", e["name"], errors[e["name"]])
+            continue
+        lists.append(sh.list_ids_N)
+        ids.append(sh.ids_N)
+        codes.append(sh.codes_NM)
+    list_ids = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
+    ids_N = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+    codes_NM = np.concatenate(codes) if codes else np.zeros((0, M), np.uint8)
+    order = np.lexsort((ids_N, list_ids))
+    list_ids, ids_N, codes_NM = list_ids[order], ids_N[order], codes_NM[order]
+    offsets = np.zeros(nlist + 1, np.int64)
+    np.cumsum(np.bincount(list_ids, minlength=nlist), out=offsets[1:])
+    return list_ids, ids_N, codes_NM, offsets
+
+
 class ShardActor:
-    """Holds one or more shards in memory; answers shortlist and re-rank requests."""
+    """Holds one or more shards in memory; answers shortlist and re-rank requests.
+
+    With ``allow_partial`` a shard that fails to load (missing, corrupt) is left out and reported
+    by :meth:`bad_shards`; otherwise the actor fails to start, naming it.
+    """
 
     def __init__(self, index_uri: str, version: str, shard_entries: list[dict], model_uri: str,
-                 threads: int = 1, options=None):
+                 threads: int = 1, options=None, allow_partial: bool = False):
         import torch
 
         from pipeline.checkpoint import load_model
         from pipeline.manifest import version_dir
         from pipeline.search_kernels import ShardSearcher
-        from pipeline.shard_format import ShardInfo, read_shard
 
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_uri, options=options)
-        vuri = version_dir(index_uri, version)
-        cfg = self.model.config
-        nlist = max(1, cfg.nlist)
-        lists, ids, codes = [], [], []
-        for e in shard_entries:
-            info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
-                             id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
-            sh = read_shard(storage.join(vuri, e["name"]), expected=info, options=options, nlist=nlist)
-            lists.append(sh.list_ids_N)
-            ids.append(sh.ids_N)
-            codes.append(sh.codes_NM)
-        list_ids = np.concatenate(lists) if lists else np.zeros(0, np.int32)
-        ids_N = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        codes_NM = np.concatenate(codes) if codes else np.zeros((0, cfg.M), np.uint8)
-        order = np.lexsort((ids_N, list_ids))
-        list_ids, ids_N, codes_NM = list_ids[order], ids_N[order], codes_NM[order]
-        offsets = np.zeros(nlist + 1, np.int64)
-        np.cumsum(np.bincount(list_ids, minlength=nlist), out=offsets[1:])
+        nlist = max(1, self.model.config.nlist)
+        self.bad: dict[str, str] = {}
+        list_ids, ids_N, codes_NM, offsets = load_shards(
+            version_dir(index_uri, version), shard_entries, nlist, self.model.config.M, options,
+            errors=self.bad if allow_partial else None)
         self.list_ids, self.ids, self.codes = list_ids, ids_N, codes_NM
         self.searcher = ShardSearcher(list_ids, ids_N, codes_NM, offsets,
-                                      _centroids(self.model), _codebooks(self.model), decode_fn=None)
+                                      _centroids(self.model), _codebooks(self.model), decode_fn=None,
+                                      source=", ".join(e["name"] for e in shard_entries))
         self.names = [e["name"] for e in shard_entries]
 
     def rows(self) -> int:
@@ -127,6 +154,10 @@ class ShardActor:
     def ping(self) -> bool:
         return True
 
+    def bad_shards(self) -> dict[str, str]:
+        """Shards left out at load time (``allow_partial``), with their errors."""
+        return dict(self.bad)
+
 
 def _centroids(model) -> np.ndarray:
     c = getattr(model, "centroids_LD", None)
@@ -143,8 +174,13 @@ def _codebooks(model) -> np.ndarray:
 
 
 def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k):
-    """Decode candidates with the QINCo model and keep the k nearest by exact squared L2."""
+    """Decode candidates with the QINCo model and keep the k nearest by exact squared L2.
+
+    Distances come from ``search_kernels.sqdist_rows`` (float64 differences), so a candidate's
+    distance does not depend on the batch or the actor that computed it.
+    """
     from pipeline.decoder import decode
+    from pipeline.search_kernels import sqdist_rows
     from pipeline.topk import topk_smallest
 
     Q, S = I_QS.shape
@@ -153,7 +189,7 @@ def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k):
     if valid.any():
         lists = lists_QS[valid] if model.config.nlist > 0 else None
         xhat[valid] = decode(model, codes_QSM[valid], lists)
-    d = ((xhat - q_QD[:, None, :]) ** 2).sum(-1)
+    d = sqdist_rows(q_QD, xhat)
     d = np.where(valid, d, np.inf).astype(np.float32)
     return topk_smallest(d, np.where(valid, I_QS, -1), k)
 
@@ -174,6 +210,8 @@ class ShardPool:
 
     Actors are restarted by Ray when they die (``max_restarts``) and the interrupted call is
     retried (``max_task_retries``); a restarted actor reloads and re-verifies its shards.
+    A shard that is missing or corrupt, or whose actor fails for good, raises ``PipelineError``
+    naming it; with ``allow_partial`` it is left out instead and listed by :meth:`failed_shards`.
     """
 
     def __init__(self, index_uri: str, version: str | None = None, workers: int = 2,
@@ -186,31 +224,50 @@ class ShardPool:
 
         self.manifest = m = load_manifest(index_uri, version=version, options=options)
         vuri = version_dir(index_uri, m.version)
+        self.shard_errors: dict[str, str] = {}
         for s in m.shards:
             if not storage.exists(storage.join(vuri, s.name), options):
-                raise PipelineError(f"shard {storage.redact(storage.join(vuri, s.name))} named in the "
-                                    f"manifest of version {m.version} is missing")
+                msg = (f"shard {storage.redact(storage.join(vuri, s.name))} named in the manifest of "
+                       f"version {m.version} is missing")
+                if not allow_partial:
+                    raise PipelineError(msg)
+                log.warning("%s; searching the other shards", msg)
+                self.shard_errors[s.name] = msg
         self.model = load_model(m.model["uri"], options=options)
         self.dim = self.model.config.dim
         self.nlist = max(1, self.model.config.nlist)
         self.allow_partial = allow_partial
         self.probe_index = faiss.IndexFlatL2(self.dim)
         self.probe_index.add(_centroids(self.model))
-        self.groups = _assign_shards([s.to_dict() for s in m.shards], workers)
+        present = [s.to_dict() for s in m.shards if s.name not in self.shard_errors]
+        if not present:
+            raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "
+                                + "; ".join(self.shard_errors.values()))
+        self.groups = _assign_shards(present, workers)
         Actor = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3)
-        self.actors = [Actor.remote(index_uri, m.version, g, m.model["uri"], max(1, int(cpus_per_worker)), options)
-                       for g in self.groups]
+        self.actors = [Actor.remote(index_uri, m.version, g, m.model["uri"], max(1, int(cpus_per_worker)),
+                                    options, allow_partial) for g in self.groups]
         self.failed: dict[int, str] = {}
         for j, a in enumerate(self.actors):
             try:
-                ray.get(a.ping.remote())
+                self.shard_errors.update(ray.get(a.bad_shards.remote()))
             except Exception as e:  # noqa: BLE001
                 self.failed[j] = _actor_error(e, self.groups[j])
         if self.failed and not allow_partial:
             raise PipelineError("shard actors failed to load: " + "; ".join(self.failed.values()))
 
     def failed_shards(self) -> list[str]:
-        return sorted(e["name"] for j in self.failed for e in self.groups[j])
+        """Names of the shards whose vectors are not searched (only with ``allow_partial``)."""
+        names = set(self.shard_errors)
+        names.update(e["name"] for j in self.failed for e in self.groups[j])
+        return sorted(names)
+
+    def failures(self) -> dict[str, str]:
+        """Error per failed shard (shard name -> message)."""
+        out = dict(self.shard_errors)
+        for j, msg in self.failed.items():
+            out.update({e["name"]: msg for e in self.groups[j]})
+        return out
 
     def search_batch(self, q_QD: np.ndarray, k: int, nprobe: int, shortlist: int, rerank: bool = True,
                      stages: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +342,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
                      (b0 + len(qb)) / max(time.perf_counter() - t1, 1e-9))
         search_s = time.perf_counter() - t1
         failed = pool.failed_shards()
+        failures = pool.failures()
         version = pool.manifest.version
         n_shards = len(pool.manifest.shards)
     finally:
@@ -302,10 +360,16 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         "stages": stages,
         "shards": n_shards,
         "failed_shards": failed,
+        "failures": failures,
         "code_version": code_version(),
     }
     storage.write_bytes_atomic(cfg.out_uri + ".report.json",
                                json.dumps(report, indent=2, sort_keys=True).encode(), options)
+    from pipeline.index_history import record_event
+
+    record_event(cfg.index_uri, "search", {k: v for k, v in report.items() if k != "params"} | {
+        "out_uri": storage.redact(cfg.out_uri), "k": cfg.k, "nprobe": cfg.nprobe, "shortlist": cfg.shortlist},
+        version=version, options=options, best_effort=True)
     return report
 
 
@@ -354,4 +418,7 @@ def evaluate_results(results_uri: str, groundtruth_uri: str, options=None) -> di
     out = dict(recall_at(I, gt, ks=ks))
     kk = min(k, gt.shape[1], 10)
     out[f"{kk}-recall@{kk}"] = float(k_recall_at_k(I, gt, kk))
+    from pipeline.index_history import link_evaluation
+
+    link_evaluation(results_uri, groundtruth_uri, out, options=options)  # into the index's history
     return out

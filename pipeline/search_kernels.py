@@ -319,12 +319,38 @@ class ShardSearcher:
 
     # ------------------------------------------------------------------ stage 2: LUT shortlist
     def _coarse_dists(self, q_QD: np.ndarray, lists_QP: np.ndarray) -> np.ndarray:
-        """Exact ``||q - c_l||^2`` for each probed list (inf for -1)."""
-        c_QPD = self.centroids_LD[np.maximum(lists_QP, 0)]
-        diff = c_QPD - q_QD[:, None, :]
+        """``||q - c_l||^2`` for each probed list (inf for -1), computed in float64 and rounded,
+        so the value does not depend on the batch it is computed in."""
+        c_QPD = self.centroids_LD[np.maximum(lists_QP, 0)].astype(np.float64)
+        diff = c_QPD - q_QD.astype(np.float64)[:, None, :]
         Dc_QP = np.einsum("qpd,qpd->qp", diff, diff)
         Dc_QP[lists_QP < 0] = np.inf
-        return Dc_QP.astype(np.float32, copy=False)
+        return Dc_QP.astype(np.float32)
+
+    def _luts(self, q_QD: np.ndarray) -> np.ndarray:
+        """Per-query tables ``<q, C_m[k]>`` as float32 ``(M, Q, K)``, computed in float64 so an
+        entry does not depend on the batch (BLAS blocking) it is computed in."""
+        M, K = self.M, self.K
+        lut = q_QD.astype(np.float64) @ self.codebooks_MKD.reshape(M * K, self.D).T.astype(np.float64)
+        return np.ascontiguousarray(lut.astype(np.float32).reshape(-1, M, K).transpose(1, 0, 2))
+
+    def _lut_dists(self, q_QD: np.ndarray, rows_QX: np.ndarray, lists_QP: np.ndarray,
+                   Dc_QP: np.ndarray) -> np.ndarray:
+        """Approximate distances of given shard rows (each in one of its query's probed lists),
+        with exactly the arithmetic (values, order, float32 rounding) of the NumPy scanner: the
+        canonical value of a (query, code) pair."""
+        safe = np.maximum(rows_QX, 0)
+        slot_QX = (self.list_ids_N[safe][:, :, None] == lists_QP[:, None, :]).argmax(axis=2)
+        lut_MQK = self._luts(q_QD)
+        codes_QXM = self.codes_NM[safe].astype(np.intp)
+        qi = np.arange(q_QD.shape[0])[:, None]
+        acc_QX = lut_MQK[0][qi, codes_QXM[:, :, 0]]
+        for m in range(1, self.M):
+            acc_QX += lut_MQK[m][qi, codes_QXM[:, :, m]]
+        acc_QX *= -2.0
+        acc_QX += self.bias_N[safe]
+        acc_QX += np.take_along_axis(Dc_QP, slot_QX, axis=1)
+        return np.where(rows_QX >= 0, acc_QX, np.inf).astype(np.float32)
 
     def _check_lists(self, lists_QP, Q: int) -> np.ndarray:
         lists_QP = np.ascontiguousarray(lists_QP, dtype=np.int64)
@@ -357,15 +383,20 @@ class ShardSearcher:
         index = self._faiss_ivf
         index.nprobe = P
         # Faiss keeps an arbitrary subset of candidates tied at the S-th distance (identical
-        # codes in one list tie exactly). Fetch a margin, canonicalise to (distance, id), and
-        # rescan with the NumPy kernel any query whose tie runs past the margin.
+        # codes in one list tie exactly), and its float32 rounding differs from the NumPy
+        # scanner's by an ulp. Fetch a margin, recompute the candidates' distances with the
+        # NumPy scanner's arithmetic, rank by (distance, id), and rescan with the NumPy kernel
+        # any query whose near-tie runs past the margin. Distances are then the same whichever
+        # scanner, shard or batch produced them, which keeps merged results shard-invariant.
         S_ext = S + FAISS_TIE_MARGIN
         D_QX, rows_QX = index.search_preassigned(q_QD, S_ext, lists_QP, Dc_QP)
         rows_QX = np.where(np.isfinite(D_QX), rows_QX, PAD_ID)
         I_QX = np.where(rows_QX >= 0, self.ids_N[np.maximum(rows_QX, 0)], PAD_ID)
+        faiss_last_Q = np.max(np.where(rows_QX >= 0, D_QX, -np.inf), axis=1)
+        D_QX = self._lut_dists(q_QD, rows_QX, lists_QP, Dc_QP)
         D_QS, I_QS, rows_QS = topk_smallest(D_QX, I_QX, S, payload_QC=rows_QX)
-        last_Q = np.max(np.where(rows_QX >= 0, D_QX, -np.inf), axis=1)
-        redo = np.flatnonzero((rows_QX[:, -1] >= 0) & (last_Q <= D_QS[:, -1]))
+        tol_Q = 1e-4 * np.maximum(np.abs(D_QS[:, -1]), 1.0)
+        redo = np.flatnonzero((rows_QX[:, -1] >= 0) & (faiss_last_Q <= D_QS[:, -1] + tol_Q))
         if redo.size:
             D_QS[redo], I_QS[redo], rows_QS[redo] = self._lut_search_numpy(
                 q_QD[redo], lists_QP[redo], S)
@@ -400,9 +431,7 @@ class ShardSearcher:
         buf_D = np.full(Q * C, np.inf, np.float32)
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
         # Per-query tables <q, C_m[k]>, laid out (M, Q, K) so one codebook's rows gather fast.
-        lut_MQK = np.ascontiguousarray(
-            (q_QD @ self.codebooks_MKD.reshape(M * K, self.D).T).reshape(Q, M, K)
-            .transpose(1, 0, 2))
+        lut_MQK = self._luts(q_QD)
         # Group (query, probe) pairs by list so each list's codes are read once per batch.
         q_of = np.repeat(np.arange(Q), P)
         p_of = np.tile(np.arange(P), Q)

@@ -387,6 +387,44 @@ def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = Non
         raw.close()
 
 
+def copy_file(src_uri: str, dst_uri: str, options: StorageOptions | None = None) -> None:
+    """Copy an immutable file so that ``dst_uri`` appears atomically with the full content.
+
+    Local: a hard link (no data copied; both names share one immutable inode) made under a
+    temporary name and renamed into place, or a plain atomic copy across file systems. S3: a
+    server-side copy (``CopyObject``; the bytes never pass through this process), which becomes
+    visible only when complete. Source and destination must use the same protocol.
+    """
+    sp, spath = _split(src_uri)
+    dp, dpath = _split(dst_uri)
+    if sp != dp:
+        raise ValueError(f"copy_file: {redact(src_uri)} and {redact(dst_uri)} are on different stores")
+    fs, _ = get_fs(src_uri, options)
+    if sp == "file":
+        with _errors(src_uri):
+            os.stat(spath)
+        parent = os.path.dirname(dpath) or "."
+        tmp = os.path.join(parent, f".{os.path.basename(dpath)}.{os.getpid()}.link.tmp")
+        with _errors(dst_uri):
+            os.makedirs(parent, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            try:
+                os.link(spath, tmp)
+            except OSError:  # no hard links here (other device, file system without them)
+                tmp = None
+            if tmp is not None:
+                os.replace(tmp, dpath)
+                return
+        import shutil
+
+        with _errors(src_uri), open(spath, "rb") as g, open_atomic(dst_uri, "wb", options) as f:
+            shutil.copyfileobj(g, f, 1 << 22)
+        return
+    with _errors(src_uri):
+        fs.copy(spath, dpath)
+
+
 def remove(uri: str, options: StorageOptions | None = None, recursive: bool = False) -> None:
     """Delete a file, or a directory/prefix with ``recursive=True``. A missing path is a no-op."""
     fs, path = get_fs(uri, options)
@@ -416,5 +454,5 @@ def _clear_cache() -> None:
 
 __all__ = [
     "StorageOptions", "get_fs", "get_pyarrow_fs", "ray_storage_uri", "join", "exists", "list_files",
-    "read_bytes", "file_size", "write_bytes_atomic", "open_atomic", "remove", "redact",
+    "read_bytes", "file_size", "write_bytes_atomic", "open_atomic", "copy_file", "remove", "redact",
 ]

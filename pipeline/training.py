@@ -2,7 +2,8 @@
 
 Loss: per-step MSE of the partial reconstructions in normalised space plus the pre-selectors'
 own losses (see :meth:`QINCo.forward`); codes are found without gradient and decoded with it.
-AdamW, linear warm-up then cosine decay, gradient clipping by value, reset of codewords unused
+AdamW, linear warm-up then cosine decay (over the planned steps, or with
+``lr_schedule="time"`` over the wall-time budget), gradient clipping by value, reset of codewords unused
 during an epoch (to a random training residual + noise), validation MSE in raw space (the Faiss
 convention: mean squared L2 error per vector) after every epoch, best-model keeping, early
 stopping and a wall-time budget.
@@ -74,12 +75,17 @@ class TrainConfig(JsonConfig):
     ridge: float = 1e-6
     log_every_s: float = 10.0
     num_threads: int = 0      # 0: leave torch's default
+    lr_schedule: str = "steps"  # "steps": cosine over epochs; "time": cosine over time_budget_s
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
             raise ConfigError("epochs >= 0, batch_size >= 1, lr > 0 and patience >= 1 are required")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        if self.lr_schedule not in ("steps", "time"):
+            raise ConfigError(f"lr_schedule must be 'steps' or 'time', got {self.lr_schedule!r}")
+        if self.lr_schedule == "time" and self.time_budget_s is None:
+            raise ConfigError("lr_schedule='time' needs time_budget_s")
 
 
 class WarmupCosine:
@@ -163,6 +169,20 @@ class Trainer:
             lids = torch.as_tensor(np.asarray(lids) if not isinstance(lids, Tensor) else lids).to(self.device).long()
         return x, lids
 
+    def _lr(self) -> float:
+        """Learning rate of the next step: warm-up by steps, then cosine decay over the steps
+        (``lr_schedule="steps"``) or over the wall-time budget (``"time"``), which ends the
+        decay when the budget runs out whatever the throughput."""
+        cfg = self.cfg
+        if cfg.lr_schedule != "time" or self.step < self.schedule.warmup:
+            return self.schedule(self.step)
+        t = min(1.0, self.time_used_s / cfg.time_budget_s)
+        if _dist_ready():  # every replica must use the same rate
+            tt = torch.tensor([t], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(tt, op=torch.distributed.ReduceOp.MAX)
+            t = float(tt)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
     def _raw_mse(self, mse_per_element: float) -> float:
         return float(mse_per_element) * self.model.config.dim * float(self.model.scale) ** 2
 
@@ -182,10 +202,10 @@ class Trainer:
         t0 = last = time.time()
         used0 = self.time_used_s
         stopped = False
-        lr = self.schedule(self.step)
+        lr = self._lr()
         for b in batches:
             x, lids = self._batch(b)
-            lr = self.schedule(self.step)
+            lr = self._lr()
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             with self._autocast():
@@ -215,7 +235,9 @@ class Trainer:
                 stopped = True
                 break
         n_reset = 0
-        if cfg.reset_unused and resid_MBD is not None:
+        # after a partial epoch cut by the budget the counts are incomplete and no training
+        # follows to fit moved codewords, so nothing is reset
+        if cfg.reset_unused and resid_MBD is not None and not stopped:
             n_reset = self._reset_unused(usage, resid_MBD)
         self.epoch += 1
         secs = time.time() - t0

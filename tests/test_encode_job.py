@@ -14,6 +14,7 @@ from pipeline.encode_job import EncodeActor, EncodeJobConfig, plan_ranges, run_e
 from pipeline.errors import ConfigError, PipelineError, VectorFormatError
 from pipeline.manifest import current_version, load_manifest, version_dir
 from pipeline.shard_format import read_shard
+from pipeline.checkpoint import load_model, model_identity, save_model
 
 pytestmark = pytest.mark.ray
 
@@ -89,7 +90,8 @@ def test_interrupted_job_resumes_to_same_index(ray_session, tiny_index_inputs, t
     inputs = plan_inputs(cfg.data_uris)
     vuri = version_dir(partial, "v000001")
     storage.write_bytes_atomic(storage.join(vuri, "job.json"), json.dumps(
-        {"identity": cfg.identity(), "config": cfg.to_dict()}).encode())
+        {"identity": cfg.identity(), "model_sha256": model_identity(cfg.model_uri)["config_sha256"],
+         "config": cfg.to_dict()}).encode())
     actor = EncodeActor(cfg.model_uri, vuri, inputs, batch_size=256, threads=1)
     tasks = plan_ranges(inputs, cfg.shard_rows)
     for tk in tasks[:2]:
@@ -182,3 +184,104 @@ def test_encode_from_and_to_s3(ray_session, tiny_index_inputs, s3):
 def test_error_messages_do_not_leak(tiny_index_inputs, tmp_path):
     with pytest.raises(PipelineError):
         run_encode(_job(tiny_index_inputs, str(tmp_path / "i"), shard_rows=0))
+
+
+def _comparable(m):
+    """A manifest as a dict, without what legitimately differs between two runs of one job."""
+    d = m.to_dict()
+    for k in ("created", "code_version"):
+        d.pop(k)
+    d["job_config"] = {k: v for k, v in d["job_config"].items() if k != "index_uri"}
+    return d
+
+
+def test_sigkilled_job_resumes_to_same_index(ray_session, tiny_index_inputs, tmp_path):
+    """A real kill: `python -m pipeline encode` attached to the session's Ray is SIGKILLed once its
+    first shard is written; the same job re-run here completes to the same manifest and bytes."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    from conftest import ROOT, clustered_vectors
+
+    inp = tiny_index_inputs
+    base = str(tmp_path / "base.fvecs")
+    vecs_io.write_vectors(base, clustered_vectors(12000, 16, seed=7))
+    killed, full = str(tmp_path / "killed"), str(tmp_path / "full")
+    job = dict(data_uris=[base], workers=1, cpus_per_worker=0.5, shard_rows=500, batch_size=256)
+    cmd = [sys.executable, "-m", "pipeline", "encode", "--model", inp["model"], "--data", base, "--out", killed,
+           "--workers", "1", "--cpus-per-worker", "0.5", "--shard-rows", "500", "--batch-size", "256"]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=str(ROOT))
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=logf, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            pattern = os.path.join(killed, "versions", "*", "shards", "*.parquet.json")
+            while proc.poll() is None and not glob.glob(pattern) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            exited_by_itself = proc.poll() is not None
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert not exited_by_itself, f"encode subprocess ended before the kill:\n{log_path.read_text()[-3000:]}"
+    assert glob.glob(pattern), f"no shard written within 120 s:\n{log_path.read_text()[-3000:]}"
+    assert current_version(killed) is None  # killed before the commit: readers see no index
+
+    resumed = run_encode(_job(inp, killed, **job))
+    reference = run_encode(_job(inp, full, **job))
+    assert resumed["version"] == "v000001"  # the killed run's directory was resumed
+    assert reference["shards_encoded_this_run"] == reference["shards"] == 24
+    assert 0 < resumed["shards_encoded_this_run"] < resumed["shards"]
+    m_k, m_f = load_manifest(killed), load_manifest(full)
+    assert _comparable(m_k) == _comparable(m_f)
+    for s in m_f.shards:
+        a = storage.read_bytes(storage.join(version_dir(killed, m_k.version), s.name))
+        b = storage.read_bytes(storage.join(version_dir(full, m_f.version), s.name))
+        assert a == b, s.name
+    assert set(resumed["actor_peak_rss_bytes"].values()) and min(resumed["actor_peak_rss_bytes"].values()) > 0
+
+
+def test_resume_never_reuses_shards_of_a_replaced_model(ray_session, tiny_index_inputs, tmp_path):
+    """Shards left by an interrupted run are not reused once the model at the same URI changed."""
+    import torch
+
+    inp = tiny_index_inputs
+    model_uri = str(tmp_path / "model")
+    shutil.copytree(inp["model"], model_uri)
+    index = str(tmp_path / "index")
+    cfg = _job(inp, index, model_uri=model_uri, shard_rows=1000)
+    from pipeline.ray_datasource import plan_inputs
+
+    # an interrupted run with the original model: job.json as run_encode writes it + two shards
+    inputs = plan_inputs(cfg.data_uris)
+    vuri = version_dir(index, "v000001")
+    storage.write_bytes_atomic(storage.join(vuri, "job.json"), json.dumps(
+        {"identity": cfg.identity(), "model_sha256": model_identity(model_uri)["config_sha256"],
+         "config": cfg.to_dict()}).encode())
+    actor = EncodeActor(model_uri, vuri, inputs, batch_size=256, threads=1)
+    for start in (0, 1000):
+        x = vecs_io.read_rows(inp["base"], start, start + 1000)
+        actor({"id": np.arange(start, start + 1000), "file_index": np.zeros(1000, np.int32),
+               "row": np.arange(start, start + 1000), "vector": x})
+
+    # the model is retrained in place (same URI, different weights)
+    new = load_model(model_uri)
+    with torch.no_grad():
+        for st in new.steps:
+            st.codebook_KD.mul_(-1.0)
+    save_model(new, model_uri)
+    new_codes = encoder.encode(new, inp["x"])[0]
+    old_codes = encoder.encode(inp["model_obj"], inp["x"])[0]
+    assert not np.array_equal(new_codes[:2000], old_codes[:2000])
+
+    report = run_encode(cfg)
+    assert report["version"] == "v000002" and report["shards_encoded_this_run"] == 4
+    _, ids, codes, _ = _read_index(index)
+    np.testing.assert_array_equal(ids, np.arange(4000))
+    np.testing.assert_array_equal(codes, new_codes)

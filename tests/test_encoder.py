@@ -68,3 +68,30 @@ def test_large_K_uses_uint16():
     assert codes.dtype == np.uint16 and lids is None and codes.max() >= 256
     assert codes_dtype(65536) == np.uint16
     assert reconstruction_mse(x, decode(model, codes)) < 0.5 * reconstruction_mse(x, x * 0 + x.mean(0))
+
+
+@pytest.mark.parametrize("variant", ["qinco1", "qinco2"])
+def test_greedy_search_matches_direct_network_evaluation(variant):
+    """The expanded candidate distances pick the codeword a direct evaluation of every
+    candidate through the step network picks, and return its reconstruction."""
+    from pipeline.encoder import beam_search
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 12)).astype(np.float32)
+    model = QINCo(QincoConfig(dim=12, M=3, K=16, variant=variant, L=1, h=16, de=8, dh=16, A=0, B=1))
+    model.set_normalisation(x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    xn = model.normalise(torch.from_numpy(x))
+    with torch.no_grad():
+        codes, xhat = beam_search(model, xn, torch.zeros_like(xn), B=1, A=0, chunk=5)
+        ref = torch.zeros_like(xn)
+        for m, step in enumerate(model.steps):
+            K = model.config.K
+            f_NKD = torch.stack([step.decode_codes(torch.full((len(x),), k), ref) for k in range(K)], 1)
+            best = ((xn[:, None] - ref[:, None] - f_NKD) ** 2).sum(-1).argmin(1)
+            np.testing.assert_array_equal(codes[:, m].numpy(), best.numpy())
+            ref = ref + f_NKD[torch.arange(len(x)), best]
+    torch.testing.assert_close(xhat, ref, rtol=1e-4, atol=1e-4)

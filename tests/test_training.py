@@ -81,3 +81,22 @@ def test_unused_codewords_are_reset(codec_vectors):
     assert r["n_reset"] >= 2
     assert model.steps[0].codebook_KD[5].abs().max() < 100
     assert model.steps[2].codebook_KD[7].abs().max() < 100
+
+
+def test_time_schedule_follows_the_budget():
+    """With lr_schedule="time" the cosine decay is driven by the share of the time budget
+    used, not by the step count."""
+    import pytest
+
+    from pipeline.errors import ConfigError
+
+    model = QINCo(QincoConfig(dim=4, M=2, K=4, L=1, de=4, dh=4, A=0, B=1))
+    tr = Trainer(model, TrainConfig(lr=1e-3, warmup_steps=2, time_budget_s=100.0, lr_schedule="time"))
+    tr.step = 10
+    for used, want in [(0.0, 1e-3), (50.0, 0.5e-3), (100.0, 0.0), (150.0, 0.0)]:
+        tr.time_used_s = used
+        assert abs(tr._lr() - want) < 1e-12
+    tr.step = 0
+    assert abs(tr._lr() - 0.5e-3) < 1e-12  # warm-up by steps
+    with pytest.raises(ConfigError):
+        TrainConfig(lr_schedule="time")

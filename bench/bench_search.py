@@ -1,0 +1,412 @@
+"""Search quality vs speed: IVF-QINCo (this pipeline) beside Faiss IVF-PQ and IVF-RQ.
+
+For each dataset and code size, with one IVF coarse quantizer (k-means on learn) shared by all
+methods:
+
+- IVF-QINCo: a QINCo2 model trained on learn (CPU preset, wall-time budget), the base encoded
+  by the Ray encode job into an index, then searched in-process with ``ShardSearcher`` on one
+  shard holding the whole index: LUT shortlist (additive decoder) -> QINCo re-rank. The
+  LUT-only ranking is reported too ("IVF-QINCo-LUT").
+- Faiss ``IndexIVFPQ`` (PQ{M}x8) and ``IndexIVFResidualQuantizer`` (RQ{M}x8, training beam 5,
+  norms stored as floats), on the same coarse quantizer and the same code bytes.
+
+Recall@1 / @10 (the true nearest neighbour in the top 1 / 10) and queries/s are measured over a
+grid of nprobe and shortlist sizes, Faiss and torch limited to the same thread count. One run
+of the full Ray query job (``run_search``) is measured separately. Writes
+``bench/out/search/results.json``, the Pareto plot ``bench/out/search/pareto.png`` (copied to
+``bench/search_pareto.png``) and the "Search quality" section of ``bench/RESULTS.md``.
+
+    .venv/bin/python bench/bench_search.py [--datasets dwsift] [--bytes 8 16] [--train-budget 300]
+
+Trained models and indexes are kept under ``--work`` and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import pathlib
+import shlex
+import shutil
+import sys
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from pipeline import storage  # noqa: E402
+from pipeline.config import code_version  # noqa: E402
+
+BEGIN = "<!-- section: search-quality (bench/bench_search.py) -->"
+END = "<!-- end section: search-quality -->"
+log = logging.getLogger("bench_search")
+
+
+def update_results_md(path: pathlib.Path, section: str) -> None:
+    """Replace (or append) this script's section of RESULTS.md, leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    storage.write_bytes_atomic(str(path), text.encode())
+
+
+def recalls(I_QK: np.ndarray, gt_Q: np.ndarray) -> tuple[float, float]:
+    """R@1 and R@10: fraction of queries whose true nearest neighbour is in the top 1 / 10."""
+    hit = I_QK[:, :10] == gt_Q[:, None]
+    return float(hit[:, :1].any(1).mean()), float(hit.any(1).mean())
+
+
+def timed(fn, repeats: int = 1):
+    """Best wall time of ``repeats`` calls (the machine is shared) and the last result."""
+    best, out = np.inf, None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def pareto(points: list[dict], x: str = "qps", y: str = "R@1") -> list[dict]:
+    """Points not dominated in (higher x, higher y), sorted by x."""
+    pts = sorted(points, key=lambda p: (-p[x], -p[y]))
+    front, best_y = [], -1.0
+    for p in pts:
+        if p[y] > best_y:
+            front.append(p)
+            best_y = p[y]
+    return sorted(front, key=lambda p: p[x])
+
+
+def recall_at_qps(points: list[dict], qps: float, y: str = "R@1") -> float | None:
+    """Best recall among points at least as fast as ``qps`` (None if none is)."""
+    ok = [p[y] for p in points if p["qps"] >= qps]
+    return max(ok) if ok else None
+
+
+# --------------------------------------------------------------------------- stages
+def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: int, budget_s: float,
+                threads: int, epochs: int) -> str:
+    from pipeline.checkpoint import save_model
+    from pipeline.qinco_model import config_from_preset
+    from pipeline.training import TrainConfig, train_model
+
+    uri = str(work / "model")
+    if (work / "model").exists():
+        log.info("reusing model %s", uri)
+        return uri
+    qcfg = config_from_preset("cpu", xt.shape[1], M=M, K=256, nlist=len(centroids))
+    tcfg = TrainConfig(epochs=epochs, time_budget_s=budget_s, num_threads=threads, val_size=2000,
+                       batch_size=1024)
+    t = time.perf_counter()
+    model, hist = train_model(xt[2000:], xt[:2000], qcfg, tcfg, centroids=centroids)
+    meta = {"train_config": tcfg.to_dict(), "history": hist, "train_s": time.perf_counter() - t}
+    save_model(model, uri, metadata=meta)
+    log.info("trained M=%d model in %.0f s (val MSE %.6g)", M, time.perf_counter() - t,
+             min(h["val_mse"] for h in hist))
+    return uri
+
+
+def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int) -> tuple[str, dict]:
+    from pipeline.encode_job import EncodeJobConfig, run_encode
+
+    index = str(work / "index")
+    rep = run_encode(EncodeJobConfig(model_uri=model_uri, data_uris=[base_uri], index_uri=index,
+                                     workers=threads, cpus_per_worker=1.0, shard_rows=32768))
+    return index, rep
+
+
+def qinco_searcher(index: str):
+    from pipeline.checkpoint import load_model
+    from pipeline.decoder import decode
+    from pipeline.manifest import load_manifest, version_dir
+    from pipeline.search_job import _centroids, _codebooks, load_shards
+    from pipeline.search_kernels import ShardSearcher
+
+    m = load_manifest(index)
+    model = load_model(m.model["uri"])
+    lists, ids, codes, offsets = load_shards(version_dir(index, m.version), [s.to_dict() for s in m.shards],
+                                             model.config.nlist, model.config.M)
+    s = ShardSearcher(lists, ids, codes, offsets, _centroids(model), _codebooks(model),
+                      decode_fn=lambda c, l: decode(model, c, l), source=index)
+    return s, model
+
+
+def faiss_ivf(kind: str, centroids: np.ndarray, xt: np.ndarray, xb: np.ndarray, M: int):
+    import faiss
+
+    d, nlist = xt.shape[1], len(centroids)
+    quantizer = faiss.IndexFlatL2(d)
+    quantizer.add(centroids)
+    if kind == "IVF-PQ":
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, M, 8)
+    else:
+        index = faiss.IndexIVFResidualQuantizer(quantizer, d, nlist, M, 8, faiss.METRIC_L2,
+                                                faiss.AdditiveQuantizer.ST_norm_float)
+        index.rq.max_beam_size = 5
+    t = time.perf_counter()
+    index.train(xt)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    index.add(xb)
+    add_s = time.perf_counter() - t
+    return index, train_s, add_s
+
+
+# --------------------------------------------------------------------------- report
+def plot(results: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["dataset"], r["bytes"]) for r in results})
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
+    style = {"IVF-QINCo": "C3o-", "IVF-QINCo-LUT": "C1^--", "IVF-RQ": "C0s-", "IVF-PQ": "C2d-"}
+    for ax, (ds, nb) in zip(axes[0], keys):
+        for method in style:
+            pts = [r for r in results if (r["dataset"], r["bytes"], r["method"]) == (ds, nb, method)]
+            if not pts:
+                continue
+            front = pareto(pts)
+            ax.plot([p["qps"] for p in front], [p["R@1"] for p in front], style[method], label=method, ms=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("queries / s (log)")
+        ax.set_ylabel("R@1")
+        ax.set_title(f"{ds}, {nb} bytes")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    head = "| dataset | bytes | method | nprobe | shortlist | R@1 | R@10 | queries/s |"
+    lines = [head, "|:--|--:|:--|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['bytes']} | {r['method']} | {r['nprobe']} | "
+                     f"{r.get('shortlist') or '-'} | {r['R@1']:.3f} | {r['R@10']:.3f} | {r['qps']:,.0f} |")
+    return "\n".join(lines)
+
+
+def summary(results: list[dict]) -> list[str]:
+    """Per (dataset, bytes): R@1 of each method at the query rates IVF-RQ reaches."""
+    out = []
+    for ds, nb in sorted({(r["dataset"], r["bytes"]) for r in results}):
+        sel = [r for r in results if (r["dataset"], r["bytes"]) == (ds, nb)]
+        rq = pareto([r for r in sel if r["method"] == "IVF-RQ"])
+        qn = [r for r in sel if r["method"] == "IVF-QINCo"]
+        for p in rq:
+            ours = recall_at_qps(qn, p["qps"])
+            gap = "n/a (no IVF-QINCo point that fast)" if ours is None else f"{100 * (ours - p['R@1']):+.1f} points"
+            out.append(f"| {ds} | {nb} | {p['qps']:,.0f} | {p['R@1']:.3f} | "
+                       f"{'-' if ours is None else f'{ours:.3f}'} | {gap} |")
+    return out
+
+
+def render(report: dict) -> str:
+    m = report["machine"]
+    res = report["results"]
+    lines = [
+        "## Search quality: IVF-QINCo vs Faiss IVF-PQ / IVF-RQ",
+        "",
+        f"- machine: {m['cpu_model']}, {m['cpu_count']} cores, shared with other jobs (load average at start "
+        f"{report['loadavg_start']}, at end {report.get('loadavg_end', '?')}), so speeds are indicative only",
+        f"- date: {report['started']}" + ("" if report["complete"] else " (run incomplete: rows so far)"),
+        f"- command: `{report['command']}`",
+        f"- protocol: {report['queries']} queries, {report['scale']}; IVF{report['nlist']} "
+        "coarse quantizer (k-means on learn) shared by all methods; Faiss and torch limited to "
+        f"{report['threads']} threads; queries searched in one batch; queries/s = best of "
+        f"{report['repeats']} runs. IVF-QINCo = QINCo2 `cpu` preset (L=2, de=64, dh=128, A=8, B=4), "
+        f"trained on learn within a {report['train_budget_s']:.0f} s budget, base encoded by the Ray encode job; "
+        "search = additive-decoder LUT shortlist then QINCo re-rank (in-process `ShardSearcher`, one shard). "
+        "IVF-QINCo-LUT = the LUT ranking alone. Faiss IVF-RQ: RQ training beam 5, ST_norm_float.",
+        "",
+    ]
+    for key, info in report.get("models", {}).items():
+        lines.append(f"- {key}: {info}")
+    if report.get("ray_job"):
+        lines += ["", "Full Ray query job (`run_search`, shard actors, 1 CPU each):", ""]
+        for rj in report["ray_job"]:
+            lines.append(f"- {rj['dataset']} {rj['bytes']} B: nprobe {rj['nprobe']}, shortlist {rj['shortlist']}, "
+                         f"{rj['workers']} actors, {rj['shards']} shards: R@1 {rj['R@1']:.3f}, R@10 {rj['R@10']:.3f}, "
+                         f"{rj['queries_per_s']:,.0f} queries/s (load {rj['load_s']:.1f} s, stages "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in rj["stages"].items() if k != "load_s") + ")")
+    lines += ["", "R@1 at equal speed (best IVF-QINCo point at least as fast as each IVF-RQ Pareto point):", "",
+              "| dataset | bytes | IVF-RQ queries/s | IVF-RQ R@1 | IVF-QINCo R@1 | difference |",
+              "|:--|--:|--:|--:|--:|:--|"]
+    lines += summary(res)
+    lines += ["", "![Pareto curves](search_pareto.png)", "", "<details><summary>all measured points</summary>",
+              "", table(res), "", "</details>"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["dwsift"])
+    ap.add_argument("--bytes", type=int, nargs="+", default=[16, 8])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--max-learn", type=int, default=None, help="use only the first N learn vectors")
+    ap.add_argument("--max-base", type=int, default=None,
+                    help="use only the first N base vectors (ground truth recomputed; for quick checks)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    ap.add_argument("--shortlist", type=int, nargs="+", default=[20, 50, 100, 200, 400])
+    ap.add_argument("--train-budget", type=float, default=300.0, help="QINCo training seconds per model")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--ray-nprobe", type=int, default=16)
+    ap.add_argument("--ray-shortlist", type=int, default=100)
+    ap.add_argument("--work", default=str(HERE / "out" / "search"))
+    ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import faiss
+    import torch
+
+    from pipeline import vecs_io
+    from pipeline.baselines import machine_info
+    from pipeline.datasets import resolve_dataset
+    from pipeline.search_kernels import SearchParams
+    from pipeline.training import train_ivf_centroids
+
+    faiss.omp_set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    work = pathlib.Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    command = "python bench/bench_search.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    report = {"command": command.strip(), "machine": machine_info(), "code_version": code_version(),
+              "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg()), "threads": a.threads,
+              "queries": a.queries, "nlist": a.nlist, "repeats": a.repeats, "train_budget_s": a.train_budget,
+              "results": [], "models": {}, "ray_job": [], "complete": False}
+    res = report["results"]
+    report["scale"] = ("full base, ground truth from the dataset" if a.max_base is None else
+                       f"first {a.max_base:,} base vectors (exact ground truth recomputed)") + \
+        ("" if a.max_learn is None else f", first {a.max_learn:,} learn vectors for all training")
+
+    def save() -> None:
+        report["loadavg_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+        storage.write_bytes_atomic(str(work / "results.json"), json.dumps(report, indent=2, default=float).encode())
+        if res:
+            plot(res, work / "pareto.png")
+            shutil.copyfile(work / "pareto.png", HERE / "search_pareto.png")
+        update_results_md(pathlib.Path(a.results_md), render(report))
+
+    def add(row: dict) -> None:
+        res.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+
+    for name in a.datasets:
+        ds = resolve_dataset(name, a.data_dir)
+        xt = vecs_io.read_vectors(ds.learn, max_rows=a.max_learn).astype(np.float32)
+        xb = vecs_io.read_vectors(ds.base, max_rows=a.max_base).astype(np.float32)
+        xq = vecs_io.read_vectors(ds.query, max_rows=a.queries).astype(np.float32)
+        base_uri = ds.base
+        if a.max_base is None:
+            gt = vecs_io.read_vectors(ds.groundtruth, max_rows=a.queries)[:, 0].astype(np.int64)
+        else:
+            from pipeline.evaluation import knn_ground_truth
+
+            gt = knn_ground_truth(xq, xb, k=1)[1][:, 0]
+            base_uri = str(work / f"{name}_base{a.max_base}.fvecs")
+            vecs_io.write_vectors(base_uri, xb)
+        cpath = work / f"{name}_ivf{a.nlist}_learn{len(xt)}.npy"
+        if cpath.exists():
+            centroids = np.load(cpath)
+        else:
+            centroids = train_ivf_centroids(xt, a.nlist)
+            np.save(cpath, centroids)
+        for nb in a.bytes:
+            M = nb  # K = 256: one byte per code
+            wdir = work / f"{name}_{nb}B"
+            wdir.mkdir(exist_ok=True)
+            # -- Faiss baselines on the same coarse quantizer
+            for kind in ("IVF-PQ", "IVF-RQ"):
+                index, train_s, add_s = faiss_ivf(kind, centroids, xt, xb, M)
+                report["models"][f"{name} {nb} B {kind}"] = f"train {train_s:.0f} s, add {add_s:.0f} s"
+                for p in a.nprobe:
+                    index.nprobe = p
+                    dt, (_, I) = timed(lambda: index.search(xq, 10), a.repeats)
+                    r1, r10 = recalls(I, gt)
+                    add({"dataset": name, "bytes": nb, "method": kind, "nprobe": p, "shortlist": None,
+                         "R@1": r1, "R@10": r10, "qps": len(xq) / dt})
+                del index
+                save()
+            # -- IVF-QINCo
+            import ray
+
+            t = time.perf_counter()
+            model_uri = train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs)
+            from pipeline.checkpoint import read_model_info
+
+            info = read_model_info(model_uri)
+            if not ray.is_initialized():
+                ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
+            index_uri, enc = build_index(wdir, model_uri, base_uri, a.threads)
+            hist = info.get("metadata", {}).get("history", [])
+            best = min((h["val_mse"] for h in hist), default=float("nan"))
+            report["models"][f"{name} {nb} B IVF-QINCo"] = (
+                f"val MSE {best:,.0f} after {max((h.get('epoch', 0) for h in hist), default='?')} epochs; "
+                f"encode job {enc.get('vectors_per_s') or 0:,.0f} vectors/s ({enc.get('status')}); "
+                f"model+index {time.perf_counter() - t:.0f} s this run")
+            torch.set_num_threads(a.threads)
+            searcher, model = qinco_searcher(index_uri)
+            for p in a.nprobe:
+                params = SearchParams(k=10, nprobe=p, shortlist=10)
+                s_lut = searcher.decode_fn
+                searcher.decode_fn = None
+                dt, (_, I) = timed(lambda: searcher.search(xq, params), a.repeats)
+                searcher.decode_fn = s_lut
+                r1, r10 = recalls(I, gt)
+                add({"dataset": name, "bytes": nb, "method": "IVF-QINCo-LUT", "nprobe": p, "shortlist": None,
+                     "R@1": r1, "R@10": r10, "qps": len(xq) / dt})
+                for S in a.shortlist:
+                    params = SearchParams(k=10, nprobe=p, shortlist=S)
+                    dt, (_, I) = timed(lambda: searcher.search(xq, params), a.repeats)
+                    r1, r10 = recalls(I, gt)
+                    add({"dataset": name, "bytes": nb, "method": "IVF-QINCo", "nprobe": p, "shortlist": S,
+                         "R@1": r1, "R@10": r10, "qps": len(xq) / dt})
+                save()
+            del searcher
+            # -- one run of the full Ray query job
+            from pipeline.search_job import SearchJobConfig, evaluate_results, run_search
+
+            qpath = work / f"{name}_query{a.queries}.fvecs"
+            if not qpath.exists():
+                vecs_io.write_vectors(str(qpath), xq)
+            out = str(wdir / "ray_results.bin")
+            rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=str(qpath), out_uri=out, k=10,
+                                             nprobe=a.ray_nprobe, shortlist=a.ray_shortlist,
+                                             workers=a.threads, cpus_per_worker=1.0, query_batch=len(xq)))
+            I, _ = vecs_io.read_knn_results(out)
+            r1, r10 = recalls(I, gt)
+            report["ray_job"].append({"dataset": name, "bytes": nb, "nprobe": a.ray_nprobe,
+                                      "shortlist": a.ray_shortlist, "workers": a.threads,
+                                      "shards": rep["shards"], "R@1": r1, "R@10": r10,
+                                      "queries_per_s": rep["queries_per_s"], "load_s": rep["stages"]["load_s"],
+                                      "stages": rep["stages"]})
+            save()
+    report["complete"] = True
+    save()
+    print(table(res))
+    print("\n".join(summary(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The ``qinco`` command line: help, ``baselines``, ``demo``, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import vecs_io
+from pipeline.cli import main
+from pipeline.datasets import clustered_vectors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_faiss_thread():
+    """Tiny problems run fastest single-threaded, especially on a shared machine."""
+    import faiss
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)
+
+
+def test_python_m_pipeline_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    for name in ("demo", "baselines"):
+        assert name in out.stdout
+
+
+def test_no_command_exits_non_zero(capsys):
+    assert main([]) == 2
+
+
+@pytest.fixture
+def tiny_files(tmp_path):
+    uris = {}
+    for stream, (name, n) in enumerate([("learn", 1200), ("base", 800), ("query", 30)]):
+        uris[name] = str(tmp_path / f"{name}.fvecs")
+        vecs_io.write_vectors(uris[name], clustered_vectors(n, 8, seed=3, stream=stream))
+    return uris
+
+
+def test_baselines_command_writes_json(tiny_files, tmp_path, capsys):
+    out = tmp_path / "res" / "results.json"
+    rc = main(["baselines", "--learn", tiny_files["learn"], "--base", tiny_files["base"],
+               "--queries", tiny_files["query"], "--bytes", "2", "--methods", "PQ", "RQ",
+               "--max-base", "500", "--k", "20", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [r["factory"] for r in report["rows"]] == ["PQ2x8", "RQ2x8"]
+    assert all(r["n_base"] == 500 and r["n_query"] == 30 and "R@10" in r for r in report["rows"])
+    assert report["arguments"]["bytes"] == [2] and report["arguments"]["max_base"] == 500
+    assert report["code_version"]["package"] == "qinco-pipeline"
+    assert report["machine"]["cpu_count"] >= 1
+    assert "RQ2x8" in capsys.readouterr().out
+
+
+def test_baselines_missing_file_is_one_line_error(tiny_files, tmp_path, capsys):
+    missing = str(tmp_path / "nope.fvecs")
+    out = tmp_path / "r.json"
+    rc = main(["baselines", "--learn", missing, "--base", tiny_files["base"],
+               "--queries", tiny_files["query"], "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and missing in err and err.startswith("qinco baselines: error:")
+    assert not out.exists()
+
+
+def test_baselines_needs_inputs(tmp_path, capsys):
+    assert main(["baselines", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--learn" in capsys.readouterr().err
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    """Without the real data the demo writes and uses a synthetic dataset."""
+    out = tmp_path / "demo"
+    rc = main(["demo", "--quick", "--data-dir", str(tmp_path / "no-data"), "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "demo_report.json").read_text())
+    assert [st["stage"] for st in report["stages"]] == ["dataset", "ground_truth", "baselines", "train",
+                                                        "encode", "search", "evaluate", "history"]
+    assert report["encode"]["vectors"] == report["dataset"]["n_base"] == 2000
+    assert report["search"]["queries"] == report["dataset"]["n_query"]
+    assert report["recall"]["qinco"]["R@100"] > 0.5  # the index answers with real neighbours
+    assert (out / "index" / "CURRENT").exists() and (out / "model").is_dir()
+    assert report["dataset"]["name"] == "synthetic"
+    assert (out / "synthetic" / "groundtruth.ivecs").exists()
+    assert report["ground_truth_check"]["rows_identical"] == 1.0
+    assert [r["factory"] for r in report["baselines"]] == ["PQ8x8", "RQ8x8"]
+    printed = capsys.readouterr().out
+    assert "[baselines] done in" in printed and "RQ8x8" in printed
