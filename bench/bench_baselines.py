@@ -25,21 +25,15 @@ from pipeline.config import code_version
 from pipeline.datasets import DATASETS, resolve_dataset
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_md import update_section  # noqa: E402
 BEGIN = "<!-- section: faiss-baselines (bench/bench_baselines.py) -->"
 END = "<!-- end section: faiss-baselines -->"
 
 
 def update_results_md(path: pathlib.Path, section: str) -> None:
     """Replace (or append) this script's section of RESULTS.md, leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    storage.write_bytes_atomic(str(path), text.encode())
+    update_section(path, BEGIN, END, section)
 
 
 def render_section(rows: list[dict], machine: dict, command: str, started: str, done: bool) -> str:

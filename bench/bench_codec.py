@@ -43,6 +43,8 @@ from pipeline.qinco_model import QINCo, QincoConfig, config_from_preset  # noqa:
 from pipeline.training import TrainConfig, train_model  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_md import update_section  # noqa: E402
 BEGIN = "<!-- section: qinco-codec (bench/bench_codec.py) -->"
 END = "<!-- end section: qinco-codec -->"
 log = logging.getLogger("bench_codec")
@@ -208,15 +210,7 @@ def render(report: dict) -> str:
 
 def update_results_md(path: pathlib.Path, section: str) -> None:
     """Replace (or append) this script's section of RESULTS.md, leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    storage.write_bytes_atomic(str(path), text.encode())
+    update_section(path, BEGIN, END, section)
 
 
 def main(argv=None) -> int:

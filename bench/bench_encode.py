@@ -42,6 +42,8 @@ from pipeline.qinco_model import PRESETS, QincoConfig, config_from_preset
 log = logging.getLogger("bench_encode")
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_md import update_section  # noqa: E402
 BEGIN = "<!-- section: encode-job (bench/bench_encode.py) -->"
 END = "<!-- end section: encode-job -->"
 
@@ -272,15 +274,7 @@ def render(res: dict) -> str:
 
 def update_results_md(path: pathlib.Path, section: str) -> None:
     """Replace (or append) this script's section of RESULTS.md, leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    storage.write_bytes_atomic(str(path), text.encode())
+    update_section(path, BEGIN, END, section)
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,8 @@ import time
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_md import update_section  # noqa: E402
 sys.path.insert(0, str(HERE.parent))
 
 from pipeline import storage  # noqa: E402
@@ -49,15 +51,7 @@ log = logging.getLogger("bench_search")
 
 def update_results_md(path: pathlib.Path, section: str) -> None:
     """Replace (or append) this script's section of RESULTS.md, leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    storage.write_bytes_atomic(str(path), text.encode())
+    update_section(path, BEGIN, END, section)
 
 
 def recalls(I_QK: np.ndarray, gt_Q: np.ndarray) -> tuple[float, float]:

@@ -78,49 +78,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         if a.workers > 0:
             return _train_distributed(a)
-        import numpy as np
+        from pipeline.train_job import run_train
+        from pipeline.training import TrainConfig
 
-        from pipeline import storage, vecs_io
-        from pipeline.checkpoint import save_model
-        from pipeline.errors import ConfigError
-        from pipeline.qinco_model import config_from_preset
-        from pipeline.training import TrainConfig, train_model
-
-        limit = None if a.max_train is None else a.max_train + a.val
-        parts = []
-        for uri in a.data:
-            rows = None if limit is None else limit - sum(len(p) for p in parts)
-            if rows is not None and rows <= 0:
-                break
-            parts.append(vecs_io.read_vectors(uri, max_rows=rows).astype(np.float32))
-        x = np.concatenate(parts)
-        if len(x) <= a.val:
-            raise ConfigError(f"{storage.redact(a.data[0])} has {len(x)} vectors; need more than --val {a.val}")
-        perm = np.random.default_rng(a.seed).permutation(len(x))
-        x_val, x_train = x[np.sort(perm[:a.val])], x[np.sort(perm[a.val:])]
-        qcfg = config_from_preset(a.preset, x.shape[1], M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
-                                  A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf)
         tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                            max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget)
-        print(f"training {a.preset} ({qcfg.code_bytes:g} bytes/vector) on {len(x_train)} vectors, "
-              f"validating on {len(x_val)}", flush=True)
-
-        def progress(rec: dict, trainer) -> None:
-            if rec.get("rq_init"):
-                print(f"epoch 0 (RQ init): val MSE {rec['val_mse']:.6g}", flush=True)
-                return
-            print(f"epoch {rec['epoch']}: {rec['samples_per_s']:.0f} samples/s, {rec['seconds']:.1f} s, "
-                  f"train MSE {rec['train_mse']:.6g}, val MSE {rec['val_mse']:.6g}"
-                  f"{' *' if rec['best'] else ''}", flush=True)
-
-        model, history = train_model(x_train, x_val, qcfg, tcfg, device=a.device, on_epoch_end=progress)
-        meta = {"train_config": tcfg.to_dict(), "preset": a.preset, "history": history,
-                "data": {"uris": [storage.redact(u) for u in a.data], "rows_read": int(len(x)),
-                         "train_rows": int(min(len(x_train), a.max_train or len(x_train))),
-                         "val_rows": int(len(x_val)), "split_seed": a.seed}}
-        save_model(model, a.out, metadata=meta)
-        best = min(h["val_mse"] for h in history)
-        print(f"saved model to {storage.redact(a.out)} (best val MSE {best:.6g})", flush=True)
+        run_train(a.data, a.out, dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B,
+                                      B_train=a.B_train, nlist=a.ivf),
+                  a.preset, tcfg, device=a.device, echo=lambda m: print(m, flush=True))
         return 0
 
     p.set_defaults(func=run)
@@ -179,36 +144,13 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         if not a.out.endswith(".parquet"):
             return _encode_index(a)
-        import time
-
-        import numpy as np
-
-        from pipeline import codes_io, storage, vecs_io
+        from pipeline.codes_io import encode_file
         from pipeline.errors import ConfigError
 
         if len(a.data) != 1:
             raise ConfigError("a codes file holds one input; give one --data file or an index --out")
-        a.data = a.data[0]
-        from pipeline.checkpoint import load_model, model_identity
-        from pipeline.encoder import encode
-
-        model = load_model(a.model, device=a.device)
-        total = vecs_io.info(a.data).count
-        codes, lids = [], []
-        t0 = time.time()
-        for start, block in vecs_io.iter_blocks(a.data, a.block_rows):
-            c, l = encode(model, block, device=a.device, B=a.B, A=a.A, source=storage.redact(a.data))
-            codes.append(c)
-            lids.append(l)
-            done = start + len(block)
-            print(f"encoded {done}/{total} vectors ({done / max(time.time() - t0, 1e-9):.0f} vec/s)", flush=True)
-        K = model.config.K
-        all_codes = np.concatenate(codes) if codes else np.zeros((0, model.config.M), np.uint8)
-        all_lids = np.concatenate(lids) if model.ivf and lids else None
-        codes_io.write_codes(a.out, all_codes, K, all_lids, model=model_identity(a.model),
-                             extra={"source": storage.redact(a.data), "B": a.B or model.config.B,
-                                    "A": model.config.A if a.A is None else a.A})
-        print(f"wrote {len(all_codes)} codes ({model.config.code_bytes:g} bytes each) to {storage.redact(a.out)}")
+        encode_file(a.model, a.data[0], a.out, B=a.B, A=a.A, block_rows=a.block_rows, device=a.device,
+                    echo=lambda m: print(m, flush=True))
         return 0
 
     p.set_defaults(func=run)

@@ -113,3 +113,39 @@ def read_codes(uri: str, options: storage.StorageOptions | None = None) -> Codes
         raise VectorFormatError(name, "negative list id mixed with valid ones",
                                 row=int(np.argmax(lids < 0)))
     return CodesData(ids=ids, list_ids=list_ids, codes=codes, meta=meta)
+
+
+def encode_file(model_uri: str, data_uri: str, out_uri: str, B: int | None = None, A: int | None = None,
+                block_rows: int = 65536, device: str = "cpu", options=None,
+                echo=print) -> int:
+    """Encode one vector file in this process into a codes file (``qinco encode ... --out X.parquet``).
+
+    Streams the input in blocks; the codes (M bytes per vector) are held until the single atomic
+    write. Returns the number of vectors encoded.
+    """
+    import time
+
+    import numpy as np
+
+    from pipeline import storage, vecs_io
+    from pipeline.checkpoint import load_model, model_identity
+    from pipeline.encoder import encode
+
+    model = load_model(model_uri, device=device, options=options)
+    total = vecs_io.info(data_uri, options=options).count
+    codes, lids = [], []
+    t0 = time.time()
+    for start, block in vecs_io.iter_blocks(data_uri, block_rows, options=options):
+        c, l = encode(model, block, device=device, B=B, A=A, source=storage.redact(data_uri))
+        codes.append(c)
+        lids.append(l)
+        done = start + len(block)
+        echo(f"encoded {done}/{total} vectors ({done / max(time.time() - t0, 1e-9):.0f} vec/s)")
+    cfg = model.config
+    all_codes = np.concatenate(codes) if codes else np.zeros((0, cfg.M), np.uint8)
+    all_lids = np.concatenate(lids) if model.ivf and lids else None
+    write_codes(out_uri, all_codes, cfg.K, all_lids, model=model_identity(model_uri, options),
+                extra={"source": storage.redact(data_uri), "B": B or cfg.B, "A": cfg.A if A is None else A},
+                options=options)
+    echo(f"wrote {len(all_codes)} codes ({cfg.code_bytes:g} bytes each) to {storage.redact(out_uri)}")
+    return len(all_codes)

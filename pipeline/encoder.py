@@ -48,11 +48,9 @@ CACHE_BUDGET_BYTES = 16 << 20
 
 def codes_dtype(K: int) -> np.dtype:
     """Smallest unsigned dtype holding codes of ``K`` values (uint8 up to 256, uint16 up to 65,536)."""
-    if K <= 256:
-        return np.dtype(np.uint8)
-    if K <= 65536:
-        return np.dtype(np.uint16)
-    raise ConfigError(f"K={K} is larger than 65,536")
+    from pipeline.shard_format import code_dtype_for
+
+    return code_dtype_for(K)
 
 
 def _gather_rows(t_NF_: Tensor, idx_NG: Tensor) -> Tensor:

@@ -362,15 +362,11 @@ class Trainer:
 
 
 def train_ivf_centroids(x_ND: np.ndarray, nlist: int, seed: int = 0, niter: int = 20) -> np.ndarray:
-    """k-means (Faiss) IVF centroids ``(nlist, D)`` on raw vectors."""
-    import faiss
+    """IVF centroids ``(nlist, D)`` on raw vectors (``pipeline.ivf``: flat or two-level k-means)."""
+    from pipeline.ivf import IVFConfig, train_coarse_quantizer
 
-    x = np.ascontiguousarray(x_ND, dtype=np.float32)
-    if len(x) < nlist:
-        raise ConfigError(f"{len(x)} training vectors are fewer than nlist={nlist}")
-    km = faiss.Kmeans(x.shape[1], nlist, niter=niter, seed=seed, verbose=False)
-    km.train(x)
-    return km.centroids.astype(np.float32)
+    return train_coarse_quantizer(np.asarray(x_ND, dtype=np.float32),
+                                  IVFConfig(nlist=nlist, niter=niter, seed=seed), progress=False)
 
 
 def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig, tcfg: TrainConfig,
