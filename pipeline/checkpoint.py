@@ -176,3 +176,17 @@ def model_identity(uri: str, options: storage.StorageOptions | None = None) -> d
         "config_sha256": hashlib.sha256(raw).hexdigest(),
         "weights_sha256": info["weights"]["sha256"],
     }
+
+
+REPORT_FILE = "report.json"
+
+
+def save_report(uri: str, report: dict[str, Any], options: storage.StorageOptions | None = None) -> str:
+    """Write the training job's run report (parameters, counts, per-stage times, throughput,
+    versions) as ``report.json`` beside the model files; loading the model ignores it."""
+    path = storage.join(uri, REPORT_FILE)
+    body = dict(report)
+    body.setdefault("code_version", code_version())
+    storage.write_bytes_atomic(path, json.dumps(body, indent=2, sort_keys=True, default=_json_default).encode(),
+                               options)
+    return path

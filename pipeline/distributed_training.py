@@ -395,7 +395,7 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.additive_decoder import fit_additive_decoder
-    from pipeline.checkpoint import save_model
+    from pipeline.checkpoint import save_model, save_report
     from pipeline.encoder import assign_lists, encode
     from pipeline.qinco_model import QincoConfig
     from pipeline.ray_datasource import RowSample, VectorDatasource, plan_inputs, unwrap_ray_error
@@ -546,6 +546,8 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
                        "n_init": int(len(x_init))},
         "metrics": summary,
     }, options=options)
+    save_report(cfg.out_uri, {"job": "train", "mode": "ray-train", "config": cfg.to_dict(),
+                              "train_config": tcfg.to_dict(), **summary}, options)
     log.info("model saved to %s (best val MSE %.6g at epoch %d)", storage.redact(cfg.out_uri),
              state["best_val"], state["best_epoch"])
     return summary

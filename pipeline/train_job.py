@@ -34,10 +34,13 @@ def read_training_vectors(data_uris: list[str], limit: int | None, options=None)
 def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any], preset: str, tcfg,
               device: str = "cpu", options=None, echo: Callable[[str], None] = print) -> list[dict]:
     """Train and save a model; returns the per-epoch history (epoch 0 = RQ initialisation)."""
-    from pipeline.checkpoint import save_model
+    import time
+
+    from pipeline.checkpoint import save_model, save_report
     from pipeline.qinco_model import config_from_preset
     from pipeline.training import train_model
 
+    t0 = time.time()
     limit = None if tcfg.max_train is None else tcfg.max_train + tcfg.val_size
     x = read_training_vectors(data_uris, limit, options)
     if len(x) <= tcfg.val_size:
@@ -56,11 +59,20 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
         echo(f"epoch {rec['epoch']}: {rec['samples_per_s']:.0f} samples/s, {rec['seconds']:.1f} s, "
              f"train MSE {rec['train_mse']:.6g}, val MSE {rec['val_mse']:.6g}{' *' if rec['best'] else ''}")
 
+    read_s = time.time() - t0
     model, history = train_model(x_train, x_val, qcfg, tcfg, device=device, on_epoch_end=progress)
+    train_s = time.time() - t0 - read_s
     meta = {"train_config": tcfg.to_dict(), "preset": preset, "history": history,
             "data": {"uris": [storage.redact(u) for u in data_uris], "rows_read": int(len(x)),
                      "train_rows": int(min(len(x_train), tcfg.max_train or len(x_train))),
                      "val_rows": int(len(x_val)), "split_seed": tcfg.seed}}
     save_model(model, out_uri, metadata=meta, options=options)
-    echo(f"saved model to {storage.redact(out_uri)} (best val MSE {min(h['val_mse'] for h in history):.6g})")
+    best = min(history, key=lambda h: h["val_mse"])
+    save_report(out_uri, {"job": "train", "mode": "in-process", "preset": preset, "config": qcfg.to_dict(),
+                          "train_config": tcfg.to_dict(), "data": meta["data"],
+                          "best_val_mse": best["val_mse"], "best_epoch": best.get("epoch", 0),
+                          "epochs_done": max(h.get("epoch", 0) for h in history),
+                          "timings_s": {"read": read_s, "train": train_s, "total": time.time() - t0},
+                          "history": history}, options)
+    echo(f"saved model to {storage.redact(out_uri)} (best val MSE {best['val_mse']:.6g})")
     return history

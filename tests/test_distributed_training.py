@@ -89,6 +89,8 @@ def test_stopped_run_resumes_at_next_epoch_from_s3_checkpoint(s3_run, data):
     meta = info["metadata"]
     assert info["has_additive"] and not info["has_centroids"]
     assert info["config"]["dim"] == data["x"].shape[1] and info["code_version"]["package"] == "qinco-pipeline"
+    report = json.loads(storage.read_bytes(storage.join(model_uri, "report.json"), opts))
+    assert report["job"] == "train" and report["epochs_done"] == EPOCHS and report["workers"] == 2
     inp = meta["provenance"]["inputs"][0]
     assert inp["uri"] == s3_run["src"] and inp["count"] == N_ROWS and len(inp["header_sha256"]) == 64
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2]
