@@ -27,6 +27,17 @@ def ray_session():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Faiss on one thread for a module: tiny problems run fastest that way on a shared machine."""
+    import faiss
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)
+
+
 def data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("QINCO_DATA_DIR", ROOT.parent / "shared" / "data"))
 

@@ -11,15 +11,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluation import knn_ground_truth
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """Tiny problems run fastest single-threaded, especially on a shared machine."""
-    import faiss
-
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,7 @@ from pipeline.cli import main
 from pipeline.datasets import clustered_vectors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """Tiny problems run fastest single-threaded, especially on a shared machine."""
-    import faiss
-
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def test_python_m_pipeline_help_lists_commands():
