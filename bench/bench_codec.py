@@ -96,17 +96,20 @@ def run_qinco(name: str, nbytes: int, data, a) -> tuple[dict, list[dict], QINCo]
     # the cosine decay follows the wall-time budget, so it ends when the budget does
     tcfg = TrainConfig(epochs=a.max_epochs, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
                        time_budget_s=a.time_budget, patience=a.patience, val_size=a.val_size,
-                       lr_schedule="time")
+                       lr_schedule="time", rq_beam=a.rq_beam)
     (model, history), train_s, _ = timed(lambda: train_model(x_train, x_val, qcfg, tcfg))
     model.eval()
     log.info("trained in %.0f s, best epoch val MSE %.6g", train_s, min(h["val_mse"] for h in history))
-    (codes, _), enc_s, enc_c = timed(lambda: encode(model, xb, progress=True, source=name + " base"))
+    enc_A = a.encode_A if a.encode_A is not None else qcfg.A
+    enc_B = a.encode_B if a.encode_B is not None else qcfg.B
+    (codes, _), enc_s, enc_c = timed(lambda: encode(model, xb, A=enc_A, B=enc_B, progress=True,
+                                                    source=name + " base"))
     xhat, dec_s, _ = timed(lambda: decode(model, codes))
     _, I = search_decoded(xq, xhat, 100)
     row = {"dataset": name, "method": "QINCo2", "factory": f"{a.preset} M={nbytes} K=256",
            "bytes": nbytes, "mse": reconstruction_mse(xb, xhat), **recall_at(I, gt, (1, 10, 100)),
            "train_s": train_s, "encode_vps": len(xb) / enc_s, "encode_vps_per_cpu_s": len(xb) / enc_c,
-           "decode_vps": len(xb) / dec_s, "A": qcfg.A, "B": qcfg.B,
+           "decode_vps": len(xb) / dec_s, "A": enc_A, "B": enc_B,
            "epochs_run": sum(1 for h in history if h.get("epoch", 0) > 0),
            "time_budget_s": a.time_budget,
            "train_samples_per_s": float(np.nanmean([h.get("samples_per_s", np.nan) for h in history[1:]]))
@@ -119,7 +122,7 @@ def run_qinco(name: str, nbytes: int, data, a) -> tuple[dict, list[dict], QINCo]
     # pre-selection + beam against the full greedy search, on a base subset
     xs = xb[:a.speed_rows]
     speed = []
-    for A, B in [(0, 1)] + [(16, b) for b in a.speed_beams] + [(qcfg.A, qcfg.B)]:
+    for A, B in [(0, 1)] + [(16, b) for b in a.speed_beams] + [(qcfg.A, qcfg.B), (enc_A, enc_B)]:
         if any(s["A"] == A and s["B"] == B for s in speed):
             continue
         (c, _), w, cpu = timed(lambda: encode(model, xs, A=A, B=B))
@@ -173,9 +176,42 @@ def add_ratios(rows: list[dict]) -> None:
         r["mse_vs_LSQ"] = r["mse"] / lsq[0]["mse"] if lsq else None
 
 
+def _describe_training(report: dict) -> str:
+    """One phrase per distinct (architecture, training recipe) among the QINCo rows."""
+    out = []
+    for r in report["rows"]:
+        if "model_config" not in r:
+            continue
+        q, t = r["model_config"], r["train_config"]
+        d = (f"L={q['L']}, de={q['de']}, dh={q['dh']}, A={q['A']}, B={q['B']}, B_train={q['B_train']};"
+             f" AdamW lr {t['lr']:g} (weight decay {t['weight_decay']:g}), batch {t['batch_size']},"
+             f" codebooks initialised from Faiss RQ with beam {t.get('rq_beam', 0)}"
+             f" ({'greedy k-means' if not t.get('rq_beam') else 'as the RQ baseline'})")
+        if d not in out:
+            out.append(d)
+    return "; ".join(out) or "-"
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several runs (e.g. one process per model run side by side)."""
+    if len(reports) == 1:
+        return reports[0]
+    out = dict(reports[0])
+    out["rows"] = [r for rep in reports for r in rep["rows"]]
+    out["speed"] = [s for rep in reports for s in rep["speed"]]
+    out["command"] = " ; ".join(rep["command"] for rep in reports)
+    out["complete"] = all(rep["complete"] for rep in reports)
+    out["started"] = min(rep["started"] for rep in reports)
+    out["load_end"] = reports[-1].get("load_end", "-")
+    out["notes"] = [n for rep in reports for n in rep.get("notes", [])]
+    add_ratios(out["rows"])
+    return out
+
+
 def render(report: dict) -> str:
     m = report["machine"]
     rows, speed = report["rows"], report["speed"]
+    enc = sorted({(r["A"], r["B"]) for r in rows if "model_config" in r})
     lines = [
         "## QINCo codec vs Faiss (bench/bench_codec.py)",
         "",
@@ -185,11 +221,12 @@ def render(report: dict) -> str:
         " this process, steadier under load)",
         f"- date: {report['started']}" + ("" if report["complete"] else " (run incomplete: rows so far)"),
         f"- command: `{report['command']}`",
-        f"- QINCo2: preset `{report['args']['preset']}` (L=2, de=64, dh=128, A=8, B=4, B_train=2),"
+        f"- QINCo2: preset `{report['args']['preset']}` ({_describe_training(report)}),"
         f" trained on learn minus {report['args']['val_size']} validation vectors with a wall-time"
-        f" budget of {report['args']['time_budget']:.0f} s per model (CPU, torch"
+        f" budget of {report['args']['time_budget']:.0f} s per model, initialisation included (CPU, torch"
         f" {report['torch_threads']} threads; the papers train for hours on GPUs); full base"
-        " encoded with A=8, B=4; Faiss baselines (1 OpenMP thread) on the same data in the same"
+        f" encoded with {', '.join(f'A={A}, B={B}' for A, B in enc) or '-'};"
+        " Faiss baselines (1 OpenMP thread) on the same data in the same"
         f" process: {', '.join(report['args']['baselines'])} (RQ beam 5); exhaustive search of all"
         " queries over the decoded base. Rows marked `(reference)` are the dataset README's"
         " figures (not rerun here); `mse_vs_LSQ` divides by the LSQ row of the same size.",
@@ -219,10 +256,17 @@ def main(argv=None) -> int:
     ap.add_argument("--bytes", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--time-budget", type=float, default=720.0, help="training seconds per model")
-    ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-2,
+                    help="peak learning rate (cosine over the time budget); 1e-2 trains the cpu"
+                         " preset fastest on CPU, 2e-2 diverges")
+    ap.add_argument("--rq-beam", type=int, default=5, help="beam of the Faiss RQ initialisation")
+    ap.add_argument("--encode-A", type=int, default=None, help="pre-selection for the base encoding"
+                    " (default: the model's A)")
+    ap.add_argument("--encode-B", type=int, default=None, help="beam for the base encoding"
+                    " (default: the model's B)")
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--patience", type=int, default=5)
+    ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--speed-rows", type=int, default=4000)
@@ -241,11 +285,17 @@ def main(argv=None) -> int:
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--render-only", action="store_true",
                     help="only rewrite the RESULTS.md section from --out (with any --note added)")
+    ap.add_argument("--merge", nargs="+", default=[],
+                    help="with --render-only: first combine these reports (runs of one model each,"
+                         " e.g. run side by side) into --out")
     ap.add_argument("--note", action="append", default=[],
                     help="with --render-only: a note line to store in --out and show under the tables")
     a = ap.parse_args(argv)
     if a.render_only:
-        report = json.loads(pathlib.Path(a.out).read_text())
+        if a.merge:
+            report = merge_reports([json.loads(pathlib.Path(f).read_text()) for f in a.merge])
+        else:
+            report = json.loads(pathlib.Path(a.out).read_text())
         report["notes"] = report.get("notes", []) + a.note
         storage.write_bytes_atomic(a.out, json.dumps(report, indent=2, default=str).encode())
         update_results_md(pathlib.Path(a.results_md), render(report))

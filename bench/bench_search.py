@@ -89,7 +89,7 @@ def recall_at_qps(points: list[dict], qps: float, y: str = "R@1") -> float | Non
 
 # --------------------------------------------------------------------------- stages
 def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: int, budget_s: float,
-                threads: int, epochs: int) -> str:
+                threads: int, epochs: int, lr: float) -> str:
     from pipeline.checkpoint import save_model
     from pipeline.qinco_model import config_from_preset
     from pipeline.training import TrainConfig, train_model
@@ -100,7 +100,7 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
         return uri
     qcfg = config_from_preset("cpu", xt.shape[1], M=M, K=256, nlist=len(centroids))
     tcfg = TrainConfig(epochs=epochs, time_budget_s=budget_s, num_threads=threads, val_size=2000,
-                       batch_size=1024)
+                       batch_size=1024, lr=lr, lr_schedule="time", patience=10, rq_beam=5)
     t = time.perf_counter()
     model, hist = train_model(xt[2000:], xt[:2000], qcfg, tcfg, centroids=centroids)
     meta = {"train_config": tcfg.to_dict(), "history": hist, "train_s": time.perf_counter() - t}
@@ -119,7 +119,7 @@ def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int)
     return index, rep
 
 
-def qinco_searcher(index: str):
+def qinco_searcher(index: str, threads: int = 1):
     from pipeline.checkpoint import load_model
     from pipeline.decoder import decode
     from pipeline.manifest import load_manifest, version_dir
@@ -131,7 +131,7 @@ def qinco_searcher(index: str):
     lists, ids, codes, offsets = load_shards(version_dir(index, m.version), [s.to_dict() for s in m.shards],
                                              model.config.nlist, model.config.M)
     s = ShardSearcher(lists, ids, codes, offsets, _centroids(model), _codebooks(model),
-                      decode_fn=lambda c, l: decode(model, c, l), source=index)
+                      decode_fn=lambda c, l: decode(model, c, l), source=index, num_threads=threads)
     return s, model
 
 
@@ -222,8 +222,11 @@ def render(report: dict) -> str:
         "coarse quantizer (k-means on learn) shared by all methods; Faiss and torch limited to "
         f"{report['threads']} threads; queries searched in one batch; queries/s = best of "
         f"{report['repeats']} runs. IVF-QINCo = QINCo2 `cpu` preset (L=2, de=64, dh=128, A=8, B=4), "
-        f"trained on learn within a {report['train_budget_s']:.0f} s budget, base encoded by the Ray encode job; "
-        "search = additive-decoder LUT shortlist then QINCo re-rank (in-process `ShardSearcher`, one shard). "
+        f"trained on learn within a {report['train_budget_s']:.0f} s budget (AdamW, peak lr "
+        f"{report.get('lr', '?')}, cosine over the budget, codebooks initialised from Faiss RQ beam 5), "
+        "base encoded by the Ray encode job; "
+        "search = additive-decoder LUT shortlist (NumPy scanner, one table per query) then QINCo re-rank "
+        "(in-process `ShardSearcher`, one shard). "
         "IVF-QINCo-LUT = the LUT ranking alone. Faiss IVF-RQ: RQ training beam 5, ST_norm_float.",
         "",
     ]
@@ -260,7 +263,11 @@ def main(argv=None) -> int:
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--shortlist", type=int, nargs="+", default=[20, 50, 100, 200, 400])
     ap.add_argument("--train-budget", type=float, default=300.0, help="QINCo training seconds per model")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine over the budget)")
+    ap.add_argument("--stage", choices=["all", "train"], default="all",
+                    help="train: only train the IVF-QINCo models into --work (a later run reuses"
+                         " them), e.g. to train beside another job")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ray-nprobe", type=int, default=16)
     ap.add_argument("--ray-shortlist", type=int, default=100)
@@ -287,6 +294,7 @@ def main(argv=None) -> int:
               "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg()), "threads": a.threads,
               "queries": a.queries, "nlist": a.nlist, "repeats": a.repeats, "train_budget_s": a.train_budget,
+              "lr": a.lr,
               "results": [], "models": {}, "ray_job": [], "complete": False}
     res = report["results"]
     report["scale"] = ("full base, ground truth from the dataset" if a.max_base is None else
@@ -330,7 +338,7 @@ def main(argv=None) -> int:
             wdir = work / f"{name}_{nb}B"
             wdir.mkdir(exist_ok=True)
             # -- Faiss baselines on the same coarse quantizer
-            for kind in ("IVF-PQ", "IVF-RQ"):
+            for kind in (("IVF-PQ", "IVF-RQ") if a.stage == "all" else ()):
                 index, train_s, add_s = faiss_ivf(kind, centroids, xt, xb, M)
                 report["models"][f"{name} {nb} B {kind}"] = f"train {train_s:.0f} s, add {add_s:.0f} s"
                 for p in a.nprobe:
@@ -345,7 +353,9 @@ def main(argv=None) -> int:
             import ray
 
             t = time.perf_counter()
-            model_uri = train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs)
+            model_uri = train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs, a.lr)
+            if a.stage == "train":
+                continue
             from pipeline.checkpoint import read_model_info
 
             info = read_model_info(model_uri)
@@ -359,7 +369,7 @@ def main(argv=None) -> int:
                 f"encode job {enc.get('vectors_per_s') or 0:,.0f} vectors/s ({enc.get('status')}); "
                 f"model+index {time.perf_counter() - t:.0f} s this run")
             torch.set_num_threads(a.threads)
-            searcher, model = qinco_searcher(index_uri)
+            searcher, model = qinco_searcher(index_uri, a.threads)
             for p in a.nprobe:
                 params = SearchParams(k=10, nprobe=p, shortlist=10)
                 s_lut = searcher.decode_fn
@@ -395,6 +405,8 @@ def main(argv=None) -> int:
                                       "queries_per_s": rep["queries_per_s"], "load_s": rep["stages"]["load_s"],
                                       "stages": rep["stages"]})
             save()
+    if a.stage == "train":
+        return 0
     report["complete"] = True
     save()
     print(table(res))

@@ -57,7 +57,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", type=int, default=2000, help="held-out validation vectors (default 2000)")
     p.add_argument("--time-budget", type=float, default=None, help="stop training after S seconds")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-2 for the cpu preset, else 8e-4); with "
+                        "--time-budget the cosine decay follows the budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (in-process training)")
     p.add_argument("--ivf", type=int, default=0, metavar="NLIST",
@@ -79,16 +81,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         if a.workers > 0:
             return _train_distributed(a)
         from pipeline.train_job import run_train
-        from pipeline.training import TrainConfig
 
-        tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                           max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget)
+        tcfg = _train_config(a)
         run_train(a.data, a.out, dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B,
                                       B_train=a.B_train, nlist=a.ivf),
                   a.preset, tcfg, device=a.device, echo=lambda m: print(m, flush=True))
         return 0
 
     p.set_defaults(func=run)
+
+
+def _train_config(a: argparse.Namespace):
+    from pipeline.training import TrainConfig, default_lr
+
+    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size,
+                       lr=a.lr if a.lr is not None else default_lr(a.preset), seed=a.seed,
+                       max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget,
+                       lr_schedule="time" if a.time_budget else "steps")
 
 
 def _train_distributed(a: argparse.Namespace) -> int:
@@ -98,14 +107,12 @@ def _train_distributed(a: argparse.Namespace) -> int:
     from pipeline.distributed_training import DistTrainConfig, run_distributed_training
     from pipeline.qinco_model import config_from_preset
     from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
-    from pipeline.training import TrainConfig
 
     # the dimension comes from the data headers, checked by the job before anything else
     qd = config_from_preset(a.preset, 1, M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
                             A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf).to_dict()
     qd["dim"] = None
-    tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                       max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget)
+    tcfg = _train_config(a)
     ensure_ray()
     summary = run_distributed_training(DistTrainConfig(
         data_uris=list(a.data), out_uri=a.out, qinco=qd, train=tcfg.to_dict(),

@@ -138,14 +138,14 @@ def stage_train(s: DemoState) -> None:
     from pipeline import storage
     from pipeline.checkpoint import save_model
     from pipeline.qinco_model import config_from_preset
-    from pipeline.training import TrainConfig, train_model
+    from pipeline.training import TrainConfig, default_lr, train_model
 
     c = s.config
     x = np.asarray(s.learn, dtype=np.float32)
     n_val = min(c.n_val, len(x) // 5)
     qcfg = config_from_preset("cpu", x.shape[1], M=c.code_bytes, K=256, nlist=c.nlist)
     tcfg = TrainConfig(epochs=c.train_epochs, time_budget_s=c.train_time_s, seed=c.seed, val_size=n_val,
-                       rq_iters=c.rq_iters,
+                       rq_iters=c.rq_iters, lr=default_lr("cpu"), lr_schedule="time", warmup_steps=20,
                        batch_size=256 if len(x) < 5_000 else 1024)
     model, history = train_model(x[n_val:], x[:n_val], qcfg, tcfg,
                                  on_epoch_end=lambda rec, _t: print(

@@ -376,7 +376,8 @@ def _init_model(qcfg, tcfg, x_init: np.ndarray, ivf_niter: int):
         cent = train_coarse_quantizer(x_init, IVFConfig(nlist=qcfg.nlist, niter=ivf_niter, seed=tcfg.seed))
         model.set_centroids(cent)
         lids = assign_lists(model, x_init)
-    init_from_rq(model, x_init, lids, max_points=tcfg.rq_max_points, niter=tcfg.rq_iters, seed=tcfg.seed)
+    init_from_rq(model, x_init, lids, max_points=tcfg.rq_max_points, niter=tcfg.rq_iters, seed=tcfg.seed,
+                 beam=tcfg.rq_beam)
     return model
 
 

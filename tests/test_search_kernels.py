@@ -274,3 +274,14 @@ def test_bad_inputs_raise_clear_errors(data):
             s.search(q, bad)
     p = SearchParams(k=3, nprobe=2, shortlist=40, rerank=20)
     assert SearchParams.from_json(p.to_json()) == p
+
+
+def test_threaded_numpy_scan_equals_one_thread(data):
+    shard, q, _ = data
+    one = ShardSearcher(**shard)
+    many = ShardSearcher(**shard, num_threads=3)
+    _, lists = one.probe(q, 3)
+    a, b = one.lut_search(q, lists, 25), many.lut_search(q, lists, 25)
+    assert Q >= 2 * search_kernels.MIN_QUERIES_PER_THREAD  # the batch is really split
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

@@ -23,7 +23,7 @@ def _fresh(x: np.ndarray, tcfg: TrainConfig) -> QINCo:
     torch.manual_seed(tcfg.seed)
     model = QINCo(_cfg(x.shape[1]))
     model.set_normalisation(x)
-    init_from_rq(model, x, niter=tcfg.rq_iters, seed=tcfg.seed)
+    init_from_rq(model, x, niter=tcfg.rq_iters, seed=tcfg.seed, beam=tcfg.rq_beam)
     return model
 
 
@@ -39,6 +39,31 @@ def test_trained_model_beats_its_rq_initialisation(codec_vectors):
     assert mse_trained < 0.99 * mse_rq
     assert model.additive_MKD.shape == (4, 32, x.shape[1])
     assert min(h["val_mse"] for h in hist) < hist[0]["val_mse"]
+
+
+def test_faiss_beam_rq_initialisation_beats_greedy_rq(codec_vectors):
+    x, xv, _ = codec_vectors
+    mse = {}
+    for beam in (0, 5):
+        tcfg = TrainConfig(rq_iters=10, rq_beam=beam)
+        mse[beam] = reconstruction_mse(xv, reconstruct(_fresh(x, tcfg), xv))
+    assert mse[5] < 0.995 * mse[0], mse
+
+
+def test_divergence_restores_the_best_weights_and_halves_the_rate(codec_vectors):
+    x, xv, _ = codec_vectors
+    xt, xval = x[:2000], x[2000:2500]
+    tcfg = TrainConfig(epochs=4, batch_size=256, lr=5.0, warmup_steps=1, grad_clip=0, rq_iters=2,
+                       patience=10, fit_additive=False)
+    logs = []
+    model, hist = train_model(xt, xval, _cfg(x.shape[1]), tcfg,
+                              on_epoch_end=lambda rec, tr: logs.append(tr.lr_scale))
+    diverged = [h for h in hist if h.get("diverged")]
+    assert diverged, [h["val_mse"] for h in hist]
+    assert logs[-1] == 0.5 ** len(diverged)
+    # what is left is the best model seen, never the diverged one
+    final = reconstruction_mse(xval, reconstruct(model, xval))
+    assert np.isfinite(final) and final <= 1.01 * min(h["val_mse"] for h in hist)
 
 
 def test_trainer_state_dict_resumes_exactly(codec_vectors):
