@@ -152,7 +152,9 @@ def build_tiny_model(out_uri: str, x_train, nlist: int = 8, M: int = 4, K: int =
     from pipeline.training import TrainConfig, train_model
 
     qcfg = QincoConfig(dim=x_train.shape[1], M=M, K=K, L=1, de=16, dh=32, A=4, B=2, nlist=nlist)
-    tcfg = TrainConfig(epochs=0, val_size=200, rq_iters=4)
+    # greedy k-means RQ: the fixture's recall floors were set on it (50 queries of 2-4 byte
+    # codes, where one query is 2 points of recall)
+    tcfg = TrainConfig(epochs=0, val_size=200, rq_iters=4, rq_beam=0)
     model, _ = train_model(x_train[200:], x_train[:200], qcfg, tcfg)
     save_model(model, out_uri, options=options)
     return model

@@ -127,6 +127,9 @@ def test_cli_train_encode_decode_roundtrip(codec_vectors, tmp_path, capsys):
     assert "epoch 1:" in out and "samples/s" in out and "val MSE" in out
     info = read_model_info(model_uri)
     assert info["metadata"]["data"]["train_rows"] == 1000 and len(info["metadata"]["history"]) == 2
+    # no --lr: the cpu preset's rate; Faiss RQ (beam 5) initialisation; recorded with the model
+    tc = info["metadata"]["train_config"]
+    assert tc["lr"] == 1e-2 and tc["rq_beam"] == 5 and tc["lr_schedule"] == "steps"
     report = json.loads(open(tmp_path / "model" / "report.json").read())
     assert report["job"] == "train" and report["epochs_done"] == 1 and report["timings_s"]["train"] > 0
     assert report["best_val_mse"] == min(h["val_mse"] for h in info["metadata"]["history"])
