@@ -194,6 +194,15 @@ def _describe_training(report: dict) -> str:
     return "; ".join(out) or "-"
 
 
+def _budgets(report: dict) -> str:
+    """Training budget per dataset, e.g. "1800 s (dwsift), 600 s (glove50)"."""
+    seen = {}
+    for r in report["rows"]:
+        if "time_budget_s" in r:
+            seen.setdefault(r["dataset"], r["time_budget_s"])
+    return ", ".join(f"{b:.0f} s ({d})" for d, b in seen.items()) or f"{report['args']['time_budget']:.0f} s"
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """One report from several runs (e.g. one process per model run side by side)."""
     if len(reports) == 1:
@@ -225,7 +234,7 @@ def render(report: dict) -> str:
         f"- command: `{report['command']}`",
         f"- QINCo2: preset `{report['args']['preset']}` ({_describe_training(report)}),"
         f" trained on learn minus {report['args']['val_size']} validation vectors with a wall-time"
-        f" budget of {report['args']['time_budget']:.0f} s per model, initialisation included (CPU, torch"
+        f" budget per model of {_budgets(report)}, initialisation included (CPU, torch"
         f" {report['torch_threads']} threads; the papers train for hours on GPUs); full base"
         f" encoded with {', '.join(f'A={A}, B={B}' for A, B in enc) or '-'};"
         " Faiss baselines (1 OpenMP thread) on the same data in the same"
