@@ -222,7 +222,8 @@ def render(report: dict) -> str:
         "coarse quantizer (k-means on learn) shared by all methods; Faiss and torch limited to "
         f"{report['threads']} threads; queries searched in one batch; queries/s = best of "
         f"{report['repeats']} runs. IVF-QINCo = QINCo2 `cpu` preset (L=2, de=64, dh=128, A=8, B=4), "
-        f"trained on learn within a {report['train_budget_s']:.0f} s budget (AdamW, peak lr "
+        f"trained on learn within {report.get('train_budget_text') or format(report['train_budget_s'], '.0f') + ' s'}"
+        " (AdamW, peak lr "
         f"{report.get('lr', '?')}, cosine over the budget, codebooks initialised from Faiss RQ beam 5), "
         "base encoded by the Ray encode job; "
         "search = additive-decoder LUT shortlist (NumPy scanner, one table per query) then QINCo re-rank "
@@ -245,7 +246,26 @@ def render(report: dict) -> str:
     lines += summary(res)
     lines += ["", "![Pareto curves](search_pareto.png)", "", "<details><summary>all measured points</summary>",
               "", table(res), "", "</details>"]
+    if report.get("notes"):
+        lines += [""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines)
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs with different ``--work`` (e.g. one code size each)."""
+    out = dict(reports[0])
+    for key in ("results", "ray_job"):
+        out[key] = [x for r in reports for x in r.get(key, [])]
+    out["models"] = {k: v for r in reports for k, v in r.get("models", {}).items()}
+    out["command"] = " ; ".join(r["command"] for r in reports)
+    out["complete"] = all(r["complete"] for r in reports)
+    out["loadavg_end"] = reports[-1].get("loadavg_end")
+    budgets = {}
+    for r in reports:
+        for nb in sorted({x["bytes"] for x in r.get("results", [])}, reverse=True):
+            budgets.setdefault(nb, r["train_budget_s"])
+    out["train_budget_text"] = ", ".join(f"{b:.0f} s ({nb} B)" for nb, b in budgets.items())
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -273,7 +293,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ray-shortlist", type=int, default=100)
     ap.add_argument("--work", default=str(HERE / "out" / "search"))
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--render-only", nargs="+", metavar="RESULTS_JSON", default=None,
+                    help="only rewrite the RESULTS.md section (and the plot) from these results.json"
+                         " files of earlier runs, merged")
+    ap.add_argument("--note", action="append", default=[], help="with --render-only: a finding to list")
     a = ap.parse_args(argv)
+    if a.render_only:
+        report = merge_reports([json.loads(pathlib.Path(f).read_text()) for f in a.render_only])
+        report["notes"] = report.get("notes", []) + a.note
+        plot(report["results"], HERE / "search_pareto.png")
+        update_results_md(pathlib.Path(a.results_md), render(report))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import faiss
