@@ -1,0 +1,112 @@
+"""Lookup-table shortlist scanners of one IVF shard: NumPy (one table per query) vs Faiss IVF-RQ.
+
+Both scanners rank the same codes with the same additive codebooks and return the same
+shortlist (tests/test_search_kernels.py checks the agreement); this measures their speed on a
+shard shaped like the dwsift index (224k codes of 16 bytes, IVF1024, D=128). Faiss's scanner
+builds an M x K table per (query, probed list); the NumPy scanner one per query.
+
+    python bench/bench_scanner.py [--n 223825] [--threads 1 2] [--nprobe 4 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import shlex
+import sys
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_md import update_section  # noqa: E402
+sys.path.insert(0, str(HERE.parent))
+
+from pipeline import storage  # noqa: E402
+from pipeline.baselines import machine_info  # noqa: E402
+from pipeline.search_kernels import ShardSearcher  # noqa: E402
+
+BEGIN = "<!-- section: lut-scanner (bench/bench_scanner.py) -->"
+END = "<!-- end section: lut-scanner -->"
+
+
+def synthetic_shard(n: int, nlist: int, M: int, K: int, D: int, seed: int = 0) -> dict:
+    """Rows sorted by list with random codes: the scan cost does not depend on the values."""
+    rng = np.random.default_rng(seed)
+    lists = np.sort(rng.integers(0, nlist, n)).astype(np.int32)
+    offsets = np.zeros(nlist + 1, np.int64)
+    offsets[1:] = np.cumsum(np.bincount(lists, minlength=nlist))
+    return dict(list_ids_N=lists, ids_N=np.arange(n, dtype=np.int64),
+                codes_NM=rng.integers(0, K, (n, M)).astype(np.uint8), list_offsets=offsets,
+                centroids_LD=rng.normal(0, 10, (nlist, D)).astype(np.float32),
+                codebooks_MKD=rng.normal(0, 1, (M, K, D)).astype(np.float32))
+
+
+def best_time(fn, repeats: int) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=223_825)
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--M", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--shortlist", type=int, default=50)
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 16, 64])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "out" / "scanner.json"))
+    ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    a = ap.parse_args(argv)
+    import faiss
+
+    shard = synthetic_shard(a.n, a.nlist, a.M, 256, a.dim)
+    q = np.random.default_rng(1).normal(0, 10, (a.queries, a.dim)).astype(np.float32)
+    rows = []
+    for T in a.threads:
+        faiss.omp_set_num_threads(T)
+        searchers = {"Faiss IVF-RQ scanner": ShardSearcher(**shard, use_faiss_scanner=True),
+                     "NumPy scanner": ShardSearcher(**shard, num_threads=T)}
+        for P in a.nprobe:
+            _, lists = searchers["NumPy scanner"].probe(q, P)
+            for name, s in searchers.items():
+                dt = best_time(lambda: s.lut_search(q, lists, a.shortlist), a.repeats)
+                rows.append({"scanner": name, "threads": T, "nprobe": P, "queries_per_s": a.queries / dt})
+                print(f"{name:22s} threads {T} nprobe {P:3d}: {a.queries / dt:9,.0f} queries/s", flush=True)
+    report = {"command": "python bench/bench_scanner.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
+              "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine_info(), "loadavg_end": "/".join(f"{v:.1f}" for v in os.getloadavg()),
+              "args": vars(a), "rows": rows}
+    pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes_atomic(a.out, json.dumps(report, indent=2).encode())
+    m = report["machine"]
+    lines = ["## Lookup-table shortlist scanners (bench/bench_scanner.py)", "",
+             f"- machine: {m['cpu_model']}, {m['cpu_count']} cores; load average at the end {report['loadavg_end']}",
+             f"- date: {report['started']}", f"- command: `{report['command'].strip()}`",
+             f"- shard: {a.n:,} random codes of {a.M} bytes (K=256), IVF{a.nlist}, D={a.dim}; {a.queries:,}"
+             f" queries in one batch, shortlist {a.shortlist}; queries/s = best of {a.repeats}", "",
+             "| threads | nprobe | Faiss IVF-RQ scanner q/s | NumPy scanner q/s | speed-up |", "|--:|--:|--:|--:|--:|"]
+    for T in a.threads:
+        for P in a.nprobe:
+            f = next(r for r in rows if r["threads"] == T and r["nprobe"] == P and r["scanner"].startswith("Faiss"))
+            n = next(r for r in rows if r["threads"] == T and r["nprobe"] == P and r["scanner"].startswith("NumPy"))
+            lines.append(f"| {T} | {P} | {f['queries_per_s']:,.0f} | {n['queries_per_s']:,.0f} | "
+                         f"{n['queries_per_s'] / f['queries_per_s']:.1f} |")
+    update_section(pathlib.Path(a.results_md), BEGIN, END, "\n".join(lines))
+    print(f"wrote {a.out} and {a.results_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
