@@ -132,8 +132,7 @@ class ShardActor:
         self.list_ids, self.ids, self.codes = list_ids, ids_N, codes_NM
         self.searcher = ShardSearcher(list_ids, ids_N, codes_NM, offsets,
                                       _centroids(self.model), _codebooks(self.model), decode_fn=None,
-                                      source=", ".join(e["name"] for e in shard_entries),
-                                      num_threads=max(1, threads))
+                                      source=", ".join(e["name"] for e in shard_entries))
         self.names = [e["name"] for e in shard_entries]
 
     def rows(self) -> int:

@@ -154,8 +154,9 @@ class ShardSearcher:
 
     ``use_faiss_scanner`` builds a Faiss ``IndexIVFResidualQuantizer`` holding the same codes and
     norms so that the lookup-table scan runs in C++ (needs K a power of two); by default the
-    NumPy scanner is used, on ``num_threads`` threads (query chunks; NumPy releases the GIL in
-    its gathers and sorts). ``coarse_index`` may be a prebuilt Faiss index over the centroids
+    NumPy scanner is used, on ``num_threads`` threads (query chunks). Extra threads pay off only
+    for large nprobe (bench/bench_scanner.py: 1.1x at nprobe 64, slower at 4-16 on 2 cores), so
+    the search job keeps one per actor and scales with actors. ``coarse_index`` may be a prebuilt Faiss index over the centroids
     (e.g. HNSW); ``source`` names the shard in error messages.
     """
 
