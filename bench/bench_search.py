@@ -81,6 +81,10 @@ def pareto(points: list[dict], x: str = "qps", y: str = "R@1") -> list[dict]:
     return sorted(front, key=lambda p: p[x])
 
 
+# IVF-QINCo with the decoder of the re-rank in float32 / in bfloat16 (``--rerank-precision``).
+QINCO_METHODS = {"float32": "IVF-QINCo", "bfloat16": "IVF-QINCo-bf16"}
+
+
 def recall_at_qps(points: list[dict], qps: float, y: str = "R@1") -> float | None:
     """Best recall among points at least as fast as ``qps`` (None if none is)."""
     ok = [p[y] for p in points if p["qps"] >= qps]
@@ -119,7 +123,7 @@ def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int)
     return index, rep
 
 
-def qinco_searcher(index: str, threads: int = 1):
+def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
     from pipeline.checkpoint import load_model
     from pipeline.decoder import decode
     from pipeline.manifest import load_manifest, version_dir
@@ -131,7 +135,8 @@ def qinco_searcher(index: str, threads: int = 1):
     lists, ids, codes, offsets = load_shards(version_dir(index, m.version), [s.to_dict() for s in m.shards],
                                              model.config.nlist, model.config.M)
     s = ShardSearcher(lists, ids, codes, offsets, _centroids(model), _codebooks(model),
-                      decode_fn=lambda c, l: decode(model, c, l), source=index, num_threads=threads)
+                      decode_fn=lambda c, l: decode(model, c, l, precision=precision), source=index,
+                      num_threads=threads)
     return s, model
 
 
@@ -165,7 +170,8 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 
     keys = sorted({(r["dataset"], r["bytes"]) for r in results})
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
-    style = {"IVF-QINCo": "C3o-", "IVF-QINCo-LUT": "C1^--", "IVF-RQ": "C0s-", "IVF-PQ": "C2d-"}
+    style = {"IVF-QINCo": "C3o-", "IVF-QINCo-bf16": "C4v-", "IVF-QINCo-LUT": "C1^--", "IVF-RQ": "C0s-",
+             "IVF-PQ": "C2d-"}
     for ax, (ds, nb) in zip(axes[0], keys):
         for method in style:
             pts = [r for r in results if (r["dataset"], r["bytes"], r["method"]) == (ds, nb, method)]
@@ -185,11 +191,13 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| dataset | bytes | method | nprobe | shortlist | R@1 | R@10 | queries/s |"
-    lines = [head, "|:--|--:|:--|--:|--:|--:|--:|--:|"]
+    head = "| dataset | bytes | method | nprobe | shortlist | re-ranked | R@1 | R@10 | queries/s |"
+    lines = [head, "|:--|--:|:--|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
+        reranked = "-" if not r.get("shortlist") else (r.get("rerank") or r["shortlist"])
         lines.append(f"| {r['dataset']} | {r['bytes']} | {r['method']} | {r['nprobe']} | "
-                     f"{r.get('shortlist') or '-'} | {r['R@1']:.3f} | {r['R@10']:.3f} | {r['qps']:,.0f} |")
+                     f"{r.get('shortlist') or '-'} | {reranked} | {r['R@1']:.3f} | {r['R@10']:.3f} | "
+                     f"{r['qps']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -199,7 +207,7 @@ def summary(results: list[dict]) -> list[str]:
     for ds, nb in sorted({(r["dataset"], r["bytes"]) for r in results}):
         sel = [r for r in results if (r["dataset"], r["bytes"]) == (ds, nb)]
         rq = pareto([r for r in sel if r["method"] == "IVF-RQ"])
-        qn = [r for r in sel if r["method"] == "IVF-QINCo"]
+        qn = [r for r in sel if r["method"] in QINCO_METHODS.values()]
         for p in rq:
             ours = recall_at_qps(qn, p["qps"])
             gap = "n/a (no IVF-QINCo point that fast)" if ours is None else f"{100 * (ours - p['R@1']):+.1f} points"
@@ -226,9 +234,12 @@ def render(report: dict) -> str:
         " (AdamW, peak lr "
         f"{report.get('lr', '?')}, cosine over the budget, codebooks initialised from Faiss RQ beam 5), "
         "base encoded by the Ray encode job; "
-        "search = additive-decoder LUT shortlist (NumPy scanner, one table per query) then QINCo re-rank "
+        "search = additive-decoder LUT shortlist (table scanner, one table per query, "
+        f"{report['threads']} scanner threads) then QINCo re-rank of the whole shortlist, or of its best "
+        "R (`--rerank R`; with R < k = 10 the results after R keep the LUT order) "
         "(in-process `ShardSearcher`, one shard). "
-        "IVF-QINCo-LUT = the LUT ranking alone. Faiss IVF-RQ: RQ training beam 5, ST_norm_float.",
+        "IVF-QINCo-LUT = the LUT ranking alone; IVF-QINCo-bf16 = the re-rank's decoder network in bfloat16 "
+        "(`--rerank-precision bfloat16`). Faiss IVF-RQ: RQ training beam 5, ST_norm_float.",
         "",
     ]
     for key, info in report.get("models", {}).items():
@@ -237,10 +248,12 @@ def render(report: dict) -> str:
         lines += ["", "Full Ray query job (`run_search`, shard actors, 1 CPU each):", ""]
         for rj in report["ray_job"]:
             lines.append(f"- {rj['dataset']} {rj['bytes']} B: nprobe {rj['nprobe']}, shortlist {rj['shortlist']}, "
+                         f"{rj.get('precision', 'float32')} re-rank, "
                          f"{rj['workers']} actors, {rj['shards']} shards: R@1 {rj['R@1']:.3f}, R@10 {rj['R@10']:.3f}, "
                          f"{rj['queries_per_s']:,.0f} queries/s (load {rj['load_s']:.1f} s, stages "
                          + ", ".join(f"{k} {v:.2f}" for k, v in rj["stages"].items() if k != "load_s") + ")")
-    lines += ["", "R@1 at equal speed (best IVF-QINCo point at least as fast as each IVF-RQ Pareto point):", "",
+    lines += ["", "R@1 at equal speed (best IVF-QINCo point, float32 or bfloat16 re-rank, at least as fast as"
+              " each IVF-RQ Pareto point):", "",
               "| dataset | bytes | IVF-RQ queries/s | IVF-RQ R@1 | IVF-QINCo R@1 | difference |",
               "|:--|--:|--:|--:|--:|:--|"]
     lines += summary(res)
@@ -282,6 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--shortlist", type=int, nargs="+", default=[20, 50, 100, 200, 400])
+    ap.add_argument("--rerank", type=int, nargs="*", default=[2, 3, 5],
+                    help="extra IVF-QINCo points: shortlist 10 (= k) with only the best R re-ranked")
     ap.add_argument("--train-budget", type=float, default=300.0, help="QINCo training seconds per model")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine over the budget)")
@@ -291,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ray-nprobe", type=int, default=16)
     ap.add_argument("--ray-shortlist", type=int, default=100)
+    ap.add_argument("--rerank-precision", nargs="+", choices=list(QINCO_METHODS), default=list(QINCO_METHODS),
+                    help="arithmetic(s) of the re-rank's decoder network to measure")
+    ap.add_argument("--ray-precision", choices=list(QINCO_METHODS), default="float32")
     ap.add_argument("--work", default=str(HERE / "out" / "search"))
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--render-only", nargs="+", metavar="RESULTS_JSON", default=None,
@@ -312,6 +330,7 @@ def main(argv=None) -> int:
     from pipeline import vecs_io
     from pipeline.baselines import machine_info
     from pipeline.datasets import resolve_dataset
+    from pipeline.decoder import decode
     from pipeline.search_kernels import SearchParams
     from pipeline.training import train_ivf_centroids
 
@@ -409,12 +428,15 @@ def main(argv=None) -> int:
                 r1, r10 = recalls(I, gt)
                 add({"dataset": name, "bytes": nb, "method": "IVF-QINCo-LUT", "nprobe": p, "shortlist": None,
                      "R@1": r1, "R@10": r10, "qps": len(xq) / dt})
-                for S in a.shortlist:
-                    params = SearchParams(k=10, nprobe=p, shortlist=S)
-                    dt, (_, I) = timed(lambda: searcher.search(xq, params), a.repeats)
-                    r1, r10 = recalls(I, gt)
-                    add({"dataset": name, "bytes": nb, "method": "IVF-QINCo", "nprobe": p, "shortlist": S,
-                         "R@1": r1, "R@10": r10, "qps": len(xq) / dt})
+                for prec in a.rerank_precision:
+                    searcher.decode_fn = lambda c, l, prec=prec: decode(model, c, l, precision=prec)
+                    grid = [(S, None) for S in a.shortlist] + [(10, R) for R in a.rerank]
+                    for S, R in grid:
+                        params = SearchParams(k=10, nprobe=p, shortlist=S, rerank=R)
+                        dt, (_, I) = timed(lambda: searcher.search(xq, params), a.repeats)
+                        r1, r10 = recalls(I, gt)
+                        add({"dataset": name, "bytes": nb, "method": QINCO_METHODS[prec], "nprobe": p,
+                             "shortlist": S, "rerank": R, "R@1": r1, "R@10": r10, "qps": len(xq) / dt})
                 save()
             del searcher
             # -- one run of the full Ray query job
@@ -426,10 +448,12 @@ def main(argv=None) -> int:
             out = str(wdir / "ray_results.bin")
             rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=str(qpath), out_uri=out, k=10,
                                              nprobe=a.ray_nprobe, shortlist=a.ray_shortlist,
-                                             workers=a.threads, cpus_per_worker=1.0, query_batch=len(xq)))
+                                             workers=a.threads, cpus_per_worker=1.0, query_batch=len(xq),
+                                             rerank_precision=a.ray_precision))
             I, _ = vecs_io.read_knn_results(out)
             r1, r10 = recalls(I, gt)
             report["ray_job"].append({"dataset": name, "bytes": nb, "nprobe": a.ray_nprobe,
+                                      "precision": a.ray_precision,
                                       "shortlist": a.ray_shortlist, "workers": a.threads,
                                       "shards": rep["shards"], "R@1": r1, "R@10": r10,
                                       "queries_per_s": rep["queries_per_s"], "load_s": rep["stages"]["load_s"],

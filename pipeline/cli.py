@@ -252,7 +252,13 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query (default 16)")
     p.add_argument("--shortlist", type=int, default=100,
                    help="candidates kept by the lookup-table stage for QINCo re-ranking (default 100)")
+    p.add_argument("--rerank", type=int, default=None, metavar="R",
+                   help="decode only the best R of the shortlist (default: all of it); with R < k the "
+                        "results after the first R keep the lookup-table order and distances")
     p.add_argument("--no-rerank", action="store_true", help="return the lookup-table ranking (no QINCo decode)")
+    p.add_argument("--rerank-precision", choices=["float32", "bfloat16"], default="float32",
+                   help="arithmetic of the QINCo decoder in the re-rank; bfloat16 is ~1.7x faster on CPUs "
+                        "with AVX512-BF16/AMX, distances stay float32/float64 (default float32)")
     p.add_argument("--workers", type=int, default=2, help="shard actors (default 2)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
@@ -272,7 +278,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         ensure_ray()
         report = run_search(SearchJobConfig(
             index_uri=a.index, queries_uri=a.queries, out_uri=a.out, k=a.k, nprobe=a.nprobe,
-            shortlist=a.shortlist, rerank=not a.no_rerank, workers=a.workers,
+            shortlist=a.shortlist, rerank=not a.no_rerank, rerank_count=a.rerank,
+            rerank_precision=a.rerank_precision, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
             allow_partial=a.allow_partial, max_queries=a.max_queries, version=a.version))
         print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))

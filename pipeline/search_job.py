@@ -8,8 +8,10 @@ Per query batch, following the QINCo paper's search pipeline:
    candidates with their codes.
 3. **Merge** (driver): the exact global top-``shortlist`` of the approximate distances, ties broken
    by id, so the shortlist does not depend on how the index is split into shards.
-4. **Re-rank** (actors, round robin): the global shortlist is decoded with the QINCo model and
-   ranked by exact distance; the best ``k`` are the result.
+4. **Re-rank** (actors, round robin): the global shortlist (or its best ``rerank_count``) is
+   decoded with the QINCo model (in float32, or bfloat16 with ``rerank_precision``) and ranked
+   by exact distance; the best ``k`` are the result. When fewer than ``k`` are re-ranked, the
+   remaining results follow in lookup-table order.
 
 Shard actors load only shards named in the committed manifest, verify their checksums, and are
 restarted by Ray when they die (the batch is retried). With ``allow_partial``, shards whose actor
@@ -42,6 +44,8 @@ class SearchJobConfig(JsonConfig):
     nprobe: int = 16
     shortlist: int = 100
     rerank: bool = True
+    rerank_count: int | None = None
+    rerank_precision: str = "float32"
     workers: int = 2
     cpus_per_worker: float = 1.0
     query_batch: int = 2048
@@ -146,9 +150,10 @@ class ShardActor:
         lists = np.where(rows < 0, -1, self.list_ids[safe]).astype(np.int64)
         return D, I, codes, lists, time.perf_counter() - t
 
-    def rerank(self, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: np.ndarray, lists_QS: np.ndarray, k: int):
+    def rerank(self, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: np.ndarray, lists_QS: np.ndarray, k: int,
+               precision: str = "float32"):
         t = time.perf_counter()
-        D, I = rerank_exact(self.model, q_QD, I_QS, codes_QSM, lists_QS, k)
+        D, I = rerank_exact(self.model, q_QD, I_QS, codes_QSM, lists_QS, k, precision)
         return D, I, time.perf_counter() - t
 
     def ping(self) -> bool:
@@ -173,11 +178,12 @@ def _codebooks(model) -> np.ndarray:
     return cb.detach().cpu().numpy().astype(np.float32)
 
 
-def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k):
+def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k, precision: str = "float32"):
     """Decode candidates with the QINCo model and keep the k nearest by exact squared L2.
 
     Distances come from ``search_kernels.sqdist_rows`` (float64 differences), so a candidate's
-    distance does not depend on the batch or the actor that computed it.
+    distance does not depend on the batch or the actor that computed it. ``precision``
+    "bfloat16" runs the decoder network in bfloat16 (see ``decoder.decode``).
     """
     from pipeline.decoder import decode
     from pipeline.search_kernels import sqdist_rows
@@ -188,7 +194,7 @@ def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k):
     xhat = np.zeros((Q, S, q_QD.shape[1]), np.float32)
     if valid.any():
         lists = lists_QS[valid] if model.config.nlist > 0 else None
-        xhat[valid] = decode(model, codes_QSM[valid], lists)
+        xhat[valid] = decode(model, codes_QSM[valid], lists, precision=precision)
     d = sqdist_rows(q_QD, xhat)
     d = np.where(valid, d, np.inf).astype(np.float32)
     return topk_smallest(d, np.where(valid, I_QS, -1), k)
@@ -270,8 +276,15 @@ class ShardPool:
         return out
 
     def search_batch(self, q_QD: np.ndarray, k: int, nprobe: int, shortlist: int, rerank: bool = True,
-                     stages: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Probe, fan out the shortlist stage, merge exactly, re-rank; returns ``(D_QK, I_QK)``."""
+                     stages: dict[str, float] | None = None, precision: str = "float32",
+                     rerank_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Probe, fan out the shortlist stage, merge exactly, re-rank; returns ``(D_QK, I_QK)``.
+
+        ``rerank_count`` R: only the best R of the merged shortlist are decoded (default all);
+        with R < k the results after the first R keep lookup-table order and distances.
+        """
+        from pipeline.search_kernels import append_lut_tail
+
         import ray
 
         stages = stages if stages is not None else {}
@@ -301,11 +314,16 @@ class ShardPool:
         if not rerank:
             return Ds[:, :k], Is[:, :k]
         t = time.perf_counter()
+        R = shortlist if rerank_count is None else min(int(rerank_count), shortlist)
         live = [a for j, a in enumerate(self.actors) if j not in self.failed]
         chunks = [c for c in np.array_split(np.arange(len(q_QD)), len(live)) if len(c)]
-        res = ray.get([a.rerank.remote(q_QD[c], Is[c], codes[c], lst[c], k) for a, c in zip(live, chunks)])
+        res = ray.get([a.rerank.remote(q_QD[c], Is[c, :R], codes[c, :R], lst[c, :R], min(k, R), precision)
+                       for a, c in zip(live, chunks)])
         stages["rerank_s"] = stages.get("rerank_s", 0.0) + time.perf_counter() - t
-        return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
+        D, I = np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
+        if R < k:
+            D, I = append_lut_tail(D, I, Ds, Is, k)
+        return D, I
 
     def close(self) -> None:
         import ray
@@ -322,6 +340,10 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.k <= 0 or cfg.shortlist < cfg.k:
         raise ConfigError(f"need 0 < k <= shortlist, got k={cfg.k}, shortlist={cfg.shortlist}")
+    if cfg.rerank_count is not None and not 1 <= cfg.rerank_count <= cfg.shortlist:
+        raise ConfigError(f"rerank_count must be between 1 and shortlist ({cfg.shortlist}), got {cfg.rerank_count}")
+    if cfg.rerank_precision not in ("float32", "bfloat16"):
+        raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
     q = vecs_io.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
     pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options)
     load_s = time.perf_counter() - t0
@@ -337,7 +359,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         for b0 in range(0, Q, cfg.query_batch):
             qb = q[b0:b0 + cfg.query_batch]
             D_all[b0:b0 + len(qb)], I_all[b0:b0 + len(qb)] = pool.search_batch(
-                qb, cfg.k, cfg.nprobe, cfg.shortlist, cfg.rerank, stages)
+                qb, cfg.k, cfg.nprobe, cfg.shortlist, cfg.rerank, stages, cfg.rerank_precision, cfg.rerank_count)
             log.info("searched %d/%d queries (%.0f queries/s)", b0 + len(qb), Q,
                      (b0 + len(qb)) / max(time.perf_counter() - t1, 1e-9))
         search_s = time.perf_counter() - t1

@@ -16,10 +16,12 @@ With ``r_n = Σ_m C_m[code_nm]`` the residual reconstruction of row ``n`` (list 
 The last term depends only on the row, so it is precomputed once per row (``bias_N``, O(N)
 floats); the per-list terms ``<c_l, C_m[k]>`` are folded into it. A query then needs one
 ``M x K`` table and the scan is ``M`` table gathers per code. Two scanners implement this:
-a vectorised NumPy one (queries grouped by the list they probe; the default), and Faiss's C++
-``IndexIVFResidualQuantizer`` scanner fed with the same codebooks, codes and norms. Faiss
-rebuilds an ``M x K`` table for every (query, probed list) pair (``M K D`` multiply-adds
-each), so the NumPy scanner is 4-8x faster at D=128, M=16 (nprobe 4-64, one thread).
+the default one lays every (query, candidate row) pair of a chunk of queries out flat and sums
+the ``M`` table entries of each pair with torch's ``embedding_bag`` (a C++ gather-add, one bag
+per pair), and Faiss's C++ ``IndexIVFResidualQuantizer`` scanner fed with the same codebooks,
+codes and norms. Faiss rebuilds an ``M x K`` table for every (query, probed list) pair
+(``M K D`` multiply-adds each), so the default scanner is several times faster at D=128, M=16
+(``bench/bench_scanner.py``).
 
 Everything is plain NumPy/Faiss; rankings are exact and break ties by the smaller global id,
 so results are independent of sharding (see ``pipeline.topk``).
@@ -45,6 +47,7 @@ __all__ = [
     "brute_force_reference",
     "sqdist_rows",
     "additive_decode",
+    "append_lut_tail",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,8 @@ DecodeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 # Above this many IVF lists the coarse quantizer is an HNSW graph instead of a flat scan.
 HNSW_MIN_NLIST = 1 << 16
-# Candidate-buffer budget (entries) of one NumPy scan chunk; ~20 bytes per entry.
-SCAN_BUFFER_ENTRIES = 1 << 22
+# Candidate budget of one NumPy scan chunk; ~150 bytes of temporaries per candidate.
+SCAN_BUFFER_ENTRIES = 1 << 20
 # Fewest queries worth a scanner thread of their own.
 MIN_QUERIES_PER_THREAD = 16
 # Extra candidates fetched from the Faiss scanner to resolve ties at the shortlist boundary.
@@ -67,7 +70,9 @@ class SearchParams(JsonConfig):
 
     k: results per query. nprobe: IVF lists visited per query. shortlist: candidates kept by
     the lookup-table stage. rerank: how many of the shortlist (best first) go to the neural
-    decoder; None means all of it.
+    decoder; None means all of it. With ``rerank < k`` the first ``rerank`` results are the
+    re-ranked ones (exact distances) and the rest follow in lookup-table order, with their
+    lookup-table distances: the fast end of the speed/recall trade-off.
     """
 
     k: int = 10
@@ -83,10 +88,10 @@ class SearchParams(JsonConfig):
         if self.shortlist < self.k:
             raise ConfigError(
                 f"SearchParams.shortlist ({self.shortlist}) must be >= k ({self.k})")
-        if self.rerank is not None and not (self.k <= self.rerank <= self.shortlist):
+        if self.rerank is not None and not (1 <= self.rerank <= self.shortlist):
             raise ConfigError(
-                f"SearchParams.rerank ({self.rerank}) must be between k ({self.k}) "
-                f"and shortlist ({self.shortlist})")
+                f"SearchParams.rerank ({self.rerank}) must be between 1 and shortlist "
+                f"({self.shortlist})")
         return self
 
 
@@ -131,6 +136,18 @@ def additive_decode(codes_NM: np.ndarray, list_ids_N: np.ndarray, centroids_LD: 
     for m in range(codes_NM.shape[1]):
         x_ND += codebooks_MKD[m][codes_NM[:, m].astype(np.intp)]
     return x_ND
+
+
+def append_lut_tail(D_QR: np.ndarray, I_QR: np.ndarray, D_QS: np.ndarray, I_QS: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Results ``R..k-1`` from the lookup-table shortlist after the ``R`` re-ranked ones.
+
+    The re-ranked results are the shortlist's first ``R`` entries, so the tail (shortlist entries
+    ``R..k-1``, with their lookup-table distances) holds no duplicate.
+    """
+    R = D_QR.shape[1]
+    return (np.concatenate([D_QR, D_QS[:, R:k]], axis=1),
+            np.concatenate([I_QR, I_QS[:, R:k]], axis=1))
 
 
 def _check_queries(q_QD: np.ndarray, D: int) -> np.ndarray:
@@ -335,29 +352,52 @@ class ShardSearcher:
         return Dc_QP.astype(np.float32)
 
     def _luts(self, q_QD: np.ndarray) -> np.ndarray:
-        """Per-query tables ``<q, C_m[k]>`` as float32 ``(M, Q, K)``, computed in float64 so an
-        entry does not depend on the batch (BLAS blocking) it is computed in."""
-        M, K = self.M, self.K
-        lut = q_QD.astype(np.float64) @ self.codebooks_MKD.reshape(M * K, self.D).T.astype(np.float64)
-        return np.ascontiguousarray(lut.astype(np.float32).reshape(-1, M, K).transpose(1, 0, 2))
+        """Per-query tables ``<q, C_m[k]>`` as float32 ``(Q, M, K)``: one float32 GEMM over the
+        whole query batch. Every shard of a search sees the same batch and so the same tables;
+        computing them per chunk (whose bounds depend on the shard) could change a last bit."""
+        import torch
 
-    def _lut_dists(self, q_QD: np.ndarray, rows_QX: np.ndarray, lists_QP: np.ndarray,
+        M, K = self.M, self.K
+        # torch's GEMM runs on the same thread pool as the re-rank's decoder; NumPy's BLAS pool
+        # busy-waits after a call and halves the speed of a decode that follows.
+        lut = torch.from_numpy(q_QD) @ torch.from_numpy(self.codebooks_MKD.reshape(M * K, self.D)).T
+        return lut.numpy().reshape(-1, M, K)
+
+    def _code_dists(self, lut_QMK: np.ndarray, q_T: np.ndarray, rows_T: np.ndarray) -> np.ndarray:
+        """``-2 Σ_m lut[q, m, code_m] + bias`` for (query, row) pairs -> float32 ``(T,)``.
+
+        The sum runs over m in order in float32 (``embedding_bag`` in sum mode, one bag per
+        pair: a C++ gather-add with no intermediate arrays); this is the canonical arithmetic of a
+        lookup-table distance, shared by both scanners.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        M, K = self.M, self.K
+        Q = lut_QMK.shape[0]
+        itype = np.int32 if Q * M * K < 2 ** 31 else np.int64
+        # Row of (query, m, code) in the flattened tables; cast and offset in one pass each.
+        idx_TM = np.add(np.take(self.codes_NM, rows_T, axis=0), np.arange(M, dtype=itype) * K,
+                        dtype=itype)
+        idx_TM += (np.asarray(q_T, dtype=itype) * (M * K))[:, None]
+        table = torch.from_numpy(np.ascontiguousarray(lut_QMK, dtype=np.float32).reshape(-1, 1))
+        acc_T = F.embedding_bag(torch.from_numpy(idx_TM), table, mode="sum")[:, 0].numpy()
+        acc_T *= -2.0
+        acc_T += self.bias_N[rows_T]
+        return acc_T
+
+    def _lut_dists(self, lut_QMK: np.ndarray, rows_QX: np.ndarray, lists_QP: np.ndarray,
                    Dc_QP: np.ndarray) -> np.ndarray:
         """Approximate distances of given shard rows (each in one of its query's probed lists),
         with exactly the arithmetic (values, order, float32 rounding) of the NumPy scanner: the
         canonical value of a (query, code) pair."""
+        Q, X = rows_QX.shape
         safe = np.maximum(rows_QX, 0)
         slot_QX = (self.list_ids_N[safe][:, :, None] == lists_QP[:, None, :]).argmax(axis=2)
-        lut_MQK = self._luts(q_QD)
-        codes_QXM = self.codes_NM[safe].astype(np.intp)
-        qi = np.arange(q_QD.shape[0])[:, None]
-        acc_QX = lut_MQK[0][qi, codes_QXM[:, :, 0]]
-        for m in range(1, self.M):
-            acc_QX += lut_MQK[m][qi, codes_QXM[:, :, m]]
-        acc_QX *= -2.0
-        acc_QX += self.bias_N[safe]
-        acc_QX += np.take_along_axis(Dc_QP, slot_QX, axis=1)
-        return np.where(rows_QX >= 0, acc_QX, np.inf).astype(np.float32)
+        q_T = np.repeat(np.arange(Q), X)
+        acc = self._code_dists(lut_QMK, q_T, safe.ravel()).reshape(Q, X)
+        acc += np.take_along_axis(Dc_QP, slot_QX, axis=1)
+        return np.where(rows_QX >= 0, acc, np.inf).astype(np.float32)
 
     def _check_lists(self, lists_QP, Q: int) -> np.ndarray:
         lists_QP = np.ascontiguousarray(lists_QP, dtype=np.int64)
@@ -378,15 +418,16 @@ class ShardSearcher:
         lists_QP = self._check_lists(lists_QP, q_QD.shape[0])
         if S < 1:
             raise ConfigError(f"shortlist size must be >= 1, got {S}")
-        if self._faiss_ivf is not None:
-            return self._lut_search_faiss(q_QD, lists_QP, S)
-        return self._lut_search_numpy(q_QD, lists_QP, S)
-
-    def _lut_search_faiss(self, q_QD, lists_QP, S):
-        Q, P = lists_QP.shape
-        if Q == 0:
+        if lists_QP.shape[0] == 0:
             return self._empty(0, S)
+        lut_QMK = self._luts(q_QD)
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
+        if self._faiss_ivf is not None:
+            return self._lut_search_faiss(q_QD, lut_QMK, Dc_QP, lists_QP, S)
+        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S)
+
+    def _lut_search_faiss(self, q_QD, lut_QMK, Dc_QP, lists_QP, S):
+        Q, P = lists_QP.shape
         index = self._faiss_ivf
         index.nprobe = P
         # Faiss keeps an arbitrary subset of candidates tied at the S-th distance (identical
@@ -394,39 +435,42 @@ class ShardSearcher:
         # scanner's by an ulp. Fetch a margin, recompute the candidates' distances with the
         # NumPy scanner's arithmetic, rank by (distance, id), and rescan with the NumPy kernel
         # any query whose near-tie runs past the margin. Distances are then the same whichever
-        # scanner, shard or batch produced them, which keeps merged results shard-invariant.
+        # scanner or shard produced them, which keeps merged results shard-invariant.
         S_ext = S + FAISS_TIE_MARGIN
         D_QX, rows_QX = index.search_preassigned(q_QD, S_ext, lists_QP, Dc_QP)
         rows_QX = np.where(np.isfinite(D_QX), rows_QX, PAD_ID)
         I_QX = np.where(rows_QX >= 0, self.ids_N[np.maximum(rows_QX, 0)], PAD_ID)
         faiss_last_Q = np.max(np.where(rows_QX >= 0, D_QX, -np.inf), axis=1)
-        D_QX = self._lut_dists(q_QD, rows_QX, lists_QP, Dc_QP)
+        D_QX = self._lut_dists(lut_QMK, rows_QX, lists_QP, Dc_QP)
         D_QS, I_QS, rows_QS = topk_smallest(D_QX, I_QX, S, payload_QC=rows_QX)
         tol_Q = 1e-4 * np.maximum(np.abs(D_QS[:, -1]), 1.0)
         redo = np.flatnonzero((rows_QX[:, -1] >= 0) & (faiss_last_Q <= D_QS[:, -1] + tol_Q))
         if redo.size:
             D_QS[redo], I_QS[redo], rows_QS[redo] = self._lut_search_numpy(
-                q_QD[redo], lists_QP[redo], S)
+                lut_QMK[redo], Dc_QP[redo], lists_QP[redo], S)
         return D_QS, I_QS, rows_QS
 
     def _empty(self, Q: int, S: int):
         return (np.full((Q, S), np.inf, np.float32), np.full((Q, S), PAD_ID, np.int64),
                 np.full((Q, S), PAD_ID, np.int64))
 
-    def _lut_search_numpy(self, q_QD, lists_QP, S):
+    def _lut_search_numpy(self, lut_QMK, Dc_QP, lists_QP, S):
         Q = lists_QP.shape[0]
         T = min(self.num_threads, Q // MIN_QUERIES_PER_THREAD)
         if T <= 1:
-            return self._lut_search_numpy_1(q_QD, lists_QP, S)
+            return self._lut_search_numpy_1(lut_QMK, Dc_QP, lists_QP, S)
         from concurrent.futures import ThreadPoolExecutor
 
         bounds = np.linspace(0, Q, T + 1).astype(int)
+
+        def part(a: int, b: int):
+            return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S)
+
         with ThreadPoolExecutor(T) as ex:
-            parts = list(ex.map(lambda ab: self._lut_search_numpy_1(q_QD[ab[0]:ab[1]], lists_QP[ab[0]:ab[1]], S),
-                                zip(bounds[:-1], bounds[1:])))
+            parts = list(ex.map(part, bounds[:-1], bounds[1:]))
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
-    def _lut_search_numpy_1(self, q_QD, lists_QP, S):
+    def _lut_search_numpy_1(self, lut_QMK, Dc_QP, lists_QP, S):
         Q, P = lists_QP.shape
         sizes_QP = np.where(lists_QP >= 0, self.list_sizes_L[np.maximum(lists_QP, 0)], 0)
         tot_Q = sizes_QP.sum(axis=1)
@@ -438,54 +482,39 @@ class ShardSearcher:
             while b < Q and (b + 1 - a) * max(width, int(tot_Q[b])) <= self.scan_buffer_entries:
                 width = max(width, int(tot_Q[b]))
                 b += 1
-            D_, I_, R_ = self._scan_chunk(q_QD[a:b], lists_QP[a:b], sizes_QP[a:b], width, S)
+            D_, I_, R_ = self._scan_chunk(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], sizes_QP[a:b],
+                                          width, S)
             out[0][a:b], out[1][a:b], out[2][a:b] = D_, I_, R_
             a = b
         return out
 
-    def _scan_chunk(self, q_QD, lists_QP, sizes_QP, C, S):
-        """Approximate distances of every code in the probed lists, then exact top-S."""
+    def _scan_chunk(self, lut_QMK, Dc_QP, lists_QP, sizes_QP, C, S):
+        """Approximate distances of every code in the probed lists, then exact top-S.
+
+        Candidates are laid out query by query (probe slots in order, each a run of consecutive
+        shard rows) in a ``(Q, C)`` buffer padded with inf.
+        """
         Q, P = lists_QP.shape
-        K, M = self.K, self.M
-        starts_QP = np.cumsum(sizes_QP, axis=1) - sizes_QP
-        buf_D = np.full(Q * C, np.inf, np.float32)
-        Dc_QP = self._coarse_dists(q_QD, lists_QP)
-        # Per-query tables <q, C_m[k]>, laid out (M, Q, K) so one codebook's rows gather fast.
-        lut_MQK = self._luts(q_QD)
-        # Group (query, probe) pairs by list so each list's codes are read once per batch.
-        q_of = np.repeat(np.arange(Q), P)
-        p_of = np.tile(np.arange(P), Q)
-        flat_lists = lists_QP.ravel()
-        keep = sizes_QP.ravel() > 0
-        q_of, p_of, flat_lists = q_of[keep], p_of[keep], flat_lists[keep]
-        order = np.argsort(flat_lists, kind="stable")
-        q_of, p_of, flat_lists = q_of[order], p_of[order], flat_lists[order]
-        bounds = np.flatnonzero(np.diff(flat_lists)) + 1
-        for g0, g1 in zip(np.r_[0, bounds], np.r_[bounds, flat_lists.size]):
-            if g0 == g1:
-                continue
-            l = int(flat_lists[g0])
-            qi, pi = q_of[g0:g1], p_of[g0:g1]
-            lo, hi = int(self.list_offsets[l]), int(self.list_offsets[l + 1])
-            codes_nM = self.codes_NM[lo:hi].astype(np.intp)
-            acc_Gn = np.take(lut_MQK[0][qi], codes_nM[:, 0], axis=1)
-            for m in range(1, M):
-                acc_Gn += np.take(lut_MQK[m][qi], codes_nM[:, m], axis=1)
-            acc_Gn *= -2.0
-            acc_Gn += self.bias_N[lo:hi][None, :]
-            acc_Gn += Dc_QP[qi, pi][:, None]
-            dst = (qi * C + starts_QP[qi, pi])[:, None] + np.arange(hi - lo)
-            buf_D[dst] = acc_Gn
-        buf_D = buf_D.reshape(Q, C)
+        sizes = sizes_QP.ravel()
+        T = int(sizes.sum())
+        slot_T = np.repeat(np.arange(Q * P), sizes)
+        slot_first = np.cumsum(sizes) - sizes  # position of each probe slot's first candidate
+        row0 = np.where(lists_QP >= 0, self.list_offsets[np.maximum(lists_QP, 0)], 0).ravel()
+        pos_T = np.arange(T)
+        rows_T = pos_T + (row0 - slot_first)[slot_T]
+        q_T = slot_T // P
+        d_T = self._code_dists(lut_QMK, q_T, rows_T)
+        d_T += Dc_QP.ravel()[slot_T]
         tot_Q = sizes_QP.sum(axis=1)
-        # Column c of query q is row off[l] + (c - start) of the probe slot (q, p) holding it.
-        slot_start = (np.arange(Q)[:, None] * C + starts_QP).ravel()
-        slot_row0 = np.where(lists_QP >= 0, self.list_offsets[np.maximum(lists_QP, 0)], 0).ravel()
+        q_first = np.cumsum(tot_Q) - tot_Q
+        buf_D = np.full((Q, C), np.inf, np.float32)
+        buf_D[q_T, pos_T - q_first[q_T]] = d_T
 
         def rows_of(q_X, c_X):
-            g = q_X * C + c_X
-            slot = np.searchsorted(slot_start, g, side="right") - 1
-            return np.where(c_X < tot_Q[q_X], slot_row0[slot] + (g - slot_start[slot]), PAD_ID)
+            """Shard rows of buffer cells (query, column); -1 for padding."""
+            g = q_first[q_X] + c_X
+            slot = np.searchsorted(slot_first, g, side="right") - 1
+            return np.where(c_X < tot_Q[q_X], row0[slot] + (g - slot_first[slot]), PAD_ID)
 
         def ids_of(rows):
             return np.where(rows >= 0, self.ids_N[np.maximum(rows, 0)], PAD_ID)
@@ -493,15 +522,18 @@ class ShardSearcher:
         if C <= S:
             cols_QX = np.broadcast_to(np.arange(C), (Q, C))
         else:
-            cols_QX = np.argpartition(buf_D, S - 1, axis=1)[:, :S]
-            kth_Q = np.take_along_axis(buf_D, cols_QX, axis=1).max(axis=1)
+            import torch
+
+            kth_QS, cols = torch.topk(torch.from_numpy(buf_D), S, dim=1, largest=False,
+                                      sorted=False)
+            cols_QX = cols.numpy()
+            kth_Q = kth_QS.numpy().max(axis=1)
             # Candidates tied at the S-th distance: choose by id, exactly as topk_smallest.
             for q in np.flatnonzero(np.count_nonzero(buf_D <= kth_Q[:, None], axis=1) > S):
                 cand = np.flatnonzero(buf_D[q] <= kth_Q[q])
                 cand_ids = ids_of(rows_of(np.full(cand.size, q), cand))
                 cols_QX[q] = cand[np.lexsort((cand_ids, buf_D[q, cand]))[:S]]
-        rows_QX = rows_of(np.repeat(np.arange(Q), cols_QX.shape[1]).reshape(cols_QX.shape),
-                          cols_QX)
+        rows_QX = rows_of(np.broadcast_to(np.arange(Q)[:, None], cols_QX.shape), cols_QX)
         D_QX = np.take_along_axis(buf_D, cols_QX, axis=1)
         return topk_smallest(D_QX, ids_of(rows_QX), S, payload_QC=rows_QX)
 
@@ -567,12 +599,13 @@ class ShardSearcher:
             D_QK, I_QK, _ = self.lut_search(q_QD, lists_QP, params.k)
             t["lut"] = t.get("lut", 0.0) + (time.perf_counter() - t1)
             return D_QK, I_QK
-        _, _, rows_QS = self.lut_search(q_QD, lists_QP, params.shortlist)
+        D_QS, I_QS, rows_QS = self.lut_search(q_QD, lists_QP, params.shortlist)
         t2 = time.perf_counter()
         t["lut"] = t.get("lut", 0.0) + (t2 - t1)
-        if params.rerank is not None:
-            rows_QS = rows_QS[:, :params.rerank]
-        D_QK, I_QK = self.rerank(q_QD, rows_QS, params.k)
+        R = params.shortlist if params.rerank is None else params.rerank
+        D_QK, I_QK = self.rerank(q_QD, rows_QS[:, :R], min(params.k, R))
+        if R < params.k:
+            D_QK, I_QK = append_lut_tail(D_QK, I_QK, D_QS, I_QS, params.k)
         t["rerank"] = t.get("rerank", 0.0) + (time.perf_counter() - t2)
         log.debug("%s: %d queries probe %.4fs lut %.4fs rerank %.4fs", self.source,
                   q_QD.shape[0], t1 - t0, t2 - t1, time.perf_counter() - t2)

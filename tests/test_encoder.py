@@ -49,6 +49,23 @@ def test_prefix_decoding_improves_with_m(trained):
     np.testing.assert_allclose(decode(model, codes, prefix=4), decode(model, codes), rtol=0, atol=0)
 
 
+def test_bfloat16_decoding_is_close_to_float32_and_precision_is_checked(trained):
+    from pipeline.errors import ConfigError
+
+    model, xv = trained
+    codes, _ = encode(model, xv)
+    x32 = decode(model, codes)
+    x16 = decode(model, codes, precision="bfloat16")
+    assert x16.dtype == np.float32 and not np.array_equal(x16, x32)  # the network really ran in bf16
+    # the bf16 error is far below the quantisation error it would perturb
+    assert reconstruction_mse(x32, x16) < 0.02 * reconstruction_mse(xv, x32)
+    np.testing.assert_array_equal(decode(model, codes, precision="float32"), x32)
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        decode(model, codes, precision="int8")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        decode(model, codes, precision="float16")
+
+
 def test_batching_does_not_change_codes(trained):
     model, xv = trained
     a, _ = encode(model, xv[:200])

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import storage, vecs_io
 from pipeline.encode_job import EncodeJobConfig, run_encode
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.manifest import load_manifest, version_dir
 from pipeline.search_job import SearchJobConfig, ShardPool, run_search
 
@@ -101,10 +101,23 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
     try:
         D, I = pool.search_batch(q, k, nprobe, shortlist=S)
         D_small, I_small = pool.search_batch(q, k, nprobe, shortlist=k)
+        D_bf, I_bf = pool.search_batch(q, k, nprobe, shortlist=S, precision="bfloat16")
+        D_r3, I_r3 = pool.search_batch(q, k, nprobe, shortlist=S, rerank_count=3)
+        D_lut, I_lut = pool.search_batch(q, k, nprobe, shortlist=S, rerank=False)
     finally:
         pool.close()
     np.testing.assert_array_equal(I, I_ref)
     np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-4)
+    # a bfloat16 decoder re-ranks almost identically: near-equal distances, the same nearest
+    # neighbour for nearly every query
+    assert (I_bf[:, 0] == I_ref[:, 0]).mean() >= 0.9
+    np.testing.assert_allclose(D_bf[:, 0], D_ref[:, 0], rtol=0.05)
+    # re-ranking only the best 3: those 3 decoded exactly (a subset of the lookup-table top 3),
+    # then the lookup-table ranking from position 3 on
+    np.testing.assert_array_equal(np.sort(I_r3[:, :3], axis=1), np.sort(I_lut[:, :3], axis=1))
+    assert (np.diff(D_r3[:, :3], axis=1) >= 0).all()
+    np.testing.assert_array_equal(I_r3[:, 3:], I_lut[:, 3:])
+    np.testing.assert_array_equal(D_r3[:, 3:], D_lut[:, 3:])
     # a shortlist of k ranks by the LUT only, which must differ somewhere: the re-rank matters
     assert not np.array_equal(I_small, I_ref)
 
@@ -202,6 +215,21 @@ def test_cli_search_then_eval(indexes, tiny_index_inputs, tmp_path, capsys):
     vecs_io.write_knn_results(str(tmp_path / "bad.bin"), np.roll(I, 1, axis=0), np.zeros(I.shape, np.float32))
     assert main(["eval", "--results", str(tmp_path / "bad.bin"), "--groundtruth", gt_uri]) == 0
     assert json.loads(capsys.readouterr().out)["R@10"] < printed["R@10"] / 2
+    # --rerank and --rerank-precision reach the job and are recorded in its report
+    res2 = str(tmp_path / "res2.bin")
+    assert main(["search", "--index", indexes["three"], "--queries", inp["query"], "--out", res2,
+                 "--k", "10", "--nprobe", "4", "--shortlist", "50", "--rerank", "5",
+                 "--rerank-precision", "bfloat16", "--workers", "2", "--cpus-per-worker", "0.5"]) == 0
+    params = json.loads(open(res2 + ".report.json").read())["params"]
+    assert params["rerank_count"] == 5 and params["rerank_precision"] == "bfloat16"
+    I2, _ = vecs_io.read_knn_results(res2)
+    assert recall_at(I2, gt, ks=(1,))["R@1"] >= 0.8 * expect["R@1"]
+    with pytest.raises(SystemExit):
+        main(["search", "--index", indexes["three"], "--queries", inp["query"], "--out", res2,
+              "--rerank-precision", "float64"])
+    with pytest.raises(ConfigError, match="rerank_count"):
+        run_search(SearchJobConfig(index_uri=indexes["three"], queries_uri=inp["query"], out_uri=res2,
+                                   shortlist=50, rerank_count=60))
 
 
 def test_recall_on_dwsift_subset(ray_session, dwsift_dir, tmp_path):

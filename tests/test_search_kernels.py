@@ -146,6 +146,26 @@ def test_rerank_subset_and_dedup(data):
         np.testing.assert_array_equal(D_[i], Dr[0])
 
 
+def test_rerank_fewer_than_k_keeps_the_lookup_table_tail(data):
+    """rerank=R < k: the R best shortlisted codes re-ranked exactly, then shortlist entries
+    R..k-1 in lookup-table order with their lookup-table distances."""
+    shard, q, decode_fn = data
+    s = ShardSearcher(**shard, decode_fn=decode_fn)
+    _, lists = s.probe(q, 3)
+    D_lut, I_lut, rows = s.lut_search(q, lists, 20)
+    decode_fn.calls.clear()
+    D_, I_ = s.search(q, SearchParams(k=10, nprobe=3, shortlist=20, rerank=4))
+    assert sum(decode_fn.calls) == np.unique(rows[:, :4]).size  # only the best 4 were decoded
+    D_r, I_r = s.rerank(q, rows[:, :4], 4)
+    np.testing.assert_array_equal(I_[:, :4], I_r)
+    np.testing.assert_array_equal(D_[:, :4], D_r)
+    np.testing.assert_array_equal(I_[:, 4:], I_lut[:, 4:10])
+    np.testing.assert_array_equal(D_[:, 4:], D_lut[:, 4:10])
+    assert (np.sort(I_, axis=1)[:, 1:] != np.sort(I_, axis=1)[:, :-1]).all()  # no duplicates
+    # the exact re-rank really reorders the head somewhere
+    assert not np.array_equal(I_[:, :4], I_lut[:, :4])
+
+
 def _split(shard, n_shards, seed=7):
     """Partition rows into shards, each keeping the list-sorted layout."""
     owner = np.random.default_rng(seed).integers(0, n_shards, N)
@@ -269,7 +289,8 @@ def test_bad_inputs_raise_clear_errors(data):
     with pytest.raises(ConfigError, match="decode_fn"):
         s.rerank(q, np.zeros((Q, 3), np.int64), 2)
     for bad in (SearchParams(k=0), SearchParams(k=10, shortlist=5),
-                SearchParams(k=10, shortlist=50, rerank=60), SearchParams(nprobe=0)):
+                SearchParams(k=10, shortlist=50, rerank=60), SearchParams(k=10, shortlist=50, rerank=0),
+                SearchParams(nprobe=0)):
         with pytest.raises(ConfigError):
             s.search(q, bad)
     p = SearchParams(k=3, nprobe=2, shortlist=40, rerank=20)
@@ -284,4 +305,15 @@ def test_threaded_numpy_scan_equals_one_thread(data):
     a, b = one.lut_search(q, lists, 25), many.lut_search(q, lists, 25)
     assert Q >= 2 * search_kernels.MIN_QUERIES_PER_THREAD  # the batch is really split
     for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_chunked_scan_equals_one_chunk(data):
+    """Splitting the batch into scan chunks (bounded candidate buffers) changes nothing."""
+    shard, q, _ = data
+    whole = ShardSearcher(**shard)
+    chunked = ShardSearcher(**shard, scan_buffer_entries=300)
+    _, lists = whole.probe(q, 3)
+    assert whole.list_sizes_L[lists].sum(axis=1).min() > 300  # so every chunk holds one query
+    for x, y in zip(whole.lut_search(q, lists, 25), chunked.lut_search(q, lists, 25)):
         np.testing.assert_array_equal(x, y)
