@@ -147,7 +147,15 @@ def faiss_ivf(kind: str, centroids: np.ndarray, xt: np.ndarray, xb: np.ndarray, 
     quantizer = faiss.IndexFlatL2(d)
     quantizer.add(centroids)
     if kind == "IVF-PQ":
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, M, 8)
+        if d % M:  # PQ needs M | d: zero-pad vectors and centroids (L2 distances unchanged)
+            d_pad = -(-d // M) * M
+            quantizer = faiss.IndexFlatL2(d_pad)
+            quantizer.add(np.pad(centroids, ((0, 0), (0, d_pad - d))))
+            ivf = faiss.IndexIVFPQ(quantizer, d_pad, nlist, M, 8)
+            # the Python wrappers keep the quantizer and the inner index alive (referenced_objects)
+            index = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, d_pad, True), ivf)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, M, 8)
     else:
         index = faiss.IndexIVFResidualQuantizer(quantizer, d, nlist, M, 8, faiss.METRIC_L2,
                                                 faiss.AdditiveQuantizer.ST_norm_float)
@@ -391,7 +399,7 @@ def main(argv=None) -> int:
                 index, train_s, add_s = faiss_ivf(kind, centroids, xt, xb, M)
                 report["models"][f"{name} {nb} B {kind}"] = f"train {train_s:.0f} s, add {add_s:.0f} s"
                 for p in a.nprobe:
-                    index.nprobe = p
+                    faiss.ParameterSpace().set_index_parameter(index, "nprobe", p)
                     dt, (_, I) = timed(lambda: index.search(xq, 10), a.repeats)
                     r1, r10 = recalls(I, gt)
                     add({"dataset": name, "bytes": nb, "method": kind, "nprobe": p, "shortlist": None,
@@ -408,9 +416,9 @@ def main(argv=None) -> int:
             from pipeline.checkpoint import read_model_info
 
             info = read_model_info(model_uri)
-            if not ray.is_initialized():
-                ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
             index_uri, enc = build_index(wdir, model_uri, base_uri, a.threads)
+            ray.shutdown()  # time the in-process search, like Faiss, without Ray's daemons beside it
             hist = info.get("metadata", {}).get("history", [])
             best = min((h["val_mse"] for h in hist), default=float("nan"))
             report["models"][f"{name} {nb} B IVF-QINCo"] = (
@@ -446,10 +454,12 @@ def main(argv=None) -> int:
             if not qpath.exists():
                 vecs_io.write_vectors(str(qpath), xq)
             out = str(wdir / "ray_results.bin")
+            ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
             rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=str(qpath), out_uri=out, k=10,
                                              nprobe=a.ray_nprobe, shortlist=a.ray_shortlist,
                                              workers=a.threads, cpus_per_worker=1.0, query_batch=len(xq),
                                              rerank_precision=a.ray_precision))
+            ray.shutdown()
             I, _ = vecs_io.read_knn_results(out)
             r1, r10 = recalls(I, gt)
             report["ray_job"].append({"dataset": name, "bytes": nb, "nprobe": a.ray_nprobe,

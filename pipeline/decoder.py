@@ -68,7 +68,9 @@ def decode(model: QINCo, codes_NM: np.ndarray, list_ids_N: np.ndarray | None = N
         if list_ids_N.shape != (N,):
             raise ConfigError(f"list ids have shape {list_ids_N.shape}, expected ({N},)")
     dev = torch.device(device)
-    model = model.to(dev).eval()
+    if model.device != dev:  # moving walks every parameter: ~3 ms, a tenth of a small re-rank
+        model = model.to(dev)
+    model.eval()
     bs = batch_size or 65536
     out = np.empty((N, cfg.dim), dtype=np.float32)
     with torch.inference_mode(), _autocast(dev, precision):

@@ -23,8 +23,8 @@ codes and norms. Faiss rebuilds an ``M x K`` table for every (query, probed list
 (``M K D`` multiply-adds each), so the default scanner is several times faster at D=128, M=16
 (``bench/bench_scanner.py``).
 
-Everything is plain NumPy/Faiss; rankings are exact and break ties by the smaller global id,
-so results are independent of sharding (see ``pipeline.topk``).
+Everything is plain NumPy/torch/Faiss; rankings are exact and break ties by the smaller global
+id, so results are independent of sharding (see ``pipeline.topk``).
 """
 
 from __future__ import annotations
@@ -360,7 +360,8 @@ class ShardSearcher:
         M, K = self.M, self.K
         # torch's GEMM runs on the same thread pool as the re-rank's decoder; NumPy's BLAS pool
         # busy-waits after a call and halves the speed of a decode that follows.
-        lut = torch.from_numpy(q_QD) @ torch.from_numpy(self.codebooks_MKD.reshape(M * K, self.D)).T
+        q = q_QD if q_QD.flags.writeable else q_QD.copy()  # e.g. a read-only Ray object
+        lut = torch.from_numpy(q) @ torch.from_numpy(self.codebooks_MKD.reshape(M * K, self.D)).T
         return lut.numpy().reshape(-1, M, K)
 
     def _code_dists(self, lut_QMK: np.ndarray, q_T: np.ndarray, rows_T: np.ndarray) -> np.ndarray:
