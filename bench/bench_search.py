@@ -285,9 +285,9 @@ def merge_reports(reports: list[dict]) -> dict:
     out["loadavg_end"] = reports[-1].get("loadavg_end")
     budgets = {}
     for r in reports:
-        for nb in sorted({x["bytes"] for x in r.get("results", [])}, reverse=True):
-            budgets.setdefault(nb, r["train_budget_s"])
-    out["train_budget_text"] = ", ".join(f"{b:.0f} s ({nb} B)" for nb, b in budgets.items())
+        for key in sorted({(x["dataset"], x["bytes"]) for x in r.get("results", [])}):
+            budgets.setdefault(key, r["train_budget_s"])
+    out["train_budget_text"] = ", ".join(f"{b:.0f} s ({ds} {nb} B)" for (ds, nb), b in budgets.items())
     return out
 
 
@@ -418,15 +418,20 @@ def main(argv=None) -> int:
             from pipeline.checkpoint import read_model_info
 
             info = read_model_info(model_uri)
-            ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
+            # An index already built returns before Ray starts; otherwise the encode job starts Ray,
+            # which is shut down so that the in-process search, like Faiss, is timed without Ray's
+            # daemons beside it (they cost it ~20% on 2 cores).
             index_uri, enc = build_index(wdir, model_uri, base_uri, a.threads)
-            ray.shutdown()  # time the in-process search, like Faiss, without Ray's daemons beside it
+            if ray.is_initialized():
+                ray.shutdown()
             hist = info.get("metadata", {}).get("history", [])
             best = min((h["val_mse"] for h in hist), default=float("nan"))
+            built = ("index built by the Ray encode job in an earlier run" if enc.get("status") == "up-to-date"
+                     else f"encode job {enc.get('vectors_per_s') or 0:,.0f} vectors/s ({enc.get('status')}); "
+                          f"model+index {time.perf_counter() - t:.0f} s this run")
             report["models"][f"{name} {nb} B IVF-QINCo"] = (
-                f"val MSE {best:,.4g} after {max((h.get('epoch', 0) for h in hist), default='?')} epochs; "
-                f"encode job {enc.get('vectors_per_s') or 0:,.0f} vectors/s ({enc.get('status')}); "
-                f"model+index {time.perf_counter() - t:.0f} s this run")
+                f"val MSE {best:,.0f}" if best >= 100 else f"val MSE {best:.4g}") + (
+                f" after {max((h.get('epoch', 0) for h in hist), default='?')} epochs; {built}")
             torch.set_num_threads(a.threads)
             searcher, model = qinco_searcher(index_uri, a.threads)
             for p in a.nprobe:
