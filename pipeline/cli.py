@@ -257,7 +257,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                         "results after the first R keep the lookup-table order and distances")
     p.add_argument("--no-rerank", action="store_true", help="return the lookup-table ranking (no QINCo decode)")
     p.add_argument("--rerank-precision", choices=["float32", "bfloat16"], default="float32",
-                   help="arithmetic of the QINCo decoder in the re-rank; bfloat16 is ~1.7x faster on CPUs "
+                   help="arithmetic of the QINCo decoder in the re-rank; bfloat16 is 1.5-1.7x faster on CPUs "
                         "with AVX512-BF16/AMX, distances stay float32/float64 (default float32)")
     p.add_argument("--workers", type=int, default=2, help="shard actors (default 2)")
     p.add_argument("--cpus-per-worker", type=float, default=None,

@@ -48,7 +48,7 @@ def decode(model: QINCo, codes_NM: np.ndarray, list_ids_N: np.ndarray | None = N
     """Decode codes to raw float32 vectors (see module docstring).
 
     ``precision``: the networks' arithmetic, "float32", "bfloat16" (CPUs with AVX512-BF16 or
-    AMX run it about 1.7x faster) or "float16" (CUDA); default float16 on CUDA, float32 on CPU.
+    AMX run it 1.5-1.7x faster) or "float16" (CUDA); default float16 on CUDA, float32 on CPU.
     """
     cfg = model.config
     codes_NM = np.asarray(codes_NM)

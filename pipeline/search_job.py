@@ -283,9 +283,9 @@ class ShardPool:
         ``rerank_count`` R: only the best R of the merged shortlist are decoded (default all);
         with R < k the results after the first R keep lookup-table order and distances.
         """
-        from pipeline.search_kernels import append_lut_tail
-
         import ray
+
+        from pipeline.search_kernels import append_lut_tail
 
         stages = stages if stages is not None else {}
         q_QD = np.ascontiguousarray(q_QD, dtype=np.float32)
