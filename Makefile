@@ -24,8 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# One benchmark of bench/ (default: the search-quality one), e.g. `make bench BENCH=bench_codec ARGS="--help"`.
+BENCH ?= bench_search
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py $(ARGS)
+	$(BIN)/python bench/$(BENCH).py $(ARGS)
 
 # Regenerate the lock from the current venv (after changing a pin in pyproject.toml).
 lock:

@@ -85,6 +85,7 @@ def pareto(points: list[dict], x: str = "qps", y: str = "R@1") -> list[dict]:
 
 # IVF-QINCo with the decoder of the re-rank in float32 / in bfloat16 (``--rerank-precision``).
 QINCO_METHODS = {"float32": "IVF-QINCo", "bfloat16": "IVF-QINCo-bf16"}
+DEFAULT_RQ_BEAM = 5  # Faiss's ResidualQuantizer.max_beam_size default
 
 
 def recall_at_qps(points: list[dict], qps: float, y: str = "R@1") -> float | None:
@@ -95,7 +96,9 @@ def recall_at_qps(points: list[dict], qps: float, y: str = "R@1") -> float | Non
 
 # --------------------------------------------------------------------------- stages
 def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: int, budget_s: float,
-                threads: int, epochs: int, lr: float) -> str:
+                threads: int, epochs: int, lr: float, encode_beam: tuple[int, int] | None = None,
+                x_extra: np.ndarray | None = None) -> str:
+    """Trains on ``xt[2000:]`` (plus ``x_extra``, e.g. base vectors), validates on ``xt[:2000]``."""
     from pipeline.checkpoint import save_model
     from pipeline.qinco_model import config_from_preset
     from pipeline.training import TrainConfig, train_model
@@ -104,11 +107,13 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
     if (work / "model").exists():
         log.info("reusing model %s", uri)
         return uri
-    qcfg = config_from_preset("cpu", xt.shape[1], M=M, K=256, nlist=len(centroids))
+    A, B = encode_beam or (None, None)
+    qcfg = config_from_preset("cpu", xt.shape[1], M=M, K=256, nlist=len(centroids), A=A, B=B)
+    x_train = xt[2000:] if x_extra is None else np.concatenate([xt[2000:], x_extra])
     tcfg = TrainConfig(epochs=epochs, time_budget_s=budget_s, num_threads=threads, val_size=2000,
                        batch_size=1024, lr=lr, lr_schedule="time", patience=10, rq_beam=5)
     t = time.perf_counter()
-    model, hist = train_model(xt[2000:], xt[:2000], qcfg, tcfg, centroids=centroids)
+    model, hist = train_model(x_train, xt[:2000], qcfg, tcfg, centroids=centroids)
     meta = {"train_config": tcfg.to_dict(), "history": hist, "train_s": time.perf_counter() - t}
     save_model(model, uri, metadata=meta)
     log.info("trained M=%d model in %.0f s (val MSE %.6g)", M, time.perf_counter() - t,
@@ -142,7 +147,13 @@ def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
     return s, model
 
 
-def faiss_ivf(kind: str, centroids: np.ndarray, xt: np.ndarray, xb: np.ndarray, M: int):
+def rq_method(beam: int) -> str:
+    """Method name of Faiss IVF-RQ with encoding beam ``beam`` (Faiss's default, 5: plain IVF-RQ)."""
+    return "IVF-RQ" if beam == DEFAULT_RQ_BEAM else f"IVF-RQ-beam{beam}"
+
+
+def faiss_ivf(kind: str, centroids: np.ndarray, xt: np.ndarray, xb: np.ndarray, M: int,
+              rq_beam: int = 5):
     import faiss
 
     d, nlist = xt.shape[1], len(centroids)
@@ -161,7 +172,7 @@ def faiss_ivf(kind: str, centroids: np.ndarray, xt: np.ndarray, xb: np.ndarray, 
     else:
         index = faiss.IndexIVFResidualQuantizer(quantizer, d, nlist, M, 8, faiss.METRIC_L2,
                                                 faiss.AdditiveQuantizer.ST_norm_float)
-        index.rq.max_beam_size = 5
+        index.rq.max_beam_size = rq_beam
     t = time.perf_counter()
     index.train(xt)
     train_s = time.perf_counter() - t
@@ -212,17 +223,21 @@ def table(rows: list[dict]) -> str:
 
 
 def summary(results: list[dict]) -> list[str]:
-    """Per (dataset, bytes): R@1 of each method at the query rates IVF-RQ reaches."""
+    """Per (dataset, bytes) and IVF-RQ variant: IVF-QINCo's best R@1 at the query rates of the
+    IVF-RQ Pareto points."""
     out = []
     for ds, nb in sorted({(r["dataset"], r["bytes"]) for r in results}):
         sel = [r for r in results if (r["dataset"], r["bytes"]) == (ds, nb)]
-        rq = pareto([r for r in sel if r["method"] == "IVF-RQ"])
         qn = [r for r in sel if r["method"] in QINCO_METHODS.values()]
-        for p in rq:
-            ours = recall_at_qps(qn, p["qps"])
-            gap = "n/a (no IVF-QINCo point that fast)" if ours is None else f"{100 * (ours - p['R@1']):+.1f} points"
-            out.append(f"| {ds} | {nb} | {p['qps']:,.0f} | {p['R@1']:.3f} | "
-                       f"{'-' if ours is None else f'{ours:.3f}'} | {gap} |")
+        baselines = sorted({r["method"] for r in sel if r["method"].startswith("IVF-RQ")},
+                           key=lambda m: (m != "IVF-RQ", m))
+        for base in baselines:
+            for p in pareto([r for r in sel if r["method"] == base]):
+                ours = recall_at_qps(qn, p["qps"])
+                gap = ("n/a (no IVF-QINCo point that fast)" if ours is None
+                       else f"{100 * (ours - p['R@1']):+.1f} points")
+                out.append(f"| {ds} | {nb} | {base} | {p['qps']:,.0f} | {p['R@1']:.3f} | "
+                           f"{'-' if ours is None else f'{ours:.3f}'} | {gap} |")
     return out
 
 
@@ -239,8 +254,8 @@ def render(report: dict) -> str:
         f"- protocol: {report['queries']} queries, {report['scale']}; IVF{report['nlist']} "
         "coarse quantizer (k-means on learn) shared by all methods; Faiss and torch limited to "
         f"{report['threads']} threads; queries searched in one batch; queries/s = best of "
-        f"{report['repeats']} runs (up to 10 while they total under 1 s). IVF-QINCo = QINCo2 `cpu` preset (L=2, de=64, dh=128, A=8, B=4), "
-        f"trained on learn within {report.get('train_budget_text') or format(report['train_budget_s'], '.0f') + ' s'}"
+        f"{report['repeats']} runs (up to 10 while they total under 1 s). IVF-QINCo = QINCo2 `cpu` preset (L=2, de=64, dh=128), "
+        f"trained within {report.get('train_budget_text') or training_text(report)}"
         " (AdamW, peak lr "
         f"{report.get('lr', '?')}, cosine over the budget, codebooks initialised from Faiss RQ beam 5), "
         "base encoded by the Ray encode job; "
@@ -249,7 +264,9 @@ def render(report: dict) -> str:
         "R (`--rerank R`; with R < k = 10 the results after R keep the LUT order) "
         "(in-process `ShardSearcher`, one shard). "
         "IVF-QINCo-LUT = the LUT ranking alone; IVF-QINCo-bf16 = the re-rank's decoder network in bfloat16 "
-        "(`--rerank-precision bfloat16`). Faiss IVF-RQ: RQ training beam 5, ST_norm_float.",
+        "(`--rerank-precision bfloat16`). Faiss IVF-RQ: training and encoding beam 5 (Faiss's default; "
+        "IVF-RQ-beamB: beam B), ST_norm_float; Faiss codecs trained on the same set as IVF-QINCo "
+        "(learn+base: all of learn and base).",
         "",
     ]
     for key, info in report.get("models", {}).items():
@@ -264,14 +281,21 @@ def render(report: dict) -> str:
                          + ", ".join(f"{k} {v:.2f}" for k, v in rj["stages"].items() if k != "load_s") + ")")
     lines += ["", "R@1 at equal speed (best IVF-QINCo point, float32 or bfloat16 re-rank, at least as fast as"
               " each IVF-RQ Pareto point):", "",
-              "| dataset | bytes | IVF-RQ queries/s | IVF-RQ R@1 | IVF-QINCo R@1 | difference |",
-              "|:--|--:|--:|--:|--:|:--|"]
+              "| dataset | bytes | baseline | baseline queries/s | baseline R@1 | IVF-QINCo R@1 | difference |",
+              "|:--|--:|:--|--:|--:|--:|:--|"]
     lines += summary(res)
     lines += ["", "![Pareto curves](search_pareto.png)", "", "<details><summary>all measured points</summary>",
               "", table(res), "", "</details>"]
     if report.get("notes"):
         lines += [""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines)
+
+
+def training_text(report: dict) -> str:
+    """IVF-QINCo's training budget and set, and encoder beam, of one run."""
+    A, B = report.get("encode_beam") or (8, 4)
+    return (f"{report['train_budget_s']:.0f} s on {report.get('train_set', 'learn')}, "
+            f"encoded with A={A}, B={B}")
 
 
 def merge_reports(reports: list[dict]) -> dict:
@@ -286,8 +310,8 @@ def merge_reports(reports: list[dict]) -> dict:
     budgets = {}
     for r in reports:
         for key in sorted({(x["dataset"], x["bytes"]) for x in r.get("results", [])}):
-            budgets.setdefault(key, r["train_budget_s"])
-    out["train_budget_text"] = ", ".join(f"{b:.0f} s ({ds} {nb} B)" for (ds, nb), b in budgets.items())
+            budgets.setdefault(key, training_text(r))
+    out["train_budget_text"] = "; ".join(f"{t} ({ds} {nb} B)" for (ds, nb), t in budgets.items())
     return out
 
 
@@ -307,6 +331,15 @@ def main(argv=None) -> int:
     ap.add_argument("--shortlist", type=int, nargs="+", default=[20, 50, 100, 200, 400])
     ap.add_argument("--rerank", type=int, nargs="*", default=[2, 3, 5],
                     help="extra IVF-QINCo points: shortlist 10 (= k) with only the best R re-ranked")
+    ap.add_argument("--train-set", choices=["learn", "learn+base"], default="learn",
+                    help="vectors the codecs (IVF-PQ, IVF-RQ, IVF-QINCo) are trained on; the coarse"
+                         " quantizer always uses learn. learn+base trains on the data being indexed,"
+                         " as a production index does")
+    ap.add_argument("--encode-beam", type=int, nargs=2, metavar=("A", "B"), default=None,
+                    help="IVF-QINCo encoder pre-selection A and beam B (default: the preset's 8 4)")
+    ap.add_argument("--rq-beam", type=int, nargs="+", default=[DEFAULT_RQ_BEAM],
+                    help="Faiss IVF-RQ training and encoding beam(s); each beam but Faiss's default"
+                         " (5) is reported as method IVF-RQ-beamB")
     ap.add_argument("--train-budget", type=float, default=300.0, help="QINCo training seconds per model")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine over the budget)")
@@ -353,7 +386,7 @@ def main(argv=None) -> int:
               "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg()), "threads": a.threads,
               "queries": a.queries, "nlist": a.nlist, "repeats": a.repeats, "train_budget_s": a.train_budget,
-              "lr": a.lr,
+              "lr": a.lr, "train_set": a.train_set, "encode_beam": a.encode_beam,
               "results": [], "models": {}, "ray_job": [], "complete": False}
     res = report["results"]
     report["scale"] = ("full base, ground truth from the dataset" if a.max_base is None else
@@ -397,8 +430,12 @@ def main(argv=None) -> int:
             wdir = work / f"{name}_{nb}B"
             wdir.mkdir(exist_ok=True)
             # -- Faiss baselines on the same coarse quantizer
-            for kind in (("IVF-PQ", "IVF-RQ") if a.stage == "all" else ()):
-                index, train_s, add_s = faiss_ivf(kind, centroids, xt, xb, M)
+            kinds = [("IVF-PQ", DEFAULT_RQ_BEAM)] + [("IVF-RQ", b) for b in a.rq_beam]
+            for kind, beam in (kinds if a.stage == "all" else ()):
+                xtrain = xt if a.train_set == "learn" else np.concatenate([xt, xb])
+                index, train_s, add_s = faiss_ivf(kind, centroids, xtrain, xb, M, beam)
+                del xtrain
+                kind = rq_method(beam) if kind == "IVF-RQ" else kind
                 report["models"][f"{name} {nb} B {kind}"] = f"train {train_s:.0f} s, add {add_s:.0f} s"
                 for p in a.nprobe:
                     faiss.ParameterSpace().set_index_parameter(index, "nprobe", p)
@@ -412,7 +449,8 @@ def main(argv=None) -> int:
             import ray
 
             t = time.perf_counter()
-            model_uri = train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs, a.lr)
+            model_uri = train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs, a.lr,
+                                    a.encode_beam, xb if a.train_set == "learn+base" else None)
             if a.stage == "train":
                 continue
             from pipeline.checkpoint import read_model_info
