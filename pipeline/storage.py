@@ -337,9 +337,34 @@ def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = N
         f.write(data)
 
 
+class _StorageErrorsOnWrite:
+    """File proxy whose ``write``/``flush`` raise :class:`StorageError` naming the URI.
+
+    A streamed write can fail half way (a full disk, an S3 part upload refused): the error then
+    names the file being written, like every other storage error, instead of a bare ``OSError``.
+    """
+
+    def __init__(self, f, uri: str):
+        self._f, self._uri = f, uri
+
+    def write(self, data):
+        with _errors(self._uri):
+            return self._f.write(data)
+
+    def flush(self):
+        with _errors(self._uri):
+            return self._f.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 @contextlib.contextmanager
 def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = None):
     """Yield a writable file; the content becomes visible at ``uri`` only if the block succeeds.
+
+    A storage failure while writing (e.g. a full disk, or a multipart part upload refused)
+    raises :class:`StorageError` naming ``uri``, and nothing is left at ``uri``.
 
     Local: a temporary file in the same directory, fsync'ed and renamed over ``uri``. S3: a
     (multipart) upload completed on success and aborted on exception — S3 makes an object
@@ -357,12 +382,11 @@ def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = Non
         raw = os.fdopen(fd, "wb")
         try:
             f = io.TextIOWrapper(raw, encoding="utf-8") if mode == "w" else raw
-            yield f
-            f.flush()
+            yield _StorageErrorsOnWrite(f, uri)
             with _errors(uri):
+                f.flush()
                 os.fsync(raw.fileno())
-            f.close()
-            with _errors(uri):
+                f.close()
                 os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -375,7 +399,7 @@ def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = Non
         raw = fs.open(path, "wb", autocommit=True)
     try:
         f = io.TextIOWrapper(raw, encoding="utf-8", write_through=True) if mode == "w" else raw
-        yield f
+        yield _StorageErrorsOnWrite(f, uri)
     except BaseException:
         with contextlib.suppress(Exception):
             raw.discard()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 
@@ -101,6 +103,33 @@ def test_local_contract(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_local_write_failure_is_storage_error_and_leaves_nothing(tmp_path, monkeypatch):
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, mode="r", *a, **kw):
+        os.close(fd)
+        return FullDisk()
+
+    target = tmp_path / "out" / "big.bin"
+    monkeypatch.setattr(storage.os, "fdopen", fdopen)
+    with pytest.raises(StorageError, match=r"big\.bin.*No space left"):
+        with storage.open_atomic(str(target), "wb") as f:
+            f.write(b"x" * 100)
+    with pytest.raises(StorageError, match=r"big\.bin"):
+        storage.write_bytes_atomic(str(target), b"abc")
+    monkeypatch.setattr(storage.os, "fdopen", real_fdopen)
+    assert os.listdir(tmp_path / "out") == []  # neither the file nor a temporary one
+    # a user error inside the block is not relabelled
+    with pytest.raises(OSError, match="not a storage error") as ei:
+        with storage.open_atomic(str(target), "wb") as f:
+            raise OSError("not a storage error")
+    assert not isinstance(ei.value, StorageError)
+
+
 def test_local_file_uri(tmp_path):
     storage.write_bytes_atomic(f"file://{tmp_path}/x.bin", b"abc")
     assert (tmp_path / "x.bin").read_bytes() == b"abc"
@@ -138,6 +167,15 @@ def test_s3_wrong_secret_is_storage_error_without_secret(s3):
         msg = str(ei.value)
         assert "stor-auth" in msg
         assert "WRONGwrongWRONG-secret" not in msg and s3.secret_key not in msg
+    # a part upload refused in the middle of a streamed write (past s3fs's 50 MiB buffer)
+    # names the object too
+    chunk = b"x" * (20 << 20)
+    with pytest.raises(StorageError, match="big.bin.*access denied") as ei:
+        with storage.open_atomic(base + "/big.bin", "wb", bad) as f:
+            for _ in range(3):
+                f.write(chunk)
+    assert "WRONGwrongWRONG-secret" not in str(ei.value)
+    assert not storage.exists(base + "/big.bin", s3.options())
     assert not storage.exists(base + "/k2.bin")
 
 
