@@ -44,6 +44,8 @@ from pipeline.errors import ConfigError, PipelineError
 log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
+# Temporary files of killed shard writers older than this are removed when a job resumes.
+STALE_TEMP_S = 3600.0
 
 
 @dataclass
@@ -307,6 +309,10 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     version = _pick_version(cfg, options, model_id["config_sha256"])
     vuri = version_dir(cfg.index_uri, version)
     job_uri = storage.join(vuri, JOB_FILE)
+    stale = storage.remove_stale_temporaries(vuri, STALE_TEMP_S, options)
+    if stale:
+        log.info("removed %d temporary file(s) left by killed writers in %s", stale,
+                 storage.redact(vuri))
     if not storage.exists(job_uri, options):
         storage.write_bytes_atomic(job_uri, json.dumps(
             {"identity": cfg.identity(), "model_sha256": model_id["config_sha256"], "config": cfg.to_dict(),

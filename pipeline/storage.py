@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 from urllib.parse import urlencode, urlsplit
@@ -308,6 +309,32 @@ def list_files(uri_prefix: str, options: StorageOptions | None = None) -> list[s
             return []
         files = [p for p, d in found.items() if d.get("type", "file") == "file" and not p.endswith("/")]
         return sorted(_uri_of(protocol, p) for p in files)
+
+
+def remove_stale_temporaries(dir_uri: str, older_than_s: float,
+                              options: StorageOptions | None = None) -> int:
+    """Delete the temporary files of killed writers under a local directory; returns how many.
+
+    ``open_atomic`` and ``copy_file`` write ``.NAME.*.tmp`` beside their target and rename it
+    into place, so a process killed mid-write leaves its temporary file behind. Only files not
+    modified for ``older_than_s`` seconds are removed, so a live writer's file is left alone. On
+    S3 there is nothing to do: an unfinished upload never becomes an object.
+    """
+    protocol, path = _split(dir_uri)
+    if protocol != "file" or not os.path.isdir(path):
+        return 0
+    removed, now = 0, time.time()
+    with _errors(dir_uri):
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                if not (name.startswith(".") and name.endswith(".tmp")):
+                    continue
+                full = os.path.join(root, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if now - os.stat(full).st_mtime > older_than_s:
+                        os.unlink(full)
+                        removed += 1
+    return removed
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import encoder, storage, vecs_io
-from pipeline.encode_job import EncodeActor, EncodeJobConfig, plan_ranges, run_encode
+from pipeline.encode_job import STALE_TEMP_S, EncodeActor, EncodeJobConfig, plan_ranges, run_encode
 from pipeline.errors import ConfigError, PipelineError, VectorFormatError
 from pipeline.manifest import current_version, load_manifest, version_dir
 from pipeline.shard_format import read_shard
@@ -232,8 +232,19 @@ def test_sigkilled_job_resumes_to_same_index(ray_session, tiny_index_inputs, tmp
     assert not exited_by_itself, f"encode subprocess ended before the kill:\n{log_path.read_text()[-3000:]}"
     assert glob.glob(pattern), f"no shard written within 120 s:\n{log_path.read_text()[-3000:]}"
     assert current_version(killed) is None  # killed before the commit: readers see no index
+    # temporary files of killed writers: an old one is cleaned up, a recent one (maybe a live
+    # writer's) is left alone
+    shard_dir = os.path.dirname(glob.glob(pattern)[0])
+    stale, fresh = os.path.join(shard_dir, ".x.parquet.a1.tmp"), os.path.join(shard_dir, ".y.parquet.b2.tmp")
+    for path in (stale, fresh):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+    old = time.time() - 2 * STALE_TEMP_S
+    os.utime(stale, (old, old))
 
     resumed = run_encode(_job(inp, killed, **job))
+    assert not os.path.exists(stale) and os.path.exists(fresh)
+    os.unlink(fresh)
     reference = run_encode(_job(inp, full, **job))
     assert resumed["version"] == "v000001"  # the killed run's directory was resumed
     assert reference["shards_encoded_this_run"] == reference["shards"] == 24

@@ -130,6 +130,25 @@ def test_local_write_failure_is_storage_error_and_leaves_nothing(tmp_path, monke
     assert not isinstance(ei.value, StorageError)
 
 
+def test_remove_stale_temporaries(tmp_path):
+    import time
+
+    d = tmp_path / "v" / "shards"
+    d.mkdir(parents=True)
+    storage.write_bytes_atomic(str(d / "kept.parquet"), b"data")
+    names = [".a.parquet.x1.tmp", ".b.parquet.x2.tmp", "c.tmp", ".d.parquet"]
+    for n in names:
+        (d / n).write_bytes(b"partial")
+    old = time.time() - 7200
+    for n in names[1:]:
+        os.utime(d / n, (old, old))
+    # only old dot-files ending in .tmp go; recent ones and other names stay
+    assert storage.remove_stale_temporaries(str(tmp_path / "v"), 3600) == 1
+    assert sorted(os.listdir(d)) == sorted(["kept.parquet", ".a.parquet.x1.tmp", "c.tmp", ".d.parquet"])
+    assert storage.remove_stale_temporaries(str(tmp_path / "missing"), 3600) == 0
+    assert storage.remove_stale_temporaries("s3://bucket/prefix", 3600) == 0
+
+
 def test_local_file_uri(tmp_path):
     storage.write_bytes_atomic(f"file://{tmp_path}/x.bin", b"abc")
     assert (tmp_path / "x.bin").read_bytes() == b"abc"
