@@ -309,7 +309,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     version = _pick_version(cfg, options, model_id["config_sha256"])
     vuri = version_dir(cfg.index_uri, version)
     job_uri = storage.join(vuri, JOB_FILE)
-    stale = storage.remove_stale_temporaries(vuri, STALE_TEMP_S, options)
+    stale = storage.remove_stale_temporaries(vuri, STALE_TEMP_S)
     if stale:
         log.info("removed %d temporary file(s) left by killed writers in %s", stale,
                  storage.redact(vuri))

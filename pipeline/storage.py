@@ -311,8 +311,11 @@ def list_files(uri_prefix: str, options: StorageOptions | None = None) -> list[s
         return sorted(_uri_of(protocol, p) for p in files)
 
 
-def remove_stale_temporaries(dir_uri: str, older_than_s: float,
-                              options: StorageOptions | None = None) -> int:
+# Writers on local disk write ``.NAME.<random>`` + this beside their target, then rename it.
+_TEMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temporaries(dir_uri: str, older_than_s: float) -> int:
     """Delete the temporary files of killed writers under a local directory; returns how many.
 
     ``open_atomic`` and ``copy_file`` write ``.NAME.*.tmp`` beside their target and rename it
@@ -327,7 +330,7 @@ def remove_stale_temporaries(dir_uri: str, older_than_s: float,
     with _errors(dir_uri):
         for root, _dirs, files in os.walk(path):
             for name in files:
-                if not (name.startswith(".") and name.endswith(".tmp")):
+                if not (name.startswith(".") and name.endswith(_TEMP_SUFFIX)):
                     continue
                 full = os.path.join(root, name)
                 with contextlib.suppress(FileNotFoundError):
@@ -405,7 +408,8 @@ def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = Non
         parent = os.path.dirname(path) or "."
         with _errors(uri):
             os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".",
+                                       suffix=_TEMP_SUFFIX)
         raw = os.fdopen(fd, "wb")
         try:
             f = io.TextIOWrapper(raw, encoding="utf-8") if mode == "w" else raw
@@ -455,7 +459,7 @@ def copy_file(src_uri: str, dst_uri: str, options: StorageOptions | None = None)
         with _errors(src_uri):
             os.stat(spath)
         parent = os.path.dirname(dpath) or "."
-        tmp = os.path.join(parent, f".{os.path.basename(dpath)}.{os.getpid()}.link.tmp")
+        tmp = os.path.join(parent, f".{os.path.basename(dpath)}.{os.getpid()}.link{_TEMP_SUFFIX}")
         with _errors(dst_uri):
             os.makedirs(parent, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
