@@ -381,9 +381,10 @@ class ShardSearcher:
         idx_TM = np.add(np.take(self.codes_NM, rows_T, axis=0), np.arange(M, dtype=itype) * K,
                         dtype=itype)
         idx_TM += (np.asarray(q_T, dtype=itype) * (M * K))[:, None]
-        table = torch.from_numpy(np.ascontiguousarray(lut_QMK, dtype=np.float32).reshape(-1, 1))
+        # Summing -2 lut in order gives exactly -2 times the ordered sum of lut: scaling by a
+        # power of two commutes with float32 rounding. One pass over the tables, none over pairs.
+        table = torch.from_numpy(np.multiply(lut_QMK, np.float32(-2.0), dtype=np.float32).reshape(-1, 1))
         acc_T = F.embedding_bag(torch.from_numpy(idx_TM), table, mode="sum")[:, 0].numpy()
-        acc_T *= -2.0
         acc_T += self.bias_N[rows_T]
         return acc_T
 
@@ -498,18 +499,21 @@ class ShardSearcher:
         Q, P = lists_QP.shape
         sizes = sizes_QP.ravel()
         T = int(sizes.sum())
-        slot_T = np.repeat(np.arange(Q * P), sizes)
         slot_first = np.cumsum(sizes) - sizes  # position of each probe slot's first candidate
         row0 = np.where(lists_QP >= 0, self.list_offsets[np.maximum(lists_QP, 0)], 0).ravel()
-        pos_T = np.arange(T)
-        rows_T = pos_T + (row0 - slot_first)[slot_T]
-        q_T = slot_T // P
-        d_T = self._code_dists(lut_QMK, q_T, rows_T)
-        d_T += Dc_QP.ravel()[slot_T]
         tot_Q = sizes_QP.sum(axis=1)
         q_first = np.cumsum(tot_Q) - tot_Q
-        buf_D = np.full((Q, C), np.inf, np.float32)
-        buf_D[q_T, pos_T - q_first[q_T]] = d_T
+        # Per-candidate arrays repeat per-slot or per-query values: one pass each, no gathers.
+        pos_T = np.arange(T)
+        rows_T = np.repeat(row0 - slot_first, sizes)
+        rows_T += pos_T
+        d_T = self._code_dists(lut_QMK, np.repeat(np.arange(Q), tot_Q), rows_T)
+        d_T += np.repeat(Dc_QP.ravel(), sizes)
+        cell_T = np.repeat(np.arange(Q) * C - q_first, tot_Q)  # flat buffer cell of each candidate
+        cell_T += pos_T
+        buf_D = np.full(Q * C, np.inf, np.float32)
+        buf_D[cell_T] = d_T
+        buf_D = buf_D.reshape(Q, C)
 
         def rows_of(q_X, c_X):
             """Shard rows of buffer cells (query, column); -1 for padding."""
