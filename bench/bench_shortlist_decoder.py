@@ -7,6 +7,13 @@ built by ``bench_search.py`` (its ``--work`` directory):
 - reconstruction MSE on held-out base vectors of the neural decoder, of the model's additive
   decoder and of additive decoders refitted on more base rows (``--refit-rows``);
 - LUT-only R@1 / R@10 at each ``--nprobe`` for each of those additive decoders;
+- two richer shortlist decoders, to size what they could give: the *list-conditioned* additive
+  decoder (each step's network evaluated with the list centroid as context, so every IVF list has
+  codebooks of its own, ``x ≈ c_l + Σ_m f_m(C_m[code_m], c_l)``; its ranking is what a lookup-table
+  scan with one table per (query, probed list) would give), and the QINCo2 paper's *pairwise*
+  decoder (``--pairs`` tables indexed by two codes, ``K²`` entries each, fitted greedily on the
+  refit rows' additive residuals with ridge ``--pair-ridge``; MSE on held-out rows and on its own
+  fitting rows);
 - beside them, Faiss IVF-RQ (beam 5) on the same coarse quantizer, trained on the same set
   (``--train-set``): its reconstruction MSE and R@1 / R@10 at the same nprobe.
 
@@ -41,6 +48,82 @@ def mse(x_ND: np.ndarray, xhat_ND: np.ndarray) -> float:
     return float(np.mean(np.sum((np.asarray(xhat_ND, np.float64) - x_ND) ** 2, axis=1)))
 
 
+def decode_at_centroid(model, codes_NM: np.ndarray, list_ids_N: np.ndarray, batch: int = 65536) -> np.ndarray:
+    """``c_l + Σ_m f_m(C_m[code_m], c_l)``: every step's network sees the list centroid as the
+    reconstruction so far, so the decoder is additive within a list (raw space, float32)."""
+    import torch
+
+    out = np.empty((len(codes_NM), model.config.dim), np.float32)
+    with torch.no_grad():
+        for a in range(0, len(codes_NM), batch):
+            codes = torch.from_numpy(np.asarray(codes_NM[a:a + batch], dtype=np.int64))
+            x0_BD = model.initial_xhat(len(codes), torch.from_numpy(np.asarray(list_ids_N[a:a + batch])))
+            xhat_BD = x0_BD.clone()
+            for m, step in enumerate(model.steps):
+                c_BD = step.codebook_KD[codes[:, m]]
+                if step.plain:
+                    xhat_BD += c_BD
+                    continue
+                z_BE = step.codeword_table()[codes[:, m]] + step.context(x0_BD)
+                xhat_BD += step.finish(z_BE, c_BD)
+            out[a:a + batch] = model.denormalise(xhat_BD).numpy()
+    return out
+
+
+def rank_probed(searcher, xq_QD: np.ndarray, xhat_ND: np.ndarray, nprobe: int, k: int = 10) -> np.ndarray:
+    """Ids of the ``k`` rows of each query's probed lists nearest under the reconstruction
+    ``xhat_ND`` (exact distances to it, ties by id): the ranking of a lookup-table scan whose
+    tables reproduce that decoder exactly."""
+    from pipeline.search_kernels import brute_force_reference
+
+    _, lists_QP = searcher.probe(xq_QD, nprobe)
+    I_QK = np.empty((len(xq_QD), k), np.int64)
+    for q, lists in enumerate(lists_QP):
+        rows = np.concatenate([np.arange(searcher.list_offsets[l], searcher.list_offsets[l + 1]) for l in lists])
+        I_QK[q] = brute_force_reference(xq_QD[q:q + 1], xhat_ND[rows], searcher.ids_N[rows], k)[1][0]
+    return I_QK
+
+
+def fit_pairwise(codes_NM: np.ndarray, resid_ND: np.ndarray, K: int, n_pairs: int, ridge: float,
+                 fit_rows: np.ndarray, select_rows: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """Greedy pairwise tables on top of an additive decoder: at each round, for every pair of code
+    positions (i, j) the shrunk mean residual per (code_i, code_j) cell, ``sum / (count + ridge)``,
+    fitted on ``fit_rows``; the pair that lowers the residual of ``select_rows`` most is kept and
+    subtracted. Returns ``[(i, j, table_KKD)]``."""
+    import torch
+
+    M = codes_NM.shape[1]
+    r = torch.from_numpy(np.asarray(resid_ND, np.float32)).clone()
+    codes = torch.from_numpy(np.asarray(codes_NM, np.int64))
+    fit_t, sel_t = torch.from_numpy(fit_rows), torch.from_numpy(select_rows)
+    chosen = []
+    for _ in range(n_pairs):
+        best = None
+        for i in range(M):
+            for j in range(i + 1, M):
+                if any((i, j) == (a, b) for a, b, _ in chosen):
+                    continue
+                cell = codes[:, i] * K + codes[:, j]
+                sums = torch.zeros(K * K, r.shape[1]).index_add_(0, cell[fit_t], r[fit_t])
+                table = sums / (torch.bincount(cell[fit_t], minlength=K * K).float()[:, None] + ridge)
+                gain = float((r[sel_t] ** 2).sum(1).mean() - ((r[sel_t] - table[cell[sel_t]]) ** 2).sum(1).mean())
+                if best is None or gain > best[0]:
+                    best = (gain, i, j, table)
+        _, i, j, table = best
+        r -= table[codes[:, i] * K + codes[:, j]]
+        chosen.append((i, j, table.numpy().reshape(K, K, -1)))
+    return chosen
+
+
+def decode_pairwise(chosen, codes_NM: np.ndarray) -> np.ndarray:
+    """``Σ_(i,j) table_ij[code_i, code_j]`` for the pairs of :func:`fit_pairwise`."""
+    codes = np.asarray(codes_NM, np.int64)
+    out = np.zeros((len(codes), chosen[0][2].shape[-1]), np.float32)
+    for i, j, table_KKD in chosen:
+        out += table_KKD[codes[:, i], codes[:, j]]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="glove50")
@@ -54,6 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nprobe", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--refit-rows", type=int, nargs="*", default=[240000])
     ap.add_argument("--holdout", type=int, default=20000, help="base rows kept out of every refit")
+    ap.add_argument("--pairs", type=int, default=4, help="pairwise tables fitted greedily (0: none)")
+    ap.add_argument("--pair-ridge", type=float, default=20.0,
+                    help="shrinkage of a pairwise cell's mean: sum / (count + ridge)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args(argv)
@@ -105,6 +191,20 @@ def main(argv=None) -> int:
         cb = fit_additive_decoder(searcher.codes_NM[sel], x_N[sel], searcher.K, searcher.list_ids_N[sel],
                                   centroids)
         rows.append(additive_row(f"additive, refitted on {len(sel):,} base rows", cb))
+    if a.pairs and a.refit_rows:
+        # Pairwise tables over the last refitted additive decoder, on the same rows.
+        fit, select = sel[:-a.holdout], sel[-a.holdout:]
+        resid = x_N - decode_additive(cb, searcher.codes_NM, searcher.list_ids_N, centroids)
+        chosen = fit_pairwise(searcher.codes_NM, resid, searcher.K, a.pairs, a.pair_ridge, fit, select)
+        pw = decode_pairwise(chosen, searcher.codes_NM)
+        rows.append({"decoder": f"additive refitted + {a.pairs} pairwise tables (pairs "
+                                f"{', '.join(f'{i}-{j}' for i, j, _ in chosen)}; ridge {a.pair_ridge:g}; "
+                                f"MSE on its {len(fit):,} fitting rows {mse(x_N[fit], (x_N - resid + pw)[fit]):.3f})",
+                     "mse": mse(x_N[hold], (x_N - resid + pw)[hold]), "recalls": {}})
+    xc = decode_at_centroid(model, searcher.codes_NM, searcher.list_ids_N)
+    rows.append({"decoder": "list-conditioned additive (networks at the list centroid)",
+                 "mse": mse(x_N[hold], xc[hold]),
+                 "recalls": {p: recalls(rank_probed(searcher, xq, xc, p), gt) for p in a.nprobe}})
     xtrain = xt if a.train_set == "learn" else np.concatenate([xt, xb])
     index, train_s, add_s = faiss_ivf("IVF-RQ", centroids, xtrain, xb, a.bytes)
     del xtrain
@@ -134,7 +234,9 @@ def main(argv=None) -> int:
         f"- command: `{command.strip()}`",
         f"- protocol: {a.dataset} {a.bytes} B, the IVF-QINCo model and index of `{a.work}`; MSE = mean squared "
         f"L2 error of the reconstruction of the last {a.holdout:,} base rows of the index (kept out of every "
-        f"refit); R@1 / R@10 of the lookup-table ranking alone (no re-rank), {a.queries} queries, shortlist 10; "
+        f"refit); R@1 / R@10 of the lookup-table ranking alone (no re-rank), {a.queries} queries, shortlist 10 "
+        f"(for the list-conditioned decoder: exact distances to its reconstructions over the probed lists); "
+        f"pairwise tables chosen on {a.holdout:,} of the refit rows and fitted on the rest; "
         f"Faiss IVF-RQ on the same coarse quantizer, trained in this run (train {train_s:.0f} s, add {add_s:.0f} s).",
         "", *table, ""])
     update_section(pathlib.Path(a.results_md), BEGIN, END, section)
