@@ -364,8 +364,9 @@ class ShardSearcher:
         lut = torch.from_numpy(q) @ torch.from_numpy(self.codebooks_MKD.reshape(M * K, self.D)).T
         return lut.numpy().reshape(-1, M, K)
 
-    def _code_dists(self, lut_QMK: np.ndarray, q_T: np.ndarray, rows_T: np.ndarray) -> np.ndarray:
-        """``-2 Σ_m lut[q, m, code_m] + bias`` for (query, row) pairs -> float32 ``(T,)``.
+    def _code_dists(self, lut_QMK: np.ndarray, counts_Q: np.ndarray, rows_T: np.ndarray) -> np.ndarray:
+        """``-2 Σ_m lut[q, m, code_m] + bias`` for (query, row) pairs -> float32 ``(T,)``; the pairs
+        come query by query, ``counts_Q[q]`` of them for query ``q``.
 
         The sum runs over m in order in float32 (``embedding_bag`` in sum mode, one bag per
         pair: a C++ gather-add with no intermediate arrays); this is the canonical arithmetic of a
@@ -377,10 +378,14 @@ class ShardSearcher:
         M, K = self.M, self.K
         Q = lut_QMK.shape[0]
         itype = np.int32 if Q * M * K < 2 ** 31 else np.int64
-        # Row of (query, m, code) in the flattened tables; cast and offset in one pass each.
-        idx_TM = np.add(np.take(self.codes_NM, rows_T, axis=0), np.arange(M, dtype=itype) * K,
-                        dtype=itype)
-        idx_TM += (np.asarray(q_T, dtype=itype) * (M * K))[:, None]
+        # Row of (query, m, code) in the flattened tables, written in one pass per query's run.
+        codes_TM = np.take(self.codes_NM, rows_T, axis=0)
+        idx_TM = np.empty(codes_TM.shape, itype)
+        off_QM = np.arange(Q, dtype=itype)[:, None] * (M * K) + np.arange(M, dtype=itype) * K
+        a = 0
+        for q, n in enumerate(np.asarray(counts_Q).tolist()):
+            np.add(codes_TM[a:a + n], off_QM[q], out=idx_TM[a:a + n])
+            a += n
         # Summing -2 lut in order gives exactly -2 times the ordered sum of lut: scaling by a
         # power of two commutes with float32 rounding. One pass over the tables, none over pairs.
         table = torch.from_numpy(np.multiply(lut_QMK, np.float32(-2.0), dtype=np.float32).reshape(-1, 1))
@@ -396,8 +401,7 @@ class ShardSearcher:
         Q, X = rows_QX.shape
         safe = np.maximum(rows_QX, 0)
         slot_QX = (self.list_ids_N[safe][:, :, None] == lists_QP[:, None, :]).argmax(axis=2)
-        q_T = np.repeat(np.arange(Q), X)
-        acc = self._code_dists(lut_QMK, q_T, safe.ravel()).reshape(Q, X)
+        acc = self._code_dists(lut_QMK, np.full(Q, X), safe.ravel()).reshape(Q, X)
         acc += np.take_along_axis(Dc_QP, slot_QX, axis=1)
         return np.where(rows_QX >= 0, acc, np.inf).astype(np.float32)
 
@@ -507,7 +511,7 @@ class ShardSearcher:
         pos_T = np.arange(T)
         rows_T = np.repeat(row0 - slot_first, sizes)
         rows_T += pos_T
-        d_T = self._code_dists(lut_QMK, np.repeat(np.arange(Q), tot_Q), rows_T)
+        d_T = self._code_dists(lut_QMK, tot_Q, rows_T)
         d_T += np.repeat(Dc_QP.ravel(), sizes)
         cell_T = np.repeat(np.arange(Q) * C - q_first, tot_Q)  # flat buffer cell of each candidate
         cell_T += pos_T
