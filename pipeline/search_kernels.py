@@ -467,13 +467,23 @@ class ShardSearcher:
             return self._lut_search_numpy_1(lut_QMK, Dc_QP, lists_QP, S)
         from concurrent.futures import ThreadPoolExecutor
 
+        import torch
+
         bounds = np.linspace(0, Q, T + 1).astype(int)
 
         def part(a: int, b: int):
             return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S)
 
-        with ThreadPoolExecutor(T) as ex:
-            parts = list(ex.map(part, bounds[:-1], bounds[1:]))
+        # The scanner threads already fill the cores; torch's own threads inside each one's
+        # gather-add and top-k would oversubscribe them (10-30% slower on 2 cores, see
+        # bench/bench_scanner.py). torch's thread count is process-wide: it is restored after.
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(T) as ex:
+                parts = list(ex.map(part, bounds[:-1], bounds[1:]))
+        finally:
+            torch.set_num_threads(torch_threads)
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
     def _lut_search_numpy_1(self, lut_QMK, Dc_QP, lists_QP, S):
