@@ -298,11 +298,20 @@ def test_bad_inputs_raise_clear_errors(data):
 
 
 def test_threaded_numpy_scan_equals_one_thread(data):
+    import torch
+
     shard, q, _ = data
     one = ShardSearcher(**shard)
     many = ShardSearcher(**shard, num_threads=3)
     _, lists = one.probe(q, 3)
-    a, b = one.lut_search(q, lists, 25), many.lut_search(q, lists, 25)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = one.lut_search(q, lists, 25), many.lut_search(q, lists, 25)
+        # The threaded scan runs torch single-threaded inside its threads, then restores it.
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert Q >= 2 * search_kernels.MIN_QUERIES_PER_THREAD  # the batch is really split
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
