@@ -302,21 +302,20 @@ def merge_reports(reports: list[dict]) -> dict:
     """One report from several runs. Runs of different datasets or code sizes (e.g. one
     ``--work`` each) are put side by side; repeated runs of the same command are combined point by
     point, keeping each point's best queries/s over the runs (for every method alike: it damps the
-    slow-downs a shared machine causes) and counting the runs in ``runs``. Recall does not depend
-    on timing, so runs that disagree on a point's recall are an error."""
+    slow-downs a shared machine causes). Recall does not depend on timing, so runs that disagree on
+    a point's recall are an error."""
     out = dict(reports[0])
     points: dict[tuple, dict] = {}
     for r in reports:
         for x in r.get("results", []):
             key = (x["dataset"], x["bytes"], x["method"], x["nprobe"], x.get("shortlist"), x.get("rerank"))
             if key not in points:
-                points[key] = dict(x, runs=1)
+                points[key] = dict(x)
                 continue
             p = points[key]
             if (p["R@1"], p["R@10"]) != (x["R@1"], x["R@10"]):
                 raise ValueError(f"runs disagree on the recall of {key}: {p['R@1']}/{p['R@10']} "
                                  f"against {x['R@1']}/{x['R@10']}")
-            p["runs"] += 1
             p["qps"] = max(p["qps"], x["qps"])
     out["results"] = list(points.values())
     out["ray_job"] = [x for r in reports for x in r.get("ray_job", [])]

@@ -475,8 +475,8 @@ class ShardSearcher:
             return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S)
 
         # The scanner threads already fill the cores; torch's own threads inside each one's
-        # gather-add and top-k would oversubscribe them (10-30% slower on 2 cores, see
-        # bench/bench_scanner.py). torch's thread count is process-wide: it is restored after.
+        # gather-add and top-k would oversubscribe them. torch's thread count is process-wide:
+        # it is restored after.
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
