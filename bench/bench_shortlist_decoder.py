@@ -7,13 +7,16 @@ built by ``bench_search.py`` (its ``--work`` directory):
 - reconstruction MSE on held-out base vectors of the neural decoder, of the model's additive
   decoder and of additive decoders refitted on more base rows (``--refit-rows``);
 - LUT-only R@1 / R@10 at each ``--nprobe`` for each of those additive decoders;
-- two richer shortlist decoders, to size what they could give: the *list-conditioned* additive
+- richer shortlist decoders, to size what they could give: the *list-conditioned* additive
   decoder (each step's network evaluated with the list centroid as context, so every IVF list has
   codebooks of its own, ``x ≈ c_l + Σ_m f_m(C_m[code_m], c_l)``; its ranking is what a lookup-table
-  scan with one table per (query, probed list) would give), and the QINCo2 paper's *pairwise*
+  scan with one table per (query, probed list) would give), the QINCo2 paper's *pairwise*
   decoder (``--pairs`` tables indexed by two codes, ``K²`` entries each, fitted greedily on the
   refit rows' additive residuals with ridge ``--pair-ridge``; MSE on held-out rows and on its own
-  fitting rows);
+  fitting rows), and *grouped* additive decoders (``--groups``: the IVF lists grouped by k-means of
+  their centroids, least-squares codebooks per group fitted on the refit rows; a scan needs one
+  table per (query, group touched), so the mean number of groups a query's probed lists touch is
+  reported beside the codebooks' size);
 - beside them, Faiss IVF-RQ (beam 5) on the same coarse quantizer, trained on the same set
   (``--train-set``): its reconstruction MSE and R@1 / R@10 at the same nprobe.
 
@@ -124,6 +127,32 @@ def decode_pairwise(chosen, codes_NM: np.ndarray) -> np.ndarray:
     return out
 
 
+def fit_grouped(codes_NM: np.ndarray, x_ND: np.ndarray, list_ids_N: np.ndarray, centroids_LD: np.ndarray,
+                K: int, n_groups: int, fit_rows: np.ndarray, ridge: float = 1e-3, seed: int = 1):
+    """Additive codebooks per group of IVF lists: the lists are grouped by k-means over their
+    centroids, and each group's codebooks are the least-squares fit on its rows among
+    ``fit_rows``. Returns ``(group_L, xhat_ND)``, the group of each list and the reconstruction of
+    every row with its group's codebooks (a group with no fitting row decodes to the centroid)."""
+    import faiss
+
+    from pipeline.additive_decoder import decode_additive, fit_additive_decoder
+
+    km = faiss.Kmeans(centroids_LD.shape[1], n_groups, niter=20, seed=seed)
+    km.train(centroids_LD)
+    group_L = km.index.search(centroids_LD, 1)[1][:, 0]
+    group_N = group_L[list_ids_N]
+    in_fit = np.zeros(len(codes_NM), bool)
+    in_fit[fit_rows] = True
+    xhat_ND = centroids_LD[list_ids_N].astype(np.float32)
+    for g in range(n_groups):
+        rows = np.flatnonzero(group_N == g)
+        fit = rows[in_fit[rows]]
+        if fit.size:
+            cb = fit_additive_decoder(codes_NM[fit], x_ND[fit], K, list_ids_N[fit], centroids_LD, ridge=ridge)
+            xhat_ND[rows] = decode_additive(cb, codes_NM[rows], list_ids_N[rows], centroids_LD)
+    return group_L, xhat_ND
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="glove50")
@@ -140,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=4, help="pairwise tables fitted greedily (0: none)")
     ap.add_argument("--pair-ridge", type=float, default=20.0,
                     help="shrinkage of a pairwise cell's mean: sum / (count + ridge)")
+    ap.add_argument("--groups", type=int, nargs="*", default=[8, 32],
+                    help="grouped additive decoders: codebooks per group of IVF lists, fitted on the refit rows")
+    ap.add_argument("--group-ridge", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args(argv)
@@ -201,6 +233,18 @@ def main(argv=None) -> int:
                                 f"{', '.join(f'{i}-{j}' for i, j, _ in chosen)}; ridge {a.pair_ridge:g}; "
                                 f"MSE on its {len(fit):,} fitting rows {mse(x_N[fit], (x_N - resid + pw)[fit]):.3f})",
                      "mse": mse(x_N[hold], (x_N - resid + pw)[hold]), "recalls": {}})
+    for G in a.groups if a.refit_rows else []:
+        group_L, xg = fit_grouped(searcher.codes_NM, x_N, searcher.list_ids_N, centroids, searcher.K, G, sel,
+                                  a.group_ridge)
+        _, lists_QP = searcher.probe(xq, max(a.nprobe))
+        touched = {p: np.mean([len(np.unique(group_L[ls[:p]])) for ls in lists_QP]) for p in a.nprobe}
+        n_par = G * searcher.M * searcher.K * searcher.D
+        rows.append({"decoder": f"additive per group of IVF lists, {G} groups (k-means of the centroids), refitted "
+                                f"on the same rows, ridge {a.group_ridge:g}: {n_par:,} codebook floats "
+                                f"({n_par / searcher.N:.0f} per indexed vector); groups per query (tables per "
+                                f"query) at nprobe " + " / ".join(f"{touched[p]:.1f}" for p in a.nprobe),
+                     "mse": mse(x_N[hold], xg[hold]),
+                     "recalls": {p: recalls(rank_probed(searcher, xq, xg, p), gt) for p in a.nprobe}})
     xc = decode_at_centroid(model, searcher.codes_NM, searcher.list_ids_N)
     rows.append({"decoder": "list-conditioned additive (networks at the list centroid)",
                  "mse": mse(x_N[hold], xc[hold]),
@@ -237,6 +281,8 @@ def main(argv=None) -> int:
         f"refit); R@1 / R@10 of the lookup-table ranking alone (no re-rank), {a.queries} queries, shortlist 10 "
         f"(for the list-conditioned decoder: exact distances to its reconstructions over the probed lists); "
         f"pairwise tables chosen on {a.holdout:,} of the refit rows and fitted on the rest; "
+        f"for the grouped decoders, as for the list-conditioned one, R@1 / R@10 are those of exact distances to "
+        f"their reconstructions over the probed lists (what a scan with one table per (query, group) gives); "
         f"Faiss IVF-RQ on the same coarse quantizer, trained in this run (train {train_s:.0f} s, add {add_s:.0f} s).",
         "", *table, ""])
     update_section(pathlib.Path(a.results_md), BEGIN, END, section)
