@@ -130,11 +130,13 @@ def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int)
     return index, rep
 
 
-def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
+def qinco_searcher(index: str, threads: int = 1, precision: str = "float32", lut_scales: bool = True):
+    """In-process searcher over all shards of ``index``, as a search job's actor builds it (row
+    scales of the lookup-table stage included unless ``lut_scales`` is off)."""
     from pipeline.checkpoint import load_model
     from pipeline.decoder import decode
     from pipeline.manifest import load_manifest, version_dir
-    from pipeline.search_job import _centroids, _codebooks, load_shards
+    from pipeline.search_job import _centroids, _codebooks, load_shards, lut_row_scales
     from pipeline.search_kernels import ShardSearcher
 
     m = load_manifest(index)
@@ -143,7 +145,7 @@ def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
                                              model.config.nlist, model.config.M)
     s = ShardSearcher(lists, ids, codes, offsets, _centroids(model), _codebooks(model),
                       decode_fn=lambda c, l: decode(model, c, l, precision=precision), source=index,
-                      num_threads=threads)
+                      num_threads=threads, scale_N=lut_row_scales(model, codes, lists) if lut_scales else None)
     return s, model
 
 
@@ -260,7 +262,10 @@ def render(report: dict) -> str:
         f"{report.get('lr', '?')}, cosine over the budget, codebooks initialised from Faiss RQ beam 5), "
         "base encoded by the Ray encode job; "
         "search = additive-decoder LUT shortlist (table scanner, one table per query, "
-        f"{report['threads']} scanner threads) then QINCo re-rank of the whole shortlist, or of its best "
+        + ("each row's additive residual scaled towards its QINCo reconstruction (row scales: 2 bytes per "
+           "vector in memory, computed by decoding every row when the index is loaded), "
+           if report.get("lut_scales") else "")
+        + f"{report['threads']} scanner threads) then QINCo re-rank of the whole shortlist, or of its best "
         "R (`--rerank R`; with R < k = 10 the results after R keep the LUT order) "
         "(in-process `ShardSearcher`, one shard). "
         "IVF-QINCo-LUT = the LUT ranking alone; IVF-QINCo-bf16 = the re-rank's decoder network in bfloat16 "
@@ -304,6 +309,8 @@ def merge_reports(reports: list[dict]) -> dict:
     point, keeping each point's best queries/s over the runs (for every method alike: it damps the
     slow-downs a shared machine causes). Recall does not depend on timing, so runs that disagree on
     a point's recall are an error."""
+    if len({bool(r.get("lut_scales")) for r in reports}) > 1:
+        raise ValueError("the runs differ in the lookup-table stage (row scales in some only)")
     out = dict(reports[0])
     points: dict[tuple, dict] = {}
     for r in reports:
@@ -404,7 +411,7 @@ def main(argv=None) -> int:
               "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg()), "threads": a.threads,
               "queries": a.queries, "nlist": a.nlist, "repeats": a.repeats, "train_budget_s": a.train_budget,
-              "lr": a.lr, "train_set": a.train_set, "encode_beam": a.encode_beam,
+              "lr": a.lr, "train_set": a.train_set, "encode_beam": a.encode_beam, "lut_scales": True,
               "results": [], "models": {}, "ray_job": [], "complete": False}
     res = report["results"]
     report["scale"] = ("full base, ground truth from the dataset" if a.max_base is None else

@@ -259,6 +259,10 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-precision", choices=["float32", "bfloat16"], default="float32",
                    help="arithmetic of the QINCo decoder in the re-rank; bfloat16 is 1.5-1.7x faster on CPUs "
                         "with AVX512-BF16/AMX, distances stay float32/float64 (default float32)")
+    p.add_argument("--no-lut-scales", action="store_true",
+                   help="rank the shortlist with the plain additive decoder; by default each row's additive "
+                        "residual is scaled towards its QINCo reconstruction (a better shortlist, at the cost "
+                        "of decoding every row once when the actors load the shards)")
     p.add_argument("--workers", type=int, default=2, help="shard actors (default 2)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
@@ -281,7 +285,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
             shortlist=a.shortlist, rerank=not a.no_rerank, rerank_count=a.rerank,
             rerank_precision=a.rerank_precision, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
-            allow_partial=a.allow_partial, max_queries=a.max_queries, version=a.version))
+            allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, max_queries=a.max_queries,
+            version=a.version))
         print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
         return 0
 

@@ -4,8 +4,10 @@ Per query batch, following the QINCo paper's search pipeline:
 
 1. **Probe** (driver): the ``nprobe`` nearest IVF centroids of each query, once for all shards.
 2. **Shortlist** (shard actors, in parallel): every code in the probed lists gets an approximate
-   distance from the additive decoder's lookup tables; each actor returns its best ``shortlist``
-   candidates with their codes.
+   distance from the additive decoder's lookup tables (each row's additive residual scaled
+   towards its QINCo reconstruction unless ``lut_scales`` is off; an actor computes the scales
+   of its rows once, when it loads them); each actor returns its best ``shortlist`` candidates
+   with their codes.
 3. **Merge** (driver): the exact global top-``shortlist`` of the approximate distances, ties broken
    by id, so the shortlist does not depend on how the index is split into shards.
 4. **Re-rank** (actors, round robin): the global shortlist (or its best ``rerank_count``) is
@@ -50,6 +52,7 @@ class SearchJobConfig(JsonConfig):
     cpus_per_worker: float = 1.0
     query_batch: int = 2048
     allow_partial: bool = False
+    lut_scales: bool = True
     max_queries: int | None = None
     version: str | None = None
 
@@ -119,7 +122,7 @@ class ShardActor:
     """
 
     def __init__(self, index_uri: str, version: str, shard_entries: list[dict], model_uri: str,
-                 threads: int = 1, options=None, allow_partial: bool = False):
+                 threads: int = 1, options=None, allow_partial: bool = False, lut_scales: bool = True):
         import torch
 
         from pipeline.checkpoint import load_model
@@ -134,9 +137,15 @@ class ShardActor:
             version_dir(index_uri, version), shard_entries, nlist, self.model.config.M, options,
             errors=self.bad if allow_partial else None)
         self.list_ids, self.ids, self.codes = list_ids, ids_N, codes_NM
+        source = ", ".join(e["name"] for e in shard_entries)
+        scale_N = None
+        if lut_scales and len(ids_N):
+            t = time.perf_counter()
+            scale_N = lut_row_scales(self.model, codes_NM, list_ids)
+            log.info("%s: row scales of %d rows in %.1f s", source, len(ids_N), time.perf_counter() - t)
         self.searcher = ShardSearcher(list_ids, ids_N, codes_NM, offsets,
                                       _centroids(self.model), _codebooks(self.model), decode_fn=None,
-                                      source=", ".join(e["name"] for e in shard_entries))
+                                      source=source, scale_N=scale_N)
         self.names = [e["name"] for e in shard_entries]
 
     def rows(self) -> int:
@@ -176,6 +185,18 @@ def _codebooks(model) -> np.ndarray:
     if cb is None or cb.numel() == 0:
         raise ConfigError("the model has no additive decoder; retrain or fit it before building a searchable index")
     return cb.detach().cpu().numpy().astype(np.float32)
+
+
+def lut_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray) -> np.ndarray:
+    """Row scales of the lookup-table stage (``additive_decoder.row_scales``) for rows of an
+    index built with ``model``, from its float32 QINCo decode: float16 ``(N,)``."""
+    from pipeline.additive_decoder import row_scales
+    from pipeline.decoder import decode
+
+    if model.ivf:
+        return row_scales(codes_NM, list_ids_N, _centroids(model), _codebooks(model),
+                          lambda c, l: decode(model, c, l))
+    return row_scales(codes_NM, None, None, _codebooks(model), lambda c, l: decode(model, c))
 
 
 def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k, precision: str = "float32"):
@@ -221,7 +242,8 @@ class ShardPool:
     """
 
     def __init__(self, index_uri: str, version: str | None = None, workers: int = 2,
-                 cpus_per_worker: float = 1.0, allow_partial: bool = False, options=None):
+                 cpus_per_worker: float = 1.0, allow_partial: bool = False, options=None,
+                 lut_scales: bool = True):
         import faiss
         import ray
 
@@ -252,7 +274,7 @@ class ShardPool:
         self.groups = _assign_shards(present, workers)
         Actor = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3)
         self.actors = [Actor.remote(index_uri, m.version, g, m.model["uri"], max(1, int(cpus_per_worker)),
-                                    options, allow_partial) for g in self.groups]
+                                    options, allow_partial, lut_scales) for g in self.groups]
         self.failed: dict[int, str] = {}
         for j, a in enumerate(self.actors):
             try:
@@ -345,7 +367,8 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     if cfg.rerank_precision not in ("float32", "bfloat16"):
         raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
     q = vecs_io.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
-    pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options)
+    pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options,
+                     cfg.lut_scales)
     load_s = time.perf_counter() - t0
     try:
         if q.shape[1] != pool.dim:

@@ -15,7 +15,10 @@ With ``r_n = Σ_m C_m[code_nm]`` the residual reconstruction of row ``n`` (list 
 
 The last term depends only on the row, so it is precomputed once per row (``bias_N``, O(N)
 floats); the per-list terms ``<c_l, C_m[k]>`` are folded into it. A query then needs one
-``M x K`` table and the scan is ``M`` table gathers per code. Two scanners implement this:
+``M x K`` table and the scan is ``M`` table gathers per code. With row scales ``a_n``
+(``pipeline.additive_decoder.row_scales``) the reconstruction is ``c_l + a_n r_n``: the table sum
+is multiplied by ``a_n`` and the bias is ``a_n² ||r_n||² + 2 a_n <c_l, r_n>`` (the Faiss scanner,
+which has no per-row factor, is then not used). Two scanners implement this:
 the default one lays every (query, candidate row) pair of a chunk of queries out flat and sums
 the ``M`` table entries of each pair with torch's ``embedding_bag`` (a C++ gather-add, one bag
 per pair), and Faiss's C++ ``IndexIVFResidualQuantizer`` scanner fed with the same codebooks,
@@ -169,6 +172,9 @@ class ShardSearcher:
     original space) and ``codebooks_MKD`` (additive decoder of the residual).
     ``decode_fn(codes_NM, list_ids_N) -> x_ND`` is the exact decoder used for re-ranking.
 
+    ``scale_N`` (optional, ``(N,)``, stored as float16): per-row scales of the additive residual
+    (see the module docstring); without them every row's scale is 1.
+
     ``use_faiss_scanner`` builds a Faiss ``IndexIVFResidualQuantizer`` holding the same codes and
     norms so that the lookup-table scan runs in C++ (needs K a power of two); by default the
     NumPy scanner is used, on ``num_threads`` threads (query chunks). Extra threads pay off only
@@ -180,7 +186,8 @@ class ShardSearcher:
     def __init__(self, list_ids_N, ids_N, codes_NM, list_offsets, centroids_LD, codebooks_MKD,
                  decode_fn: DecodeFn | None = None, use_faiss_scanner: bool = False, *,
                  coarse_index=None, source: str = "<shard>", decode_batch_size: int = 65536,
-                 scan_buffer_entries: int = SCAN_BUFFER_ENTRIES, num_threads: int = 1):
+                 scan_buffer_entries: int = SCAN_BUFFER_ENTRIES, num_threads: int = 1,
+                 scale_N: np.ndarray | None = None):
         self.source = source
         self.num_threads = max(1, int(num_threads))
         self.centroids_LD = np.ascontiguousarray(centroids_LD, dtype=np.float32)
@@ -215,6 +222,15 @@ class ShardSearcher:
         self.list_offsets = np.ascontiguousarray(list_offsets, dtype=np.int64)
         self._check_layout()
         self.list_sizes_L = np.diff(self.list_offsets)
+        self.scale_N = None
+        if scale_N is not None:
+            scale_N = np.asarray(scale_N)
+            if scale_N.shape != (self.N,):
+                raise VectorFormatError(source, f"row scales have shape {scale_N.shape}, expected ({self.N},)")
+            if not np.isfinite(scale_N).all():
+                raise VectorFormatError(source, "row scale is NaN or Inf",
+                                        row=int(np.flatnonzero(~np.isfinite(scale_N))[0]))
+            self.scale_N = np.ascontiguousarray(scale_N, dtype=np.float16)
 
         self.decode_fn = decode_fn
         self.decode_batch_size = int(decode_batch_size)
@@ -227,7 +243,9 @@ class ShardSearcher:
                               f"{coarse_index.d}, expected {self.nlist} of dim {self.D}")
         self._faiss_ivf = None
         if use_faiss_scanner:
-            if self.K & (self.K - 1) == 0 and self.K >= 2:
+            if self.scale_N is not None:
+                log.info("%s: row scales given; using the NumPy scanner", source)
+            elif self.K & (self.K - 1) == 0 and self.K >= 2:
                 self._faiss_ivf = self._build_faiss_ivf()
             else:
                 log.info("%s: K=%d is not a power of two; using the NumPy scanner",
@@ -256,7 +274,8 @@ class ShardSearcher:
                                          f"put this row in list {int(expected_N[r])}", row=r)
 
     def _row_terms(self, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-        """``||r_n||^2`` and ``||r_n||^2 + 2 <c_l, r_n>`` per row (float32, computed in float64)."""
+        """``||a_n r_n||^2`` and ``||a_n r_n||^2 + 2 <c_l, a_n r_n>`` per row (float32, computed in
+        float64; ``a_n`` = 1 without row scales)."""
         norms_N = np.empty(self.N, np.float32)
         bias_N = np.empty(self.N, np.float32)
         cb_MKD = self.codebooks_MKD.astype(np.float64)
@@ -265,6 +284,8 @@ class ShardSearcher:
             r_ND = np.zeros((codes.shape[0], self.D), np.float64)
             for m in range(self.M):
                 r_ND += cb_MKD[m][codes[:, m].astype(np.intp)]
+            if self.scale_N is not None:
+                r_ND *= self.scale_N[a:a + chunk, None].astype(np.float64)
             nrm = np.einsum("nd,nd->n", r_ND, r_ND)
             c_ND = self.centroids_LD[self.list_ids_N[a:a + chunk]].astype(np.float64)
             norms_N[a:a + chunk] = nrm
@@ -365,8 +386,8 @@ class ShardSearcher:
         return lut.numpy().reshape(-1, M, K)
 
     def _code_dists(self, lut_QMK: np.ndarray, counts_Q: np.ndarray, rows_T: np.ndarray) -> np.ndarray:
-        """``-2 Σ_m lut[q, m, code_m] + bias`` for (query, row) pairs -> float32 ``(T,)``; the pairs
-        come query by query, ``counts_Q[q]`` of them for query ``q``.
+        """``-2 Σ_m lut[q, m, code_m] (x a_n) + bias`` for (query, row) pairs -> float32 ``(T,)``; the
+        pairs come query by query, ``counts_Q[q]`` of them for query ``q``.
 
         The sum runs over m in order in float32 (``embedding_bag`` in sum mode, one bag per
         pair: a C++ gather-add with no intermediate arrays); this is the canonical arithmetic of a
@@ -390,6 +411,8 @@ class ShardSearcher:
         # power of two commutes with float32 rounding. One pass over the tables, none over pairs.
         table = torch.from_numpy(np.multiply(lut_QMK, np.float32(-2.0), dtype=np.float32).reshape(-1, 1))
         acc_T = F.embedding_bag(torch.from_numpy(idx_TM), table, mode="sum")[:, 0].numpy()
+        if self.scale_N is not None:
+            acc_T *= self.scale_N[rows_T]
         acc_T += self.bias_N[rows_T]
         return acc_T
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.additive_decoder import AdditiveFitter, decode_additive, fit_additive_decoder
+from pipeline.additive_decoder import AdditiveFitter, decode_additive, fit_additive_decoder, row_scales
 from pipeline.decoder import decode, reconstruction_mse
 from pipeline.encoder import encode
 from pipeline.errors import ConfigError, VectorFormatError
@@ -137,3 +137,37 @@ def test_additive_decoder_beats_initial_codebooks(codec_vectors):
     np.testing.assert_allclose(f.solve(), fitted, rtol=1e-3, atol=1e-2)
     model.set_additive_codebooks(fitted)
     assert model.additive_MKD.shape == (4, 32, x.shape[1])
+
+
+def test_row_scales_are_the_least_squares_fit_along_the_additive_residual():
+    rng = np.random.default_rng(0)
+    M, K, D, L, N = 3, 8, 6, 4, 500
+    cb = rng.normal(size=(M, K, D)).astype(np.float32)
+    cent = (rng.normal(size=(L, D)) * 5).astype(np.float32)
+    codes = rng.integers(0, K, (N, M))
+    lids = rng.integers(0, L, N)
+    a_true = rng.uniform(0.6, 1.4, N)
+    r = decode_additive(cb, codes).astype(np.float64)
+    noise = rng.normal(size=(N, D)) * 0.3
+
+    # a decoder that is exactly c + a r (one batch of all rows): the scales are recovered
+    a = row_scales(codes, lids, cent, cb, lambda c, l: cent[l] + a_true[:, None] * decode_additive(cb, c),
+                   batch_rows=N)
+    assert a.dtype == np.float16 and a.shape == (N,)
+    np.testing.assert_allclose(a, a_true, rtol=2e-3)
+    # any decoder: the scaled residual is never further from it than the plain one, row by row
+    target = cent[lids] + 1.1 * r + noise
+    a = row_scales(codes, lids, cent, cb, lambda c, l: target, batch_rows=N)
+    err = lambda s: ((cent[lids] + s[:, None] * r - target) ** 2).sum(1)  # noqa: E731
+    assert (err(a.astype(np.float64)) <= err(np.ones(N)) + 1e-6).all()
+    assert err(a.astype(np.float64)).mean() < 0.9 * err(np.ones(N)).mean()
+    # batches give the same scales as one pass; a zero residual gets scale 1
+    codes_z = codes.copy()
+    cb_z = cb.copy()
+    cb_z[:, 0] = 0.0
+    codes_z[:5] = 0
+    a1 = row_scales(codes_z, lids, cent, cb_z, lambda c, l: cent[l] + 2.0 * decode_additive(cb_z, c), batch_rows=N)
+    a2 = row_scales(codes_z, lids, cent, cb_z, lambda c, l: cent[l] + 2.0 * decode_additive(cb_z, c), batch_rows=64)
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(a1[:5], 1.0)
+    np.testing.assert_allclose(a1[5:], 2.0, rtol=1e-3)

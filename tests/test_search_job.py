@@ -120,6 +120,18 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
     np.testing.assert_array_equal(D_r3[:, 3:], D_lut[:, 3:])
     # a shortlist of k ranks by the LUT only, which must differ somewhere: the re-rank matters
     assert not np.array_equal(I_small, I_ref)
+    # the LUT ranking is the exact top-k over the row-scaled additive reconstructions c + a r
+    from pipeline.additive_decoder import decode_additive
+    from pipeline.search_job import lut_row_scales
+
+    a_N = lut_row_scales(model, codes, lists).astype(np.float64)
+    assert np.abs(a_N - 1).max() > 0.01  # the scales matter
+    cb = model.additive_MKD.detach().numpy()
+    x_s = cent[lists] + a_N[:, None] * decode_additive(cb, codes)
+    D_s = np.where(in_probe, sqdist_rows(q, np.broadcast_to(x_s, (len(q),) + x_s.shape)), np.inf)
+    D_s, I_s = topk_smallest(D_s, np.where(in_probe, np.arange(len(x_s))[None, :], -1), k)
+    np.testing.assert_array_equal(I_lut, I_s)
+    np.testing.assert_allclose(D_lut, D_s, rtol=1e-4, atol=1e-3)
 
 
 def test_killed_shard_actor_is_recovered_mid_batch(indexes, tiny_index_inputs):

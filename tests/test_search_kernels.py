@@ -75,6 +75,32 @@ def test_lut_distances_equal_additive_bruteforce(data, faiss_scan):
     np.testing.assert_array_equal(rows50, rows[:, :50])
 
 
+def test_row_scaled_lut_distances_equal_bruteforce_of_scaled_reconstruction(data):
+    """With row scales the LUT distance is the exact distance to ``c_l + a_n r_n``."""
+    shard, q, _ = data
+    a_N = np.random.default_rng(5).uniform(0.5, 1.5, N).astype(np.float16)
+    s = ShardSearcher(**shard, use_faiss_scanner=True, scale_N=a_N)
+    assert not s.uses_faiss_scanner  # Faiss has no per-row factor
+    cent, lids = shard["centroids_LD"], shard["list_ids_N"]
+    r = additive_decode(shard["codes_NM"], lids, np.zeros_like(cent), shard["codebooks_MKD"])
+    x = cent[lids].astype(np.float64) + a_N.astype(np.float64)[:, None] * r
+    exact_QN = ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    _, lists = s.probe(q, NLIST)
+    D_, I_, rows = s.lut_search(q, lists, N)
+    np.testing.assert_array_equal(I_, shard["ids_N"][rows])
+    np.testing.assert_allclose(D_, np.take_along_axis(exact_QN, rows, 1), rtol=1e-4, atol=1e-3)
+    D50, _, rows50 = s.lut_search(q, lists, 50)
+    np.testing.assert_allclose(D50, np.sort(exact_QN, axis=1)[:, :50], rtol=1e-4, atol=1e-3)
+    # the scales change the ranking
+    assert not np.array_equal(rows50, ShardSearcher(**shard).lut_search(q, lists, 50)[2])
+    with pytest.raises(VectorFormatError, match="row scales have shape"):
+        ShardSearcher(**shard, scale_N=a_N[:-1])
+    bad = a_N.copy()
+    bad[7] = np.nan
+    with pytest.raises(VectorFormatError, match="NaN"):
+        ShardSearcher(**shard, scale_N=bad)
+
+
 @pytest.mark.parametrize("faiss_scan", [False, True])
 def test_search_all_lists_equals_bruteforce_of_decoder(data, faiss_scan):
     shard, q, decode_fn = data
