@@ -1,11 +1,13 @@
 """Shortlist decoder quality: how well the additive (lookup-table) decoder approximates QINCo.
 
 The search's lookup-table stage ranks candidates with the least-squares additive decoder fitted
-to the QINCo codes; only its shortlist reaches the neural decoder. This measures, for an index
-built by ``bench_search.py`` (its ``--work`` directory):
+to the QINCo codes, each row's residual scaled towards its QINCo reconstruction (row scales);
+only its shortlist reaches the neural decoder. This measures, for an index built by
+``bench_search.py`` (its ``--work`` directory):
 
 - reconstruction MSE on held-out base vectors of the neural decoder, of the model's additive
-  decoder and of additive decoders refitted on more base rows (``--refit-rows``);
+  decoder without and with row scales, and of additive decoders refitted on more base rows
+  (``--refit-rows``);
 - LUT-only R@1 / R@10 at each ``--nprobe`` for each of those additive decoders;
 - richer shortlist decoders, to size what they could give: the *list-conditioned* additive
   decoder (each step's network evaluated with the list centroid as context, so every IVF list has
@@ -200,9 +202,9 @@ def main(argv=None) -> int:
     hold = np.arange(searcher.N - a.holdout, searcher.N)  # the last rows: never refitted on
     rng = np.random.default_rng(0)
 
-    def lut_recalls(codebooks_MKD: np.ndarray) -> dict:
+    def lut_recalls(codebooks_MKD: np.ndarray, scale_N: np.ndarray | None = None) -> dict:
         s = ShardSearcher(searcher.list_ids_N, searcher.ids_N, searcher.codes_NM, searcher.list_offsets,
-                          centroids, codebooks_MKD, num_threads=a.threads)
+                          centroids, codebooks_MKD, num_threads=a.threads, scale_N=scale_N)
         out = {}
         for p in a.nprobe:
             _, I = s.search(xq, SearchParams(k=10, nprobe=p, shortlist=10))
@@ -218,6 +220,13 @@ def main(argv=None) -> int:
     xh = decode(model, searcher.codes_NM[hold], searcher.list_ids_N[hold])
     rows.append({"decoder": "QINCo (neural)", "mse": mse(x_N[hold], xh), "recalls": {}})
     rows.append(additive_row("additive, the model's", searcher.codebooks_MKD))
+    # The search's default: the model's additive residual scaled per row towards the neural decode.
+    a_N = searcher.scale_N.astype(np.float64)
+    xs = centroids[searcher.list_ids_N[hold]] + a_N[hold, None] * decode_additive(
+        searcher.codebooks_MKD, searcher.codes_NM[hold])
+    rows.append({"decoder": "additive, the model's, with row scales (the search's default; 2 bytes per vector, "
+                            "from each row's own QINCo decode)",
+                 "mse": mse(x_N[hold], xs), "recalls": lut_recalls(searcher.codebooks_MKD, searcher.scale_N)})
     for n in a.refit_rows:
         sel = rng.choice(searcher.N - a.holdout, min(n, searcher.N - a.holdout), replace=False)
         cb = fit_additive_decoder(searcher.codes_NM[sel], x_N[sel], searcher.K, searcher.list_ids_N[sel],
