@@ -412,8 +412,11 @@ class ShardSearcher:
         table = torch.from_numpy(np.multiply(lut_QMK, np.float32(-2.0), dtype=np.float32).reshape(-1, 1))
         acc_T = F.embedding_bag(torch.from_numpy(idx_TM), table, mode="sum")[:, 0].numpy()
         if self.scale_N is not None:
-            acc_T *= self.scale_N[rows_T]
-        acc_T += self.bias_N[rows_T]
+            # torch gathers the float16 scales and widens them with vector instructions (exact);
+            # NumPy's float16 conversion is element by element, 2-3x slower.
+            rows_t = torch.from_numpy(np.ascontiguousarray(rows_T, dtype=np.int64))
+            acc_T *= torch.from_numpy(self.scale_N).index_select(0, rows_t).float().numpy()
+        acc_T += np.take(self.bias_N, rows_T)
         return acc_T
 
     def _lut_dists(self, lut_QMK: np.ndarray, rows_QX: np.ndarray, lists_QP: np.ndarray,
