@@ -130,22 +130,20 @@ def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int)
     return index, rep
 
 
-def qinco_searcher(index: str, threads: int = 1, precision: str = "float32", lut_scales: bool = True):
-    """In-process searcher over all shards of ``index``, as a search job's actor builds it (row
-    scales of the lookup-table stage included unless ``lut_scales`` is off)."""
+def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
+    """In-process searcher over all shards of ``index``, built as a search job's actor builds it
+    (``search_job.build_searcher``: row scales of the lookup-table stage included)."""
     from pipeline.checkpoint import load_model
     from pipeline.decoder import decode
     from pipeline.manifest import load_manifest, version_dir
-    from pipeline.search_job import _centroids, _codebooks, load_shards, lut_row_scales
-    from pipeline.search_kernels import ShardSearcher
+    from pipeline.search_job import build_searcher, load_shards
 
     m = load_manifest(index)
     model = load_model(m.model["uri"])
     lists, ids, codes, offsets = load_shards(version_dir(index, m.version), [s.to_dict() for s in m.shards],
                                              model.config.nlist, model.config.M)
-    s = ShardSearcher(lists, ids, codes, offsets, _centroids(model), _codebooks(model),
-                      decode_fn=lambda c, l: decode(model, c, l, precision=precision), source=index,
-                      num_threads=threads, scale_N=lut_row_scales(model, codes, lists) if lut_scales else None)
+    s = build_searcher(model, lists, ids, codes, offsets, source=index, num_threads=threads,
+                       decode_fn=lambda c, l: decode(model, c, l, precision=precision))
     return s, model
 
 

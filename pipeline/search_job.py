@@ -127,7 +127,6 @@ class ShardActor:
 
         from pipeline.checkpoint import load_model
         from pipeline.manifest import version_dir
-        from pipeline.search_kernels import ShardSearcher
 
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_uri, options=options)
@@ -137,15 +136,8 @@ class ShardActor:
             version_dir(index_uri, version), shard_entries, nlist, self.model.config.M, options,
             errors=self.bad if allow_partial else None)
         self.list_ids, self.ids, self.codes = list_ids, ids_N, codes_NM
-        source = ", ".join(e["name"] for e in shard_entries)
-        scale_N = None
-        if lut_scales and len(ids_N):
-            t = time.perf_counter()
-            scale_N = lut_row_scales(self.model, codes_NM, list_ids)
-            log.info("%s: row scales of %d rows in %.1f s", source, len(ids_N), time.perf_counter() - t)
-        self.searcher = ShardSearcher(list_ids, ids_N, codes_NM, offsets,
-                                      _centroids(self.model), _codebooks(self.model), decode_fn=None,
-                                      source=source, scale_N=scale_N)
+        self.searcher = build_searcher(self.model, list_ids, ids_N, codes_NM, offsets, lut_scales=lut_scales,
+                                       source=", ".join(e["name"] for e in shard_entries))
         self.names = [e["name"] for e in shard_entries]
 
     def rows(self) -> int:
@@ -185,6 +177,21 @@ def _codebooks(model) -> np.ndarray:
     if cb is None or cb.numel() == 0:
         raise ConfigError("the model has no additive decoder; retrain or fit it before building a searchable index")
     return cb.detach().cpu().numpy().astype(np.float32)
+
+
+def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, lut_scales: bool = True,
+                   decode_fn=None, source: str = "<shard>", num_threads: int = 1):
+    """``ShardSearcher`` over loaded shard rows of an index built with ``model`` (its centroids and
+    additive codebooks), with the row scales of the lookup-table stage unless ``lut_scales`` is off."""
+    from pipeline.search_kernels import ShardSearcher
+
+    scale_N = None
+    if lut_scales and len(ids_N):
+        t = time.perf_counter()
+        scale_N = lut_row_scales(model, codes_NM, list_ids_N)
+        log.info("%s: row scales of %d rows in %.1f s", source, len(ids_N), time.perf_counter() - t)
+    return ShardSearcher(list_ids_N, ids_N, codes_NM, list_offsets, _centroids(model), _codebooks(model),
+                         decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N)
 
 
 def lut_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray) -> np.ndarray:
