@@ -140,9 +140,9 @@ def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
 
     m = load_manifest(index)
     model = load_model(m.model["uri"])
-    lists, ids, codes, offsets = load_shards(version_dir(index, m.version), [s.to_dict() for s in m.shards],
-                                             model.config.nlist, model.config.M)
-    s = build_searcher(model, lists, ids, codes, offsets, source=index, num_threads=threads,
+    lists, ids, codes, offsets, scales = load_shards(version_dir(index, m.version), [s.to_dict() for s in m.shards],
+                                                     model.config.nlist, model.config.M)
+    s = build_searcher(model, lists, ids, codes, offsets, scale_N=scales, source=index, num_threads=threads,
                        decode_fn=lambda c, l: decode(model, c, l, precision=precision))
     return s, model
 

@@ -10,8 +10,9 @@ workers build shards, the driver commits a manifest atomically.
    a killed job re-run with the same arguments encodes only what is missing.
 3. Ray Data reads the pending ranges with byte-range read tasks (``VectorDatasource``), an actor
    pool (model loaded once per actor, CPU or GPU) assigns IVF lists and computes QINCo codes with
-   the same ``encoder.encode`` as single-process ``qinco encode``, and writes each range's shard
-   atomically, followed by its sidecar.
+   the same ``encoder.encode`` as single-process ``qinco encode``, and the rows' lookup-table
+   scales (``additive_decoder.model_row_scales``: one decode of the codes, about 1% of the
+   encoding time), and writes each range's shard atomically, followed by its sidecar.
 4. When every range has a shard, the driver writes the manifest (the commit point), switches the
    index's ``CURRENT`` pointer, and saves a run report beside the manifest (and a copy in the
    index's history, ``pipeline.index_history``).
@@ -162,6 +163,7 @@ class EncodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline import encoder
+        from pipeline.additive_decoder import model_row_scales
         from pipeline.shard_format import shard_name, write_shard
 
         ids = np.asarray(batch["id"], dtype=np.int64)
@@ -179,6 +181,10 @@ class EncodeActor:
         x = np.asarray(batch["vector"], dtype=np.float32)
         t0 = time.perf_counter()
         codes, list_ids = encoder.encode(self.model, x, batch_size=self.batch_size or None, device=self.device)
+        scale_N = None
+        if self.model.additive_MKD.shape[0]:
+            # the lookup-table stage's row scales, stored so searches need not decode every row
+            scale_N = model_row_scales(self.model, codes, list_ids, device=self.device)
         if list_ids is None:
             list_ids = np.zeros(len(ids), dtype=np.int64)
         encode_s = time.perf_counter() - t0
@@ -186,7 +192,8 @@ class EncodeActor:
         uri = storage.join(self.version_uri, rel)
         cfg = self.model.config
         info = write_shard(uri, list_ids.astype(np.int32), ids, codes, K=cfg.K,
-                           nlist=max(1, cfg.nlist), model_sha=self.model_sha, options=self.options)
+                           nlist=max(1, cfg.nlist), model_sha=self.model_sha, options=self.options,
+                           lut_scale_N=scale_N)
         storage.write_bytes_atomic(_sidecar(uri), info.to_json().encode(), self.options)
         return {"shard": np.array([rel], dtype=object), "info": np.array([info.to_json()], dtype=object),
                 "encode_s": np.array([encode_s]), "pid": np.array([os.getpid()], dtype=np.int64),

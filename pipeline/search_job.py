@@ -5,9 +5,10 @@ Per query batch, following the QINCo paper's search pipeline:
 1. **Probe** (driver): the ``nprobe`` nearest IVF centroids of each query, once for all shards.
 2. **Shortlist** (shard actors, in parallel): every code in the probed lists gets an approximate
    distance from the additive decoder's lookup tables (each row's additive residual scaled
-   towards its QINCo reconstruction unless ``lut_scales`` is off; an actor computes the scales
-   of its rows once, when it loads them); each actor returns its best ``shortlist`` candidates
-   with their codes.
+   towards its QINCo reconstruction unless ``lut_scales`` is off; the scales are read from the
+   shards' ``lut_scale`` column, which the encode job writes, and an actor computes them only for
+   rows of shards written without it, once, when it loads them); each actor returns its best
+   ``shortlist`` candidates with their codes.
 3. **Merge** (driver): the exact global top-``shortlist`` of the approximate distances, ties broken
    by id, so the shortlist does not depend on how the index is split into shards.
 4. **Re-rank** (actors, round robin): the global shortlist (or its best ``rerank_count``) is
@@ -82,14 +83,15 @@ def load_shards(version_uri: str, shard_entries: list[dict], nlist: int, M: int,
                 errors: dict[str, str] | None = None):
     """Read and verify shards (manifest entries) of one index version and merge them.
 
-    Returns ``(list_ids_N int32, ids_N int64, codes_NM, list_offsets)`` sorted by (list, id), the
-    layout ``ShardSearcher`` takes. A missing or corrupt shard raises ``CorruptShardError``
-    naming it; when ``errors`` is given such shards are skipped instead and their messages
-    recorded there by shard name.
+    Returns ``(list_ids_N int32, ids_N int64, codes_NM, list_offsets, scale_N float16)`` sorted by
+    (list, id), the layout ``ShardSearcher`` takes; ``scale_N`` holds the rows' stored
+    ``lut_scale`` and NaN for rows of shards written without that column. A missing or corrupt
+    shard raises ``CorruptShardError`` naming it; when ``errors`` is given such shards are skipped
+    instead and their messages recorded there by shard name.
     """
     from pipeline.shard_format import ShardInfo, read_shard
 
-    lists, ids, codes = [], [], []
+    lists, ids, codes, scales = [], [], [], []
     for e in shard_entries:
         info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
                          id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
@@ -104,14 +106,16 @@ def load_shards(version_uri: str, shard_entries: list[dict], nlist: int, M: int,
         lists.append(sh.list_ids_N)
         ids.append(sh.ids_N)
         codes.append(sh.codes_NM)
+        scales.append(sh.lut_scale_N if sh.lut_scale_N is not None else np.full(len(sh), np.nan, np.float16))
     list_ids = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
     ids_N = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
     codes_NM = np.concatenate(codes) if codes else np.zeros((0, M), np.uint8)
+    scale_N = np.concatenate(scales) if scales else np.zeros(0, np.float16)
     order = np.lexsort((ids_N, list_ids))
-    list_ids, ids_N, codes_NM = list_ids[order], ids_N[order], codes_NM[order]
+    list_ids, ids_N, codes_NM, scale_N = list_ids[order], ids_N[order], codes_NM[order], scale_N[order]
     offsets = np.zeros(nlist + 1, np.int64)
     np.cumsum(np.bincount(list_ids, minlength=nlist), out=offsets[1:])
-    return list_ids, ids_N, codes_NM, offsets
+    return list_ids, ids_N, codes_NM, offsets, scale_N
 
 
 class ShardActor:
@@ -132,11 +136,12 @@ class ShardActor:
         self.model = load_model(model_uri, options=options)
         nlist = max(1, self.model.config.nlist)
         self.bad: dict[str, str] = {}
-        list_ids, ids_N, codes_NM, offsets = load_shards(
+        list_ids, ids_N, codes_NM, offsets, scale_N = load_shards(
             version_dir(index_uri, version), shard_entries, nlist, self.model.config.M, options,
             errors=self.bad if allow_partial else None)
         self.list_ids, self.ids, self.codes = list_ids, ids_N, codes_NM
-        self.searcher = build_searcher(self.model, list_ids, ids_N, codes_NM, offsets, lut_scales=lut_scales,
+        self.searcher = build_searcher(self.model, list_ids, ids_N, codes_NM, offsets,
+                                       scale_N=scale_N if lut_scales else None, lut_scales=lut_scales,
                                        source=", ".join(e["name"] for e in shard_entries))
         self.names = [e["name"] for e in shard_entries]
 
@@ -165,45 +170,30 @@ class ShardActor:
         return dict(self.bad)
 
 
-def _centroids(model) -> np.ndarray:
-    c = getattr(model, "centroids_LD", None)
-    if c is None or c.numel() == 0:
-        return np.zeros((1, model.config.dim), np.float32)
-    return c.detach().cpu().numpy().astype(np.float32)
-
-
-def _codebooks(model) -> np.ndarray:
-    cb = getattr(model, "additive_MKD", None)
-    if cb is None or cb.numel() == 0:
-        raise ConfigError("the model has no additive decoder; retrain or fit it before building a searchable index")
-    return cb.detach().cpu().numpy().astype(np.float32)
-
-
-def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, lut_scales: bool = True,
+def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=None, lut_scales: bool = True,
                    decode_fn=None, source: str = "<shard>", num_threads: int = 1):
     """``ShardSearcher`` over loaded shard rows of an index built with ``model`` (its centroids and
-    additive codebooks), with the row scales of the lookup-table stage unless ``lut_scales`` is off."""
+    additive codebooks), with the row scales of the lookup-table stage unless ``lut_scales`` is off.
+
+    ``scale_N`` holds the rows' stored scales (``load_shards``; NaN where a shard has none); the
+    scales of rows without one are computed here from the model (``model_row_scales``)."""
+    from pipeline.additive_decoder import model_centroids, model_codebooks, model_row_scales
     from pipeline.search_kernels import ShardSearcher
 
-    scale_N = None
-    if lut_scales and len(ids_N):
-        t = time.perf_counter()
-        scale_N = lut_row_scales(model, codes_NM, list_ids_N)
-        log.info("%s: row scales of %d rows in %.1f s", source, len(ids_N), time.perf_counter() - t)
-    return ShardSearcher(list_ids_N, ids_N, codes_NM, list_offsets, _centroids(model), _codebooks(model),
+    if not lut_scales:
+        scale_N = None
+    elif len(ids_N):
+        scale_N = np.full(len(ids_N), np.nan, np.float16) if scale_N is None else np.array(scale_N, np.float16)
+        if scale_N.shape != (len(ids_N),):
+            raise ConfigError(f"{source}: row scales have shape {scale_N.shape}, expected ({len(ids_N)},)")
+        todo = np.flatnonzero(np.isnan(scale_N))
+        if todo.size:
+            t = time.perf_counter()
+            scale_N[todo] = model_row_scales(model, codes_NM[todo], list_ids_N[todo])
+            log.info("%s: row scales of %d rows (shards without a lut_scale column) in %.1f s", source,
+                     todo.size, time.perf_counter() - t)
+    return ShardSearcher(list_ids_N, ids_N, codes_NM, list_offsets, model_centroids(model), model_codebooks(model),
                          decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N)
-
-
-def lut_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray) -> np.ndarray:
-    """Row scales of the lookup-table stage (``additive_decoder.row_scales``) for rows of an
-    index built with ``model``, from its float32 QINCo decode: float16 ``(N,)``."""
-    from pipeline.additive_decoder import row_scales
-    from pipeline.decoder import decode
-
-    if model.ivf:
-        return row_scales(codes_NM, list_ids_N, _centroids(model), _codebooks(model),
-                          lambda c, l: decode(model, c, l))
-    return row_scales(codes_NM, None, None, _codebooks(model), lambda c, l: decode(model, c))
 
 
 def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k, precision: str = "float32"):
@@ -254,6 +244,7 @@ class ShardPool:
         import faiss
         import ray
 
+        from pipeline.additive_decoder import model_centroids
         from pipeline.checkpoint import load_model
         from pipeline.manifest import load_manifest, version_dir
 
@@ -273,7 +264,7 @@ class ShardPool:
         self.nlist = max(1, self.model.config.nlist)
         self.allow_partial = allow_partial
         self.probe_index = faiss.IndexFlatL2(self.dim)
-        self.probe_index.add(_centroids(self.model))
+        self.probe_index.add(model_centroids(self.model))
         present = [s.to_dict() for s in m.shards if s.name not in self.shard_errors]
         if not present:
             raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "

@@ -11,6 +11,11 @@ Columns (see ``docs/index-format.md``):
 - ``id``: int64, ``>= 0``, unique within the shard
 - ``codes``: ``fixed_size_binary(M * itemsize)``; the ``M`` codes of a row as little-endian
   ``uint8`` (``K <= 256``) or ``uint16`` (``K <= 65536``) packed back to back
+- ``lut_scale`` (optional, format version 2): float16, the row's scale of the lookup-table
+  stage (``additive_decoder.model_row_scales``), finite. A function of the row's codes and list,
+  stored so a search need not decode every row when it loads the shard.
+
+Readers accept format versions 1 (no ``lut_scale``) and 2.
 
 A shard is serialised in memory, hashed (SHA-256 of the exact file bytes) and written with
 ``storage.open_atomic``: a reader sees either no object or the complete file. The hash and size go
@@ -38,7 +43,8 @@ from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 DEFAULT_ROW_GROUP_ROWS = 65536
 MAX_FILE_INDEX = 99_999
 MAX_FIRST_ROW = 999_999_999_999
@@ -120,10 +126,13 @@ def _check_range(name: str, a: np.ndarray, lo: int, hi: int | None) -> None:
 
 
 def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: str,
-                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> tuple[bytes, dict[str, Any]]:
+                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+                 lut_scale_N=None) -> tuple[bytes, dict[str, Any]]:
     """Validate, sort and serialise one shard; returns the parquet bytes and a summary dict.
 
-    Pure function (no I/O) so the format can be produced and tested without storage.
+    ``lut_scale_N`` (optional, ``(N,)``, finite, stored as float16) is written as the
+    ``lut_scale`` column. Pure function (no I/O) so the format can be produced and tested
+    without storage.
     """
     dtype = code_dtype_for(K)
     if not isinstance(nlist, (int, np.integer)) or nlist < 1:
@@ -148,6 +157,16 @@ def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: 
     _check_range("list_ids_N", list_ids_N, 0, int(nlist))
     _check_range("ids_N", ids_N, 0, None)
     _check_range("codes_NM", codes_NM, 0, int(K))
+    if lut_scale_N is not None:
+        lut_scale_N = np.asarray(lut_scale_N)
+        if lut_scale_N.shape != (N,) or not np.issubdtype(lut_scale_N.dtype, np.floating):
+            raise ConfigError(f"lut_scale_N must be a float array of shape ({N},), got "
+                              f"{lut_scale_N.dtype} {lut_scale_N.shape}")
+        with np.errstate(over="ignore"):  # out of range becomes inf, refused just below
+            lut_scale_N = lut_scale_N.astype(np.float16)
+        bad = ~np.isfinite(lut_scale_N)
+        if bad.any():
+            raise ConfigError(f"lut_scale_N is NaN or out of float16 range at row {int(np.flatnonzero(bad)[0])}")
 
     order = np.lexsort((ids_N, list_ids_N))
     list_ids_N = list_ids_N[order].astype(np.int32)
@@ -173,21 +192,26 @@ def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: 
         "nlist": int(nlist),
         "model_sha": model_sha,
     }
-    schema = pa.schema(
-        [pa.field("list_id", pa.int32(), nullable=False),
-         pa.field("id", pa.int64(), nullable=False),
-         pa.field("codes", pa.binary(width), nullable=False)],
-        metadata={f"{_META_PREFIX}{k}": str(v) for k, v in meta.items()},
-    )
-    table = pa.Table.from_arrays(
-        [pa.array(list_ids_N, pa.int32()), pa.array(ids_N, pa.int64()), codes_arr], schema=schema)
+    fields = [pa.field("list_id", pa.int32(), nullable=False),
+              pa.field("id", pa.int64(), nullable=False),
+              pa.field("codes", pa.binary(width), nullable=False)]
+    arrays = [pa.array(list_ids_N, pa.int32()), pa.array(ids_N, pa.int64()), codes_arr]
+    encoding = {"id": "DELTA_BINARY_PACKED", "codes": "PLAIN"}
+    compression = {"list_id": "zstd", "id": "zstd", "codes": "none"}
+    if lut_scale_N is not None:
+        fields.append(pa.field("lut_scale", pa.float16(), nullable=False))
+        arrays.append(pa.array(lut_scale_N[order], pa.float16()))
+        encoding["lut_scale"] = "PLAIN"
+        compression["lut_scale"] = "zstd"
+    schema = pa.schema(fields, metadata={f"{_META_PREFIX}{k}": str(v) for k, v in meta.items()})
+    table = pa.Table.from_arrays(arrays, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(
         table, sink,
         row_group_size=int(row_group_rows),
         use_dictionary=["list_id"],
-        column_encoding={"id": "DELTA_BINARY_PACKED", "codes": "PLAIN"},
-        compression={"list_id": "zstd", "id": "zstd", "codes": "none"},
+        column_encoding=encoding,
+        compression=compression,
         write_statistics=["list_id", "id"],
         sorting_columns=[pq.SortingColumn(0), pq.SortingColumn(1)],
     )
@@ -205,7 +229,7 @@ def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: 
 
 def write_shard(uri: str, list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: str,
                 options: StorageOptions | None = None,
-                row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> ShardInfo:
+                row_group_rows: int = DEFAULT_ROW_GROUP_ROWS, lut_scale_N=None) -> ShardInfo:
     """Write one shard atomically at ``uri`` and return its :class:`ShardInfo`.
 
     Rows are sorted by ``(list_id, id)``. Bad shapes, dtypes or out-of-range values raise
@@ -213,7 +237,8 @@ def write_shard(uri: str, list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, mo
     """
     try:
         data, summary = encode_shard(list_ids_N, ids_N, codes_NM, K=K, nlist=nlist,
-                                     model_sha=model_sha, row_group_rows=row_group_rows)
+                                     model_sha=model_sha, row_group_rows=row_group_rows,
+                                     lut_scale_N=lut_scale_N)
     except ConfigError as e:
         raise ConfigError(f"{storage.redact(uri)}: {e}") from None
     with storage.open_atomic(uri, "wb", options=options) as f:
@@ -232,6 +257,7 @@ class Shard:
     codes_NM: np.ndarray  # uint8 or uint16
     list_offsets: np.ndarray  # int64, nlist + 1
     meta: dict
+    lut_scale_N: np.ndarray | None = None  # float16; None when the shard has no lut_scale column
 
     def __len__(self) -> int:
         return len(self.ids_N)
@@ -280,9 +306,10 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
         raise CorruptShardError(uri, f"missing or bad key-value metadata ({e})") from None
     if meta["M"] < 1 or meta["nlist"] < 1:
         raise CorruptShardError(uri, f"bad metadata M={meta['M']}, nlist={meta['nlist']}")
-    if meta["format_version"] != SHARD_FORMAT_VERSION:
+    if meta["format_version"] not in READABLE_FORMAT_VERSIONS:
         raise CorruptShardError(uri, f"shard format version {meta['format_version']} is not "
-                                     f"supported (this code reads {SHARD_FORMAT_VERSION})")
+                                     f"supported (this code reads "
+                                     f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
     try:
         dtype = code_dtype_for(meta["K"])
     except ConfigError as e:
@@ -294,6 +321,9 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
     width = meta["M"] * dtype.itemsize
     want = pa.schema([("list_id", pa.int32()), ("id", pa.int64()), ("codes", pa.binary(width))])
     got = pa.schema([(f.name, f.type) for f in table.schema])
+    has_scale = meta["format_version"] >= 2 and "lut_scale" in table.column_names
+    if has_scale:
+        want = want.append(pa.field("lut_scale", pa.float16()))
     if not got.equals(want):
         raise CorruptShardError(uri, f"schema {got} differs from expected {want}")
     if table.num_rows == 0 or any(table.column(c).null_count for c in table.column_names):
@@ -319,9 +349,15 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
         raise CorruptShardError(uri, f"list ids outside [0, {meta['nlist']})")
     if int(codes_NM.max()) >= meta["K"]:
         raise CorruptShardError(uri, f"code values >= K={meta['K']}")
+    lut_scale_N = None
+    if has_scale:
+        lut_scale_N = table.column("lut_scale").to_numpy().astype(np.float16)
+        bad = ~np.isfinite(lut_scale_N)
+        if bad.any():
+            raise CorruptShardError(uri, f"lut_scale is NaN or infinite at row {int(np.flatnonzero(bad)[0])}")
     offsets = np.searchsorted(list_ids_N, np.arange(meta["nlist"] + 1), side="left").astype(np.int64)
     return Shard(list_ids_N=list_ids_N, ids_N=ids_N, codes_NM=codes_NM, list_offsets=offsets,
-                 meta=meta)
+                 meta=meta, lut_scale_N=lut_scale_N)
 
 
 def read_shard(uri: str, expected: ShardInfo | None = None, options: StorageOptions | None = None,

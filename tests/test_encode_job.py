@@ -26,17 +26,20 @@ def _job(inp, index_uri, **kw):
     return EncodeJobConfig(**base)
 
 
-def _read_index(index_uri, options=None):
+def _read_index(index_uri, options=None, with_scales=False):
     m = load_manifest(index_uri, options=options)
     vuri = version_dir(index_uri, m.version)
-    ids, codes, lists = [], [], []
+    ids, codes, lists, scales = [], [], [], []
     for s in m.shards:
         sh = read_shard(storage.join(vuri, s.name), expected=s.info(), options=options, nlist=m.code["nlist"] or 1)
         ids.append(sh.ids_N)
         codes.append(sh.codes_NM)
         lists.append(sh.list_ids_N)
+        scales.append(sh.lut_scale_N)
     ids = np.concatenate(ids)
     order = np.argsort(ids)
+    if with_scales:
+        return m, ids[order], np.concatenate(scales)[order]
     return m, ids[order], np.concatenate(codes)[order], np.concatenate(lists)[order]
 
 
@@ -63,6 +66,14 @@ def test_one_file_many_tasks_ids_and_codes_match_single_process(ray_session, tin
     np.testing.assert_array_equal(codes, ref_codes)
     np.testing.assert_array_equal(lists, ref_lists)
     assert m.total_rows == n and m.inputs[0].id_start == 0 and m.inputs[0].id_stop == n
+    # every shard stores its rows' lookup-table scales: those a search would compute from the codes
+    from pipeline.additive_decoder import model_row_scales
+
+    scales = _read_index(index, with_scales=True)[2]
+    ref_scales = model_row_scales(inp["model_obj"], ref_codes, ref_lists)
+    assert scales.dtype == np.float16 and np.abs(ref_scales.astype(np.float64) - 1).max() > 0.01
+    np.testing.assert_allclose(scales, ref_scales, rtol=1e-3)  # decoded in other batches: an ulp at most
+    assert (scales == ref_scales).mean() > 0.99
     saved = json.loads(storage.read_bytes(storage.join(version_dir(index, m.version), "report.json")))
     assert saved["vectors"] == n and saved["vectors_per_s"] > 0
 

@@ -122,9 +122,9 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
     assert not np.array_equal(I_small, I_ref)
     # the LUT ranking is the exact top-k over the row-scaled additive reconstructions c + a r
     from pipeline.additive_decoder import decode_additive
-    from pipeline.search_job import lut_row_scales
+    from pipeline.additive_decoder import model_row_scales
 
-    a_N = lut_row_scales(model, codes, lists).astype(np.float64)
+    a_N = model_row_scales(model, codes, lists).astype(np.float64)
     assert np.abs(a_N - 1).max() > 0.01  # the scales matter
     cb = model.additive_MKD.detach().numpy()
     x_s = cent[lists] + a_N[:, None] * decode_additive(cb, codes)
@@ -132,6 +132,36 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
     D_s, I_s = topk_smallest(D_s, np.where(in_probe, np.arange(len(x_s))[None, :], -1), k)
     np.testing.assert_array_equal(I_lut, I_s)
     np.testing.assert_allclose(D_lut, D_s, rtol=1e-4, atol=1e-3)
+
+
+def test_stored_row_scales_search_like_computed_ones(indexes, tiny_index_inputs):
+    """The shards' lut_scale column is what a search would compute: searching with the stored
+    scales, with scales computed at load (shards written without the column) or with a mix gives
+    the same shortlists; lut_scales off ignores them."""
+    from pipeline.search_job import build_searcher, load_shards
+
+    inp = tiny_index_inputs
+    model, q = inp["model_obj"], inp["q"]
+    m = load_manifest(indexes["three"])
+    lists, ids, codes, offsets, stored = load_shards(version_dir(indexes["three"], m.version),
+                                                     [s.to_dict() for s in m.shards], model.config.nlist,
+                                                     model.config.M)
+    assert stored.dtype == np.float16 and not np.isnan(stored).any()
+    mixed = stored.copy()
+    mixed[::3] = np.nan  # rows of shards without the column
+    searchers = [build_searcher(model, lists, ids, codes, offsets, scale_N=s) for s in (stored, None, mixed)]
+    np.testing.assert_allclose(searchers[1].scale_N, stored, rtol=1e-3)
+    np.testing.assert_array_equal(searchers[2].scale_N[1::3], stored[1::3])
+    _, lp = searchers[0].probe(q, 3)
+    ref = searchers[0].lut_search(q, lp, 20)
+    for s in searchers[1:]:
+        D, I, _ = s.lut_search(q, lp, 20)
+        assert (I == ref[1]).mean() > 0.99
+        np.testing.assert_allclose(D, ref[0], rtol=1e-3, atol=1e-3)
+    plain = build_searcher(model, lists, ids, codes, offsets, scale_N=stored, lut_scales=False)
+    assert plain.scale_N is None and not np.array_equal(plain.lut_search(q, lp, 20)[1], ref[1])
+    with pytest.raises(ConfigError, match="row scales have shape"):
+        build_searcher(model, lists, ids, codes, offsets, scale_N=stored[:-1])
 
 
 def test_killed_shard_actor_is_recovered_mid_batch(indexes, tiny_index_inputs):

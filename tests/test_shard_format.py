@@ -37,7 +37,8 @@ def test_round_trip_sorted_with_csr_offsets(tmp_path, K, dtype):
 
     sh = read_shard(uri, expected=info, nlist=nlist)
     assert sh.codes_NM.dtype == dtype and sh.codes_NM.shape == (N, M)
-    assert sh.meta == {"format_version": 1, "M": M, "K": K, "code_dtype": np.dtype(dtype).name,
+    assert sh.lut_scale_N is None
+    assert sh.meta == {"format_version": 2, "M": M, "K": K, "code_dtype": np.dtype(dtype).name,
                        "nlist": nlist, "model_sha": "abc"}
     assert len(sh.list_offsets) == nlist + 1 and sh.list_offsets[0] == 0 and sh.list_offsets[-1] == N
     assert sh.list_slice(7) == slice(sh.list_offsets[7], sh.list_offsets[7])
@@ -81,6 +82,75 @@ def test_bad_input_refused_before_writing(tmp_path, change, match):
         write_shard(str(uri), *args, K=16, nlist=5, model_sha="m")
     assert str(uri) in str(ei.value)
     assert not uri.exists() and list(tmp_path.iterdir()) == []
+
+
+def _rewrite(uri, src, *, version=None, scale=None):
+    """Copy shard ``src`` to ``uri`` as parquet with its metadata's format version and its
+    ``lut_scale`` column replaced (``scale``: an Arrow array, or "drop")."""
+    import pyarrow as pa
+
+    t = pq.read_table(src)
+    meta = dict(t.schema.metadata)
+    if version is not None:
+        meta[b"qinco.format_version"] = str(version).encode()
+    if isinstance(scale, str):
+        t = t.drop_columns(["lut_scale"])
+    elif scale is not None:
+        t = t.set_column(t.column_names.index("lut_scale"), "lut_scale", scale)
+    pq.write_table(t.replace_schema_metadata(meta), uri)
+    return uri
+
+
+def test_lut_scale_column_round_trip_and_format_versions(tmp_path):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(5)
+    N, nlist = 300, 12
+    list_ids_N, ids_N, codes_NM = _random_shard(rng, N, 4, 256, nlist)
+    scale_N = rng.uniform(0.5, 1.5, N)
+    uri = str(tmp_path / "s.parquet")
+    info = write_shard(uri, list_ids_N, ids_N, codes_NM, K=256, nlist=nlist, model_sha="m", lut_scale_N=scale_N)
+    sh = read_shard(uri, expected=info, nlist=nlist)
+    assert sh.meta["format_version"] == 2 and sh.lut_scale_N.dtype == np.float16
+    # each row keeps its own scale through the (list, id) sort, rounded to float16
+    want = dict(zip(ids_N.tolist(), scale_N.astype(np.float16).tolist()))
+    assert [want[i] for i in sh.ids_N.tolist()] == sh.lut_scale_N.tolist()
+    # the column costs 2 bytes per row, uncompressible
+    plain = write_shard(str(tmp_path / "p.parquet"), list_ids_N, ids_N, codes_NM, K=256, nlist=nlist, model_sha="m")
+    assert 2 * N <= info.bytes - plain.bytes <= 2 * N + 400
+
+    # a format-1 shard (written before the column existed) still reads, without scales
+    v1 = _rewrite(str(tmp_path / "v1.parquet"), uri, version=1, scale="drop")
+    old = read_shard(v1, nlist=nlist)
+    assert old.lut_scale_N is None and old.meta["format_version"] == 1
+    np.testing.assert_array_equal(old.codes_NM, sh.codes_NM)
+    # format 1 never had the column; versions above 2 are refused
+    with pytest.raises(CorruptShardError, match="schema"):
+        read_shard(_rewrite(str(tmp_path / "bad1.parquet"), uri, version=1), nlist=nlist)
+    with pytest.raises(CorruptShardError, match="version 3") as ei:
+        read_shard(_rewrite(str(tmp_path / "v3.parquet"), uri, version=3))
+    assert "v3.parquet" in str(ei.value)
+    # a NaN or a wrong type in the column is corruption, named with the row
+    bad = sh.lut_scale_N.copy()
+    bad[17] = np.nan
+    with pytest.raises(CorruptShardError, match="lut_scale is NaN or infinite at row 17"):
+        read_shard(_rewrite(str(tmp_path / "nan.parquet"), uri, scale=pa.array(bad, pa.float16())))
+    with pytest.raises(CorruptShardError, match="schema"):
+        read_shard(_rewrite(str(tmp_path / "f32.parquet"), uri, scale=pa.array(bad.astype(np.float32))))
+
+
+@pytest.mark.parametrize("scale,match", [
+    (lambda N: np.ones(N - 1), r"shape \(20,\)"),
+    (lambda N: np.arange(N), "float array"),
+    (lambda N: np.where(np.arange(N) == 6, np.nan, 1.0), "at row 6"),
+    (lambda N: np.where(np.arange(N) == 2, 1e6, 1.0), "out of float16 range at row 2"),
+])
+def test_bad_lut_scales_refused_before_writing(tmp_path, scale, match):
+    rng = np.random.default_rng(6)
+    uri = tmp_path / "s.parquet"
+    with pytest.raises(ConfigError, match=match):
+        write_shard(str(uri), *_random_shard(rng, 20, 3, 16, 5), K=16, nlist=5, model_sha="m", lut_scale_N=scale(20))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_corrupt_bytes_detected_and_named(tmp_path):
