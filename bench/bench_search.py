@@ -262,7 +262,9 @@ def render(report: dict) -> str:
         "base encoded by the Ray encode job; "
         "search = additive-decoder LUT shortlist (table scanner, one table per query, "
         + ("each row's additive residual scaled towards its QINCo reconstruction (row scales: 2 bytes per "
-           "vector in memory, computed by decoding every row when the index is loaded), "
+           "vector in memory, read from the shards' lut_scale column, which the encode job writes since "
+           "shard format 2, or computed by decoding every row of shards without it when the index is "
+           "loaded), "
            if report.get("lut_scales") else "")
         + f"{report['threads']} scanner threads) then QINCo re-rank of the whole shortlist, or of its best "
         "R (`--rerank R`; with R < k = 10 the results after R keep the LUT order) "

@@ -9,7 +9,12 @@ only its shortlist reaches the neural decoder. This measures, for an index built
   decoder without and with row scales, and of additive decoders refitted on more base rows
   (``--refit-rows``);
 - LUT-only R@1 / R@10 at each ``--nprobe`` for each of those additive decoders;
-- richer shortlist decoders, to size what they could give: the *list-conditioned* additive
+- richer shortlist decoders, to size what they could give: *exact first step* (``--first-step``:
+  the first step's network sees only the IVF centroid, so its codewords ``f_0(C_0[k], c_l)`` are
+  exact per list; the other steps stay additive, with the model's codebooks or refitted given the
+  exact first step, and the sum is scaled per row as the search does; a scan would need a
+  ``K``-entry first-step table per (query, probed list) and ``nlist x K x D`` floats), the
+  *list-conditioned* additive
   decoder (each step's network evaluated with the list centroid as context, so every IVF list has
   codebooks of its own, ``x ≈ c_l + Σ_m f_m(C_m[code_m], c_l)``; its ranking is what a lookup-table
   scan with one table per (query, probed list) would give), the QINCo2 paper's *pairwise*
@@ -73,6 +78,35 @@ def decode_at_centroid(model, codes_NM: np.ndarray, list_ids_N: np.ndarray, batc
                 xhat_BD += step.finish(z_BE, c_BD)
             out[a:a + batch] = model.denormalise(xhat_BD).numpy()
     return out
+
+
+def first_step_codewords(model) -> np.ndarray:
+    """``f_0(C_0[k], c_l)`` for every IVF list ``l`` and code ``k`` (raw space, ``(nlist, K, D)``
+    float32): the first step's network sees only the list centroid, so its codeword is exact per
+    list."""
+    import torch
+
+    K, L = model.config.K, model.config.nlist
+    step = model.steps[0]
+    out = np.empty((L, K, model.config.dim), np.float32)
+    with torch.no_grad():
+        table_KE = step.codeword_table()
+        for l in range(L):
+            x0_KD = model.initial_xhat(K, torch.full((K,), l, dtype=torch.long))
+            f_KD = step.codebook_KD.clone() if step.plain else step.finish(table_KE + step.context(x0_KD),
+                                                                              step.codebook_KD)
+            out[l] = (model.denormalise(x0_KD + f_KD) - model.denormalise(x0_KD)).numpy()
+    return out
+
+
+def scaled_towards(base_ND: np.ndarray, resid_ND: np.ndarray, target_ND: np.ndarray) -> np.ndarray:
+    """``base + a_n resid`` with ``a_n`` the least-squares scale of ``resid`` towards ``target -
+    base``, rounded to float16 (row scales, as ``additive_decoder.row_scales``)."""
+    r = resid_ND.astype(np.float64)
+    t = target_ND.astype(np.float64) - base_ND
+    rr = np.einsum("nd,nd->n", r, r)
+    a = np.where(rr > 0, np.einsum("nd,nd->n", r, t) / np.where(rr > 0, rr, 1.0), 1.0)
+    return base_ND + np.clip(a, -16, 16).astype(np.float16).astype(np.float64)[:, None] * r
 
 
 def rank_probed(searcher, xq_QD: np.ndarray, xhat_ND: np.ndarray, nprobe: int, k: int = 10) -> np.ndarray:
@@ -174,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--groups", type=int, nargs="*", default=[8, 32],
                     help="grouped additive decoders: codebooks per group of IVF lists, fitted on the refit rows")
     ap.add_argument("--group-ridge", type=float, default=1e-3)
+    ap.add_argument("--first-step", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the decoders with the first step exact per IVF list")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args(argv)
@@ -254,6 +290,30 @@ def main(argv=None) -> int:
                                 f"query) at nprobe " + " / ".join(f"{touched[p]:.1f}" for p in a.nprobe),
                      "mse": mse(x_N[hold], xg[hold]),
                      "recalls": {p: recalls(rank_probed(searcher, xq, xg, p), gt) for p in a.nprobe}})
+    if a.first_step and model.ivf and a.refit_rows:
+        # The first step's codeword is exact per list; the other steps stay additive (the model's
+        # codebooks, or refitted given the exact first step), the sum scaled per row towards the
+        # row's QINCo decode. A scan would need a K-entry first-step table per (query, probed list).
+        xhat_ND = np.concatenate([decode(model, searcher.codes_NM[i:i + 65536], searcher.list_ids_N[i:i + 65536])
+                                  for i in range(0, searcher.N, 65536)])
+        f0_LKD = first_step_codewords(model)
+        lids = searcher.list_ids_N.astype(np.int64)
+        c_ND = centroids[lids].astype(np.float64)
+        F0_ND = f0_LKD[lids, searcher.codes_NM[:, 0].astype(np.int64)].astype(np.float64)
+        rest_model = decode_additive(searcher.codebooks_MKD[1:], searcher.codes_NM[:, 1:]).astype(np.float64)
+        cb_rest = fit_additive_decoder(searcher.codes_NM[sel][:, 1:], x_N[sel] - centroids[lids[sel]] - F0_ND[sel],
+                                       searcher.K)
+        rest_refit = decode_additive(cb_rest, searcher.codes_NM[:, 1:]).astype(np.float64)
+        tables = (f"{f0_LKD.size:,} first-step floats ({f0_LKD.size / searcher.N:.0f} per indexed vector); "
+                  f"a {searcher.K} x {searcher.D} product per (query, probed list)")
+        for name, rest in [("the model's additive codebooks for the other steps", rest_model),
+                           (f"the other steps' additive codebooks refitted on the same {len(sel):,} rows "
+                            f"given the exact first step", rest_refit)]:
+            xf = scaled_towards(c_ND, F0_ND + rest, xhat_ND)
+            rows.append({"decoder": f"exact first step per IVF list + {name}, with row scales: {tables}",
+                         "mse": mse(x_N[hold], xf[hold]),
+                         "recalls": {p: recalls(rank_probed(searcher, xq, xf.astype(np.float32), p), gt)
+                                     for p in a.nprobe}})
     xc = decode_at_centroid(model, searcher.codes_NM, searcher.list_ids_N)
     rows.append({"decoder": "list-conditioned additive (networks at the list centroid)",
                  "mse": mse(x_N[hold], xc[hold]),
@@ -288,7 +348,7 @@ def main(argv=None) -> int:
         f"- protocol: {a.dataset} {a.bytes} B, the IVF-QINCo model and index of `{a.work}`; MSE = mean squared "
         f"L2 error of the reconstruction of the last {a.holdout:,} base rows of the index (kept out of every "
         f"refit); R@1 / R@10 of the lookup-table ranking alone (no re-rank), {a.queries} queries, shortlist 10 "
-        f"(for the list-conditioned decoder: exact distances to its reconstructions over the probed lists); "
+        f"(for the exact-first-step and list-conditioned decoders: exact distances to their reconstructions over the probed lists); "
         f"pairwise tables chosen on {a.holdout:,} of the refit rows and fitted on the rest; "
         f"for the grouped decoders, as for the list-conditioned one, R@1 / R@10 are those of exact distances to "
         f"their reconstructions over the probed lists (what a scan with one table per (query, group) gives); "

@@ -191,9 +191,6 @@ def model_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
     """
     from pipeline.decoder import decode
 
-    cb = model_codebooks(model)
-    if model.ivf:
-        return row_scales(codes_NM, list_ids_N, model_centroids(model), cb,
-                          lambda c, l: decode(model, c, l, device=device, precision="float32"))
-    return row_scales(codes_NM, None, None, cb,
-                      lambda c, l: decode(model, c, device=device, precision="float32"))
+    ivf = model.ivf  # without IVF there is no list and the residual is the whole vector
+    return row_scales(codes_NM, list_ids_N if ivf else None, model_centroids(model) if ivf else None,
+                      model_codebooks(model), lambda c, l: decode(model, c, l, device=device, precision="float32"))

@@ -11,8 +11,8 @@ workers build shards, the driver commits a manifest atomically.
 3. Ray Data reads the pending ranges with byte-range read tasks (``VectorDatasource``), an actor
    pool (model loaded once per actor, CPU or GPU) assigns IVF lists and computes QINCo codes with
    the same ``encoder.encode`` as single-process ``qinco encode``, and the rows' lookup-table
-   scales (``additive_decoder.model_row_scales``: one decode of the codes, about 1% of the
-   encoding time), and writes each range's shard atomically, followed by its sidecar.
+   scales (``additive_decoder.model_row_scales``: one float32 decode of the codes, far cheaper
+   than the beam search), and writes each range's shard atomically, followed by its sidecar.
 4. When every range has a shard, the driver writes the manifest (the commit point), switches the
    index's ``CURRENT`` pointer, and saves a run report beside the manifest (and a copy in the
    index's history, ``pipeline.index_history``).

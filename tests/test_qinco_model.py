@@ -171,3 +171,29 @@ def test_row_scales_are_the_least_squares_fit_along_the_additive_residual():
     np.testing.assert_array_equal(a1, a2)
     np.testing.assert_array_equal(a1[:5], 1.0)
     np.testing.assert_allclose(a1[5:], 2.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("nlist", [0, 5])
+def test_model_row_scales_fit_the_model_decode(nlist):
+    """model_row_scales: the least-squares scale of the model's additive residual towards its own
+    decode, with the list centroid removed under IVF and the whole vector without."""
+    from pipeline.additive_decoder import model_centroids, model_codebooks, model_row_scales
+
+    rng = np.random.default_rng(1)
+    D, N = 8, 300
+    x = rng.normal(size=(N, D)).astype(np.float32) * 3
+    model = QINCo(tiny_config(D, nlist=nlist))
+    model.set_normalisation(x)
+    if nlist:
+        model.set_centroids(x[:nlist])
+    with pytest.raises(ConfigError, match="no additive decoder"):
+        model_row_scales(model, np.zeros((1, 4), np.int64), np.zeros(1, np.int64))
+    codes, lids = encode(model, x)
+    model.set_additive_codebooks(fit_additive_decoder(codes, x, 32, lids, model_centroids(model) if nlist else None))
+    a = model_row_scales(model, codes, lids)
+    xhat = decode(model, codes, lids).astype(np.float64)
+    base = model_centroids(model)[lids] if nlist else np.zeros((N, D))
+    r = decode_additive(model_codebooks(model), codes).astype(np.float64)
+    want = ((xhat - base) * r).sum(1) / (r * r).sum(1)
+    assert a.dtype == np.float16 and np.abs(want - 1).max() > 0.01
+    np.testing.assert_allclose(a, want, rtol=1e-3)
