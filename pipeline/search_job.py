@@ -17,7 +17,9 @@ Per query batch, following the QINCo paper's search pipeline:
    remaining results follow in lookup-table order.
 
 Shard actors load only shards named in the committed manifest, verify their checksums, and are
-restarted by Ray when they die (the batch is retried). With ``allow_partial``, shards whose actor
+restarted by Ray when they die (the batch is retried). The driver first checks that the model at
+the manifest's model URI is the one that encoded the version (its weights' SHA-256): a model
+retrained into the same URI is refused, naming it, rather than decoding every code wrongly. With ``allow_partial``, shards whose actor
 fails for good are skipped and listed in the report; otherwise the job fails naming them.
 """
 
@@ -170,6 +172,31 @@ class ShardActor:
         return dict(self.bad)
 
 
+def check_model_unchanged(manifest, options=None) -> None:
+    """Refuse to search a version whose model was replaced at its URI since it was encoded.
+
+    The codes (and the shards' row scales) mean something only with the model that wrote them;
+    the manifest records its weights' SHA-256 (and its config.json's, for manifests without it).
+    A model retrained into the same URI would decode every code wrongly and silently.
+    """
+    from pipeline.checkpoint import model_identity
+
+    uri = manifest.model["uri"]
+    ident = model_identity(uri, options)
+    want_w = manifest.model.get("weights_sha256")
+    if want_w is not None:
+        changed = ident["weights_sha256"] != want_w
+        what = f"weights sha256 {ident['weights_sha256'][:12]}..., the manifest says {want_w[:12]}..."
+    else:
+        changed = ident["config_sha256"] != manifest.model.get("sha256")
+        what = f"config.json sha256 {ident['config_sha256'][:12]}..., the manifest says {str(manifest.model.get('sha256'))[:12]}..."
+    if changed:
+        raise ConfigError(
+            f"the model at {storage.redact(uri)} has changed since index version {manifest.version} was encoded "
+            f"({what}); re-encode the index with it (qinco reencode --index INDEX --model "
+            f"{storage.redact(uri)}) or restore the model")
+
+
 def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=None, lut_scales: bool = True,
                    decode_fn=None, source: str = "<shard>", num_threads: int = 1):
     """``ShardSearcher`` over loaded shard rows of an index built with ``model`` (its centroids and
@@ -259,6 +286,7 @@ class ShardPool:
                     raise PipelineError(msg)
                 log.warning("%s; searching the other shards", msg)
                 self.shard_errors[s.name] = msg
+        check_model_unchanged(m, options)
         self.model = load_model(m.model["uri"], options=options)
         self.dim = self.model.config.dim
         self.nlist = max(1, self.model.config.nlist)

@@ -208,6 +208,30 @@ def test_missing_shard_is_named(indexes, tiny_index_inputs, tmp_path):
     assert (I >= 0).all() and not ((I >= s.id_min) & (I <= s.id_max)).any()
 
 
+def test_model_replaced_at_its_uri_is_refused(indexes, tiny_index_inputs, tmp_path):
+    """Codes decode only with the model that wrote them: a model retrained into the index's model
+    URI is refused, naming it, before any actor starts."""
+    from pipeline.checkpoint import load_model, save_model
+
+    model_uri = str(tmp_path / "model")
+    shutil.copytree(tiny_index_inputs["model"], model_uri)
+    m, vdir = _copy_index(indexes["three"], str(tmp_path / "idx"))
+    mpath = os.path.join(vdir, "manifest.json")
+    raw = json.loads(open(mpath).read())
+    raw["model"]["uri"] = model_uri
+    open(mpath, "w").write(json.dumps(raw, indent=2, sort_keys=True))
+    I_ok, _, _ = _search(str(tmp_path / "idx"), tiny_index_inputs, str(tmp_path / "ok"))
+    np.testing.assert_array_equal(I_ok, _search(indexes["three"], tiny_index_inputs, str(tmp_path / "ref"))[0])
+
+    other = load_model(model_uri)
+    other.set_additive_codebooks(other.additive_MKD * 1.5)
+    save_model(other, model_uri)
+    with pytest.raises(ConfigError, match="has changed since index version") as ei:
+        _search(str(tmp_path / "idx"), tiny_index_inputs, str(tmp_path / "bad"))
+    assert model_uri in str(ei.value) and "reencode" in str(ei.value)
+    assert not os.path.exists(str(tmp_path / "bad"))
+
+
 def test_corrupt_shard_fails_or_is_skipped_with_allow_partial(indexes, baseline, tiny_index_inputs, tmp_path):
     m, vdir = _copy_index(indexes["three"], str(tmp_path / "idx"))
     bad = m.shards[0]
