@@ -101,6 +101,70 @@ def test_row_scaled_lut_distances_equal_bruteforce_of_scaled_reconstruction(data
         ShardSearcher(**shard, scale_N=bad)
 
 
+def _first_step(shard, seed=9):
+    """Exact first-step codewords per list: the shared first codebook plus a list-dependent part."""
+    rng = np.random.default_rng(seed)
+    return (shard["codebooks_MKD"][0][None] + rng.normal(size=(NLIST, K, D)) * 0.4).astype(np.float32)
+
+
+def test_first_step_lut_distances_equal_bruteforce_of_its_reconstruction(data, monkeypatch):
+    """With first-step codewords per list the LUT distance is the exact distance to
+    ``c_l + a_n (F_l[code_0] + Σ_{m>=1} C_m[code_m])``, whatever the query blocks of its tables."""
+    shard, q, _ = data
+    f_LKD = _first_step(shard)
+    a_N = np.random.default_rng(5).uniform(0.5, 1.5, N).astype(np.float16)
+    cent, lids, codes, cb = shard["centroids_LD"], shard["list_ids_N"], shard["codes_NM"], shard["codebooks_MKD"]
+    r = f_LKD[lids, codes[:, 0]].astype(np.float64) + additive_decode(codes[:, 1:], lids, np.zeros_like(cent), cb[1:])
+    for scale in (None, a_N):
+        s = ShardSearcher(**shard, use_faiss_scanner=True, scale_N=scale, first_step_LKD=f_LKD)
+        assert not s.uses_faiss_scanner
+        a = np.ones(N) if scale is None else a_N.astype(np.float64)
+        x = cent[lids].astype(np.float64) + a[:, None] * r
+        exact_QN = ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+        _, lists = s.probe(q, NLIST)
+        D_, I_, rows = s.lut_search(q, lists, N)
+        np.testing.assert_array_equal(I_, shard["ids_N"][rows])
+        np.testing.assert_allclose(D_, np.take_along_axis(exact_QN, rows, 1), rtol=1e-4, atol=1e-3)
+        _, lists3 = s.probe(q, 3)
+        ref = s.lut_search(q, lists3, 30)
+        in_probe = (lids[None, :, None] == lists3[:, None, :]).any(-1)
+        want = np.sort(np.where(in_probe, exact_QN, np.inf), axis=1)[:, :30]
+        np.testing.assert_allclose(ref[0], want, rtol=1e-4, atol=1e-3)
+        # scanner threads share the batch's tables: the same results, bit for bit
+        threaded = ShardSearcher(**shard, scale_N=scale, first_step_LKD=f_LKD, num_threads=2)
+        for x_, y_ in zip(ref, threaded.lut_search(q, lists3, 30)):
+            np.testing.assert_array_equal(x_, y_)
+        # tables built for 3 queries at a time (bounded memory): the same distances (the GEMMs'
+        # shapes change, so up to rounding)
+        monkeypatch.setattr(search_kernels, "FIRST_STEP_TABLE_ENTRIES", 3 * 3 * K)
+        D_b, I_b, _ = s.lut_search(q, lists3, 30)
+        np.testing.assert_allclose(D_b, ref[0], rtol=1e-6)
+        assert (I_b == ref[1]).mean() > 0.99
+        monkeypatch.undo()
+    # the first step changes the ranking
+    assert not np.array_equal(ref[2], ShardSearcher(**shard, scale_N=a_N).lut_search(q, lists3, 30)[2])
+    with pytest.raises(ConfigError, match="first-step codewords have shape"):
+        ShardSearcher(**shard, first_step_LKD=f_LKD[:, :-1])
+    bad = f_LKD.copy()
+    bad[2, 3, 1] = np.inf
+    with pytest.raises(ConfigError, match="NaN or Inf"):
+        ShardSearcher(**shard, first_step_LKD=bad)
+
+
+def test_first_step_three_shards_merged_equal_one_shard(data):
+    shard, q, decode_fn = data
+    f_LKD = _first_step(shard)
+    a_N = np.random.default_rng(6).uniform(0.5, 1.5, N).astype(np.float16)
+    owner = np.random.default_rng(7).integers(0, 3, N)  # the rows of each part, as _split draws them
+    for fn, params in [(None, SearchParams(k=15, nprobe=3)), (decode_fn, SearchParams(k=15, nprobe=3, shortlist=N))]:
+        one = ShardSearcher(**shard, decode_fn=fn, scale_N=a_N, first_step_LKD=f_LKD).search(q, params)
+        many = [ShardSearcher(**p, decode_fn=fn, scale_N=a_N[owner == j], first_step_LKD=f_LKD).search(q, params)
+                for j, p in enumerate(_split(shard, 3))]
+        merged = merge_topk(many, params.k)
+        np.testing.assert_array_equal(merged[1], one[1])
+        np.testing.assert_array_equal(merged[0], one[0])  # the same arithmetic on every shard
+
+
 @pytest.mark.parametrize("faiss_scan", [False, True])
 def test_search_all_lists_equals_bruteforce_of_decoder(data, faiss_scan):
     shard, q, decode_fn = data
