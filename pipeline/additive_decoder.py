@@ -213,10 +213,15 @@ def model_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
                       first_step_LKD=first_step_LKD if ivf else None)
 
 
+# Names of the lookup-table decoders (stored with row scales computed for one).
+IVF_LUT_DECODER = "c+F0+additive/1"  # centroid + exact first step + additive codebooks
+FLAT_LUT_DECODER = "additive/1"  # additive codebooks (models without IVF)
+
+
 def lut_decoder_id(model) -> str:
     """Name of ``model``'s lookup-table decoder, stored with row scales computed for it (a shard's
     scales are used only by a search whose decoder has the same name)."""
-    return "c+F0+additive/1" if model.ivf else "additive/1"
+    return IVF_LUT_DECODER if model.ivf else FLAT_LUT_DECODER
 
 
 def first_step_codewords(model) -> np.ndarray | None:

@@ -4,8 +4,9 @@ Per query batch, following the QINCo paper's search pipeline:
 
 1. **Probe** (driver): the ``nprobe`` nearest IVF centroids of each query, once for all shards.
 2. **Shortlist** (shard actors, in parallel): every code in the probed lists gets an approximate
-   distance from the additive decoder's lookup tables (each row's additive residual scaled
-   towards its QINCo reconstruction unless ``lut_scales`` is off; the scales are read from the
+   distance from the lookup tables of the model's fast decoder (with IVF the first step exact per
+   list, additive codebooks for the others; ``additive_decoder``), each row's residual scaled
+   towards its QINCo reconstruction unless ``lut_scales`` is off (the scales are read from the
    shards' ``lut_scale`` column, which the encode job writes, and an actor computes them only for
    rows of shards written without it, once, when it loads them); each actor returns its best
    ``shortlist`` candidates with their codes.
