@@ -23,7 +23,8 @@ Public API:
   codebooks as float32 arrays (the lookup-table stage's inputs).
 - ``first_step_codewords(model) -> (nlist, K, D) float32 | None``: an IVF model's exact
   first-step codewords per list; the lookup-table decoder of an IVF model is
-  ``c_l + F[l, code_0] + Σ_{m>=1} C_m[code_m]`` (times the row scale).
+  ``c_l + F[l, code_0] + Σ_{m>=1} C_m[code_m]`` (times the row scale), unless those codewords
+  exceed ``MAX_FIRST_STEP_FLOATS`` (``uses_first_step``): then ``c_l + Σ_m C_m[code_m]``.
 - ``fit_model_additive(model, codes_NM, x_ND, list_ids_N, ridge=1e-6)``: that decoder's codebooks,
   as training fits them; ``lut_decoder_id(model)``: its name, stored with row scales.
 
@@ -206,8 +207,8 @@ def model_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
     from pipeline.decoder import decode
 
     ivf = model.ivf  # without IVF there is no list and the residual is the whole vector
-    if ivf and first_step_LKD is None:
-        first_step_LKD = first_step_codewords(model)
+    if first_step_LKD is None:
+        first_step_LKD = first_step_codewords(model)  # None when the decoder has no exact first step
     return row_scales(codes_NM, list_ids_N if ivf else None, model_centroids(model) if ivf else None,
                       model_codebooks(model), lambda c, l: decode(model, c, l, device=device, precision="float32"),
                       first_step_LKD=first_step_LKD if ivf else None)
@@ -215,25 +216,39 @@ def model_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
 
 # Names of the lookup-table decoders (stored with row scales computed for one).
 IVF_LUT_DECODER = "c+F0+additive/1"  # centroid + exact first step + additive codebooks
+IVF_PLAIN_LUT_DECODER = "c+additive/1"  # centroid + additive codebooks (first-step table too big)
 FLAT_LUT_DECODER = "additive/1"  # additive codebooks (models without IVF)
+# Largest exact first-step table (nlist x K x D float32 values) a searcher holds: 1 GiB. Above it
+# (e.g. 65,536 lists of 256 x 128) the first step stays additive like the others.
+MAX_FIRST_STEP_FLOATS = 1 << 28
+
+
+def uses_first_step(model) -> bool:
+    """Whether ``model``'s lookup-table decoder has the exact first step: an IVF model whose
+    ``nlist x K x D`` first-step codewords fit ``MAX_FIRST_STEP_FLOATS``."""
+    c = model.config
+    return model.ivf and c.nlist * c.K * c.dim <= MAX_FIRST_STEP_FLOATS
 
 
 def lut_decoder_id(model) -> str:
     """Name of ``model``'s lookup-table decoder, stored with row scales computed for it (a shard's
     scales are used only by a search whose decoder has the same name)."""
-    return IVF_LUT_DECODER if model.ivf else FLAT_LUT_DECODER
+    if not model.ivf:
+        return FLAT_LUT_DECODER
+    return IVF_LUT_DECODER if uses_first_step(model) else IVF_PLAIN_LUT_DECODER
 
 
 def first_step_codewords(model) -> np.ndarray | None:
     """Exact first-step codewords of an IVF model, ``F[l, k] = f_0(C_0[k], c_l)`` in raw space:
-    float32 ``(nlist, K, D)``; ``None`` without IVF.
+    float32 ``(nlist, K, D)``; ``None`` without IVF or when they exceed ``MAX_FIRST_STEP_FLOATS``
+    (:func:`uses_first_step`).
 
     The first QINCo step sees only the list centroid as its reconstruction so far, so its codeword
     for code ``k`` in list ``l`` is known exactly; the lookup-table decoder uses it in place of an
     additive codebook for that step (``nlist x K x D`` floats, computed from the model in one
     batched pass per list).
     """
-    if not model.ivf:
+    if not uses_first_step(model):
         return None
     step = model.steps[0]
     K, L, D = model.config.K, model.config.nlist, model.config.dim
@@ -264,9 +279,11 @@ def fit_model_additive(model, codes_NM: np.ndarray, x_ND: np.ndarray, list_ids_N
     K = model.config.K
     if not model.ivf:
         return fit_additive_decoder(codes_NM, x_ND, K, ridge=ridge)
+    f_LKD = first_step_codewords(model)
+    if f_LKD is None:  # first-step table too big: all steps additive, around the centroid
+        return fit_additive_decoder(codes_NM, x_ND, K, list_ids_N, model_centroids(model), ridge=ridge)
     codes = np.asarray(codes_NM)
     lids = np.asarray(list_ids_N, dtype=np.int64)
-    f_LKD = first_step_codewords(model)
     target = np.asarray(x_ND, np.float64) - model_centroids(model)[lids] - f_LKD[lids, codes[:, 0].astype(np.int64)]
     rest = fit_additive_decoder(codes[:, 1:], target, K, ridge=ridge)
     return np.concatenate([f_LKD.mean(axis=0, dtype=np.float64)[None].astype(np.float32), rest])

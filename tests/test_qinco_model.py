@@ -239,3 +239,28 @@ def test_first_step_codewords_are_the_models_first_step_and_fit_model_additive_f
     assert first_step_codewords(flat) is None
     c_f, _ = encode(flat, x)
     np.testing.assert_allclose(fit_model_additive(flat, c_f, x, None), fit_additive_decoder(c_f, x, 32), atol=1e-6)
+
+
+def test_first_step_table_over_budget_falls_back_to_additive_codebooks(monkeypatch):
+    """An IVF model whose first-step codewords would exceed the memory budget keeps every step
+    additive, under another decoder name (so stored row scales are not mixed up)."""
+    from pipeline import additive_decoder as ad
+
+    rng = np.random.default_rng(3)
+    D, L = 8, 5
+    x = rng.normal(size=(800, D)).astype(np.float32) * 3
+    model = QINCo(tiny_config(D, nlist=L))
+    model.set_normalisation(x)
+    model.set_centroids(x[:L])
+    codes, lids = encode(model, x)
+    assert ad.uses_first_step(model) and ad.lut_decoder_id(model) == ad.IVF_LUT_DECODER
+    monkeypatch.setattr(ad, "MAX_FIRST_STEP_FLOATS", L * 32 * D - 1)
+    assert not ad.uses_first_step(model) and ad.first_step_codewords(model) is None
+    assert ad.lut_decoder_id(model) == ad.IVF_PLAIN_LUT_DECODER
+    cent = ad.model_centroids(model)
+    cb = ad.fit_model_additive(model, codes, x, lids)
+    np.testing.assert_allclose(cb, fit_additive_decoder(codes, x, 32, lids, cent), atol=1e-6)
+    model.set_additive_codebooks(cb)
+    r = decode_additive(cb, codes).astype(np.float64)
+    t = decode(model, codes, lids).astype(np.float64) - cent[lids]
+    np.testing.assert_allclose(ad.model_row_scales(model, codes, lids), (r * t).sum(1) / (r * r).sum(1), rtol=1e-3)
