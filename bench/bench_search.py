@@ -42,7 +42,6 @@ from results_md import update_section  # noqa: E402
 sys.path.insert(0, str(HERE.parent))
 
 from pipeline import storage  # noqa: E402
-from pipeline.additive_decoder import IVF_LUT_DECODER  # noqa: E402
 from pipeline.config import code_version  # noqa: E402
 
 BEGIN = "<!-- section: search-quality (bench/bench_search.py) -->"
@@ -261,12 +260,8 @@ def render(report: dict) -> str:
         " (AdamW, peak lr "
         f"{report.get('lr', '?')}, cosine over the budget, codebooks initialised from Faiss RQ beam 5), "
         "base encoded by the Ray encode job; "
-        + ("search = LUT shortlist (table scanner: the first step exact per IVF list, a table per (query, probed "
-           "list), additive codebooks for the other steps (how each model's were fitted: its line below), one "
-           "table per query; "
-           if report.get("lut_decoder") == IVF_LUT_DECODER else
-           "search = additive-decoder LUT shortlist (table scanner, one table per query, ")
-        + ("each row's sum scaled towards its QINCo reconstruction (row scales: 2 bytes per "
+        "search = additive-decoder LUT shortlist (table scanner, one table per query, "
+        + ("each row's additive residual scaled towards its QINCo reconstruction (row scales: 2 bytes per "
            "vector in memory, read from the shards' lut_scale column, which the encode job writes since "
            "shard format 2, or computed by decoding every row of shards without it when the index is "
            "loaded), "
@@ -315,13 +310,8 @@ def merge_reports(reports: list[dict]) -> dict:
     point, keeping each point's best queries/s over the runs (for every method alike: it damps the
     slow-downs a shared machine causes). Recall does not depend on timing, so runs that disagree on
     a point's recall are an error."""
-    stage: dict[tuple, tuple] = {}  # the lookup-table stage of each (dataset, bytes) run
-    for r in reports:
-        this = (r.get("lut_decoder"), bool(r.get("lut_scales")))
-        for key in {(x["dataset"], x["bytes"]) for x in r.get("results", [])}:
-            if stage.setdefault(key, this) != this:
-                raise ValueError(f"runs of {key[0]} {key[1]} B differ in the lookup-table stage "
-                                 f"(decoder, row scales): {stage[key]} and {this}")
+    if len({bool(r.get("lut_scales")) for r in reports}) > 1:
+        raise ValueError("the runs differ in the lookup-table stage (row scales in some only)")
     out = dict(reports[0])
     points: dict[tuple, dict] = {}
     for r in reports:
@@ -423,7 +413,6 @@ def main(argv=None) -> int:
               "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg()), "threads": a.threads,
               "queries": a.queries, "nlist": a.nlist, "repeats": a.repeats, "train_budget_s": a.train_budget,
               "lr": a.lr, "train_set": a.train_set, "encode_beam": a.encode_beam, "lut_scales": True,
-              "lut_decoder": IVF_LUT_DECODER,
               "results": [], "models": {}, "ray_job": [], "complete": False}
     res = report["results"]
     report["scale"] = ("full base, ground truth from the dataset" if a.max_base is None else
@@ -504,12 +493,9 @@ def main(argv=None) -> int:
             built = ("index built by the Ray encode job in an earlier run" if enc.get("status") == "up-to-date"
                      else f"encode job {enc.get('vectors_per_s') or 0:,.0f} vectors/s ({enc.get('status')}); "
                           f"model+index {time.perf_counter() - t:.0f} s this run")
-            refit = info.get("metadata", {}).get("lut_decoder_refit")
-            lut = (f"lookup-table codebooks refitted on {refit['rows']:,} vectors of {refit['data']} "
-                   f"(`qinco refit-lut`)" if refit else "lookup-table codebooks fitted at training")
             report["models"][f"{name} {nb} B IVF-QINCo"] = (
                 f"val MSE {best:,.0f}" if best >= 100 else f"val MSE {best:.4g}") + (
-                f" after {max((h.get('epoch', 0) for h in hist), default='?')} epochs; {lut}; {built}")
+                f" after {max((h.get('epoch', 0) for h in hist), default='?')} epochs; {built}")
             torch.set_num_threads(a.threads)
             searcher, model = qinco_searcher(index_uri, a.threads)
             for p in a.nprobe:

@@ -1,19 +1,20 @@
 """Shortlist decoder quality: how well the additive (lookup-table) decoder approximates QINCo.
 
-The search's lookup-table stage ranks candidates with a fast decoder fitted to the QINCo codes:
-the first step exact per IVF list, additive codebooks for the others, each row's sum scaled
-towards its QINCo reconstruction (row scales); only its shortlist reaches the neural decoder.
-This measures, for an index built by ``bench_search.py`` (its ``--work`` directory):
+The search's lookup-table stage ranks candidates with the least-squares additive decoder fitted
+to the QINCo codes, each row's residual scaled towards its QINCo reconstruction (row scales);
+only its shortlist reaches the neural decoder. This measures, for an index built by
+``bench_search.py`` (its ``--work`` directory):
 
 - reconstruction MSE on held-out base vectors of the neural decoder, of the model's additive
-  codebooks alone (list-agnostic, no row scales), and of additive decoders refitted on more base
-  rows (``--refit-rows``);
+  decoder without and with row scales, and of additive decoders refitted on more base rows
+  (``--refit-rows``);
 - LUT-only R@1 / R@10 at each ``--nprobe`` for each of those additive decoders;
-- the search's default decoder (the first step exact per IVF list, ``f_0(C_0[k], c_l)``, since the
-  first step's network sees only the centroid; the model's additive codebooks for the other
-  steps; the sum scaled per row), and with ``--first-step`` the same with the other steps'
-  codebooks refitted on the refit rows given the exact first step;
-- richer shortlist decoders, to size what they could give: the *list-conditioned* additive
+- richer shortlist decoders, to size what they could give: *exact first step* (``--first-step``:
+  the first step's network sees only the IVF centroid, so its codewords ``f_0(C_0[k], c_l)`` are
+  exact per list; the other steps stay additive, with the model's codebooks or refitted given the
+  exact first step, and the sum is scaled per row as the search does; a scan would need a
+  ``K``-entry first-step table per (query, probed list) and ``nlist x K x D`` floats), the
+  *list-conditioned* additive
   decoder (each step's network evaluated with the list centroid as context, so every IVF list has
   codebooks of its own, ``x ≈ c_l + Σ_m f_m(C_m[code_m], c_l)``; its ranking is what a lookup-table
   scan with one table per (query, probed list) would give), the QINCo2 paper's *pairwise*
@@ -76,6 +77,25 @@ def decode_at_centroid(model, codes_NM: np.ndarray, list_ids_N: np.ndarray, batc
                 z_BE = step.codeword_table()[codes[:, m]] + step.context(x0_BD)
                 xhat_BD += step.finish(z_BE, c_BD)
             out[a:a + batch] = model.denormalise(xhat_BD).numpy()
+    return out
+
+
+def first_step_codewords(model) -> np.ndarray:
+    """``f_0(C_0[k], c_l)`` for every IVF list ``l`` and code ``k`` (raw space, ``(nlist, K, D)``
+    float32): the first step's network sees only the list centroid, so its codeword is exact per
+    list."""
+    import torch
+
+    K, L = model.config.K, model.config.nlist
+    step = model.steps[0]
+    out = np.empty((L, K, model.config.dim), np.float32)
+    with torch.no_grad():
+        table_KE = step.codeword_table()
+        for l in range(L):
+            x0_KD = model.initial_xhat(K, torch.full((K,), l, dtype=torch.long))
+            f_KD = step.codebook_KD.clone() if step.plain else step.finish(table_KE + step.context(x0_KD),
+                                                                              step.codebook_KD)
+            out[l] = (model.denormalise(x0_KD + f_KD) - model.denormalise(x0_KD)).numpy()
     return out
 
 
@@ -189,7 +209,7 @@ def main(argv=None) -> int:
                     help="grouped additive decoders: codebooks per group of IVF lists, fitted on the refit rows")
     ap.add_argument("--group-ridge", type=float, default=1e-3)
     ap.add_argument("--first-step", action=argparse.BooleanOptionalAction, default=True,
-                    help="also the search's decoder with its other steps refitted on the refit rows")
+                    help="measure the decoders with the first step exact per IVF list")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     a = ap.parse_args(argv)
@@ -235,20 +255,14 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     xh = decode(model, searcher.codes_NM[hold], searcher.list_ids_N[hold])
     rows.append({"decoder": "QINCo (neural)", "mse": mse(x_N[hold], xh), "recalls": {}})
-    rows.append(additive_row("additive, the model's codebooks (list-agnostic first step), no row scales",
-                             searcher.codebooks_MKD))
-    # The search's default: exact first step per list, the model's codebooks for the other steps,
-    # the sum scaled per row towards the neural decode.
+    rows.append(additive_row("additive, the model's", searcher.codebooks_MKD))
+    # The search's default: the model's additive residual scaled per row towards the neural decode.
     a_N = searcher.scale_N.astype(np.float64)
     xs = centroids[searcher.list_ids_N[hold]] + a_N[hold, None] * decode_additive(
-        searcher.codebooks_MKD, searcher.codes_NM[hold], searcher.list_ids_N[hold],
-        first_step_LKD=searcher.first_step_LKD)
-    default = {}
-    for p in a.nprobe:
-        default[p] = recalls(searcher.lut_search(xq, searcher.probe(xq, p)[1], 10)[1], gt)
-    rows.append({"decoder": "the search's default: exact first step per IVF list + the model's codebooks for the "
-                            "other steps, with row scales (2 bytes per vector, from each row's own QINCo decode)",
-                 "mse": mse(x_N[hold], xs), "recalls": default})
+        searcher.codebooks_MKD, searcher.codes_NM[hold])
+    rows.append({"decoder": "additive, the model's, with row scales (the search's default; 2 bytes per vector, "
+                            "from each row's own QINCo decode)",
+                 "mse": mse(x_N[hold], xs), "recalls": lut_recalls(searcher.codebooks_MKD, searcher.scale_N)})
     for n in a.refit_rows:
         sel = rng.choice(searcher.N - a.holdout, min(n, searcher.N - a.holdout), replace=False)
         cb = fit_additive_decoder(searcher.codes_NM[sel], x_N[sel], searcher.K, searcher.list_ids_N[sel],
@@ -282,20 +296,24 @@ def main(argv=None) -> int:
         # row's QINCo decode. A scan would need a K-entry first-step table per (query, probed list).
         xhat_ND = np.concatenate([decode(model, searcher.codes_NM[i:i + 65536], searcher.list_ids_N[i:i + 65536])
                                   for i in range(0, searcher.N, 65536)])
-        f0_LKD = searcher.first_step_LKD
+        f0_LKD = first_step_codewords(model)
         lids = searcher.list_ids_N.astype(np.int64)
         c_ND = centroids[lids].astype(np.float64)
         F0_ND = f0_LKD[lids, searcher.codes_NM[:, 0].astype(np.int64)].astype(np.float64)
+        rest_model = decode_additive(searcher.codebooks_MKD[1:], searcher.codes_NM[:, 1:]).astype(np.float64)
         cb_rest = fit_additive_decoder(searcher.codes_NM[sel][:, 1:], x_N[sel] - centroids[lids[sel]] - F0_ND[sel],
                                        searcher.K)
         rest_refit = decode_additive(cb_rest, searcher.codes_NM[:, 1:]).astype(np.float64)
-        xf = scaled_towards(c_ND, F0_ND + rest_refit, xhat_ND)
-        rows.append({"decoder": f"the search's default with the other steps' codebooks refitted on the same "
-                                f"{len(sel):,} base rows given the exact first step ({f0_LKD.size:,} first-step "
-                                f"floats, {f0_LKD.size / searcher.N:.0f} per indexed vector)",
-                     "mse": mse(x_N[hold], xf[hold]),
-                     "recalls": {p: recalls(rank_probed(searcher, xq, xf.astype(np.float32), p), gt)
-                                 for p in a.nprobe}})
+        tables = (f"{f0_LKD.size:,} first-step floats ({f0_LKD.size / searcher.N:.0f} per indexed vector); "
+                  f"a {searcher.K} x {searcher.D} product per (query, probed list)")
+        for name, rest in [("the model's additive codebooks for the other steps", rest_model),
+                           (f"the other steps' additive codebooks refitted on the same {len(sel):,} rows "
+                            f"given the exact first step", rest_refit)]:
+            xf = scaled_towards(c_ND, F0_ND + rest, xhat_ND)
+            rows.append({"decoder": f"exact first step per IVF list + {name}, with row scales: {tables}",
+                         "mse": mse(x_N[hold], xf[hold]),
+                         "recalls": {p: recalls(rank_probed(searcher, xq, xf.astype(np.float32), p), gt)
+                                     for p in a.nprobe}})
     xc = decode_at_centroid(model, searcher.codes_NM, searcher.list_ids_N)
     rows.append({"decoder": "list-conditioned additive (networks at the list centroid)",
                  "mse": mse(x_N[hold], xc[hold]),

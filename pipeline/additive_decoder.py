@@ -21,12 +21,6 @@ Public API:
   job stores in each shard's ``lut_scale`` column and a search computes for shards without one).
 - ``model_centroids(model)``, ``model_codebooks(model)``: a model's IVF centroids and additive
   codebooks as float32 arrays (the lookup-table stage's inputs).
-- ``first_step_codewords(model) -> (nlist, K, D) float32 | None``: an IVF model's exact
-  first-step codewords per list; the lookup-table decoder of an IVF model is
-  ``c_l + F[l, code_0] + Σ_{m>=1} C_m[code_m]`` (times the row scale), unless those codewords
-  exceed ``MAX_FIRST_STEP_FLOATS`` (``uses_first_step``): then ``c_l + Σ_m C_m[code_m]``.
-- ``fit_model_additive(model, codes_NM, x_ND, list_ids_N, ridge=1e-6)``: that decoder's codebooks,
-  as training fits them; ``lut_decoder_id(model)``: its name, stored with row scales.
 
 Row scales: the additive decoder shares one set of codebooks across all rows, but QINCo's steps
 shrink or stretch their codewords with the context. Scaling each row's additive residual,
@@ -124,20 +118,14 @@ def fit_additive_decoder(codes_NM: np.ndarray, x_ND: np.ndarray, K: int,
 
 
 def decode_additive(codebooks_MKD: np.ndarray, codes_NM: np.ndarray, list_ids_N: np.ndarray | None = None,
-                    centroids_LD: np.ndarray | None = None, first_step_LKD: np.ndarray | None = None) -> np.ndarray:
-    """``centroid[list] + Σ_m C_m[codes_m]`` as float32 ``(N, D)``; with ``first_step_LKD`` the
-    first term is the exact first-step codeword ``F[list, code_0]`` instead of ``C_0[code_0]``."""
+                    centroids_LD: np.ndarray | None = None) -> np.ndarray:
+    """``centroid[list] + Σ_m C_m[codes_m]`` as float32 ``(N, D)``."""
     cb = np.asarray(codebooks_MKD, dtype=np.float32)
     codes = np.asarray(codes_NM).astype(np.int64)
     M = cb.shape[0]
     if codes.ndim != 2 or codes.shape[1] != M:
         raise ConfigError(f"codes have shape {codes.shape}, codebooks expect (N, {M})")
-    if first_step_LKD is None:
-        out = cb[0][codes[:, 0]].copy()
-    else:
-        if list_ids_N is None:
-            raise ConfigError("list ids are needed together with first-step codewords")
-        out = np.asarray(first_step_LKD, dtype=np.float32)[np.asarray(list_ids_N, dtype=np.int64), codes[:, 0]]
+    out = cb[0][codes[:, 0]].copy()
     for m in range(1, M):
         out += cb[m][codes[:, m]]
     if centroids_LD is not None:
@@ -148,14 +136,13 @@ def decode_additive(codebooks_MKD: np.ndarray, codes_NM: np.ndarray, list_ids_N:
 
 
 def row_scales(codes_NM: np.ndarray, list_ids_N: np.ndarray | None, centroids_LD: np.ndarray | None,
-               codebooks_MKD: np.ndarray, decode_fn, batch_rows: int = 65536,
-               first_step_LKD: np.ndarray | None = None) -> np.ndarray:
+               codebooks_MKD: np.ndarray, decode_fn, batch_rows: int = 65536) -> np.ndarray:
     """Least-squares scale of each row's additive residual towards ``decode_fn``'s reconstruction.
 
     ``decode_fn(codes_NM, list_ids_N) -> x̂_ND`` is the exact decoder. Returns float16 ``(N,)``:
-    ``a_n = <x̂_n - c_l, r_n> / ||r_n||²`` with ``r_n = Σ_m C_m[code_nm]`` (its first term
-    ``F[l, code_n0]`` with ``first_step_LKD``), computed in float64 row by row (1 where ``r_n`` is
-    zero), clipped to ``±MAX_ROW_SCALE`` and rounded to float16 (2 bytes per row).
+    ``a_n = <x̂_n - c_l, r_n> / ||r_n||²`` with ``r_n = Σ_m C_m[code_nm]``, computed in float64
+    row by row (1 where ``r_n`` is zero), clipped to ``±MAX_ROW_SCALE`` and rounded to float16
+    (2 bytes per row).
     """
     codes = np.asarray(codes_NM)
     N = codes.shape[0]
@@ -166,7 +153,7 @@ def row_scales(codes_NM: np.ndarray, list_ids_N: np.ndarray | None, centroids_LD
         xhat = np.asarray(decode_fn(c, lids), dtype=np.float64)
         if xhat.shape != (len(c), codebooks_MKD.shape[2]):
             raise ConfigError(f"decode_fn returned shape {xhat.shape}, expected {(len(c), codebooks_MKD.shape[2])}")
-        r = decode_additive(codebooks_MKD, c, lids, first_step_LKD=first_step_LKD).astype(np.float64)
+        r = decode_additive(codebooks_MKD, c).astype(np.float64)
         t = _residual(xhat, lids, centroids_LD)
         rr = np.einsum("nd,nd->n", r, r)
         rt = np.einsum("nd,nd->n", r, t)
@@ -195,11 +182,9 @@ def model_codebooks(model) -> np.ndarray:
 
 
 def model_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
-                     device: str = "cpu", first_step_LKD: np.ndarray | None = None) -> np.ndarray:
-    """:func:`row_scales` of ``codes_NM`` for a QINCo ``model``: its lookup-table decoder (additive
-    codebooks, with the exact first step under IVF: :func:`first_step_codewords`, or
-    ``first_step_LKD`` when already computed), its IVF centroids and its float32 decode (on
-    ``device``) as the exact reconstruction. Float16 ``(N,)``.
+                     device: str = "cpu") -> np.ndarray:
+    """:func:`row_scales` of ``codes_NM`` for a QINCo ``model``: its additive codebooks, its IVF
+    centroids and its float32 decode (on ``device``) as the exact reconstruction. Float16 ``(N,)``.
 
     A row's scale is a function of its codes and list only (decoding is row by row), so the encode
     job can store it with the codes and a search that computes it gets the same value.
@@ -207,83 +192,5 @@ def model_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
     from pipeline.decoder import decode
 
     ivf = model.ivf  # without IVF there is no list and the residual is the whole vector
-    if first_step_LKD is None:
-        first_step_LKD = first_step_codewords(model)  # None when the decoder has no exact first step
     return row_scales(codes_NM, list_ids_N if ivf else None, model_centroids(model) if ivf else None,
-                      model_codebooks(model), lambda c, l: decode(model, c, l, device=device, precision="float32"),
-                      first_step_LKD=first_step_LKD if ivf else None)
-
-
-# Names of the lookup-table decoders (stored with row scales computed for one).
-IVF_LUT_DECODER = "c+F0+additive/1"  # centroid + exact first step + additive codebooks
-IVF_PLAIN_LUT_DECODER = "c+additive/1"  # centroid + additive codebooks (first-step table too big)
-FLAT_LUT_DECODER = "additive/1"  # additive codebooks (models without IVF)
-# Largest exact first-step table (nlist x K x D float32 values) a searcher holds: 1 GiB. Above it
-# (e.g. 65,536 lists of 256 x 128) the first step stays additive like the others.
-MAX_FIRST_STEP_FLOATS = 1 << 28
-
-
-def uses_first_step(model) -> bool:
-    """Whether ``model``'s lookup-table decoder has the exact first step: an IVF model whose
-    ``nlist x K x D`` first-step codewords fit ``MAX_FIRST_STEP_FLOATS``."""
-    c = model.config
-    return model.ivf and c.nlist * c.K * c.dim <= MAX_FIRST_STEP_FLOATS
-
-
-def lut_decoder_id(model) -> str:
-    """Name of ``model``'s lookup-table decoder, stored with row scales computed for it (a shard's
-    scales are used only by a search whose decoder has the same name)."""
-    if not model.ivf:
-        return FLAT_LUT_DECODER
-    return IVF_LUT_DECODER if uses_first_step(model) else IVF_PLAIN_LUT_DECODER
-
-
-def first_step_codewords(model) -> np.ndarray | None:
-    """Exact first-step codewords of an IVF model, ``F[l, k] = f_0(C_0[k], c_l)`` in raw space:
-    float32 ``(nlist, K, D)``; ``None`` without IVF or when they exceed ``MAX_FIRST_STEP_FLOATS``
-    (:func:`uses_first_step`).
-
-    The first QINCo step sees only the list centroid as its reconstruction so far, so its codeword
-    for code ``k`` in list ``l`` is known exactly; the lookup-table decoder uses it in place of an
-    additive codebook for that step (``nlist x K x D`` floats, computed from the model in one
-    batched pass per list).
-    """
-    if not uses_first_step(model):
-        return None
-    step = model.steps[0]
-    K, L, D = model.config.K, model.config.nlist, model.config.dim
-    out = np.empty((L, K, D), np.float32)
-    dev = model.device
-    with torch.inference_mode():
-        table_KE = None if step.plain else step.codeword_table()
-        for l in range(L):
-            x0_KD = model.initial_xhat(K, torch.full((K,), l, dtype=torch.long, device=dev))
-            if step.plain:
-                f_KD = step.codebook_KD
-            else:
-                f_KD = step.finish(table_KE + step.context(x0_KD), step.codebook_KD).float()
-            out[l] = (model.denormalise(x0_KD + f_KD) - model.denormalise(x0_KD)).cpu().numpy()
-    return out
-
-
-def fit_model_additive(model, codes_NM: np.ndarray, x_ND: np.ndarray, list_ids_N: np.ndarray | None,
-                       ridge: float = 1e-6) -> np.ndarray:
-    """Additive codebooks ``(M, K, D)`` of ``model``'s lookup-table decoder, least squares on raw
-    vectors ``x_ND`` and their codes.
-
-    Without IVF: :func:`fit_additive_decoder` of ``x``. With IVF, the first step is exact
-    (:func:`first_step_codewords`), so steps 1..M-1 are fitted to ``x - c_l - F[l, code_0]`` and
-    ``C_0`` holds the mean first-step codeword over lists (what a list-agnostic additive decode,
-    :func:`decode_additive` without ``first_step_LKD``, uses).
-    """
-    K = model.config.K
-    if not model.ivf:
-        return fit_additive_decoder(codes_NM, x_ND, K, ridge=ridge)
-    f_LKD = first_step_codewords(model)
-    if f_LKD is None:  # first-step table too big: all steps additive, around the centroid
-        return fit_additive_decoder(codes_NM, x_ND, K, list_ids_N, model_centroids(model), ridge=ridge)
-    codes = np.asarray(codes_NM)
-    lids = np.asarray(list_ids_N, dtype=np.int64)
-    target = np.asarray(x_ND, np.float64) - model_centroids(model)[lids] - f_LKD[lids, codes[:, 0].astype(np.int64)]
-    rest = fit_additive_decoder(codes[:, 1:], target, K, ridge=ridge)
-    return np.concatenate([f_LKD.mean(axis=0, dtype=np.float64)[None].astype(np.float32), rest])
+                      model_codebooks(model), lambda c, l: decode(model, c, l, device=device, precision="float32"))

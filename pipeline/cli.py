@@ -213,54 +213,6 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# --------------------------------------------------------------------------- refit-lut
-@command
-def _add_refit_lut(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("refit-lut", help="refit a trained model's lookup-table decoder on vectors (a new model)",
-                       description="Fit the additive codebooks that the search's lookup-table stage ranks "
-                                   "codes with (the exact first step per IVF list, then least squares) on "
-                                   "the first --max-rows vectors of --data, and save the model with them at "
-                                   "--out. The network is unchanged, so codes are too, but an index records "
-                                   "the model it was encoded with: build indexes with the new model.")
-    p.add_argument("--model", required=True, help="trained model directory (local or s3://)")
-    p.add_argument("--data", required=True, help="vector file (the training data or a sample like it)")
-    p.add_argument("--fmt", default=None, help="vector format when the extension does not say")
-    p.add_argument("--max-rows", type=int, default=50000, help="vectors to fit on (default 50,000)")
-    p.add_argument("--ridge", type=float, default=1e-6)
-    p.add_argument("--out", required=True, help="directory of the new model (must differ from --model)")
-    p.add_argument("--device", default="cpu")
-
-    def run(a: argparse.Namespace) -> int:
-        import os
-        import time
-
-        from pipeline import storage, vecs_io
-        from pipeline.checkpoint import load_model, model_identity, read_model_info, save_model
-        from pipeline.errors import ConfigError
-        from pipeline.training import fit_lut_decoder
-
-        def where(u: str) -> str:
-            return u.rstrip("/") if "://" in u else os.path.abspath(u)
-
-        if where(a.out) == where(a.model):
-            raise ConfigError("--out must differ from --model: indexes encoded with the model refer to it")
-        if a.max_rows < 1:
-            raise ConfigError(f"--max-rows must be >= 1, got {a.max_rows}")
-        t = time.perf_counter()
-        model = load_model(a.model, device=a.device)
-        x = vecs_io.read_vectors(a.data, a.fmt, max_rows=a.max_rows)
-        fit_lut_decoder(model, x, device=a.device, ridge=a.ridge, source=storage.redact(a.data))
-        meta = dict(read_model_info(a.model).get("metadata") or {})
-        meta["lut_decoder_refit"] = {"from_model": model_identity(a.model), "data": storage.redact(a.data),
-                                     "rows": int(len(x)), "ridge": a.ridge}
-        save_model(model.cpu(), a.out, metadata=meta)
-        print(f"refitted the lookup-table decoder on {len(x):,} vectors in {time.perf_counter() - t:.1f} s; "
-              f"wrote {storage.redact(a.out)}")
-        return 0
-
-    p.set_defaults(func=run)
-
-
 # --------------------------------------------------------------------------- baselines
 @command
 def _add_baselines(sub: argparse._SubParsersAction) -> None:

@@ -395,7 +395,7 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.additive_decoder import fit_model_additive
+    from pipeline.additive_decoder import fit_additive_decoder
     from pipeline.checkpoint import save_model, save_report
     from pipeline.encoder import assign_lists, encode
     from pipeline.qinco_model import QincoConfig
@@ -523,7 +523,8 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     if tcfg.fit_additive:
         xa = x_init[:tcfg.additive_max_rows]
         codes, la = encode(model, xa, source="training sample")
-        model.set_additive_codebooks(fit_model_additive(model, codes, xa, la, ridge=tcfg.ridge))
+        cent = model.centroids_LD.cpu().numpy() if qcfg.nlist else None
+        model.set_additive_codebooks(fit_additive_decoder(codes, xa, qcfg.K, la, cent, ridge=tcfg.ridge))
     decoder_s = time.time() - t
     summary = {
         "status": "trained",

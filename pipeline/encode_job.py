@@ -160,11 +160,10 @@ class EncodeActor:
         self.inputs = inputs
         self.batch_size = batch_size
         self.options = options
-        self.first_step_LKD = None  # the model's exact first-step codewords, computed once
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline import encoder
-        from pipeline.additive_decoder import first_step_codewords, lut_decoder_id, model_row_scales
+        from pipeline.additive_decoder import model_row_scales
         from pipeline.shard_format import shard_name, write_shard
 
         ids = np.asarray(batch["id"], dtype=np.int64)
@@ -185,10 +184,7 @@ class EncodeActor:
         scale_N = None
         if self.model.additive_MKD.shape[0]:
             # the lookup-table stage's row scales, stored so searches need not decode every row
-            if self.first_step_LKD is None and self.model.ivf:
-                self.first_step_LKD = first_step_codewords(self.model)
-            scale_N = model_row_scales(self.model, codes, list_ids, device=self.device,
-                                       first_step_LKD=self.first_step_LKD)
+            scale_N = model_row_scales(self.model, codes, list_ids, device=self.device)
         if list_ids is None:
             list_ids = np.zeros(len(ids), dtype=np.int64)
         encode_s = time.perf_counter() - t0
@@ -197,7 +193,7 @@ class EncodeActor:
         cfg = self.model.config
         info = write_shard(uri, list_ids.astype(np.int32), ids, codes, K=cfg.K,
                            nlist=max(1, cfg.nlist), model_sha=self.model_sha, options=self.options,
-                           lut_scale_N=scale_N, lut_decoder=None if scale_N is None else lut_decoder_id(self.model))
+                           lut_scale_N=scale_N)
         storage.write_bytes_atomic(_sidecar(uri), info.to_json().encode(), self.options)
         return {"shard": np.array([rel], dtype=object), "info": np.array([info.to_json()], dtype=object),
                 "encode_s": np.array([encode_s]), "pid": np.array([os.getpid()], dtype=np.int64),

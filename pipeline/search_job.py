@@ -4,9 +4,8 @@ Per query batch, following the QINCo paper's search pipeline:
 
 1. **Probe** (driver): the ``nprobe`` nearest IVF centroids of each query, once for all shards.
 2. **Shortlist** (shard actors, in parallel): every code in the probed lists gets an approximate
-   distance from the lookup tables of the model's fast decoder (with IVF the first step exact per
-   list, additive codebooks for the others; ``additive_decoder``), each row's residual scaled
-   towards its QINCo reconstruction unless ``lut_scales`` is off (the scales are read from the
+   distance from the additive decoder's lookup tables (each row's additive residual scaled
+   towards its QINCo reconstruction unless ``lut_scales`` is off; the scales are read from the
    shards' ``lut_scale`` column, which the encode job writes, and an actor computes them only for
    rows of shards written without it, once, when it loads them); each actor returns its best
    ``shortlist`` candidates with their codes.
@@ -83,13 +82,12 @@ def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def load_shards(version_uri: str, shard_entries: list[dict], nlist: int, M: int, options=None,
-                errors: dict[str, str] | None = None, lut_decoder: str | None = None):
+                errors: dict[str, str] | None = None):
     """Read and verify shards (manifest entries) of one index version and merge them.
 
     Returns ``(list_ids_N int32, ids_N int64, codes_NM, list_offsets, scale_N float16)`` sorted by
     (list, id), the layout ``ShardSearcher`` takes; ``scale_N`` holds the rows' stored
-    ``lut_scale`` and NaN for rows of shards written without that column, or with scales of
-    another lookup-table decoder than ``lut_decoder`` (when given). A missing or corrupt
+    ``lut_scale`` and NaN for rows of shards written without that column. A missing or corrupt
     shard raises ``CorruptShardError`` naming it; when ``errors`` is given such shards are skipped
     instead and their messages recorded there by shard name.
     """
@@ -110,11 +108,7 @@ def load_shards(version_uri: str, shard_entries: list[dict], nlist: int, M: int,
         lists.append(sh.list_ids_N)
         ids.append(sh.ids_N)
         codes.append(sh.codes_NM)
-        usable = sh.lut_scale_N is not None and (lut_decoder is None or sh.meta.get("lut_decoder") == lut_decoder)
-        if sh.lut_scale_N is not None and not usable:
-            log.info("%s: its row scales are for decoder %s, not %s; they will be recomputed", e["name"],
-                     sh.meta.get("lut_decoder"), lut_decoder)
-        scales.append(sh.lut_scale_N if usable else np.full(len(sh), np.nan, np.float16))
+        scales.append(sh.lut_scale_N if sh.lut_scale_N is not None else np.full(len(sh), np.nan, np.float16))
     list_ids = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
     ids_N = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
     codes_NM = np.concatenate(codes) if codes else np.zeros((0, M), np.uint8)
@@ -137,7 +131,6 @@ class ShardActor:
                  threads: int = 1, options=None, allow_partial: bool = False, lut_scales: bool = True):
         import torch
 
-        from pipeline.additive_decoder import lut_decoder_id
         from pipeline.checkpoint import load_model
         from pipeline.manifest import version_dir
 
@@ -147,7 +140,7 @@ class ShardActor:
         self.bad: dict[str, str] = {}
         list_ids, ids_N, codes_NM, offsets, scale_N = load_shards(
             version_dir(index_uri, version), shard_entries, nlist, self.model.config.M, options,
-            errors=self.bad if allow_partial else None, lut_decoder=lut_decoder_id(self.model))
+            errors=self.bad if allow_partial else None)
         self.list_ids, self.ids, self.codes = list_ids, ids_N, codes_NM
         self.searcher = build_searcher(self.model, list_ids, ids_N, codes_NM, offsets,
                                        scale_N=scale_N if lut_scales else None, lut_scales=lut_scales,
@@ -209,14 +202,11 @@ def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=
     """``ShardSearcher`` over loaded shard rows of an index built with ``model`` (its centroids and
     additive codebooks), with the row scales of the lookup-table stage unless ``lut_scales`` is off.
 
-    The lookup-table decoder is the model's (``additive_decoder``: with IVF, exact first-step
-    codewords per list, then additive codebooks). ``scale_N`` holds the rows' stored scales
-    (``load_shards``; NaN where a shard has none for this decoder); the scales of rows without one
-    are computed here from the model (``model_row_scales``)."""
-    from pipeline.additive_decoder import first_step_codewords, model_centroids, model_codebooks, model_row_scales
+    ``scale_N`` holds the rows' stored scales (``load_shards``; NaN where a shard has none); the
+    scales of rows without one are computed here from the model (``model_row_scales``)."""
+    from pipeline.additive_decoder import model_centroids, model_codebooks, model_row_scales
     from pipeline.search_kernels import ShardSearcher
 
-    first_step_LKD = first_step_codewords(model)
     if not lut_scales:
         scale_N = None
     elif len(ids_N):
@@ -226,12 +216,11 @@ def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=
         todo = np.flatnonzero(np.isnan(scale_N))
         if todo.size:
             t = time.perf_counter()
-            scale_N[todo] = model_row_scales(model, codes_NM[todo], list_ids_N[todo], first_step_LKD=first_step_LKD)
+            scale_N[todo] = model_row_scales(model, codes_NM[todo], list_ids_N[todo])
             log.info("%s: row scales of %d rows (shards without a lut_scale column) in %.1f s", source,
                      todo.size, time.perf_counter() - t)
     return ShardSearcher(list_ids_N, ids_N, codes_NM, list_offsets, model_centroids(model), model_codebooks(model),
-                         decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N,
-                         first_step_LKD=first_step_LKD)
+                         decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N)
 
 
 def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k, precision: str = "float32"):

@@ -18,11 +18,7 @@ floats); the per-list terms ``<c_l, C_m[k]>`` are folded into it. A query then n
 ``M x K`` table and the scan is ``M`` table gathers per code. With row scales ``a_n``
 (``pipeline.additive_decoder.row_scales``) the reconstruction is ``c_l + a_n r_n``: the table sum
 is multiplied by ``a_n`` and the bias is ``a_n² ||r_n||² + 2 a_n <c_l, r_n>`` (the Faiss scanner,
-which has no per-row factor, is then not used). With exact first-step codewords ``F_l[k]``
-(``first_step_LKD``, ``additive_decoder.first_step_codewords``: the first QINCo step sees only the
-list centroid, so its codeword is exact per list) the first term of ``r_n`` is ``F_l[code_n0]``
-instead of ``C_0[code_n0]``; its table ``<q, F_l[k]>`` is built per (query, probed list), ``K D``
-multiply-adds each, for the lists the shard holds. Two scanners implement this:
+which has no per-row factor, is then not used). Two scanners implement this:
 the default one lays every (query, candidate row) pair of a chunk of queries out flat and sums
 the ``M`` table entries of each pair with torch's ``embedding_bag`` (a C++ gather-add, one bag
 per pair), and Faiss's C++ ``IndexIVFResidualQuantizer`` scanner fed with the same codebooks,
@@ -67,8 +63,6 @@ HNSW_MIN_NLIST = 1 << 16
 SCAN_BUFFER_ENTRIES = 1 << 20
 # Fewest queries worth a scanner thread of their own.
 MIN_QUERIES_PER_THREAD = 16
-# Entries of the first-step tables (query x probed list x K) built at once: 16 MiB of float32.
-FIRST_STEP_TABLE_ENTRIES = 1 << 22
 # Extra candidates fetched from the Faiss scanner to resolve ties at the shortlist boundary.
 FAISS_TIE_MARGIN = 16
 
@@ -179,9 +173,7 @@ class ShardSearcher:
     ``decode_fn(codes_NM, list_ids_N) -> x_ND`` is the exact decoder used for re-ranking.
 
     ``scale_N`` (optional, ``(N,)``, stored as float16): per-row scales of the additive residual
-    (see the module docstring); without them every row's scale is 1. ``first_step_LKD``
-    (optional, ``(nlist, K, D)``): exact first-step codewords per list, used in place of
-    ``codebooks_MKD[0]`` (module docstring); the Faiss scanner is then not used.
+    (see the module docstring); without them every row's scale is 1.
 
     ``use_faiss_scanner`` builds a Faiss ``IndexIVFResidualQuantizer`` holding the same codes and
     norms so that the lookup-table scan runs in C++ (needs K a power of two); by default the
@@ -195,7 +187,7 @@ class ShardSearcher:
                  decode_fn: DecodeFn | None = None, use_faiss_scanner: bool = False, *,
                  coarse_index=None, source: str = "<shard>", decode_batch_size: int = 65536,
                  scan_buffer_entries: int = SCAN_BUFFER_ENTRIES, num_threads: int = 1,
-                 scale_N: np.ndarray | None = None, first_step_LKD: np.ndarray | None = None):
+                 scale_N: np.ndarray | None = None):
         self.source = source
         self.num_threads = max(1, int(num_threads))
         self.centroids_LD = np.ascontiguousarray(centroids_LD, dtype=np.float32)
@@ -239,15 +231,6 @@ class ShardSearcher:
                 raise VectorFormatError(source, "row scale is NaN or Inf",
                                         row=int(np.flatnonzero(~np.isfinite(scale_N))[0]))
             self.scale_N = np.ascontiguousarray(scale_N, dtype=np.float16)
-        self.first_step_LKD = None
-        if first_step_LKD is not None:
-            f = np.ascontiguousarray(first_step_LKD, dtype=np.float32)
-            if f.shape != (self.nlist, self.K, self.D):
-                raise ConfigError(f"{source}: first-step codewords have shape {f.shape}, expected "
-                                  f"{(self.nlist, self.K, self.D)} (nlist, K, D)")
-            if not np.isfinite(f).all():
-                raise ConfigError(f"{source}: first-step codewords contain NaN or Inf")
-            self.first_step_LKD = f
 
         self.decode_fn = decode_fn
         self.decode_batch_size = int(decode_batch_size)
@@ -260,8 +243,8 @@ class ShardSearcher:
                               f"{coarse_index.d}, expected {self.nlist} of dim {self.D}")
         self._faiss_ivf = None
         if use_faiss_scanner:
-            if self.scale_N is not None or self.first_step_LKD is not None:
-                log.info("%s: row scales or first-step codewords given; using the NumPy scanner", source)
+            if self.scale_N is not None:
+                log.info("%s: row scales given; using the NumPy scanner", source)
             elif self.K & (self.K - 1) == 0 and self.K >= 2:
                 self._faiss_ivf = self._build_faiss_ivf()
             else:
@@ -298,11 +281,8 @@ class ShardSearcher:
         cb_MKD = self.codebooks_MKD.astype(np.float64)
         for a in range(0, self.N, chunk):
             codes = self.codes_NM[a:a + chunk]
-            if self.first_step_LKD is None:
-                r_ND = cb_MKD[0][codes[:, 0].astype(np.intp)]
-            else:
-                r_ND = self.first_step_LKD[self.list_ids_N[a:a + chunk], codes[:, 0].astype(np.intp)].astype(np.float64)
-            for m in range(1, self.M):
+            r_ND = np.zeros((codes.shape[0], self.D), np.float64)
+            for m in range(self.M):
                 r_ND += cb_MKD[m][codes[:, m].astype(np.intp)]
             if self.scale_N is not None:
                 r_ND *= self.scale_N[a:a + chunk, None].astype(np.float64)
@@ -405,36 +385,9 @@ class ShardSearcher:
         lut = torch.from_numpy(q) @ torch.from_numpy(self.codebooks_MKD.reshape(M * K, self.D)).T
         return lut.numpy().reshape(-1, M, K)
 
-    def _first_step_tables(self, q_QD: np.ndarray, lists_QP: np.ndarray) -> np.ndarray:
-        """``<q, F_l[k]>`` for every (query, probed list) as float32 ``(Q, P, K)`` (zero for lists
-        this shard holds no row of, which no candidate reads). Each list's queries form one GEMM,
-        whose rows are the same on every shard (the same batch probes the same lists), so the
-        tables do not depend on how the index is split."""
-        import torch
-
-        Q, P = lists_QP.shape
-        out_XK = np.zeros((Q * P, self.K), np.float32)
-        flat_X = lists_QP.ravel()
-        use_X = np.flatnonzero(flat_X >= 0)
-        use_X = use_X[self.list_sizes_L[flat_X[use_X]] > 0]
-        if not use_X.size:
-            return out_XK.reshape(Q, P, self.K)
-        use_X = use_X[np.argsort(flat_X[use_X], kind="stable")]
-        lists_U, starts = np.unique(flat_X[use_X], return_index=True)
-        ends = np.append(starts[1:], use_X.size)
-        q_t = torch.from_numpy(q_QD if q_QD.flags.writeable else q_QD.copy())
-        f_t = torch.from_numpy(self.first_step_LKD)
-        for l, a, b in zip(lists_U.tolist(), starts.tolist(), ends.tolist()):
-            x = use_X[a:b]
-            out_XK[x] = (q_t[torch.from_numpy(x // P)] @ f_t[l].T).numpy()
-        return out_XK.reshape(Q, P, self.K)
-
-    def _code_dists(self, lut_QMK: np.ndarray, counts_Q: np.ndarray, rows_T: np.ndarray,
-                    first: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    def _code_dists(self, lut_QMK: np.ndarray, counts_Q: np.ndarray, rows_T: np.ndarray) -> np.ndarray:
         """``-2 Σ_m lut[q, m, code_m] (x a_n) + bias`` for (query, row) pairs -> float32 ``(T,)``; the
-        pairs come query by query, ``counts_Q[q]`` of them for query ``q``. With exact first-step
-        codewords, ``first = (t0_QPK, slot_T)``: the step-0 term comes from the pair's (query,
-        probe slot) table ``t0_QPK`` (``slot_T`` = ``q * P + p``) instead of ``lut[q, 0]``.
+        pairs come query by query, ``counts_Q[q]`` of them for query ``q``.
 
         The sum runs over m in order in float32 (``embedding_bag`` in sum mode, one bag per
         pair: a C++ gather-add with no intermediate arrays); this is the canonical arithmetic of a
@@ -445,11 +398,7 @@ class ShardSearcher:
 
         M, K = self.M, self.K
         Q = lut_QMK.shape[0]
-        if (first is None) != (self.first_step_LKD is None):
-            raise ConfigError(f"{self.source}: first-step tables are needed exactly when the searcher has "
-                              "first-step codewords")
-        n_table = Q * M * K + (0 if first is None else first[0].size)
-        itype = np.int32 if n_table < 2 ** 31 else np.int64
+        itype = np.int32 if Q * M * K < 2 ** 31 else np.int64
         # Row of (query, m, code) in the flattened tables, written in one pass per query's run.
         codes_TM = np.take(self.codes_NM, rows_T, axis=0)
         idx_TM = np.empty(codes_TM.shape, itype)
@@ -460,12 +409,8 @@ class ShardSearcher:
             a += n
         # Summing -2 lut in order gives exactly -2 times the ordered sum of lut: scaling by a
         # power of two commutes with float32 rounding. One pass over the tables, none over pairs.
-        table = np.multiply(lut_QMK, np.float32(-2.0), dtype=np.float32).reshape(-1, 1)
-        if first is not None:
-            t0_QPK, slot_T = first
-            idx_TM[:, 0] = slot_T.astype(itype) * K + codes_TM[:, 0] + Q * M * K
-            table = np.concatenate([table, np.multiply(t0_QPK, np.float32(-2.0), dtype=np.float32).reshape(-1, 1)])
-        acc_T = F.embedding_bag(torch.from_numpy(idx_TM), torch.from_numpy(table), mode="sum")[:, 0].numpy()
+        table = torch.from_numpy(np.multiply(lut_QMK, np.float32(-2.0), dtype=np.float32).reshape(-1, 1))
+        acc_T = F.embedding_bag(torch.from_numpy(idx_TM), table, mode="sum")[:, 0].numpy()
         if self.scale_N is not None:
             # torch gathers the float16 scales and widens them with vector instructions (exact);
             # NumPy's float16 conversion is element by element, 2-3x slower.
@@ -511,16 +456,7 @@ class ShardSearcher:
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
         if self._faiss_ivf is not None:
             return self._lut_search_faiss(q_QD, lut_QMK, Dc_QP, lists_QP, S)
-        if self.first_step_LKD is None:
-            return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S)
-        # First-step tables per (query, probed list), for blocks of queries whose size depends
-        # only on nprobe and K (the same on every shard), to bound their memory.
-        Q, P = lists_QP.shape
-        B = max(1, FIRST_STEP_TABLE_ENTRIES // (P * self.K))
-        parts = [self._lut_search_numpy(lut_QMK[a:a + B], Dc_QP[a:a + B], lists_QP[a:a + B], S,
-                                        self._first_step_tables(q_QD[a:a + B], lists_QP[a:a + B]))
-                 for a in range(0, Q, B)]
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S)
 
     def _lut_search_faiss(self, q_QD, lut_QMK, Dc_QP, lists_QP, S):
         Q, P = lists_QP.shape
@@ -550,11 +486,11 @@ class ShardSearcher:
         return (np.full((Q, S), np.inf, np.float32), np.full((Q, S), PAD_ID, np.int64),
                 np.full((Q, S), PAD_ID, np.int64))
 
-    def _lut_search_numpy(self, lut_QMK, Dc_QP, lists_QP, S, t0_QPK=None):
+    def _lut_search_numpy(self, lut_QMK, Dc_QP, lists_QP, S):
         Q = lists_QP.shape[0]
         T = min(self.num_threads, Q // MIN_QUERIES_PER_THREAD)
         if T <= 1:
-            return self._lut_search_numpy_1(lut_QMK, Dc_QP, lists_QP, S, t0_QPK)
+            return self._lut_search_numpy_1(lut_QMK, Dc_QP, lists_QP, S)
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -562,8 +498,7 @@ class ShardSearcher:
         bounds = np.linspace(0, Q, T + 1).astype(int)
 
         def part(a: int, b: int):
-            return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S,
-                                            None if t0_QPK is None else t0_QPK[a:b])
+            return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S)
 
         # The scanner threads already fill the cores; torch's own threads inside each one's
         # gather-add and top-k would oversubscribe them. torch's thread count is process-wide:
@@ -577,7 +512,7 @@ class ShardSearcher:
             torch.set_num_threads(torch_threads)
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
-    def _lut_search_numpy_1(self, lut_QMK, Dc_QP, lists_QP, S, t0_QPK=None):
+    def _lut_search_numpy_1(self, lut_QMK, Dc_QP, lists_QP, S):
         Q, P = lists_QP.shape
         sizes_QP = np.where(lists_QP >= 0, self.list_sizes_L[np.maximum(lists_QP, 0)], 0)
         tot_Q = sizes_QP.sum(axis=1)
@@ -590,12 +525,12 @@ class ShardSearcher:
                 width = max(width, int(tot_Q[b]))
                 b += 1
             D_, I_, R_ = self._scan_chunk(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], sizes_QP[a:b],
-                                          width, S, None if t0_QPK is None else t0_QPK[a:b])
+                                          width, S)
             out[0][a:b], out[1][a:b], out[2][a:b] = D_, I_, R_
             a = b
         return out
 
-    def _scan_chunk(self, lut_QMK, Dc_QP, lists_QP, sizes_QP, C, S, t0_QPK=None):
+    def _scan_chunk(self, lut_QMK, Dc_QP, lists_QP, sizes_QP, C, S):
         """Approximate distances of every code in the probed lists, then exact top-S.
 
         Candidates are laid out query by query (probe slots in order, each a run of consecutive
@@ -612,10 +547,7 @@ class ShardSearcher:
         pos_T = np.arange(T)
         rows_T = np.repeat(row0 - slot_first, sizes)
         rows_T += pos_T
-        first = None
-        if t0_QPK is not None:
-            first = (t0_QPK, np.repeat(np.arange(Q * P), sizes))
-        d_T = self._code_dists(lut_QMK, tot_Q, rows_T, first)
+        d_T = self._code_dists(lut_QMK, tot_Q, rows_T)
         d_T += np.repeat(Dc_QP.ravel(), sizes)
         cell_T = np.repeat(np.arange(Q) * C - q_first, tot_Q)  # flat buffer cell of each candidate
         cell_T += pos_T

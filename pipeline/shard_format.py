@@ -13,9 +13,7 @@ Columns (see ``docs/index-format.md``):
   ``uint8`` (``K <= 256``) or ``uint16`` (``K <= 65536``) packed back to back
 - ``lut_scale`` (optional, format version 2): float16, the row's scale of the lookup-table
   stage (``additive_decoder.model_row_scales``), finite. A function of the row's codes and list,
-  stored so a search need not decode every row when it loads the shard; the key-value metadata
-  ``lut_decoder`` names the lookup-table decoder it was computed for
-  (``additive_decoder.lut_decoder_id``).
+  stored so a search need not decode every row when it loads the shard.
 
 Readers accept format versions 1 (no ``lut_scale``) and 2.
 
@@ -129,12 +127,11 @@ def _check_range(name: str, a: np.ndarray, lo: int, hi: int | None) -> None:
 
 def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: str,
                  row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
-                 lut_scale_N=None, lut_decoder: str | None = None) -> tuple[bytes, dict[str, Any]]:
+                 lut_scale_N=None) -> tuple[bytes, dict[str, Any]]:
     """Validate, sort and serialise one shard; returns the parquet bytes and a summary dict.
 
     ``lut_scale_N`` (optional, ``(N,)``, finite, stored as float16) is written as the
-    ``lut_scale`` column, with ``lut_decoder`` (required then) naming the decoder it belongs to.
-    Pure function (no I/O) so the format can be produced and tested
+    ``lut_scale`` column. Pure function (no I/O) so the format can be produced and tested
     without storage.
     """
     dtype = code_dtype_for(K)
@@ -160,10 +157,6 @@ def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: 
     _check_range("list_ids_N", list_ids_N, 0, int(nlist))
     _check_range("ids_N", ids_N, 0, None)
     _check_range("codes_NM", codes_NM, 0, int(K))
-    if (lut_scale_N is None) != (lut_decoder is None):
-        raise ConfigError("lut_scale_N and lut_decoder go together: the scales belong to one decoder")
-    if lut_decoder is not None and (not isinstance(lut_decoder, str) or not lut_decoder):
-        raise ConfigError(f"lut_decoder must be a non-empty string, got {lut_decoder!r}")
     if lut_scale_N is not None:
         lut_scale_N = np.asarray(lut_scale_N)
         if lut_scale_N.shape != (N,) or not np.issubdtype(lut_scale_N.dtype, np.floating):
@@ -199,8 +192,6 @@ def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: 
         "nlist": int(nlist),
         "model_sha": model_sha,
     }
-    if lut_decoder is not None:
-        meta["lut_decoder"] = lut_decoder
     fields = [pa.field("list_id", pa.int32(), nullable=False),
               pa.field("id", pa.int64(), nullable=False),
               pa.field("codes", pa.binary(width), nullable=False)]
@@ -238,8 +229,7 @@ def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: 
 
 def write_shard(uri: str, list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: str,
                 options: StorageOptions | None = None,
-                row_group_rows: int = DEFAULT_ROW_GROUP_ROWS, lut_scale_N=None,
-                lut_decoder: str | None = None) -> ShardInfo:
+                row_group_rows: int = DEFAULT_ROW_GROUP_ROWS, lut_scale_N=None) -> ShardInfo:
     """Write one shard atomically at ``uri`` and return its :class:`ShardInfo`.
 
     Rows are sorted by ``(list_id, id)``. Bad shapes, dtypes or out-of-range values raise
@@ -248,7 +238,7 @@ def write_shard(uri: str, list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, mo
     try:
         data, summary = encode_shard(list_ids_N, ids_N, codes_NM, K=K, nlist=nlist,
                                      model_sha=model_sha, row_group_rows=row_group_rows,
-                                     lut_scale_N=lut_scale_N, lut_decoder=lut_decoder)
+                                     lut_scale_N=lut_scale_N)
     except ConfigError as e:
         raise ConfigError(f"{storage.redact(uri)}: {e}") from None
     with storage.open_atomic(uri, "wb", options=options) as f:
@@ -312,8 +302,6 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
             "nlist": int(meta_s["nlist"]),
             "model_sha": meta_s["model_sha"],
         }
-        if "lut_decoder" in meta_s:
-            meta["lut_decoder"] = meta_s["lut_decoder"]
     except (KeyError, ValueError) as e:
         raise CorruptShardError(uri, f"missing or bad key-value metadata ({e})") from None
     if meta["M"] < 1 or meta["nlist"] < 1:
@@ -362,8 +350,6 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
     if int(codes_NM.max()) >= meta["K"]:
         raise CorruptShardError(uri, f"code values >= K={meta['K']}")
     lut_scale_N = None
-    if has_scale and "lut_decoder" not in meta:
-        raise CorruptShardError(uri, "lut_scale column without the lut_decoder key naming its decoder")
     if has_scale:
         lut_scale_N = table.column("lut_scale").to_numpy().astype(np.float16)
         bad = ~np.isfinite(lut_scale_N)

@@ -26,8 +26,6 @@ Public API:
   given), RQ initialisation, the loop, best model, additive decoder fitted on training codes.
   ``on_epoch_end(record, trainer)`` is called after each epoch (history record ``epoch=0`` is
   the RQ initialisation).
-- ``fit_lut_decoder(model, x_ND, list_ids_N=None, ridge=1e-6, device="cpu")``: (re)fit the
-  model's lookup-table decoder on vectors (``qinco refit-lut``).
 """
 
 from __future__ import annotations
@@ -411,7 +409,8 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
                 on_epoch_end: Callable[[dict, Trainer], None] | None = None) -> tuple[QINCo, list[dict]]:
     """Train a QINCo model end to end (see module docstring); returns the best model by
     validation MSE and the per-epoch history."""
-    from pipeline.encoder import assign_lists
+    from pipeline.additive_decoder import fit_additive_decoder
+    from pipeline.encoder import assign_lists, encode
     from pipeline.rq_init import init_from_rq
 
     validate_vectors(x_train_ND, qcfg.dim, "training data")
@@ -465,19 +464,9 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
     trainer.restore_best()
     model.eval()
     if tcfg.fit_additive:
+        xa = x_train[:tcfg.additive_max_rows]
         la = None if lids_train is None else lids_train[:tcfg.additive_max_rows]
-        fit_lut_decoder(model, x_train[:tcfg.additive_max_rows], la, ridge=tcfg.ridge, device=device,
-                        source="training data")
+        codes, la = encode(model, xa, la, device=device, source="training data")
+        cent = model.centroids_LD.cpu().numpy() if model.ivf else None
+        model.set_additive_codebooks(fit_additive_decoder(codes, xa, qcfg.K, la, cent, ridge=tcfg.ridge))
     return model, trainer.history
-
-
-def fit_lut_decoder(model: QINCo, x_ND: np.ndarray, list_ids_N: np.ndarray | None = None, ridge: float = 1e-6,
-                    device: str | torch.device = "cpu", source: str = "<vectors>") -> None:
-    """Fit ``model``'s lookup-table decoder (its additive codebooks, with the exact first step under
-    IVF: ``additive_decoder.fit_model_additive``) on raw vectors ``x_ND``: encode them, then least
-    squares. Done at the end of training; ``qinco refit-lut`` does it for a trained model."""
-    from pipeline.additive_decoder import fit_model_additive
-    from pipeline.encoder import encode
-
-    codes, lids = encode(model, x_ND, list_ids_N, device=device, source=source)
-    model.set_additive_codebooks(fit_model_additive(model, codes, x_ND, lids, ridge=ridge))

@@ -86,35 +86,3 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert [r["factory"] for r in report["baselines"]] == ["PQ8x8", "RQ8x8"]
     printed = capsys.readouterr().out
     assert "[baselines] done in" in printed and "RQ8x8" in printed
-
-
-def test_refit_lut_writes_a_new_model_with_the_same_network(tmp_path, capsys):
-    """qinco refit-lut: same network and codes, the lookup-table decoder fitted on the given
-    vectors, provenance in the metadata; the model's own URI is refused."""
-    import numpy as np
-
-    from conftest import build_tiny_model
-    from pipeline.additive_decoder import fit_model_additive
-    from pipeline.checkpoint import load_model, model_identity, read_model_info, save_model
-    from pipeline.encoder import encode
-
-    learn = clustered_vectors(1500, 16, seed=2)
-    data = str(tmp_path / "learn.fvecs")
-    vecs_io.write_vectors(data, learn)
-    old_uri, new_uri = str(tmp_path / "old"), str(tmp_path / "new")
-    model = build_tiny_model(old_uri, learn)
-    model.set_additive_codebooks(model.additive_MKD * 0.5)  # a poorer decoder, to be replaced
-    save_model(model, old_uri)
-    assert main(["refit-lut", "--model", old_uri, "--data", data, "--max-rows", "1000", "--out", new_uri]) == 0
-    assert "1,000 vectors" in capsys.readouterr().out
-    old, new = load_model(old_uri), load_model(new_uri)
-    c_old, l_old = encode(old, learn)
-    np.testing.assert_array_equal(encode(new, learn)[0], c_old)  # the network is unchanged
-    c_fit, l_fit = encode(old, learn[:1000])
-    np.testing.assert_allclose(new.additive_MKD.numpy(), fit_model_additive(old, c_fit, learn[:1000], l_fit),
-                               rtol=1e-5, atol=1e-5)
-    assert not np.allclose(new.additive_MKD.numpy(), old.additive_MKD.numpy())
-    meta = read_model_info(new_uri)["metadata"]["lut_decoder_refit"]
-    assert meta["rows"] == 1000 and meta["from_model"]["weights_sha256"] == model_identity(old_uri)["weights_sha256"]
-    assert main(["refit-lut", "--model", old_uri, "--data", data, "--out", old_uri + "/"]) != 0
-    assert "--out must differ from --model" in capsys.readouterr().err

@@ -175,10 +175,9 @@ def test_row_scales_are_the_least_squares_fit_along_the_additive_residual():
 
 @pytest.mark.parametrize("nlist", [0, 5])
 def test_model_row_scales_fit_the_model_decode(nlist):
-    """model_row_scales: the least-squares scale of the model's lookup-table residual towards its
-    own decode, with the list centroid removed and the exact first step under IVF, the whole vector
-    and plain codebooks without."""
-    from pipeline.additive_decoder import first_step_codewords, model_centroids, model_codebooks, model_row_scales
+    """model_row_scales: the least-squares scale of the model's additive residual towards its own
+    decode, with the list centroid removed under IVF and the whole vector without."""
+    from pipeline.additive_decoder import model_centroids, model_codebooks, model_row_scales
 
     rng = np.random.default_rng(1)
     D, N = 8, 300
@@ -194,73 +193,7 @@ def test_model_row_scales_fit_the_model_decode(nlist):
     a = model_row_scales(model, codes, lids)
     xhat = decode(model, codes, lids).astype(np.float64)
     base = model_centroids(model)[lids] if nlist else np.zeros((N, D))
-    r = decode_additive(model_codebooks(model), codes, lids, first_step_LKD=first_step_codewords(model))
-    r = r.astype(np.float64)
+    r = decode_additive(model_codebooks(model), codes).astype(np.float64)
     want = ((xhat - base) * r).sum(1) / (r * r).sum(1)
     assert a.dtype == np.float16 and np.abs(want - 1).max() > 0.01
     np.testing.assert_allclose(a, want, rtol=1e-3)
-
-
-def test_first_step_codewords_are_the_models_first_step_and_fit_model_additive_fits_the_rest():
-    """The exact first-step codeword of (list, code) is what the model's first step adds to the
-    centroid; fit_model_additive fits the other steps given it (and the plain fit without IVF)."""
-    from pipeline.additive_decoder import first_step_codewords, fit_model_additive, model_centroids
-
-    rng = np.random.default_rng(2)
-    D, N, L = 8, 600, 5
-    x = rng.normal(size=(N, D)).astype(np.float32) * 3
-    model = QINCo(tiny_config(D, nlist=L))
-    model.set_normalisation(x)
-    model.set_centroids(x[:L])
-    init_from_rq(model, x, None)
-    with torch.no_grad():  # a trained-looking network: its output depends on the centroid
-        for p in model.steps[0].parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
-    codes, lids = encode(model, x)
-    f_LKD = first_step_codewords(model)
-    assert f_LKD.shape == (L, 32, D) and f_LKD.dtype == np.float32
-    got = model_centroids(model)[lids] + f_LKD[lids, codes[:, 0]]
-    np.testing.assert_allclose(got, decode(model, codes, lids, prefix=1), rtol=1e-4, atol=1e-4)
-    # the list matters: codewords of one code differ between lists
-    assert np.abs(f_LKD[0] - f_LKD[1]).max() > 1e-3
-
-    # vectors that are exactly centroid + first step + additive rest: the rest is recovered
-    rest = rng.normal(size=(3, 32, D)).astype(np.float32)
-    codes_s = rng.integers(0, 32, (4000, 4))
-    lids_s = rng.integers(0, L, 4000)
-    x_s = model_centroids(model)[lids_s] + f_LKD[lids_s, codes_s[:, 0]] + decode_additive(rest, codes_s[:, 1:])
-    cb = fit_model_additive(model, codes_s, x_s, lids_s, ridge=1e-9)
-    assert cb.shape == (4, 32, D)
-    np.testing.assert_allclose(decode_additive(cb, codes_s, lids_s, model_centroids(model), first_step_LKD=f_LKD),
-                               x_s, atol=1e-3)
-    np.testing.assert_allclose(cb[0], f_LKD.mean(axis=0), rtol=1e-5, atol=1e-6)
-    flat = QINCo(tiny_config(D))
-    flat.set_normalisation(x)
-    assert first_step_codewords(flat) is None
-    c_f, _ = encode(flat, x)
-    np.testing.assert_allclose(fit_model_additive(flat, c_f, x, None), fit_additive_decoder(c_f, x, 32), atol=1e-6)
-
-
-def test_first_step_table_over_budget_falls_back_to_additive_codebooks(monkeypatch):
-    """An IVF model whose first-step codewords would exceed the memory budget keeps every step
-    additive, under another decoder name (so stored row scales are not mixed up)."""
-    from pipeline import additive_decoder as ad
-
-    rng = np.random.default_rng(3)
-    D, L = 8, 5
-    x = rng.normal(size=(800, D)).astype(np.float32) * 3
-    model = QINCo(tiny_config(D, nlist=L))
-    model.set_normalisation(x)
-    model.set_centroids(x[:L])
-    codes, lids = encode(model, x)
-    assert ad.uses_first_step(model) and ad.lut_decoder_id(model) == ad.IVF_LUT_DECODER
-    monkeypatch.setattr(ad, "MAX_FIRST_STEP_FLOATS", L * 32 * D - 1)
-    assert not ad.uses_first_step(model) and ad.first_step_codewords(model) is None
-    assert ad.lut_decoder_id(model) == ad.IVF_PLAIN_LUT_DECODER
-    cent = ad.model_centroids(model)
-    cb = ad.fit_model_additive(model, codes, x, lids)
-    np.testing.assert_allclose(cb, fit_additive_decoder(codes, x, 32, lids, cent), atol=1e-6)
-    model.set_additive_codebooks(cb)
-    r = decode_additive(cb, codes).astype(np.float64)
-    t = decode(model, codes, lids).astype(np.float64) - cent[lids]
-    np.testing.assert_allclose(ad.model_row_scales(model, codes, lids), (r * t).sum(1) / (r * r).sum(1), rtol=1e-3)

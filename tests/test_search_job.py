@@ -120,14 +120,14 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
     np.testing.assert_array_equal(D_r3[:, 3:], D_lut[:, 3:])
     # a shortlist of k ranks by the LUT only, which must differ somewhere: the re-rank matters
     assert not np.array_equal(I_small, I_ref)
-    # the LUT ranking is the exact top-k over the lookup-table decoder's reconstructions:
-    # c + a (F[l, code_0] + Σ_{m>=1} C_m[code_m]), exact first step and row scales
-    from pipeline.additive_decoder import decode_additive, first_step_codewords, model_row_scales
+    # the LUT ranking is the exact top-k over the row-scaled additive reconstructions c + a r
+    from pipeline.additive_decoder import decode_additive
+    from pipeline.additive_decoder import model_row_scales
 
     a_N = model_row_scales(model, codes, lists).astype(np.float64)
     assert np.abs(a_N - 1).max() > 0.01  # the scales matter
     cb = model.additive_MKD.detach().numpy()
-    x_s = cent[lists] + a_N[:, None] * decode_additive(cb, codes, lists, first_step_LKD=first_step_codewords(model))
+    x_s = cent[lists] + a_N[:, None] * decode_additive(cb, codes)
     D_s = np.where(in_probe, sqdist_rows(q, np.broadcast_to(x_s, (len(q),) + x_s.shape)), np.inf)
     D_s, I_s = topk_smallest(D_s, np.where(in_probe, np.arange(len(x_s))[None, :], -1), k)
     np.testing.assert_array_equal(I_lut, I_s)
@@ -147,13 +147,6 @@ def test_stored_row_scales_search_like_computed_ones(indexes, tiny_index_inputs)
                                                      [s.to_dict() for s in m.shards], model.config.nlist,
                                                      model.config.M)
     assert stored.dtype == np.float16 and not np.isnan(stored).any()
-    # scales written for another lookup-table decoder are not used
-    from pipeline.additive_decoder import lut_decoder_id
-
-    assert not np.isnan(load_shards(version_dir(indexes["three"], m.version), [s.to_dict() for s in m.shards],
-                                    model.config.nlist, model.config.M, lut_decoder=lut_decoder_id(model))[4]).any()
-    assert np.isnan(load_shards(version_dir(indexes["three"], m.version), [s.to_dict() for s in m.shards],
-                                model.config.nlist, model.config.M, lut_decoder="another/1")[4]).all()
     mixed = stored.copy()
     mixed[::3] = np.nan  # rows of shards without the column
     searchers = [build_searcher(model, lists, ids, codes, offsets, scale_N=s) for s in (stored, None, mixed)]

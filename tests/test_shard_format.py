@@ -109,11 +109,9 @@ def test_lut_scale_column_round_trip_and_format_versions(tmp_path):
     list_ids_N, ids_N, codes_NM = _random_shard(rng, N, 4, 256, nlist)
     scale_N = rng.uniform(0.5, 1.5, N)
     uri = str(tmp_path / "s.parquet")
-    info = write_shard(uri, list_ids_N, ids_N, codes_NM, K=256, nlist=nlist, model_sha="m", lut_scale_N=scale_N,
-                       lut_decoder="dec/1")
+    info = write_shard(uri, list_ids_N, ids_N, codes_NM, K=256, nlist=nlist, model_sha="m", lut_scale_N=scale_N)
     sh = read_shard(uri, expected=info, nlist=nlist)
     assert sh.meta["format_version"] == 2 and sh.lut_scale_N.dtype == np.float16
-    assert sh.meta["lut_decoder"] == "dec/1"
     # each row keeps its own scale through the (list, id) sort, rounded to float16
     want = dict(zip(ids_N.tolist(), scale_N.astype(np.float16).tolist()))
     assert [want[i] for i in sh.ids_N.tolist()] == sh.lut_scale_N.tolist()
@@ -139,29 +137,19 @@ def test_lut_scale_column_round_trip_and_format_versions(tmp_path):
         read_shard(_rewrite(str(tmp_path / "nan.parquet"), uri, scale=pa.array(bad, pa.float16())))
     with pytest.raises(CorruptShardError, match="schema"):
         read_shard(_rewrite(str(tmp_path / "f32.parquet"), uri, scale=pa.array(bad.astype(np.float32))))
-    # scales without the name of their decoder cannot be trusted
-    t = pq.read_table(uri)
-    meta = {k: v for k, v in t.schema.metadata.items() if k != b"qinco.lut_decoder"}
-    pq.write_table(t.replace_schema_metadata(meta), str(tmp_path / "anon.parquet"))
-    with pytest.raises(CorruptShardError, match="without the lut_decoder key"):
-        read_shard(str(tmp_path / "anon.parquet"))
 
 
-@pytest.mark.parametrize("scale,decoder,match", [
-    (lambda N: np.ones(N - 1), "d", r"shape \(20,\)"),
-    (lambda N: np.arange(N), "d", "float array"),
-    (lambda N: np.where(np.arange(N) == 6, np.nan, 1.0), "d", "at row 6"),
-    (lambda N: np.where(np.arange(N) == 2, 1e6, 1.0), "d", "out of float16 range at row 2"),
-    (lambda N: np.ones(N), None, "go together"),
-    (lambda N: None, "d", "go together"),
-    (lambda N: np.ones(N), "", "non-empty string"),
+@pytest.mark.parametrize("scale,match", [
+    (lambda N: np.ones(N - 1), r"shape \(20,\)"),
+    (lambda N: np.arange(N), "float array"),
+    (lambda N: np.where(np.arange(N) == 6, np.nan, 1.0), "at row 6"),
+    (lambda N: np.where(np.arange(N) == 2, 1e6, 1.0), "out of float16 range at row 2"),
 ])
-def test_bad_lut_scales_refused_before_writing(tmp_path, scale, decoder, match):
+def test_bad_lut_scales_refused_before_writing(tmp_path, scale, match):
     rng = np.random.default_rng(6)
     uri = tmp_path / "s.parquet"
     with pytest.raises(ConfigError, match=match):
-        write_shard(str(uri), *_random_shard(rng, 20, 3, 16, 5), K=16, nlist=5, model_sha="m", lut_scale_N=scale(20),
-                    lut_decoder=decoder)
+        write_shard(str(uri), *_random_shard(rng, 20, 3, 16, 5), K=16, nlist=5, model_sha="m", lut_scale_N=scale(20))
     assert list(tmp_path.iterdir()) == []
 
 
