@@ -80,23 +80,17 @@ def decode_at_centroid(model, codes_NM: np.ndarray, list_ids_N: np.ndarray, batc
     return out
 
 
-def first_step_codewords(model) -> np.ndarray:
+def first_step_codewords(model, centroids_LD: np.ndarray) -> np.ndarray:
     """``f_0(C_0[k], c_l)`` for every IVF list ``l`` and code ``k`` (raw space, ``(nlist, K, D)``
     float32): the first step's network sees only the list centroid, so its codeword is exact per
-    list."""
-    import torch
+    list. It is the model's own decode of the first code alone, minus the centroid."""
+    from pipeline.decoder import decode
 
-    K, L = model.config.K, model.config.nlist
-    step = model.steps[0]
-    out = np.empty((L, K, model.config.dim), np.float32)
-    with torch.no_grad():
-        table_KE = step.codeword_table()
-        for l in range(L):
-            x0_KD = model.initial_xhat(K, torch.full((K,), l, dtype=torch.long))
-            f_KD = step.codebook_KD.clone() if step.plain else step.finish(table_KE + step.context(x0_KD),
-                                                                              step.codebook_KD)
-            out[l] = (model.denormalise(x0_KD + f_KD) - model.denormalise(x0_KD)).numpy()
-    return out
+    L, K, M = len(centroids_LD), model.config.K, model.config.M
+    codes_XM = np.zeros((L * K, M), np.int64)
+    codes_XM[:, 0] = np.tile(np.arange(K), L)
+    lists_X = np.repeat(np.arange(L), K)
+    return (decode(model, codes_XM, lists_X, prefix=1) - centroids_LD[lists_X]).reshape(L, K, -1)
 
 
 def scaled_towards(base_ND: np.ndarray, resid_ND: np.ndarray, target_ND: np.ndarray) -> np.ndarray:
@@ -296,7 +290,7 @@ def main(argv=None) -> int:
         # row's QINCo decode. A scan would need a K-entry first-step table per (query, probed list).
         xhat_ND = np.concatenate([decode(model, searcher.codes_NM[i:i + 65536], searcher.list_ids_N[i:i + 65536])
                                   for i in range(0, searcher.N, 65536)])
-        f0_LKD = first_step_codewords(model)
+        f0_LKD = first_step_codewords(model, centroids)
         lids = searcher.list_ids_N.astype(np.int64)
         c_ND = centroids[lids].astype(np.float64)
         F0_ND = f0_LKD[lids, searcher.codes_NM[:, 0].astype(np.int64)].astype(np.float64)

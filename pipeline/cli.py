@@ -261,8 +261,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                         "with AVX512-BF16/AMX, distances stay float32/float64 (default float32)")
     p.add_argument("--no-lut-scales", action="store_true",
                    help="rank the shortlist with the plain additive decoder; by default each row's additive "
-                        "residual is scaled towards its QINCo reconstruction (a better shortlist, at the cost "
-                        "of decoding every row once when the actors load the shards)")
+                        "residual is scaled towards its QINCo reconstruction (a better shortlist; the scales "
+                        "are stored in the shards, or computed when the actors load shards written without them)")
     p.add_argument("--workers", type=int, default=2, help="shard actors (default 2)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")

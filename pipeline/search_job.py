@@ -19,8 +19,9 @@ Per query batch, following the QINCo paper's search pipeline:
 Shard actors load only shards named in the committed manifest, verify their checksums, and are
 restarted by Ray when they die (the batch is retried). The driver first checks that the model at
 the manifest's model URI is the one that encoded the version (its weights' SHA-256): a model
-retrained into the same URI is refused, naming it, rather than decoding every code wrongly. With ``allow_partial``, shards whose actor
-fails for good are skipped and listed in the report; otherwise the job fails naming them.
+retrained into the same URI is refused, naming it, rather than decoding every code wrongly. With
+``allow_partial``, shards whose actor fails for good are skipped and listed in the report;
+otherwise the job fails naming them.
 """
 
 from __future__ import annotations
@@ -142,9 +143,8 @@ class ShardActor:
             version_dir(index_uri, version), shard_entries, nlist, self.model.config.M, options,
             errors=self.bad if allow_partial else None)
         self.list_ids, self.ids, self.codes = list_ids, ids_N, codes_NM
-        self.searcher = build_searcher(self.model, list_ids, ids_N, codes_NM, offsets,
-                                       scale_N=scale_N if lut_scales else None, lut_scales=lut_scales,
-                                       source=", ".join(e["name"] for e in shard_entries))
+        self.searcher = build_searcher(self.model, list_ids, ids_N, codes_NM, offsets, scale_N=scale_N,
+                                       lut_scales=lut_scales, source=", ".join(e["name"] for e in shard_entries))
         self.names = [e["name"] for e in shard_entries]
 
     def rows(self) -> int:
@@ -183,18 +183,15 @@ def check_model_unchanged(manifest, options=None) -> None:
 
     uri = manifest.model["uri"]
     ident = model_identity(uri, options)
-    want_w = manifest.model.get("weights_sha256")
-    if want_w is not None:
-        changed = ident["weights_sha256"] != want_w
-        what = f"weights sha256 {ident['weights_sha256'][:12]}..., the manifest says {want_w[:12]}..."
+    if manifest.model.get("weights_sha256") is not None:
+        what, have, want = "weights", ident["weights_sha256"], manifest.model["weights_sha256"]
     else:
-        changed = ident["config_sha256"] != manifest.model.get("sha256")
-        what = f"config.json sha256 {ident['config_sha256'][:12]}..., the manifest says {str(manifest.model.get('sha256'))[:12]}..."
-    if changed:
+        what, have, want = "config.json", ident["config_sha256"], str(manifest.model.get("sha256"))
+    if have != want:
         raise ConfigError(
             f"the model at {storage.redact(uri)} has changed since index version {manifest.version} was encoded "
-            f"({what}); re-encode the index with it (qinco reencode --index INDEX --model "
-            f"{storage.redact(uri)}) or restore the model")
+            f"({what} sha256 {have[:12]}..., the manifest says {want[:12]}...); re-encode the index with it "
+            f"(qinco reencode --index INDEX --model {storage.redact(uri)}) or restore the model")
 
 
 def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=None, lut_scales: bool = True,
