@@ -212,11 +212,12 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| dataset | bytes | method | nprobe | shortlist | re-ranked | R@1 | R@10 | queries/s |"
-    lines = [head, "|:--|--:|:--|--:|--:|--:|--:|--:|--:|"]
+    head = "| dataset | bytes | method | nprobe | prefix P / kept | shortlist | re-ranked | R@1 | R@10 | queries/s |"
+    lines = [head, "|:--|--:|:--|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         reranked = "-" if not r.get("shortlist") else (r.get("rerank") or r["shortlist"])
-        lines.append(f"| {r['dataset']} | {r['bytes']} | {r['method']} | {r['nprobe']} | "
+        prefix = f"{r['prefix_steps']} / {r['prefix_shortlist']}" if r.get("prefix_steps") else "-"
+        lines.append(f"| {r['dataset']} | {r['bytes']} | {r['method']} | {r['nprobe']} | {prefix} | "
                      f"{r.get('shortlist') or '-'} | {reranked} | {r['R@1']:.3f} | {r['R@10']:.3f} | "
                      f"{r['qps']:,.0f} |")
     return "\n".join(lines)
@@ -270,7 +271,11 @@ def render(report: dict) -> str:
         "R (`--rerank R`; with R < k = 10 the results after R keep the LUT order) "
         "(in-process `ShardSearcher`, one shard). "
         "IVF-QINCo-LUT = the LUT ranking alone; IVF-QINCo-bf16 = the re-rank's decoder network in bfloat16 "
-        "(`--rerank-precision bfloat16`). Faiss IVF-RQ: training and encoding beam 5 (Faiss's default; "
+        "(`--rerank-precision bfloat16`). "
+        + ("Column prefix P / kept: the LUT shortlist's prefix stage (`--prefix P`; `SearchParams.prefix_steps`): "
+           "the probed lists ranked with the tables of the first P codebooks, the best 'kept' ranked with all "
+           "of them. " if any(r.get("prefix_steps") for r in res) else "")
+        + "Faiss IVF-RQ: training and encoding beam 5 (Faiss's default; "
         "IVF-RQ-beamB: beam B), ST_norm_float; Faiss codecs trained on the same set as IVF-QINCo "
         "(learn+base: all of learn and base).",
         "",
@@ -280,7 +285,9 @@ def render(report: dict) -> str:
     if report.get("ray_job"):
         lines += ["", "Full Ray query job (`run_search`, shard actors, 1 CPU each):", ""]
         for rj in report["ray_job"]:
-            lines.append(f"- {rj['dataset']} {rj['bytes']} B: nprobe {rj['nprobe']}, shortlist {rj['shortlist']}, "
+            lines.append(f"- {rj['dataset']} {rj['bytes']} B: nprobe {rj['nprobe']}, "
+                         + (f"prefix stage {rj['prefix_steps']} / {rj['prefix_shortlist']}, " if rj.get("prefix_steps") else "")
+                         + f"shortlist {rj['shortlist']}, "
                          f"{rj.get('precision', 'float32')} re-rank, "
                          f"{rj['workers']} actors, {rj['shards']} shards: R@1 {rj['R@1']:.3f}, R@10 {rj['R@10']:.3f}, "
                          f"{rj['queries_per_s']:,.0f} queries/s (load {rj['load_s']:.1f} s, stages "
@@ -316,7 +323,8 @@ def merge_reports(reports: list[dict]) -> dict:
     points: dict[tuple, dict] = {}
     for r in reports:
         for x in r.get("results", []):
-            key = (x["dataset"], x["bytes"], x["method"], x["nprobe"], x.get("shortlist"), x.get("rerank"))
+            key = (x["dataset"], x["bytes"], x["method"], x["nprobe"], x.get("shortlist"), x.get("rerank"),
+                   x.get("prefix_steps"), x.get("prefix_shortlist"))
             if key not in points:
                 points[key] = dict(x)
                 continue
@@ -357,6 +365,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shortlist", type=int, nargs="+", default=[20, 50, 100, 200, 400])
     ap.add_argument("--rerank", type=int, nargs="*", default=[2, 3, 5],
                     help="extra IVF-QINCo points: shortlist 10 (= k) with only the best R re-ranked")
+    ap.add_argument("--prefix", type=int, nargs="+", default=[0], metavar="P",
+                    help="IVF-QINCo lookup-table prefix stage(s) to measure: rank the probed lists with the first P"
+                         " codebooks' tables, keep --prefix-factor x shortlist, rank those with all tables (0: off)")
+    ap.add_argument("--prefix-factor", type=int, default=4,
+                    help="prefix stage: candidates kept per query, as a multiple of the shortlist (default 4)")
     ap.add_argument("--train-set", choices=["learn", "learn+base"], default="learn",
                     help="vectors the codecs (IVF-PQ, IVF-RQ, IVF-QINCo) are trained on; the coarse"
                          " quantizer always uses learn. learn+base trains on the data being indexed,"
@@ -375,6 +388,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ray-nprobe", type=int, default=16)
     ap.add_argument("--ray-shortlist", type=int, default=100)
+    ap.add_argument("--ray-prefix", type=int, nargs="+", default=[0], metavar="P",
+                    help="prefix stage(s) of the Ray query job runs (one run each; 0: off)")
     ap.add_argument("--rerank-precision", nargs="+", choices=list(QINCO_METHODS), default=list(QINCO_METHODS),
                     help="arithmetic(s) of the re-rank's decoder network to measure")
     ap.add_argument("--ray-precision", choices=list(QINCO_METHODS), default="float32")
@@ -498,24 +513,28 @@ def main(argv=None) -> int:
                 f" after {max((h.get('epoch', 0) for h in hist), default='?')} epochs; {built}")
             torch.set_num_threads(a.threads)
             searcher, model = qinco_searcher(index_uri, a.threads)
-            for p in a.nprobe:
-                params = SearchParams(k=10, nprobe=p, shortlist=10)
+            for p, P in [(p, P) for p in a.nprobe for P in a.prefix]:
+                def prefix(S):
+                    return {"prefix_steps": P, "prefix_shortlist": a.prefix_factor * S} if P else {}
+
+                params = SearchParams(k=10, nprobe=p, shortlist=10, **prefix(10))
                 s_lut = searcher.decode_fn
                 searcher.decode_fn = None
                 dt, (_, I) = timed(lambda: searcher.search(xq, params), a.repeats)
                 searcher.decode_fn = s_lut
                 r1, r10 = recalls(I, gt)
                 add({"dataset": name, "bytes": nb, "method": "IVF-QINCo-LUT", "nprobe": p, "shortlist": None,
-                     "R@1": r1, "R@10": r10, "qps": len(xq) / dt})
+                     "R@1": r1, "R@10": r10, "qps": len(xq) / dt, **prefix(10)})
                 for prec in a.rerank_precision:
                     searcher.decode_fn = lambda c, l, prec=prec: decode(model, c, l, precision=prec)
                     grid = [(S, None) for S in a.shortlist] + [(10, R) for R in a.rerank]
                     for S, R in grid:
-                        params = SearchParams(k=10, nprobe=p, shortlist=S, rerank=R)
+                        params = SearchParams(k=10, nprobe=p, shortlist=S, rerank=R, **prefix(S))
                         dt, (_, I) = timed(lambda: searcher.search(xq, params), a.repeats)
                         r1, r10 = recalls(I, gt)
                         add({"dataset": name, "bytes": nb, "method": QINCO_METHODS[prec], "nprobe": p,
-                             "shortlist": S, "rerank": R, "R@1": r1, "R@10": r10, "qps": len(xq) / dt})
+                             "shortlist": S, "rerank": R, "R@1": r1, "R@10": r10, "qps": len(xq) / dt,
+                             **prefix(S)})
                 save()
             del searcher
             # -- one run of the full Ray query job
@@ -526,19 +545,22 @@ def main(argv=None) -> int:
                 vecs_io.write_vectors(str(qpath), xq)
             out = str(wdir / "ray_results.bin")
             ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
-            rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=str(qpath), out_uri=out, k=10,
-                                             nprobe=a.ray_nprobe, shortlist=a.ray_shortlist,
-                                             workers=a.threads, cpus_per_worker=1.0, query_batch=len(xq),
-                                             rerank_precision=a.ray_precision))
+            for P in a.ray_prefix:
+                S1 = a.prefix_factor * a.ray_shortlist if P else None
+                rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=str(qpath), out_uri=out, k=10,
+                                                 nprobe=a.ray_nprobe, shortlist=a.ray_shortlist,
+                                                 workers=a.threads, cpus_per_worker=1.0, query_batch=len(xq),
+                                                 rerank_precision=a.ray_precision, prefix_steps=P,
+                                                 prefix_shortlist=S1))
+                I, _ = vecs_io.read_knn_results(out)
+                r1, r10 = recalls(I, gt)
+                report["ray_job"].append({"dataset": name, "bytes": nb, "nprobe": a.ray_nprobe,
+                                          "precision": a.ray_precision, "prefix_steps": P, "prefix_shortlist": S1,
+                                          "shortlist": a.ray_shortlist, "workers": a.threads,
+                                          "shards": rep["shards"], "R@1": r1, "R@10": r10,
+                                          "queries_per_s": rep["queries_per_s"], "load_s": rep["stages"]["load_s"],
+                                          "stages": rep["stages"]})
             ray.shutdown()
-            I, _ = vecs_io.read_knn_results(out)
-            r1, r10 = recalls(I, gt)
-            report["ray_job"].append({"dataset": name, "bytes": nb, "nprobe": a.ray_nprobe,
-                                      "precision": a.ray_precision,
-                                      "shortlist": a.ray_shortlist, "workers": a.threads,
-                                      "shards": rep["shards"], "R@1": r1, "R@10": r10,
-                                      "queries_per_s": rep["queries_per_s"], "load_s": rep["stages"]["load_s"],
-                                      "stages": rep["stages"]})
             save()
     if a.stage == "train":
         return 0

@@ -263,6 +263,11 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="rank the shortlist with the plain additive decoder; by default each row's additive "
                         "residual is scaled towards its QINCo reconstruction (a better shortlist; the scales "
                         "are stored in the shards, or computed when the actors load shards written without them)")
+    p.add_argument("--prefix-steps", type=int, default=0, metavar="P",
+                   help="scan the probed lists with the lookup tables of the first P codebooks only, keep the "
+                        "best --prefix-shortlist and rank those with all of them: a faster scan (default 0: off)")
+    p.add_argument("--prefix-shortlist", type=int, default=None, metavar="S1",
+                   help="candidates kept by the --prefix-steps scan (default 4 x shortlist)")
     p.add_argument("--workers", type=int, default=2, help="shard actors (default 2)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
@@ -286,7 +291,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
             rerank_precision=a.rerank_precision, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
             allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, max_queries=a.max_queries,
-            version=a.version))
+            version=a.version, prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist))
         print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
         return 0
 

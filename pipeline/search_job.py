@@ -10,7 +10,11 @@ Per query batch, following the QINCo paper's search pipeline:
    rows of shards written without it, once, when it loads them); each actor returns its best
    ``shortlist`` candidates with their codes.
 3. **Merge** (driver): the exact global top-``shortlist`` of the approximate distances, ties broken
-   by id, so the shortlist does not depend on how the index is split into shards.
+   by id, so the shortlist does not depend on how the index is split into shards. With the prefix
+   stage (``prefix_steps``, see ``search_kernels.SearchParams``) each actor returns its best
+   ``prefix_shortlist`` by prefix distance, each with its full lookup-table distance; the driver
+   keeps the global best ``prefix_shortlist`` by prefix distance, then the best ``shortlist`` of
+   those by full distance: again what one actor holding every shard would return.
 4. **Re-rank** (actors, round robin): the global shortlist (or its best ``rerank_count``) is
    decoded with the QINCo model (in float32, or bfloat16 with ``rerank_precision``) and ranked
    by exact distance; the best ``k`` are the result. When fewer than ``k`` are re-ranked, the
@@ -57,15 +61,22 @@ class SearchJobConfig(JsonConfig):
     query_batch: int = 2048
     allow_partial: bool = False
     lut_scales: bool = True
+    prefix_steps: int = 0
+    prefix_shortlist: int | None = None
     max_queries: int | None = None
     version: str | None = None
 
 
-def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], k: int):
+def merge_candidates(parts: list[tuple[np.ndarray, ...]], k: int, prefix_k: int | None = None):
     """Exact per-query top-k over several shards' shortlists ``(D_QS, I_QS, codes_QSM, lists_QS)``.
 
     Ordered by distance then id (``topk.topk_smallest``); codes and list ids travel with their
     candidate. Padding entries have id -1, distance inf and list -1.
+
+    With ``prefix_k`` the parts are prefix-stage results (``ShardSearcher.prefix_search``): a fifth
+    array holds each candidate's full lookup-table distance. The best ``prefix_k`` of the union by
+    prefix distance are kept (what one shard holding every row would keep), then the best ``k`` of
+    those by full distance, which is returned as the distance.
     """
     from pipeline.topk import topk_smallest
 
@@ -75,7 +86,13 @@ def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     lists = np.concatenate([p[3] for p in parts], axis=1)
     Q, T = D.shape
     pos = np.broadcast_to(np.arange(T, dtype=np.int64), (Q, T))
-    Dk, Ik, pk = topk_smallest(D, I, k, payload_QC=pos)
+    if prefix_k is None:
+        Dk, Ik, pk = topk_smallest(D, I, k, payload_QC=pos)
+    else:
+        D_full = np.concatenate([p[4] for p in parts], axis=1)
+        _, Ip, pp = topk_smallest(D, I, prefix_k, payload_QC=pos)
+        Dp_full = np.where(pp < 0, np.inf, np.take_along_axis(D_full, np.maximum(pp, 0), axis=1))
+        Dk, Ik, pk = topk_smallest(Dp_full, Ip, k, payload_QC=pp)
     safe = np.where(pk < 0, 0, pk)
     codes_k = np.take_along_axis(codes, safe[..., None], axis=1)
     lists_k = np.where(pk < 0, -1, np.take_along_axis(lists, safe, axis=1))
@@ -150,13 +167,21 @@ class ShardActor:
     def rows(self) -> int:
         return int(len(self.ids))
 
-    def shortlist(self, q_QD: np.ndarray, lists_QP: np.ndarray, S: int):
+    def shortlist(self, q_QD: np.ndarray, lists_QP: np.ndarray, S: int, prefix: tuple[int, int] | None = None):
+        """The best ``S`` candidates by lookup-table distance ``(D, I, codes, lists, seconds)``; with
+        ``prefix`` ``(P, S1)`` the prefix stage's best S1 ``(D_prefix, I, codes, lists, D_full,
+        seconds)`` (see ``merge_candidates``)."""
         t = time.perf_counter()
-        D, I, rows = self.searcher.lut_search(q_QD, lists_QP, S)
+        if prefix is None:
+            D, I, rows = self.searcher.lut_search(q_QD, lists_QP, S)
+            extra = ()
+        else:
+            D, I, rows, D_full = self.searcher.prefix_search(q_QD, lists_QP, *prefix)
+            extra = (D_full,)
         safe = np.where(rows < 0, 0, rows)
         codes = self.codes[safe]
         lists = np.where(rows < 0, -1, self.list_ids[safe]).astype(np.int64)
-        return D, I, codes, lists, time.perf_counter() - t
+        return (D, I, codes, lists) + extra + (time.perf_counter() - t,)
 
     def rerank(self, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: np.ndarray, lists_QS: np.ndarray, k: int,
                precision: str = "float32"):
@@ -322,11 +347,13 @@ class ShardPool:
 
     def search_batch(self, q_QD: np.ndarray, k: int, nprobe: int, shortlist: int, rerank: bool = True,
                      stages: dict[str, float] | None = None, precision: str = "float32",
-                     rerank_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     rerank_count: int | None = None,
+                     prefix: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Probe, fan out the shortlist stage, merge exactly, re-rank; returns ``(D_QK, I_QK)``.
 
         ``rerank_count`` R: only the best R of the merged shortlist are decoded (default all);
         with R < k the results after the first R keep lookup-table order and distances.
+        ``prefix`` ``(P, S1)``: the lookup-table stage's prefix stage (``SearchParams.prefix``).
         """
         import ray
 
@@ -339,13 +366,12 @@ class ShardPool:
         stages["probe_s"] = stages.get("probe_s", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         qref, lref = ray.put(q_QD), ray.put(lists)
-        futs = {j: a.shortlist.remote(qref, lref, shortlist) for j, a in enumerate(self.actors)
+        futs = {j: a.shortlist.remote(qref, lref, shortlist, prefix) for j, a in enumerate(self.actors)
                 if j not in self.failed}
         parts = []
         for j, f in futs.items():
             try:
-                D, I, codes, lst, _ = ray.get(f)
-                parts.append((D, I, codes, lst))
+                parts.append(ray.get(f)[:-1])
             except Exception as e:  # noqa: BLE001
                 self.failed[j] = _actor_error(e, self.groups[j])
                 if not self.allow_partial:
@@ -354,7 +380,7 @@ class ShardPool:
         if not parts:
             raise PipelineError("no shard answered: " + "; ".join(self.failed.values()))
         t = time.perf_counter()
-        Ds, Is, codes, lst = merge_candidates(parts, shortlist)
+        Ds, Is, codes, lst = merge_candidates(parts, shortlist, None if prefix is None else prefix[1])
         stages["merge_s"] = stages.get("merge_s", 0.0) + time.perf_counter() - t
         if not rerank:
             return Ds[:, :k], Is[:, :k]
@@ -381,6 +407,7 @@ class ShardPool:
 def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     """Run the query job; writes results (big-ann format + parquet) and a report beside them."""
     from pipeline import vecs_io
+    from pipeline.search_kernels import SearchParams
 
     t0 = time.perf_counter()
     if cfg.k <= 0 or cfg.shortlist < cfg.k:
@@ -389,6 +416,8 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         raise ConfigError(f"rerank_count must be between 1 and shortlist ({cfg.shortlist}), got {cfg.rerank_count}")
     if cfg.rerank_precision not in ("float32", "bfloat16"):
         raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
+    params = SearchParams(k=cfg.k, nprobe=cfg.nprobe, shortlist=cfg.shortlist,
+                          prefix_steps=cfg.prefix_steps, prefix_shortlist=cfg.prefix_shortlist).validate()
     q = vecs_io.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
     pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options,
                      cfg.lut_scales)
@@ -397,6 +426,9 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         if q.shape[1] != pool.dim:
             raise ConfigError(f"{storage.redact(cfg.queries_uri)}: queries have dimension {q.shape[1]}, "
                               f"the index version {pool.manifest.version} expects {pool.dim}")
+        if cfg.prefix_steps >= pool.model.config.M:
+            raise ConfigError(f"prefix_steps must be below the model's M = {pool.model.config.M} codebooks, "
+                              f"got {cfg.prefix_steps}")
         stages: dict[str, float] = {"load_s": load_s}
         Q = len(q)
         D_all = np.full((Q, cfg.k), np.inf, np.float32)
@@ -405,7 +437,8 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         for b0 in range(0, Q, cfg.query_batch):
             qb = q[b0:b0 + cfg.query_batch]
             D_all[b0:b0 + len(qb)], I_all[b0:b0 + len(qb)] = pool.search_batch(
-                qb, cfg.k, cfg.nprobe, cfg.shortlist, cfg.rerank, stages, cfg.rerank_precision, cfg.rerank_count)
+                qb, cfg.k, cfg.nprobe, cfg.shortlist, cfg.rerank, stages, cfg.rerank_precision, cfg.rerank_count,
+                params.prefix)
             log.info("searched %d/%d queries (%.0f queries/s)", b0 + len(qb), Q,
                      (b0 + len(qb)) / max(time.perf_counter() - t1, 1e-9))
         search_s = time.perf_counter() - t1

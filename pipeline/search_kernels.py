@@ -9,6 +9,12 @@ The search follows the QINCo paper's pipeline. For a query batch ``q_QD``:
 3. ``rerank``: decodes the shortlisted codes with the exact (neural) decoder and ranks them by
    exact squared L2 distance.
 
+Optionally (``SearchParams.prefix_steps`` P) stage 2 starts with a prefix stage
+(``prefix_search``): the probed lists are ranked with the first P tables only (the unscaled
+reconstruction ``c_l + Σ_{m<P} C_m[code_m]``, with its own per-row term), the best
+``prefix_shortlist`` are kept and ranked with all M tables. The scan's cost is mostly its table
+lookups, one per code and codebook, so the prefix stage makes the scan up to M / P times cheaper.
+
 With ``r_n = Σ_m C_m[code_nm]`` the residual reconstruction of row ``n`` (list ``l``)::
 
     ||q - c_l - r_n||^2 = ||q - c_l||^2 - 2 Σ_m <q, C_m[code_nm]> + (||r_n||^2 + 2 <c_l, r_n>)
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -76,12 +83,20 @@ class SearchParams(JsonConfig):
     decoder; None means all of it. With ``rerank < k`` the first ``rerank`` results are the
     re-ranked ones (exact distances) and the rest follow in lookup-table order, with their
     lookup-table distances: the fast end of the speed/recall trade-off.
+
+    prefix_steps P (0: off): the lookup-table stage first ranks the probed lists with the tables
+    of the first P codebooks only (``c_l + Σ_{m<P} C_m[code_m]``: P table lookups per code
+    instead of M), keeps the best ``prefix_shortlist`` (default 4 x shortlist) and ranks those with
+    all M tables (and the row scales) down to ``shortlist``. Candidates that the full tables
+    would put in the shortlist but the prefix tables rank below ``prefix_shortlist`` are lost.
     """
 
     k: int = 10
     nprobe: int = 16
     shortlist: int = 100
     rerank: int | None = None
+    prefix_steps: int = 0
+    prefix_shortlist: int | None = None
 
     def validate(self) -> "SearchParams":
         if self.k < 1:
@@ -95,7 +110,19 @@ class SearchParams(JsonConfig):
             raise ConfigError(
                 f"SearchParams.rerank ({self.rerank}) must be between 1 and shortlist "
                 f"({self.shortlist})")
+        if self.prefix_steps < 0:
+            raise ConfigError(f"SearchParams.prefix_steps must be >= 0, got {self.prefix_steps}")
+        if self.prefix_shortlist is not None and self.prefix_shortlist < self.shortlist:
+            raise ConfigError(f"SearchParams.prefix_shortlist ({self.prefix_shortlist}) must be >= "
+                              f"shortlist ({self.shortlist})")
         return self
+
+    @property
+    def prefix(self) -> tuple[int, int] | None:
+        """``(P, S1)`` of the prefix stage, or None when it is off."""
+        if not self.prefix_steps:
+            return None
+        return self.prefix_steps, (4 * self.shortlist if self.prefix_shortlist is None else self.prefix_shortlist)
 
 
 def sqdist_rows(q_QD: np.ndarray, x_QXD: np.ndarray) -> np.ndarray:
@@ -236,6 +263,8 @@ class ShardSearcher:
         self.decode_batch_size = int(decode_batch_size)
         self.scan_buffer_entries = int(scan_buffer_entries)
         self.norms_N, self.bias_N = self._row_terms()
+        self._prefix_bias: dict[int, np.ndarray] = {}
+        self._prefix_lock = threading.Lock()
         self._coarse_index = coarse_index
         if coarse_index is not None and (coarse_index.ntotal != self.nlist
                                          or coarse_index.d != self.D):
@@ -273,18 +302,19 @@ class ShardSearcher:
             raise VectorFormatError(src, f"list id {int(self.list_ids_N[r])} but list_offsets "
                                          f"put this row in list {int(expected_N[r])}", row=r)
 
-    def _row_terms(self, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    def _row_terms(self, steps: int | None = None, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
         """``||a_n r_n||^2`` and ``||a_n r_n||^2 + 2 <c_l, a_n r_n>`` per row (float32, computed in
-        float64; ``a_n`` = 1 without row scales)."""
+        float64; ``a_n`` = 1 without row scales). With ``steps`` P, the same terms of the unscaled
+        residual of the first P codebooks (the prefix stage's)."""
         norms_N = np.empty(self.N, np.float32)
         bias_N = np.empty(self.N, np.float32)
         cb_MKD = self.codebooks_MKD.astype(np.float64)
         for a in range(0, self.N, chunk):
             codes = self.codes_NM[a:a + chunk]
             r_ND = np.zeros((codes.shape[0], self.D), np.float64)
-            for m in range(self.M):
+            for m in range(self.M if steps is None else steps):
                 r_ND += cb_MKD[m][codes[:, m].astype(np.intp)]
-            if self.scale_N is not None:
+            if self.scale_N is not None and steps is None:
                 r_ND *= self.scale_N[a:a + chunk, None].astype(np.float64)
             nrm = np.einsum("nd,nd->n", r_ND, r_ND)
             c_ND = self.centroids_LD[self.list_ids_N[a:a + chunk]].astype(np.float64)
@@ -373,21 +403,35 @@ class ShardSearcher:
         return Dc_QP.astype(np.float32)
 
     def _luts(self, q_QD: np.ndarray) -> np.ndarray:
-        """Per-query tables ``<q, C_m[k]>`` as float32 ``(Q, M, K)``: one float32 GEMM over the
+        """Per-query tables ``-2 <q, C_m[k]>`` as float32 ``(Q, M, K)``: one float32 GEMM over the
         whole query batch. Every shard of a search sees the same batch and so the same tables;
-        computing them per chunk (whose bounds depend on the shard) could change a last bit."""
+        computing them per chunk (whose bounds depend on the shard) could change a last bit.
+        The factor -2 is applied to the queries: scaling by a power of two commutes with float32
+        rounding, so each entry is exactly -2 times the plain inner product."""
         import torch
 
         M, K = self.M, self.K
         # torch's GEMM runs on the same thread pool as the re-rank's decoder; NumPy's BLAS pool
         # busy-waits after a call and halves the speed of a decode that follows.
-        q = q_QD if q_QD.flags.writeable else q_QD.copy()  # e.g. a read-only Ray object
+        q = np.multiply(q_QD, np.float32(-2.0), dtype=np.float32)
         lut = torch.from_numpy(q) @ torch.from_numpy(self.codebooks_MKD.reshape(M * K, self.D)).T
         return lut.numpy().reshape(-1, M, K)
 
-    def _code_dists(self, lut_QMK: np.ndarray, counts_Q: np.ndarray, rows_T: np.ndarray) -> np.ndarray:
-        """``-2 Σ_m lut[q, m, code_m] (x a_n) + bias`` for (query, row) pairs -> float32 ``(T,)``; the
-        pairs come query by query, ``counts_Q[q]`` of them for query ``q``.
+    def prefix_bias(self, steps: int) -> np.ndarray:
+        """Row term of the prefix stage with ``steps`` codebooks (``_row_terms``), computed once."""
+        if not 1 <= steps < self.M:
+            raise ConfigError(f"{self.source}: prefix_steps must be between 1 and M - 1 = {self.M - 1}, "
+                              f"got {steps}")
+        with self._prefix_lock:
+            if steps not in self._prefix_bias:
+                self._prefix_bias[steps] = self._row_terms(steps)[1]
+            return self._prefix_bias[steps]
+
+    def _code_dists(self, lut_QMK: np.ndarray, counts_Q: np.ndarray, rows_T: np.ndarray,
+                    steps: int | None = None) -> np.ndarray:
+        """``Σ_m lut[q, m, code_m] (x a_n) + bias`` for (query, row) pairs -> float32 ``(T,)``; the
+        pairs come query by query, ``counts_Q[q]`` of them for query ``q``. With ``steps`` P, the
+        prefix stage's value: the first P tables, no row scale, the prefix bias.
 
         The sum runs over m in order in float32 (``embedding_bag`` in sum mode, one bag per
         pair: a C++ gather-add with no intermediate arrays); this is the canonical arithmetic of a
@@ -397,20 +441,22 @@ class ShardSearcher:
         import torch.nn.functional as F
 
         M, K = self.M, self.K
+        P = M if steps is None else steps
         Q = lut_QMK.shape[0]
         itype = np.int32 if Q * M * K < 2 ** 31 else np.int64
         # Row of (query, m, code) in the flattened tables, written in one pass per query's run.
-        codes_TM = np.take(self.codes_NM, rows_T, axis=0)
-        idx_TM = np.empty(codes_TM.shape, itype)
-        off_QM = np.arange(Q, dtype=itype)[:, None] * (M * K) + np.arange(M, dtype=itype) * K
+        codes_TP = np.take(self.codes_NM, rows_T, axis=0)[:, :P]
+        idx_TP = np.empty(codes_TP.shape, itype)
+        off_QP = np.arange(Q, dtype=itype)[:, None] * (M * K) + np.arange(P, dtype=itype) * K
         a = 0
         for q, n in enumerate(np.asarray(counts_Q).tolist()):
-            np.add(codes_TM[a:a + n], off_QM[q], out=idx_TM[a:a + n])
+            np.add(codes_TP[a:a + n], off_QP[q], out=idx_TP[a:a + n])
             a += n
-        # Summing -2 lut in order gives exactly -2 times the ordered sum of lut: scaling by a
-        # power of two commutes with float32 rounding. One pass over the tables, none over pairs.
-        table = torch.from_numpy(np.multiply(lut_QMK, np.float32(-2.0), dtype=np.float32).reshape(-1, 1))
-        acc_T = F.embedding_bag(torch.from_numpy(idx_TM), table, mode="sum")[:, 0].numpy()
+        table = torch.from_numpy(np.ascontiguousarray(lut_QMK, dtype=np.float32).reshape(-1, 1))
+        acc_T = F.embedding_bag(torch.from_numpy(idx_TP), table, mode="sum")[:, 0].numpy()
+        if steps is not None:
+            acc_T += np.take(self.prefix_bias(steps), rows_T)
+            return acc_T
         if self.scale_N is not None:
             # torch gathers the float16 scales and widens them with vector instructions (exact);
             # NumPy's float16 conversion is element by element, 2-3x slower.
@@ -440,12 +486,18 @@ class ShardSearcher:
                               f"{self.nlist}")
         return lists_QP
 
-    def lut_search(self, q_QD, lists_QP, S: int):
+    def lut_search(self, q_QD, lists_QP, S: int, prefix: tuple[int, int] | None = None):
         """Shortlist of ``S`` candidates per query from the probed lists.
 
         Returns ``(D_QS float32, I_QS int64 global ids, rows_QS int64 shard rows)`` sorted by
-        (approximate squared distance, id); missing candidates are (inf, -1, -1).
+        (approximate squared distance, id); missing candidates are (inf, -1, -1). With ``prefix``
+        ``(P, S1)`` the candidates are the best S1 of the prefix stage (``prefix_search``).
         """
+        if prefix is not None:
+            _, I_QX, rows_QX, D_QX = self.prefix_search(q_QD, lists_QP, *prefix)
+            if S < 1:
+                raise ConfigError(f"shortlist size must be >= 1, got {S}")
+            return topk_smallest(D_QX, I_QX, S, payload_QC=rows_QX)
         q_QD = _check_queries(q_QD, self.D)
         lists_QP = self._check_lists(lists_QP, q_QD.shape[0])
         if S < 1:
@@ -457,6 +509,26 @@ class ShardSearcher:
         if self._faiss_ivf is not None:
             return self._lut_search_faiss(q_QD, lut_QMK, Dc_QP, lists_QP, S)
         return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S)
+
+    def prefix_search(self, q_QD, lists_QP, steps: int, S1: int):
+        """The prefix stage: the best ``S1`` candidates per query by the lookup-table distance of the
+        first ``steps`` codebooks (see ``SearchParams``), with their full lookup-table distances.
+
+        Returns ``(Dp_QS1, I_QS1, rows_QS1, D_QS1)`` sorted by (prefix distance, id); ``D_QS1`` is the
+        full distance (all M tables, row scales), the value ``lut_search`` gives the same pair.
+        The selection depends only on the (query, row) pairs, so the best S1 of several shards'
+        results is the best S1 of their union: a search merges shards on the prefix distance first.
+        """
+        q_QD = _check_queries(q_QD, self.D)
+        lists_QP = self._check_lists(lists_QP, q_QD.shape[0])
+        if S1 < 1:
+            raise ConfigError(f"prefix shortlist size must be >= 1, got {S1}")
+        self.prefix_bias(steps)  # validates steps; computed once, before any scanner thread
+        if lists_QP.shape[0] == 0:
+            return self._empty(0, S1) + (np.full((0, S1), np.inf, np.float32),)
+        lut_QMK = self._luts(q_QD)
+        Dc_QP = self._coarse_dists(q_QD, lists_QP)
+        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S1, steps)
 
     def _lut_search_faiss(self, q_QD, lut_QMK, Dc_QP, lists_QP, S):
         Q, P = lists_QP.shape
@@ -486,11 +558,11 @@ class ShardSearcher:
         return (np.full((Q, S), np.inf, np.float32), np.full((Q, S), PAD_ID, np.int64),
                 np.full((Q, S), PAD_ID, np.int64))
 
-    def _lut_search_numpy(self, lut_QMK, Dc_QP, lists_QP, S):
+    def _lut_search_numpy(self, lut_QMK, Dc_QP, lists_QP, S, steps=None):
         Q = lists_QP.shape[0]
         T = min(self.num_threads, Q // MIN_QUERIES_PER_THREAD)
         if T <= 1:
-            return self._lut_search_numpy_1(lut_QMK, Dc_QP, lists_QP, S)
+            return self._lut_search_numpy_1(lut_QMK, Dc_QP, lists_QP, S, steps)
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -498,7 +570,7 @@ class ShardSearcher:
         bounds = np.linspace(0, Q, T + 1).astype(int)
 
         def part(a: int, b: int):
-            return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S)
+            return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S, steps)
 
         # The scanner threads already fill the cores; torch's own threads inside each one's
         # gather-add and top-k would oversubscribe them. torch's thread count is process-wide:
@@ -510,9 +582,11 @@ class ShardSearcher:
                 parts = list(ex.map(part, bounds[:-1], bounds[1:]))
         finally:
             torch.set_num_threads(torch_threads)
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
 
-    def _lut_search_numpy_1(self, lut_QMK, Dc_QP, lists_QP, S):
+    def _lut_search_numpy_1(self, lut_QMK, Dc_QP, lists_QP, S, steps=None):
+        """Top-S by lookup-table distance; with ``steps`` top-S by prefix distance, plus the full
+        distances of those candidates (``prefix_search``)."""
         Q, P = lists_QP.shape
         sizes_QP = np.where(lists_QP >= 0, self.list_sizes_L[np.maximum(lists_QP, 0)], 0)
         tot_Q = sizes_QP.sum(axis=1)
@@ -525,12 +599,14 @@ class ShardSearcher:
                 width = max(width, int(tot_Q[b]))
                 b += 1
             D_, I_, R_ = self._scan_chunk(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], sizes_QP[a:b],
-                                          width, S)
+                                          width, S, steps)
             out[0][a:b], out[1][a:b], out[2][a:b] = D_, I_, R_
             a = b
-        return out
+        if steps is None:
+            return out
+        return out + (self._lut_dists(lut_QMK, out[2], lists_QP, Dc_QP),)
 
-    def _scan_chunk(self, lut_QMK, Dc_QP, lists_QP, sizes_QP, C, S):
+    def _scan_chunk(self, lut_QMK, Dc_QP, lists_QP, sizes_QP, C, S, steps=None):
         """Approximate distances of every code in the probed lists, then exact top-S.
 
         Candidates are laid out query by query (probe slots in order, each a run of consecutive
@@ -547,7 +623,7 @@ class ShardSearcher:
         pos_T = np.arange(T)
         rows_T = np.repeat(row0 - slot_first, sizes)
         rows_T += pos_T
-        d_T = self._code_dists(lut_QMK, tot_Q, rows_T)
+        d_T = self._code_dists(lut_QMK, tot_Q, rows_T, steps)
         d_T += np.repeat(Dc_QP.ravel(), sizes)
         cell_T = np.repeat(np.arange(Q) * C - q_first, tot_Q)  # flat buffer cell of each candidate
         cell_T += pos_T
@@ -641,10 +717,10 @@ class ShardSearcher:
         t1 = time.perf_counter()
         t["probe"] = t.get("probe", 0.0) + (t1 - t0)
         if self.decode_fn is None:
-            D_QK, I_QK, _ = self.lut_search(q_QD, lists_QP, params.k)
+            D_QK, I_QK, _ = self.lut_search(q_QD, lists_QP, params.k, params.prefix)
             t["lut"] = t.get("lut", 0.0) + (time.perf_counter() - t1)
             return D_QK, I_QK
-        D_QS, I_QS, rows_QS = self.lut_search(q_QD, lists_QP, params.shortlist)
+        D_QS, I_QS, rows_QS = self.lut_search(q_QD, lists_QP, params.shortlist, params.prefix)
         t2 = time.perf_counter()
         t["lut"] = t.get("lut", 0.0) + (t2 - t1)
         R = params.shortlist if params.rerank is None else params.rerank

@@ -72,6 +72,39 @@ def test_three_shards_give_the_same_results_as_one(baseline, tiny_index_inputs):
     assert saved["params"]["nprobe"] == 3 and saved["code_version"]
 
 
+def test_prefix_stage_three_shards_give_the_same_results_as_one(indexes, tiny_index_inputs, tmp_path):
+    """With the prefix stage on, the job merges the shards' prefix shortlists exactly: three shards
+    answer like one, and the results are those of the in-process searcher over all rows."""
+    from pipeline.search_kernels import SearchParams
+
+    kw = dict(prefix_steps=2, prefix_shortlist=20, rerank=False, shortlist=10)
+    I1, D1, r1 = _search(indexes["one"], tiny_index_inputs, str(tmp_path / "one"), **kw)
+    I3, D3, r3 = _search(indexes["three"], tiny_index_inputs, str(tmp_path / "three"), **kw)
+    assert r3["shards"] == 3 and r3["params"]["prefix_steps"] == 2
+    np.testing.assert_array_equal(I3, I1)
+    np.testing.assert_array_equal(D3, D1)
+    from pipeline.additive_decoder import model_row_scales
+    from pipeline.encoder import encode
+    from pipeline.search_job import build_searcher
+
+    inp = tiny_index_inputs
+    codes, lists = encode(inp["model_obj"], inp["x"])
+    order = np.lexsort((np.arange(len(lists)), lists))
+    offsets = np.searchsorted(lists[order], np.arange(inp["model_obj"].config.nlist + 1))
+    s = build_searcher(inp["model_obj"], lists[order], order, codes[order], offsets,
+                       scale_N=model_row_scales(inp["model_obj"], codes[order], lists[order]))
+    D_ref, I_ref = s.search(inp["q"], SearchParams(k=10, nprobe=3, shortlist=10, prefix_steps=2,
+                                                    prefix_shortlist=20))
+    np.testing.assert_array_equal(I1, I_ref)
+    # the prefix stage changed the ranking here: a short S1 drops candidates
+    I_full, _, _ = _search(indexes["three"], tiny_index_inputs, str(tmp_path / "full"), rerank=False, shortlist=10)
+    assert not np.array_equal(I_full, I3)
+    with pytest.raises(ConfigError, match="prefix_steps must be below the model's M = 4"):
+        _search(indexes["three"], tiny_index_inputs, str(tmp_path / "bad"), prefix_steps=4)
+    with pytest.raises(ConfigError, match="prefix_shortlist"):
+        _search(indexes["three"], tiny_index_inputs, str(tmp_path / "bad"), prefix_steps=2, prefix_shortlist=5)
+
+
 def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_index_inputs):
     """With a shortlist covering every probed code, the result is the exact top-k over the
     QINCo-decoded vectors of the probed lists, whatever the sharding."""

@@ -352,3 +352,81 @@ def test_chunked_scan_equals_one_chunk(data):
     assert whole.list_sizes_L[lists].sum(axis=1).min() > 300  # so every chunk holds one query
     for x, y in zip(whole.lut_search(q, lists, 25), chunked.lut_search(q, lists, 25)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_prefix_stage_keeps_the_nearest_prefix_reconstructions_with_their_full_distances(data):
+    """``prefix_search`` keeps the S1 rows of the probed lists nearest to their prefix
+    reconstruction ``c_l + Σ_{m<P} C_m[code_m]`` (brute force) and gives each the full lookup-table
+    distance of ``lut_search``, bit for bit; ``lut_search`` with the prefix ranks those by it."""
+    shard, q, _ = data
+    a_N = np.random.default_rng(6).uniform(0.5, 1.5, N).astype(np.float16)
+    s = ShardSearcher(**shard, scale_N=a_N)
+    P, S1, S = 2, 60, 12
+    _, lists = s.probe(q, 3)
+    cent, lids, cb = shard["centroids_LD"], shard["list_ids_N"], shard["codebooks_MKD"]
+    x_pre = additive_decode(shard["codes_NM"][:, :P], lids, cent, cb[:P]).astype(np.float64)
+    in_probe = (lids[None, :, None] == lists[:, None, :]).any(-1)
+    exact_QN = np.where(in_probe, ((q[:, None, :].astype(np.float64) - x_pre[None]) ** 2).sum(-1), np.inf)
+    Dp, Ip, rows, Df = s.prefix_search(q, lists, P, S1)
+    assert Dp.shape == Ip.shape == rows.shape == Df.shape == (Q, S1) and (rows >= 0).all()
+    np.testing.assert_array_equal(Ip, shard["ids_N"][rows])
+    np.testing.assert_allclose(Dp, np.sort(exact_QN, axis=1)[:, :S1], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(Dp, np.take_along_axis(exact_QN, rows, 1), rtol=1e-4, atol=1e-3)
+    # the full distances are lut_search's values for the same (query, row) pairs
+    D_all, _, rows_all = s.lut_search(q, lists, N)
+    full_QN = np.full((Q, N), np.nan, np.float32)
+    qi, ci = np.nonzero(rows_all >= 0)
+    full_QN[qi, rows_all[qi, ci]] = D_all[qi, ci]
+    np.testing.assert_array_equal(Df, np.take_along_axis(full_QN, rows, 1))
+    # the shortlist: the best S of those S1 by full distance (ties by id)
+    D_s, I_s, rows_s = s.lut_search(q, lists, S, prefix=(P, S1))
+    for i in range(Q):
+        order = np.lexsort((Ip[i], Df[i]))[:S]
+        np.testing.assert_array_equal(I_s[i], Ip[i, order])
+        np.testing.assert_array_equal(D_s[i], Df[i, order])
+    # the prefix stage really drops candidates of the full ranking with a short S1 ...
+    assert not np.array_equal(I_s, s.lut_search(q, lists, S)[1])
+    # ... and none when it keeps every probed row
+    big = int(in_probe.sum(1).max())
+    for x, y in zip(s.lut_search(q, lists, S, prefix=(P, big)), s.lut_search(q, lists, S)):
+        np.testing.assert_array_equal(x, y)
+    # two threads, small scan chunks: the same
+    s2 = ShardSearcher(**shard, scale_N=a_N, num_threads=2, scan_buffer_entries=300)
+    for x, y in zip(s2.prefix_search(q, lists, P, S1), (Dp, Ip, rows, Df)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ConfigError, match="prefix_steps must be between 1 and M - 1"):
+        s.prefix_search(q, lists, M, S1)
+    for bad in (SearchParams(k=10, shortlist=20, prefix_steps=-1),
+                SearchParams(k=10, shortlist=20, prefix_steps=2, prefix_shortlist=19)):
+        with pytest.raises(ConfigError, match="prefix"):
+            s.search(q, bad)
+    assert SearchParams(shortlist=20, prefix_steps=2).prefix == (2, 80)
+
+
+def test_prefix_stage_merged_over_shards_equals_one_shard(data):
+    """Shards' prefix-stage results merged on the prefix distance (``merge_candidates``) give the
+    shortlist of one shard holding every row."""
+    from pipeline.search_job import merge_candidates
+
+    shard, q, _ = data
+    a_N = np.random.default_rng(7).uniform(0.5, 1.5, N).astype(np.float16)
+    P, S1, S = 2, 50, 15
+    one = ShardSearcher(**shard, scale_N=a_N)
+    _, lists = one.probe(q, 3)
+    D1, I1, rows1 = one.lut_search(q, lists, S, prefix=(P, S1))
+    parts = []
+    owner = np.random.default_rng(7).integers(0, 3, N)  # _split's partition
+    for j, p in enumerate(_split(shard, 3)):
+        sj = ShardSearcher(**p, scale_N=a_N[owner == j])
+        Dp, Ip, rows, Df = sj.prefix_search(q, lists, P, S1)
+        codes = np.where(rows[..., None] >= 0, p["codes_NM"][np.maximum(rows, 0)], 0)
+        parts.append((Dp, Ip, codes, np.where(rows >= 0, p["list_ids_N"][np.maximum(rows, 0)], -1), Df))
+    D, I, codes, lst = merge_candidates(parts, S, prefix_k=S1)
+    np.testing.assert_array_equal(I, I1)
+    np.testing.assert_array_equal(D, D1)
+    np.testing.assert_array_equal(codes, shard["codes_NM"][rows1])
+    np.testing.assert_array_equal(lst, shard["list_ids_N"][rows1])
+    # merging the shards' full-distance shortlists instead would keep a different set
+    plain = [ShardSearcher(**p, scale_N=a_N[owner == j]).lut_search(q, lists, S, prefix=(P, S1))
+             for j, p in enumerate(_split(shard, 3))]
+    assert not np.array_equal(merge_topk([(x[0], x[1]) for x in plain], S)[1], I1)
