@@ -418,7 +418,8 @@ class ShardSearcher:
         return lut.numpy().reshape(-1, M, K)
 
     def prefix_bias(self, steps: int) -> np.ndarray:
-        """Row term of the prefix stage with ``steps`` codebooks (``_row_terms``), computed once."""
+        """Row term of the prefix stage with ``steps`` codebooks (``_row_terms``), computed on first
+        use and kept: 4 bytes per row for each ``steps`` searched with."""
         if not 1 <= steps < self.M:
             raise ConfigError(f"{self.source}: prefix_steps must be between 1 and M - 1 = {self.M - 1}, "
                               f"got {steps}")
@@ -493,15 +494,13 @@ class ShardSearcher:
         (approximate squared distance, id); missing candidates are (inf, -1, -1). With ``prefix``
         ``(P, S1)`` the candidates are the best S1 of the prefix stage (``prefix_search``).
         """
+        if S < 1:
+            raise ConfigError(f"shortlist size must be >= 1, got {S}")
         if prefix is not None:
             _, I_QX, rows_QX, D_QX = self.prefix_search(q_QD, lists_QP, *prefix)
-            if S < 1:
-                raise ConfigError(f"shortlist size must be >= 1, got {S}")
             return topk_smallest(D_QX, I_QX, S, payload_QC=rows_QX)
         q_QD = _check_queries(q_QD, self.D)
         lists_QP = self._check_lists(lists_QP, q_QD.shape[0])
-        if S < 1:
-            raise ConfigError(f"shortlist size must be >= 1, got {S}")
         if lists_QP.shape[0] == 0:
             return self._empty(0, S)
         lut_QMK = self._luts(q_QD)
