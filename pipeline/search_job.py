@@ -410,14 +410,13 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     from pipeline.search_kernels import SearchParams
 
     t0 = time.perf_counter()
-    if cfg.k <= 0 or cfg.shortlist < cfg.k:
-        raise ConfigError(f"need 0 < k <= shortlist, got k={cfg.k}, shortlist={cfg.shortlist}")
+    # k, nprobe, shortlist and the prefix stage are checked by SearchParams, as for in-process searches
+    params = SearchParams(k=cfg.k, nprobe=cfg.nprobe, shortlist=cfg.shortlist,
+                          prefix_steps=cfg.prefix_steps, prefix_shortlist=cfg.prefix_shortlist).validate()
     if cfg.rerank_count is not None and not 1 <= cfg.rerank_count <= cfg.shortlist:
         raise ConfigError(f"rerank_count must be between 1 and shortlist ({cfg.shortlist}), got {cfg.rerank_count}")
     if cfg.rerank_precision not in ("float32", "bfloat16"):
         raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
-    params = SearchParams(k=cfg.k, nprobe=cfg.nprobe, shortlist=cfg.shortlist,
-                          prefix_steps=cfg.prefix_steps, prefix_shortlist=cfg.prefix_shortlist).validate()
     q = vecs_io.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
     pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options,
                      cfg.lut_scales)
