@@ -433,10 +433,11 @@ class ShardSearcher:
             return self._prefix_bias[steps]
 
     def _code_dists(self, lut_QMK: np.ndarray, counts_Q: np.ndarray, rows_T: np.ndarray,
-                    steps: int | None = None) -> np.ndarray:
+                    steps: int | None = None, q_C: np.ndarray | None = None) -> np.ndarray:
         """``Σ_m lut[q, m, code_m] (x a_n) + bias`` for (query, row) pairs -> float32 ``(T,)``; the
-        pairs come query by query, ``counts_Q[q]`` of them for query ``q``. With ``steps`` P, the
-        prefix stage's value: the first P tables, no row scale, the prefix bias.
+        pairs come query by query, ``counts_Q[i]`` of them for query ``q_C[i]`` (default: every
+        query of ``lut_QMK`` in order). With ``steps`` P, the prefix stage's value: the first P
+        tables, no row scale, the prefix bias.
 
         The sum runs over m in order in float32 (``embedding_bag`` in sum mode, one bag per
         pair: a C++ gather-add with no intermediate arrays); this is the canonical arithmetic of a
@@ -448,33 +449,33 @@ class ShardSearcher:
         M, K = self.M, self.K
         P = M if steps is None else steps
         Q = lut_QMK.shape[0]
-        itype = np.int32 if Q * M * K < 2 ** 31 else np.int64
-        off_QP = np.arange(Q, dtype=itype)[:, None] * (M * K) + np.arange(P, dtype=itype) * K
+        q_C = np.arange(Q) if q_C is None else np.asarray(q_C)
+        T = len(rows_T)
+        itype, ttype = (np.int32, torch.int32) if Q * M * K < 2 ** 31 else (np.int64, torch.int64)
         table = torch.from_numpy(np.ascontiguousarray(lut_QMK, dtype=np.float32).reshape(-1, 1))
-        counts = np.asarray(counts_Q).tolist()
-        acc_T = np.empty(len(rows_T), np.float32)
-        a = q = 0
-        while q < Q:
-            # A block of whole queries' runs of pairs, at most GATHER_BLOCK_PAIRS unless one run is longer.
-            b, q_end = a + counts[q], q + 1
-            while q_end < Q and b + counts[q_end] - a <= GATHER_BLOCK_PAIRS:
-                b, q_end = b + counts[q_end], q_end + 1
-            # Row of (query, m, code) in the flattened tables, written in one pass per query's run.
-            codes_XP = np.take(self.codes_NM, rows_T[a:b], axis=0)[:, :P]
-            idx_XP = np.empty(codes_XP.shape, itype)
-            x = 0
-            for qq in range(q, q_end):
-                np.add(codes_XP[x:x + counts[qq]], off_QP[qq], out=idx_XP[x:x + counts[qq]])
-                x += counts[qq]
-            acc_T[a:b] = F.embedding_bag(torch.from_numpy(idx_XP), table, mode="sum")[:, 0].numpy()
-            a, q = b, q_end
+        # Row of (query, m, code) in the flattened tables: code + m K + q M K, built per block with
+        # whole-block tensor operations (no per-query Python loop, which kept two scanner threads
+        # waiting on each other) in two passes over the block's indices.
+        mK_P = torch.arange(P, dtype=ttype) * K
+        qoff_T = torch.from_numpy(np.repeat(q_C.astype(itype) * (M * K), np.asarray(counts_Q)))
+        rows_t = torch.from_numpy(np.ascontiguousarray(rows_T, dtype=np.int64))
+        codes_t = torch.from_numpy(self.codes_NM) if self.codes_NM.dtype == np.uint8 else None
+        acc_T = np.empty(T, np.float32)
+        for a in range(0, T, GATHER_BLOCK_PAIRS):
+            b = min(T, a + GATHER_BLOCK_PAIRS)
+            if codes_t is not None:
+                codes_XM = codes_t.index_select(0, rows_t[a:b])
+            else:  # uint16 codes (K > 256): torch has no uint16 arithmetic
+                codes_XM = torch.from_numpy(np.take(self.codes_NM, rows_T[a:b], axis=0).astype(itype))
+            idx_XP = torch.add(codes_XM[:, :P], mK_P)
+            idx_XP += qoff_T[a:b, None]
+            acc_T[a:b] = F.embedding_bag(idx_XP, table, mode="sum")[:, 0].numpy()
         if steps is not None:
             acc_T += np.take(self.prefix_bias(steps), rows_T)
             return acc_T
         if self.scale_N is not None:
             # torch gathers the float16 scales and widens them with vector instructions (exact);
             # NumPy's float16 conversion is element by element, 2-3x slower.
-            rows_t = torch.from_numpy(np.ascontiguousarray(rows_T, dtype=np.int64))
             acc_T *= torch.from_numpy(self.scale_N).index_select(0, rows_t).float().numpy()
         acc_T += np.take(self.bias_N, rows_T)
         return acc_T
@@ -603,23 +604,33 @@ class ShardSearcher:
         sizes_QP = np.where(lists_QP >= 0, self.list_sizes_L[np.maximum(lists_QP, 0)], 0)
         tot_Q = sizes_QP.sum(axis=1)
         out = self._empty(Q, S)
+        # Chunks of queries with similar candidate counts, so that little of a chunk's (queries,
+        # widest count) buffer is padding. A query's results do not depend on its chunk.
+        order = np.argsort(tot_Q, kind="stable")
+        tot_sorted = tot_Q[order].tolist()
         a = 0
         while a < Q:
-            # Grow the query chunk while its candidate buffer stays within budget.
-            b, width = a + 1, max(int(tot_Q[a]), 1)
-            while b < Q and (b + 1 - a) * max(width, int(tot_Q[b])) <= self.scan_buffer_entries:
-                width = max(width, int(tot_Q[b]))
+            # Grow the chunk while its buffer stays within budget and its widest query within twice
+            # (plus a little) of its first.
+            b = a + 1
+            width = max(tot_sorted[a], 1)
+            cap = 2 * width + 64
+            while (b < Q and tot_sorted[b] <= cap
+                   and (b + 1 - a) * max(width, tot_sorted[b]) <= self.scan_buffer_entries):
+                width = max(width, tot_sorted[b])
                 b += 1
-            D_, I_, R_ = self._scan_chunk(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], sizes_QP[a:b],
+            q_C = order[a:b]
+            D_, I_, R_ = self._scan_chunk(lut_QMK, q_C, Dc_QP[q_C], lists_QP[q_C], sizes_QP[q_C],
                                           width, S, steps)
-            out[0][a:b], out[1][a:b], out[2][a:b] = D_, I_, R_
+            out[0][q_C], out[1][q_C], out[2][q_C] = D_, I_, R_
             a = b
         if steps is None:
             return out
         return out + (self._lut_dists(lut_QMK, out[2], lists_QP, Dc_QP),)
 
-    def _scan_chunk(self, lut_QMK, Dc_QP, lists_QP, sizes_QP, C, S, steps=None):
-        """Approximate distances of every code in the probed lists, then exact top-S.
+    def _scan_chunk(self, lut_QMK, q_C, Dc_QP, lists_QP, sizes_QP, C, S, steps=None):
+        """Approximate distances of every code in the probed lists, then exact top-S, for the
+        queries ``q_C`` (their tables are ``lut_QMK[q_C]``; the other arrays are theirs alone).
 
         Candidates are laid out query by query (probe slots in order, each a run of consecutive
         shard rows) in a ``(Q, C)`` buffer padded with inf.
@@ -635,7 +646,7 @@ class ShardSearcher:
         pos_T = np.arange(T)
         rows_T = np.repeat(row0 - slot_first, sizes)
         rows_T += pos_T
-        d_T = self._code_dists(lut_QMK, tot_Q, rows_T, steps)
+        d_T = self._code_dists(lut_QMK, tot_Q, rows_T, steps, q_C)
         d_T += np.repeat(Dc_QP.ravel(), sizes)
         cell_T = np.repeat(np.arange(Q) * C - q_first, tot_Q)  # flat buffer cell of each candidate
         cell_T += pos_T
@@ -657,12 +668,15 @@ class ShardSearcher:
         else:
             import torch
 
-            kth_QS, cols = torch.topk(torch.from_numpy(buf_D), S, dim=1, largest=False,
-                                      sorted=False)
-            cols_QX = cols.numpy()
-            kth_Q = kth_QS.numpy().max(axis=1)
+            # The S + 1 smallest, sorted: more than S candidates are at most the S-th distance
+            # exactly when the (S + 1)-th equals it.
+            vals, cols = torch.topk(torch.from_numpy(buf_D), S + 1, dim=1, largest=False,
+                                    sorted=True)
+            vals_QS = vals.numpy()
+            cols_QX = np.ascontiguousarray(cols.numpy()[:, :S])
+            kth_Q = vals_QS[:, S - 1]
             # Candidates tied at the S-th distance: choose by id, exactly as topk_smallest.
-            for q in np.flatnonzero(np.count_nonzero(buf_D <= kth_Q[:, None], axis=1) > S):
+            for q in np.flatnonzero(vals_QS[:, S] == kth_Q):
                 cand = np.flatnonzero(buf_D[q] <= kth_Q[q])
                 cand_ids = ids_of(rows_of(np.full(cand.size, q), cand))
                 cols_QX[q] = cand[np.lexsort((cand_ids, buf_D[q, cand]))[:S]]
