@@ -66,6 +66,32 @@ def test_bfloat16_decoding_is_close_to_float32_and_precision_is_checked(trained)
         decode(model, codes, precision="float16")
 
 
+@pytest.mark.parametrize("variant,nlist", [("qinco2", 0), ("qinco2", 8), ("qinco1", 8)])
+def test_reduced_precision_decode_equals_autocast(variant, nlist):
+    """decode's bfloat16 path (weights cast once, no autocast) gives autocast's values bit for bit."""
+    from pipeline.decoder import decode_tensor
+    from pipeline.encoder import _autocast
+
+    torch.manual_seed(0)
+    cfg = QincoConfig(dim=12, M=3, K=16, variant=variant, L=2, h=24, de=16, dh=24, A=0, B=1, nlist=nlist)
+    model = QINCo(cfg)
+    with torch.no_grad():
+        for prm in model.parameters():  # the zero-initialised layers too, so every weight matters
+            prm.normal_(0.0, 0.5)
+    if nlist:
+        model.set_centroids(np.random.default_rng(1).normal(size=(nlist, 12)).astype(np.float32))
+    model.eval()
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 16, (300, 3)).astype(np.uint8)
+    lists = rng.integers(0, nlist, 300) if nlist else None
+    with torch.inference_mode(), _autocast(torch.device("cpu"), "bfloat16"):
+        ref = decode_tensor(model, torch.from_numpy(codes.astype(np.int64)),
+                            None if lists is None else torch.from_numpy(lists)).float().numpy()
+    got = decode(model, codes, lists, precision="bfloat16")
+    np.testing.assert_array_equal(got, ref)
+    assert not np.array_equal(got, decode(model, codes, lists))  # and it is not float32
+
+
 def test_batching_does_not_change_codes(trained):
     model, xv = trained
     a, _ = encode(model, xv[:200])
