@@ -121,12 +121,14 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
     return uri
 
 
-def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int) -> tuple[str, dict]:
+def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int,
+                lut_weight: float = 0.0) -> tuple[str, dict]:
     from pipeline.encode_job import EncodeJobConfig, run_encode
 
-    index = str(work / "index")
+    index = str(work / ("index" if not lut_weight else f"index_lw{lut_weight:g}"))
     rep = run_encode(EncodeJobConfig(model_uri=model_uri, data_uris=[base_uri], index_uri=index,
-                                     workers=threads, cpus_per_worker=1.0, shard_rows=32768))
+                                     workers=threads, cpus_per_worker=1.0, shard_rows=32768,
+                                     lut_weight=lut_weight))
     return index, rep
 
 
@@ -307,8 +309,9 @@ def render(report: dict) -> str:
 def training_text(report: dict) -> str:
     """IVF-QINCo's training budget and set, and encoder beam, of one run."""
     A, B = report.get("encode_beam") or (8, 4)
+    lw = report.get("lut_weight") or 0.0
     return (f"{report['train_budget_s']:.0f} s on {report.get('train_set', 'learn')}, "
-            f"encoded with A={A}, B={B}")
+            f"encoded with A={A}, B={B}" + (f", lookup-table weight {lw:g}" if lw else ""))
 
 
 def merge_reports(reports: list[dict]) -> dict:
@@ -319,6 +322,11 @@ def merge_reports(reports: list[dict]) -> dict:
     a point's recall are an error."""
     if len({bool(r.get("lut_scales")) for r in reports}) > 1:
         raise ValueError("the runs differ in the lookup-table stage (row scales in some only)")
+    weights: dict[tuple, float] = {}
+    for r in reports:
+        for key in {(x["dataset"], x["bytes"]) for x in r.get("results", [])}:
+            if weights.setdefault(key, r.get("lut_weight") or 0.0) != (r.get("lut_weight") or 0.0):
+                raise ValueError(f"the runs of {key} encode with different lookup-table weights")
     out = dict(reports[0])
     points: dict[tuple, dict] = {}
     for r in reports:
@@ -376,6 +384,9 @@ def main(argv=None) -> int:
                          " as a production index does")
     ap.add_argument("--encode-beam", type=int, nargs=2, metavar=("A", "B"), default=None,
                     help="IVF-QINCo encoder pre-selection A and beam B (default: the preset's 8 4)")
+    ap.add_argument("--lut-weight", type=float, default=0.0,
+                    help="IVF-QINCo index built with the encode job's lut_weight (codes chosen among the final"
+                         " beam by neural + this weight x lookup-table error; its own index directory)")
     ap.add_argument("--rq-beam", type=int, nargs="+", default=[DEFAULT_RQ_BEAM],
                     help="Faiss IVF-RQ training and encoding beam(s); each beam but Faiss's default"
                          " (5) is reported as method IVF-RQ-beamB")
@@ -428,6 +439,7 @@ def main(argv=None) -> int:
               "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg()), "threads": a.threads,
               "queries": a.queries, "nlist": a.nlist, "repeats": a.repeats, "train_budget_s": a.train_budget,
               "lr": a.lr, "train_set": a.train_set, "encode_beam": a.encode_beam, "lut_scales": True,
+              "lut_weight": a.lut_weight,
               "results": [], "models": {}, "ray_job": [], "complete": False}
     res = report["results"]
     report["scale"] = ("full base, ground truth from the dataset" if a.max_base is None else
@@ -500,7 +512,7 @@ def main(argv=None) -> int:
             # An index already built returns before Ray starts; otherwise the encode job starts Ray,
             # which is shut down so that the in-process search, like Faiss, is timed without Ray's
             # daemons beside it (they cost it ~20% on 2 cores).
-            index_uri, enc = build_index(wdir, model_uri, base_uri, a.threads)
+            index_uri, enc = build_index(wdir, model_uri, base_uri, a.threads, a.lut_weight)
             if ray.is_initialized():
                 ray.shutdown()
             hist = info.get("metadata", {}).get("history", [])

@@ -145,6 +145,10 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                    help="skip unreadable row ranges (listed in the report) instead of failing")
     p.add_argument("--B", type=int, default=None, help="beam size (default: the model's)")
     p.add_argument("--A", type=int, default=None, help="pre-selected candidates (default: the model's)")
+    p.add_argument("--lut-weight", type=float, default=0.0,
+                   help="choose each vector's codes among the final beam by neural error + this "
+                        "weight x lookup-table error, so the search's lookup-table stage ranks them better "
+                        "(default 0: the neural best)")
     p.add_argument("--block-rows", type=int, default=65536, help="vectors read per block")
     p.add_argument("--device", default="cpu")
 
@@ -157,7 +161,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         if len(a.data) != 1:
             raise ConfigError("a codes file holds one input; give one --data file or an index --out")
         encode_file(a.model, a.data[0], a.out, B=a.B, A=a.A, block_rows=a.block_rows, device=a.device,
-                    echo=lambda m: print(m, flush=True))
+                    echo=lambda m: print(m, flush=True), lut_weight=a.lut_weight)
         return 0
 
     p.set_defaults(func=run)
@@ -173,7 +177,8 @@ def _encode_index(a: argparse.Namespace) -> int:
     report = run_encode(EncodeJobConfig(
         model_uri=a.model, data_uris=list(a.data), index_uri=a.out, fmt=a.fmt, workers=a.workers,
         cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows,
-        batch_size=a.batch_size or 0, overwrite=a.overwrite, skip_bad_ranges=a.skip_bad_ranges))
+        batch_size=a.batch_size or 0, overwrite=a.overwrite, skip_bad_ranges=a.skip_bad_ranges,
+        lut_weight=a.lut_weight))
     keys = ("status", "version", "vectors", "shards", "vectors_encoded_this_run", "vectors_per_s", "wall_s", "bad_ranges")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2, default=str))
     return 0

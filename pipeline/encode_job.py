@@ -65,6 +65,8 @@ class EncodeJobConfig(JsonConfig):
     overwrite: bool = False
     skip_bad_ranges: bool = False
     parent_version: str | None = None  # committed version this one derives from (shards reused)
+    # > 0: lookup-table-aware choice of each vector's codes among the final beam (encoder.LutChoice)
+    lut_weight: float = 0.0
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs 'the same job' (resources and batch sizes do not change codes)."""
@@ -76,6 +78,8 @@ class EncodeJobConfig(JsonConfig):
         }
         if self.parent_version is not None:
             ident["parent_version"] = self.parent_version
+        if self.lut_weight:  # changes the codes; absent at 0, as in jobs from before the option
+            ident["lut_weight"] = self.lut_weight
         return ident
 
 
@@ -147,7 +151,7 @@ class EncodeActor:
     """
 
     def __init__(self, model_uri: str, version_uri: str, inputs: list, batch_size: int,
-                 threads: int, options=None):
+                 threads: int, options=None, lut_weight: float = 0.0):
         import torch
 
         from pipeline.checkpoint import load_model, model_identity
@@ -160,6 +164,7 @@ class EncodeActor:
         self.inputs = inputs
         self.batch_size = batch_size
         self.options = options
+        self.lut_weight = lut_weight
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline import encoder
@@ -180,7 +185,8 @@ class EncodeActor:
                 f"(file {file_index}, rows {rows[0]}..{rows[-1]}); check shard_rows vs block size")
         x = np.asarray(batch["vector"], dtype=np.float32)
         t0 = time.perf_counter()
-        codes, list_ids = encoder.encode(self.model, x, batch_size=self.batch_size or None, device=self.device)
+        codes, list_ids = encoder.encode(self.model, x, batch_size=self.batch_size or None, device=self.device,
+                                         lut_weight=self.lut_weight)
         scale_N = None
         if self.model.additive_MKD.shape[0]:
             # the lookup-table stage's row scales, stored so searches need not decode every row
@@ -205,7 +211,7 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     """Copy the parent version's shards that hold exactly the codes ``pending`` ranges would get.
 
     A parent shard qualifies when the parent was encoded by the same model (config and weights
-    hashes), its input at that file index is the same file (URI, count, header hash, id range)
+    hashes) and the same ``lut_weight``, its input at that file index is the same file (URI, count, header hash, id range)
     and the shard covers the same rows. Each copy is followed by its sidecar, so an interrupted
     copy is simply redone by the next run. Returns the number of shards copied.
     """
@@ -215,6 +221,8 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     if (parent.model.get("sha256"), parent.model.get("weights_sha256")) != (
             model_id["config_sha256"], model_id["weights_sha256"]):
         return 0
+    if float(parent.job_config.get("lut_weight", 0.0)) != cfg.lut_weight:
+        return 0  # the parent's codes were chosen differently
 
     def key(d: dict) -> tuple:
         return (d["uri"], d["count"], d["header_sha256"], d["id_start"], d["id_stop"])
@@ -251,7 +259,8 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
     same_inputs = [(i.uri, i.count, i.header_sha256) for i in m.inputs] == [
         (d["uri"], d["count"], d["header_sha256"]) for d in inputs_desc]
     same_rows = m.job_config.get("shard_rows") == cfg.shard_rows
-    if same_model and same_inputs and same_rows:
+    same_choice = float(m.job_config.get("lut_weight", 0.0)) == cfg.lut_weight
+    if same_model and same_inputs and same_rows and same_choice:
         return cur
     if not cfg.overwrite:
         raise ConfigError(
@@ -359,7 +368,8 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
             compute=ActorPoolStrategy(size=max(1, cfg.workers)),
             fn_constructor_kwargs=dict(model_uri=cfg.model_uri, version_uri=vuri, inputs=inputs,
                                        batch_size=cfg.batch_size,
-                                       threads=max(1, int(cfg.cpus_per_worker)), options=options),
+                                       threads=max(1, int(cfg.cpus_per_worker)), options=options,
+                                       lut_weight=cfg.lut_weight),
             num_cpus=cfg.cpus_per_worker,
             num_gpus=cfg.gpus_per_worker or None,
         )

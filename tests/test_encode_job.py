@@ -175,6 +175,22 @@ def test_prefix_with_other_index_refused_unless_overwrite(ray_session, tiny_inde
     assert load_manifest(index).total_rows == 1000
 
 
+def test_lut_weight_reaches_the_codes_and_is_part_of_the_job(ray_session, tiny_index_inputs, tmp_path):
+    inp = tiny_index_inputs
+    index = str(tmp_path / "index")
+    run_encode(_job(inp, index, shard_rows=2000, lut_weight=5.0))
+    m, ids, codes, lists = _read_index(index)
+    ref_codes, ref_lists = encoder.encode(inp["model_obj"], inp["x"], lut_weight=5.0)
+    np.testing.assert_array_equal(codes, ref_codes)
+    plain, _ = encoder.encode(inp["model_obj"], inp["x"])
+    assert (codes != plain).any(1).sum() > 0  # the choice changed some vectors' codes
+    assert m.job_config["lut_weight"] == 5.0
+    # the same prefix with the neural-best codes is a different index, not an up-to-date one
+    with pytest.raises(ConfigError, match="different index"):
+        run_encode(_job(inp, index, shard_rows=2000))
+    assert run_encode(_job(inp, index, shard_rows=2000, lut_weight=5.0))["status"] == "up-to-date"
+
+
 @pytest.mark.s3
 def test_encode_from_and_to_s3(ray_session, tiny_index_inputs, s3):
     inp = tiny_index_inputs

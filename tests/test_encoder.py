@@ -138,3 +138,49 @@ def test_greedy_search_matches_direct_network_evaluation(variant):
             np.testing.assert_array_equal(codes[:, m].numpy(), best.numpy())
             ref = ref + f_NKD[torch.arange(len(x)), best]
     torch.testing.assert_close(xhat, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_lut_weight_chooses_the_final_beam_entry_by_the_combined_error(trained):
+    """lut_weight λ picks, among the final beam, the entry with the least neural + λ lookup-table
+    error: never a worse combined error than the neural-best entry, never a better neural one."""
+    from pipeline.additive_decoder import decode_additive, fit_additive_decoder
+    from pipeline.encoder import LutChoice, beam_search
+    from pipeline.errors import ConfigError
+
+    model, xv = trained
+    with pytest.raises(ConfigError, match="additive"):
+        encode(model, xv, lut_weight=0.5)
+    codes0, _ = encode(model, xv)
+    model.set_additive_codebooks(fit_additive_decoder(codes0, xv, model.config.K))
+    with pytest.raises(ConfigError, match="lut_weight must be >= 0"):
+        encode(model, xv, lut_weight=-1.0)
+    try:
+        xn = model.normalise(torch.from_numpy(xv))
+        xhat0 = torch.zeros_like(xn)
+        with torch.inference_mode():
+            c0, xh0 = beam_search(model, xn, xhat0, B=8, A=0)
+            cw, xhw = beam_search(model, xn, xhat0, B=8, A=0, lut_weight=0.0)
+            torch.testing.assert_close(cw, c0, rtol=0, atol=0)  # λ = 0 is the plain search
+            cl, xhl = beam_search(model, xn, xhat0, B=8, A=0, lut_weight=2.0, chunk=7)
+        assert (cl != c0).any(1).float().mean() > 0.05  # the choice really changes codes
+
+        cb = model.additive_MKD.numpy()
+        x = xv.astype(np.float64)
+
+        def errors(codes, xhat_n):
+            xr = model.denormalise(xhat_n).numpy().astype(np.float64)
+            r = decode_additive(cb, codes.numpy()).astype(np.float64)
+            a = np.clip((r * xr).sum(1) / (r * r).sum(1), -16, 16)
+            return ((x - xr) ** 2).sum(1), ((x - a[:, None] * r) ** 2).sum(1)
+
+        n0, l0 = errors(c0, xh0)
+        nl, ll = errors(cl, xhl)
+        tol = 1e-4 * (n0 + l0)
+        assert np.all(nl >= n0 - tol)  # entry 0 of the final beam is the neural best
+        assert np.all(nl + 2.0 * ll <= n0 + 2.0 * l0 + tol)
+        assert ll.mean() < 0.95 * l0.mean()
+        # encode passes the weight through and keeps the plain path otherwise
+        np.testing.assert_array_equal(encode(model, xv, B=8, A=0, lut_weight=2.0)[0], cl.numpy())
+        assert LutChoice(model, 0.1).weight == 0.1
+    finally:
+        model.set_additive_codebooks(None)
