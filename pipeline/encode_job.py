@@ -10,7 +10,8 @@ workers build shards, the driver commits a manifest atomically.
    a killed job re-run with the same arguments encodes only what is missing.
 3. Ray Data reads the pending ranges with byte-range read tasks (``VectorDatasource``), an actor
    pool (model loaded once per actor, CPU or GPU) assigns IVF lists and computes QINCo codes with
-   the same ``encoder.encode`` as single-process ``qinco encode``, and the rows' lookup-table
+   the same ``encoder.encode`` as single-process ``qinco encode`` (``lut_weight``: the lookup-table-
+   aware choice among the final beam, ``encoder.LutChoice``), and the rows' lookup-table
    scales (``additive_decoder.model_row_scales``: one float32 decode of the codes, far cheaper
    than the beam search), and writes each range's shard atomically, followed by its sidecar.
 4. When every range has a shard, the driver writes the manifest (the commit point), switches the
