@@ -668,15 +668,17 @@ class ShardSearcher:
         else:
             import torch
 
-            # The S + 1 smallest, sorted: more than S candidates are at most the S-th distance
-            # exactly when the (S + 1)-th equals it.
+            # The S + 1 smallest (unsorted; sorting them costs more than the selection at large S):
+            # more than S candidates are at most the S-th distance exactly when the (S + 1)-th, their
+            # largest, equals the S-th, their second largest. The S are the others.
             vals, cols = torch.topk(torch.from_numpy(buf_D), S + 1, dim=1, largest=False,
-                                    sorted=True)
-            vals_QS = vals.numpy()
-            cols_QX = np.ascontiguousarray(cols.numpy()[:, :S])
-            kth_Q = vals_QS[:, S - 1]
+                                    sorted=False)
+            top2 = torch.topk(vals, 2, dim=1, largest=True)
+            last_Q, kth_Q = top2.values[:, 0].numpy(), top2.values[:, 1].numpy()
+            keep = np.arange(S + 1) != top2.indices[:, :1].numpy()
+            cols_QX = cols.numpy()[keep].reshape(Q, S)
             # Candidates tied at the S-th distance: choose by id, exactly as topk_smallest.
-            for q in np.flatnonzero(vals_QS[:, S] == kth_Q):
+            for q in np.flatnonzero(last_Q == kth_Q):
                 cand = np.flatnonzero(buf_D[q] <= kth_Q[q])
                 cand_ids = ids_of(rows_of(np.full(cand.size, q), cand))
                 cols_QX[q] = cand[np.lexsort((cand_ids, buf_D[q, cand]))[:S]]
