@@ -212,8 +212,8 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     """Copy the parent version's shards that hold exactly the codes ``pending`` ranges would get.
 
     A parent shard qualifies when the parent was encoded by the same model (config and weights
-    hashes) and the same ``lut_weight``, its input at that file index is the same file (URI, count, header hash, id range)
-    and the shard covers the same rows. Each copy is followed by its sidecar, so an interrupted
+    hashes) and the same ``lut_weight``, its input at that file index is the same file (URI,
+    count, header hash, id range) and the shard covers the same rows. Each copy is followed by its sidecar, so an interrupted
     copy is simply redone by the next run. Returns the number of shards copied.
     """
     from pipeline.manifest import load_manifest, shard_uri
@@ -311,6 +311,10 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     model_id = model_identity(cfg.model_uri, options)
     model = load_model(cfg.model_uri, options=options)
     mcfg = model.config
+    if cfg.lut_weight:
+        from pipeline.encoder import LutChoice
+
+        LutChoice(model, cfg.lut_weight)  # a bad weight, or a model without additive codebooks, fails here
     inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
     for inp in inputs:
         if inp.dim != mcfg.dim:

@@ -189,6 +189,9 @@ def test_lut_weight_reaches_the_codes_and_is_part_of_the_job(ray_session, tiny_i
     with pytest.raises(ConfigError, match="different index"):
         run_encode(_job(inp, index, shard_rows=2000))
     assert run_encode(_job(inp, index, shard_rows=2000, lut_weight=5.0))["status"] == "up-to-date"
+    with pytest.raises(ConfigError, match="lut_weight must be >= 0"):  # refused before any work
+        run_encode(_job(inp, str(tmp_path / "other"), lut_weight=-1.0))
+    assert not os.path.exists(tmp_path / "other")
 
 
 @pytest.mark.s3
