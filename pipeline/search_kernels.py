@@ -454,8 +454,7 @@ class ShardSearcher:
         itype, ttype = (np.int32, torch.int32) if Q * M * K < 2 ** 31 else (np.int64, torch.int64)
         table = torch.from_numpy(np.ascontiguousarray(lut_QMK, dtype=np.float32).reshape(-1, 1))
         # Row of (query, m, code) in the flattened tables: code + m K + q M K, built per block with
-        # whole-block tensor operations (no per-query Python loop, which kept two scanner threads
-        # waiting on each other) in two passes over the block's indices.
+        # whole-block tensor operations (no per-query Python loop) in two passes over its indices.
         mK_P = torch.arange(P, dtype=ttype) * K
         qoff_T = torch.from_numpy(np.repeat(q_C.astype(itype) * (M * K), np.asarray(counts_Q)))
         rows_t = torch.from_numpy(np.ascontiguousarray(rows_T, dtype=np.int64))
