@@ -16,6 +16,8 @@ Public API:
 - ``decode_additive(codebooks_MKD, codes_NM, list_ids_N=None, centroids_LD=None) -> (N, D) float32``
 - ``row_scales(codes_NM, list_ids_N, centroids_LD, codebooks_MKD, decode_fn) -> (N,) float16``:
   per-row scale ``a_n`` of the additive residual that best matches the exact decoder.
+- ``least_squares_scale(r, t)``: that scale for given residuals and targets (NumPy or torch; the
+  encoder's lookup-table-aware choice uses it too).
 - ``model_row_scales(model, codes_NM, list_ids_N, device="cpu") -> (N,) float16``: the same for
   codes of a QINCo model, from its float32 decode and its own additive codebooks (what the encode
   job stores in each shard's ``lut_scale`` column and a search computes for shards without one).
@@ -135,6 +137,16 @@ def decode_additive(codebooks_MKD: np.ndarray, codes_NM: np.ndarray, list_ids_N:
     return out
 
 
+def least_squares_scale(r, t):
+    """``<r, t> / ||r||²`` over the last axis, 1 where ``r`` is (nearly) zero, clipped to
+    ``±MAX_ROW_SCALE``: the row scale of residual ``r`` towards target ``t``. NumPy arrays or torch
+    tensors (the same arithmetic in each)."""
+    xp = np if isinstance(r, np.ndarray) else torch
+    rr = (r * r).sum(-1)
+    ok = rr > 1e-12 * (t * t).sum(-1).clip(min=1e-30)
+    return xp.where(ok, (r * t).sum(-1) / xp.where(ok, rr, 1.0), 1.0).clip(-MAX_ROW_SCALE, MAX_ROW_SCALE)
+
+
 def row_scales(codes_NM: np.ndarray, list_ids_N: np.ndarray | None, centroids_LD: np.ndarray | None,
                codebooks_MKD: np.ndarray, decode_fn, batch_rows: int = 65536) -> np.ndarray:
     """Least-squares scale of each row's additive residual towards ``decode_fn``'s reconstruction.
@@ -154,14 +166,10 @@ def row_scales(codes_NM: np.ndarray, list_ids_N: np.ndarray | None, centroids_LD
         if xhat.shape != (len(c), codebooks_MKD.shape[2]):
             raise ConfigError(f"decode_fn returned shape {xhat.shape}, expected {(len(c), codebooks_MKD.shape[2])}")
         r = decode_additive(codebooks_MKD, c).astype(np.float64)
-        t = _residual(xhat, lids, centroids_LD)
-        rr = np.einsum("nd,nd->n", r, r)
-        rt = np.einsum("nd,nd->n", r, t)
-        ok = rr > 1e-12 * np.maximum(np.einsum("nd,nd->n", t, t), 1e-30)
-        scale = np.where(ok, rt / np.where(ok, rr, 1.0), 1.0)
+        scale = least_squares_scale(r, _residual(xhat, lids, centroids_LD))
         if not np.isfinite(scale).all():
             raise ConfigError(f"row scale is not finite at row {a + int(np.flatnonzero(~np.isfinite(scale))[0])}")
-        out[a:a + batch_rows] = np.clip(scale, -MAX_ROW_SCALE, MAX_ROW_SCALE)
+        out[a:a + batch_rows] = scale
     return out
 
 

@@ -84,6 +84,11 @@ class EncodeJobConfig(JsonConfig):
         return ident
 
 
+def job_lut_weight(job_config: dict) -> float:
+    """The ``lut_weight`` a committed version was encoded with (0 for jobs from before the option)."""
+    return float(job_config.get("lut_weight", 0.0))
+
+
 @dataclass
 class RangeTask(JsonConfig):
     """One row range of one input file, encoded into one shard."""
@@ -222,7 +227,7 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     if (parent.model.get("sha256"), parent.model.get("weights_sha256")) != (
             model_id["config_sha256"], model_id["weights_sha256"]):
         return 0
-    if float(parent.job_config.get("lut_weight", 0.0)) != cfg.lut_weight:
+    if job_lut_weight(parent.job_config) != cfg.lut_weight:
         return 0  # the parent's codes were chosen differently
 
     def key(d: dict) -> tuple:
@@ -260,7 +265,7 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
     same_inputs = [(i.uri, i.count, i.header_sha256) for i in m.inputs] == [
         (d["uri"], d["count"], d["header_sha256"]) for d in inputs_desc]
     same_rows = m.job_config.get("shard_rows") == cfg.shard_rows
-    same_choice = float(m.job_config.get("lut_weight", 0.0)) == cfg.lut_weight
+    same_choice = job_lut_weight(m.job_config) == cfg.lut_weight
     if same_model and same_inputs and same_rows and same_choice:
         return cur
     if not cfg.overwrite:

@@ -193,37 +193,32 @@ class LutChoice:
     Works in the beam search's normalised space: the additive codebooks (raw-space residual
     codewords) are divided by the model's scale, and the residual starts from the normalised list
     centroid (the beam's start) or, without IVF, from the normalised origin (the additive decoder
-    of a flat model has no centroid); the row scale is clipped as the search's is
-    (``additive_decoder.MAX_ROW_SCALE``).
+    of a flat model has no centroid); the row scale is the search's
+    (``additive_decoder.least_squares_scale``).
     """
 
     def __init__(self, model: QINCo, lut_weight: float):
-        from pipeline.additive_decoder import MAX_ROW_SCALE
-
         if not lut_weight >= 0:
             raise ConfigError(f"lut_weight must be >= 0, got {lut_weight}")
         if model.additive_MKD.shape[0] == 0:
             raise ConfigError("lut_weight needs the model's additive (lookup-table) codebooks, which this "
                               "model has none of (fit them with training's fit_additive)")
         self.weight = float(lut_weight)
-        self.max_scale = MAX_ROW_SCALE
         self.cb_MKD = (model.additive_MKD.float() / model.scale.float()).contiguous()
         self.origin_D = None if model.ivf else model.normalise(torch.zeros(1, model.config.dim,
                                                                            device=model.device))[0].float()
 
     def choose(self, xn_ND: Tensor, xhat0_ND: Tensor, xhat_NFD: Tensor, codes_NFm: Tensor) -> Tensor:
         """Index (``(N,)``) of the chosen entry of each vector's final beam."""
+        from pipeline.additive_decoder import least_squares_scale
+
         N, F, D = xhat_NFD.shape
         codes = codes_NFm.long()
         r_NFD = torch.zeros_like(xhat_NFD, dtype=torch.float32)
         for m in range(codes.shape[2]):
             r_NFD += self.cb_MKD[m][codes[:, :, m]]
         base_ND = xhat0_ND.float() if self.origin_D is None else self.origin_D.expand(N, D)
-        t_NFD = xhat_NFD.float() - base_ND[:, None, :]
-        rr_NF = (r_NFD * r_NFD).sum(2)
-        ok = rr_NF > 1e-12 * (t_NFD * t_NFD).sum(2).clamp_min(1e-30)
-        a_NF = torch.where(ok, (r_NFD * t_NFD).sum(2) / torch.where(ok, rr_NF, 1.0), 1.0)
-        a_NF = a_NF.clamp(-self.max_scale, self.max_scale)
+        a_NF = least_squares_scale(r_NFD, xhat_NFD.float() - base_ND[:, None, :])
         xt_NFD = base_ND[:, None, :] + a_NF[:, :, None] * r_NFD
         x_N1D = xn_ND.float()[:, None, :]
         err_NF = ((x_N1D - xhat_NFD.float()) ** 2).sum(2) + self.weight * ((x_N1D - xt_NFD) ** 2).sum(2)
