@@ -136,7 +136,7 @@ def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
     """In-process searcher over all shards of ``index``, built as a search job's actor builds it
     (``search_job.build_searcher``: row scales of the lookup-table stage included)."""
     from pipeline.checkpoint import load_model
-    from pipeline.decoder import decode
+    from pipeline.decoder import Decoder
     from pipeline.manifest import load_manifest, version_dir
     from pipeline.search_job import build_searcher, load_shards
 
@@ -145,7 +145,7 @@ def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
     lists, ids, codes, offsets, scales = load_shards(version_dir(index, m.version), [s.to_dict() for s in m.shards],
                                                      model.config.nlist, model.config.M)
     s = build_searcher(model, lists, ids, codes, offsets, scale_N=scales, source=index, num_threads=threads,
-                       decode_fn=lambda c, l: decode(model, c, l, precision=precision))
+                       decode_fn=Decoder(model, precision))
     return s, model
 
 
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     from pipeline import vecs_io
     from pipeline.baselines import machine_info
     from pipeline.datasets import resolve_dataset
-    from pipeline.decoder import decode
+    from pipeline.decoder import Decoder
     from pipeline.search_kernels import SearchParams
     from pipeline.training import train_ivf_centroids
 
@@ -537,8 +537,9 @@ def main(argv=None) -> int:
                 r1, r10 = recalls(I, gt)
                 add({"dataset": name, "bytes": nb, "method": "IVF-QINCo-LUT", "nprobe": p, "shortlist": None,
                      "R@1": r1, "R@10": r10, "qps": len(xq) / dt, **prefix(10)})
+                decoders = {prec: Decoder(model, prec) for prec in a.rerank_precision}
                 for prec in a.rerank_precision:
-                    searcher.decode_fn = lambda c, l, prec=prec: decode(model, c, l, precision=prec)
+                    searcher.decode_fn = decoders[prec]
                     grid = [(S, None) for S in a.shortlist] + [(10, R) for R in a.rerank]
                     for S, R in grid:
                         params = SearchParams(k=10, nprobe=p, shortlist=S, rerank=R, **prefix(S))

@@ -154,6 +154,7 @@ class ShardActor:
 
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_uri, options=options)
+        self.decoders = {}  # decoder.Decoder by re-rank precision, built on first use
         nlist = max(1, self.model.config.nlist)
         self.bad: dict[str, str] = {}
         list_ids, ids_N, codes_NM, offsets, scale_N = load_shards(
@@ -186,7 +187,11 @@ class ShardActor:
     def rerank(self, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: np.ndarray, lists_QS: np.ndarray, k: int,
                precision: str = "float32"):
         t = time.perf_counter()
-        D, I = rerank_exact(self.model, q_QD, I_QS, codes_QSM, lists_QS, k, precision)
+        if precision not in self.decoders:
+            from pipeline.decoder import Decoder
+
+            self.decoders[precision] = Decoder(self.model, precision)
+        D, I = rerank_exact(self.decoders[precision], q_QD, I_QS, codes_QSM, lists_QS, k)
         return D, I, time.perf_counter() - t
 
     def ping(self) -> bool:
@@ -245,14 +250,13 @@ def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=
                          decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N)
 
 
-def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k, precision: str = "float32"):
-    """Decode candidates with the QINCo model and keep the k nearest by exact squared L2.
+def rerank_exact(decoder, q_QD, I_QS, codes_QSM, lists_QS, k):
+    """Decode candidates with ``decoder`` (a ``decoder.Decoder`` of the QINCo model, in float32
+    or bfloat16) and keep the k nearest by exact squared L2.
 
     Distances come from ``search_kernels.sqdist_rows`` (float64 differences), so a candidate's
-    distance does not depend on the batch or the actor that computed it. ``precision``
-    "bfloat16" runs the decoder network in bfloat16 (see ``decoder.decode``).
+    distance does not depend on the batch or the actor that computed it.
     """
-    from pipeline.decoder import decode
     from pipeline.search_kernels import sqdist_rows
     from pipeline.topk import topk_smallest
 
@@ -260,8 +264,8 @@ def rerank_exact(model, q_QD, I_QS, codes_QSM, lists_QS, k, precision: str = "fl
     valid = I_QS >= 0
     xhat = np.zeros((Q, S, q_QD.shape[1]), np.float32)
     if valid.any():
-        lists = lists_QS[valid] if model.config.nlist > 0 else None
-        xhat[valid] = decode(model, codes_QSM[valid], lists, precision=precision)
+        lists = lists_QS[valid] if decoder.model.config.nlist > 0 else None
+        xhat[valid] = decoder(codes_QSM[valid], lists)
     d = sqdist_rows(q_QD, xhat)
     d = np.where(valid, d, np.inf).astype(np.float32)
     return topk_smallest(d, np.where(valid, I_QS, -1), k)

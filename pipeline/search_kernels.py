@@ -71,7 +71,7 @@ SCAN_BUFFER_ENTRIES = 1 << 20
 # (query, row) pairs per table gather-add: their int32 table indices (4 MB at M = 16) stay in the
 # CPU's cache between being written and being summed (bench/bench_scanner.py, 1 thread: 8-17% more
 # queries/s at nprobe 4-64 than with a scan chunk's 1M pairs at a time).
-GATHER_BLOCK_PAIRS = 1 << 16
+GATHER_BLOCK_PAIRS = 65536
 # Fewest queries worth a scanner thread of their own.
 MIN_QUERIES_PER_THREAD = 16
 # Extra candidates fetched from the Faiss scanner to resolve ties at the shortlist boundary.
@@ -208,7 +208,8 @@ class ShardSearcher:
 
     ``use_faiss_scanner`` builds a Faiss ``IndexIVFResidualQuantizer`` holding the same codes and
     norms so that the lookup-table scan runs in C++ (needs K a power of two); by default the
-    NumPy scanner is used, on ``num_threads`` threads (query chunks). Extra threads pay off only
+    NumPy scanner is used, on ``num_threads`` threads (query chunks; ``search`` runs each chunk
+    through the re-rank on its thread too). Extra threads for the scan alone pay off only
     for large nprobe (bench/bench_scanner.py: 1.1x at nprobe 64, slower at 4-16 on 2 cores), so
     the search job keeps one per actor and scales with actors. ``coarse_index`` may be a prebuilt Faiss index over the centroids
     (e.g. HNSW); ``source`` names the shard in error messages.
@@ -460,13 +461,16 @@ class ShardSearcher:
         rows_t = torch.from_numpy(np.ascontiguousarray(rows_T, dtype=np.int64))
         codes_t = torch.from_numpy(self.codes_NM) if self.codes_NM.dtype == np.uint8 else None
         acc_T = np.empty(T, np.float32)
+        # One index buffer for all blocks of the call, rather than a fresh 4 MB tensor per block.
+        idx_buf = torch.empty((min(T, GATHER_BLOCK_PAIRS), P), dtype=ttype)
         for a in range(0, T, GATHER_BLOCK_PAIRS):
             b = min(T, a + GATHER_BLOCK_PAIRS)
+            idx_XP = idx_buf[:b - a]
             if codes_t is not None:
-                codes_XM = codes_t.index_select(0, rows_t[a:b])
+                torch.add(codes_t.index_select(0, rows_t[a:b])[:, :P], mK_P, out=idx_XP)
             else:  # uint16 codes (K > 256): torch has no uint16 arithmetic
-                codes_XM = torch.from_numpy(np.take(self.codes_NM, rows_T[a:b], axis=0).astype(itype))
-            idx_XP = torch.add(codes_XM[:, :P], mK_P)
+                codes_XM = np.take(self.codes_NM, rows_T[a:b], axis=0)[:, :P]
+                torch.add(torch.from_numpy(codes_XM.astype(itype)), mK_P, out=idx_XP)
             idx_XP += qoff_T[a:b, None]
             acc_T[a:b] = F.embedding_bag(idx_XP, table, mode="sum")[:, 0].numpy()
         if steps is not None:
@@ -500,17 +504,19 @@ class ShardSearcher:
                               f"{self.nlist}")
         return lists_QP
 
-    def lut_search(self, q_QD, lists_QP, S: int, prefix: tuple[int, int] | None = None):
+    def lut_search(self, q_QD, lists_QP, S: int, prefix: tuple[int, int] | None = None,
+                   threads: int | None = None):
         """Shortlist of ``S`` candidates per query from the probed lists.
 
         Returns ``(D_QS float32, I_QS int64 global ids, rows_QS int64 shard rows)`` sorted by
         (approximate squared distance, id); missing candidates are (inf, -1, -1). With ``prefix``
         ``(P, S1)`` the candidates are the best S1 of the prefix stage (``prefix_search``).
+        ``threads``: scanner threads (default: as many as pay off, up to ``num_threads``).
         """
         if S < 1:
             raise ConfigError(f"shortlist size must be >= 1, got {S}")
         if prefix is not None:
-            _, I_QX, rows_QX, D_QX = self.prefix_search(q_QD, lists_QP, *prefix)
+            _, I_QX, rows_QX, D_QX = self.prefix_search(q_QD, lists_QP, *prefix, threads=threads)
             return topk_smallest(D_QX, I_QX, S, payload_QC=rows_QX)
         q_QD = _check_queries(q_QD, self.D)
         lists_QP = self._check_lists(lists_QP, q_QD.shape[0])
@@ -520,9 +526,9 @@ class ShardSearcher:
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
         if self._faiss_ivf is not None:
             return self._lut_search_faiss(q_QD, lut_QMK, Dc_QP, lists_QP, S)
-        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S)
+        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S, threads=threads)
 
-    def prefix_search(self, q_QD, lists_QP, steps: int, S1: int):
+    def prefix_search(self, q_QD, lists_QP, steps: int, S1: int, threads: int | None = None):
         """The prefix stage: the best ``S1`` candidates per query by the lookup-table distance of the
         first ``steps`` codebooks (see ``SearchParams``), with their full lookup-table distances.
 
@@ -540,7 +546,7 @@ class ShardSearcher:
             return self._empty(0, S1) + (np.full((0, S1), np.inf, np.float32),)
         lut_QMK = self._luts(q_QD)
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
-        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S1, steps)
+        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S1, steps, threads)
 
     def _lut_search_faiss(self, q_QD, lut_QMK, Dc_QP, lists_QP, S):
         Q, P = lists_QP.shape
@@ -570,31 +576,20 @@ class ShardSearcher:
         return (np.full((Q, S), np.inf, np.float32), np.full((Q, S), PAD_ID, np.int64),
                 np.full((Q, S), PAD_ID, np.int64))
 
-    def _lut_search_numpy(self, lut_QMK, Dc_QP, lists_QP, S, steps=None):
+    def _threads_for(self, Q: int) -> int:
+        """Threads worth using for ``Q`` queries (at most ``num_threads``)."""
+        return max(1, min(self.num_threads, Q // MIN_QUERIES_PER_THREAD))
+
+    def _lut_search_numpy(self, lut_QMK, Dc_QP, lists_QP, S, steps=None, threads: int | None = None):
         Q = lists_QP.shape[0]
-        T = min(self.num_threads, Q // MIN_QUERIES_PER_THREAD)
+        T = self._threads_for(Q) if threads is None else threads
         if T <= 1:
             return self._lut_search_numpy_1(lut_QMK, Dc_QP, lists_QP, S, steps)
-        from concurrent.futures import ThreadPoolExecutor
-
-        import torch
-
-        bounds = np.linspace(0, Q, T + 1).astype(int)
 
         def part(a: int, b: int):
             return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S, steps)
 
-        # The scanner threads already fill the cores; torch's own threads inside each one's
-        # gather-add and top-k would oversubscribe them. torch's thread count is process-wide:
-        # it is restored after.
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(T) as ex:
-                parts = list(ex.map(part, bounds[:-1], bounds[1:]))
-        finally:
-            torch.set_num_threads(torch_threads)
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
+        return _in_query_parts(part, Q, T)
 
     def _lut_search_numpy_1(self, lut_QMK, Dc_QP, lists_QP, S, steps=None):
         """Top-S by lookup-table distance; with ``steps`` top-S by prefix distance, plus the full
@@ -735,19 +730,41 @@ class ShardSearcher:
         """probe -> LUT shortlist -> re-rank (skipped without decode_fn) -> ``(D_QK, I_QK)``.
 
         ``timings`` (if given) accumulates seconds per stage under "probe", "lut", "rerank".
+        With several threads each takes a part of the queries through the shortlist and the
+        re-rank (torch on one thread in each): a decode of a few thousand rows uses two cores
+        less well than two decodes of half as many, one per core (1.3x against 1.7x on
+        2 cores). A stage's seconds are then those of its slowest thread.
         """
         params.validate()
         q_QD = _check_queries(q_QD, self.D)
         t = timings if timings is not None else {}
         t0 = time.perf_counter()
         _, lists_QP = self.probe(q_QD, params.nprobe)
+        t["probe"] = t.get("probe", 0.0) + (time.perf_counter() - t0)
+        Q = q_QD.shape[0]
+        T = self._threads_for(Q)
+        if self.decode_fn is None or T <= 1 or self._faiss_ivf is not None:
+            return self._search_part(q_QD, lists_QP, params, t, T)
+        part_t = [{} for _ in range(T)]
+        bounds = np.linspace(0, Q, T + 1).astype(int)
+
+        def part(a: int, b: int):
+            i = int(np.searchsorted(bounds, a))
+            return self._search_part(q_QD[a:b], lists_QP[a:b], params, part_t[i], 1)
+
+        D_QK, I_QK = _in_query_parts(part, Q, T)
+        for stage in ("lut", "rerank"):
+            t[stage] = t.get(stage, 0.0) + max(p.get(stage, 0.0) for p in part_t)
+        return D_QK, I_QK
+
+    def _search_part(self, q_QD, lists_QP, params: SearchParams, t: dict, threads: int):
+        """LUT shortlist and re-rank of probed queries, the scan on ``threads`` threads."""
         t1 = time.perf_counter()
-        t["probe"] = t.get("probe", 0.0) + (t1 - t0)
         if self.decode_fn is None:
-            D_QK, I_QK, _ = self.lut_search(q_QD, lists_QP, params.k, params.prefix)
+            D_QK, I_QK, _ = self.lut_search(q_QD, lists_QP, params.k, params.prefix, threads)
             t["lut"] = t.get("lut", 0.0) + (time.perf_counter() - t1)
             return D_QK, I_QK
-        D_QS, I_QS, rows_QS = self.lut_search(q_QD, lists_QP, params.shortlist, params.prefix)
+        D_QS, I_QS, rows_QS = self.lut_search(q_QD, lists_QP, params.shortlist, params.prefix, threads)
         t2 = time.perf_counter()
         t["lut"] = t.get("lut", 0.0) + (t2 - t1)
         R = params.shortlist if params.rerank is None else params.rerank
@@ -755,6 +772,26 @@ class ShardSearcher:
         if R < params.k:
             D_QK, I_QK = append_lut_tail(D_QK, I_QK, D_QS, I_QS, params.k)
         t["rerank"] = t.get("rerank", 0.0) + (time.perf_counter() - t2)
-        log.debug("%s: %d queries probe %.4fs lut %.4fs rerank %.4fs", self.source,
-                  q_QD.shape[0], t1 - t0, t2 - t1, time.perf_counter() - t2)
+        log.debug("%s: %d queries lut %.4fs rerank %.4fs", self.source, q_QD.shape[0], t2 - t1,
+                  time.perf_counter() - t2)
         return D_QK, I_QK
+
+
+def _in_query_parts(fn, Q: int, T: int):
+    """``fn(a, b)`` on ``T`` consecutive parts ``[a, b)`` of ``Q`` queries, one thread each, results
+    (tuples of arrays with one row per query) concatenated. The threads fill the cores; torch's own
+    threads inside each would oversubscribe them, so torch runs on one thread meanwhile (its thread
+    count is process-wide: it is restored after)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    bounds = np.linspace(0, Q, T + 1).astype(int)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(T) as ex:
+            parts = list(ex.map(fn, bounds[:-1], bounds[1:]))
+    finally:
+        torch.set_num_threads(torch_threads)
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))

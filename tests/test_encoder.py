@@ -92,6 +92,30 @@ def test_reduced_precision_decode_equals_autocast(variant, nlist):
     assert not np.array_equal(got, decode(model, codes, lists))  # and it is not float32
 
 
+def test_decoder_reused_equals_decode_and_keeps_its_snapshot(trained):
+    """A ``Decoder`` built once gives ``decode``'s values on every call (float32 and bfloat16, with
+    a prefix and a batch size), and keeps the weights it was built with."""
+    import copy
+
+    from pipeline.decoder import Decoder
+
+    model, xv = trained
+    codes, _ = encode(model, xv)
+    for precision in ("float32", "bfloat16"):
+        dec = Decoder(model, precision)
+        for _ in range(2):
+            np.testing.assert_array_equal(dec(codes), decode(model, codes, precision=precision))
+        np.testing.assert_array_equal(dec(codes[:50], prefix=2, batch_size=7),
+                                      decode(model, codes[:50], prefix=2, batch_size=7, precision=precision))
+    m2 = copy.deepcopy(model)
+    dec = Decoder(m2, "bfloat16")
+    before = dec(codes)
+    with torch.no_grad():
+        m2.steps[1].blocks[0].up.weight.mul_(2.0)
+    np.testing.assert_array_equal(dec(codes), before)
+    assert not np.array_equal(Decoder(m2, "bfloat16")(codes), before)
+
+
 def test_batching_does_not_change_codes(trained):
     model, xv = trained
     a, _ = encode(model, xv[:200])

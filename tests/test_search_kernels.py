@@ -343,6 +343,38 @@ def test_threaded_numpy_scan_equals_one_thread(data):
         np.testing.assert_array_equal(x, y)
 
 
+def test_threaded_search_runs_shortlist_and_rerank_per_thread(data):
+    """With several threads each takes a part of the queries through the shortlist and the re-rank
+    (torch on one thread inside): the results are those of one thread."""
+    import threading
+
+    import torch
+
+    shard, q, dec = data
+    seen = []
+
+    def decode_fn(codes_NM, list_ids_N):
+        seen.append((threading.get_ident(), torch.get_num_threads(), len(codes_NM)))
+        return dec(codes_NM, list_ids_N)
+
+    one = ShardSearcher(**shard, decode_fn=dec)
+    many = ShardSearcher(**shard, decode_fn=decode_fn, num_threads=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for params in (SearchParams(k=5, nprobe=3, shortlist=30), SearchParams(k=5, nprobe=2, shortlist=20, rerank=3)):
+            seen.clear()
+            timings = {}
+            for x, y in zip(one.search(q, params), many.search(q, params, timings)):
+                np.testing.assert_array_equal(x, y)
+            assert torch.get_num_threads() == 2
+            # Q = 40 queries: two parts of 20, each decoded on its own thread, torch single-threaded.
+            assert len({t for t, _, _ in seen}) == 2 and {n for _, n, _ in seen} == {1}
+            assert sorted(timings) == ["lut", "probe", "rerank"]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_chunked_scan_equals_one_chunk(data):
     """Splitting the batch into scan chunks (bounded candidate buffers) changes nothing."""
     shard, q, _ = data
