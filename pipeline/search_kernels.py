@@ -71,7 +71,7 @@ SCAN_BUFFER_ENTRIES = 1 << 20
 # (query, row) pairs per table gather-add: their int32 table indices (4 MB at M = 16) stay in the
 # CPU's cache between being written and being summed (bench/bench_scanner.py, 1 thread: 8-17% more
 # queries/s at nprobe 4-64 than with a scan chunk's 1M pairs at a time).
-GATHER_BLOCK_PAIRS = 65536
+GATHER_BLOCK_PAIRS = 1 << 16
 # Fewest queries worth a scanner thread of their own.
 MIN_QUERIES_PER_THREAD = 16
 # Extra candidates fetched from the Faiss scanner to resolve ties at the shortlist boundary.
