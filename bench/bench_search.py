@@ -525,6 +525,7 @@ def main(argv=None) -> int:
                 f" after {max((h.get('epoch', 0) for h in hist), default='?')} epochs; {built}")
             torch.set_num_threads(a.threads)
             searcher, model = qinco_searcher(index_uri, a.threads)
+            decoders = {prec: Decoder(model, prec) for prec in a.rerank_precision}
             for p, P in [(p, P) for p in a.nprobe for P in a.prefix]:
                 def prefix(S):
                     return {"prefix_steps": P, "prefix_shortlist": a.prefix_factor * S} if P else {}
@@ -537,7 +538,6 @@ def main(argv=None) -> int:
                 r1, r10 = recalls(I, gt)
                 add({"dataset": name, "bytes": nb, "method": "IVF-QINCo-LUT", "nprobe": p, "shortlist": None,
                      "R@1": r1, "R@10": r10, "qps": len(xq) / dt, **prefix(10)})
-                decoders = {prec: Decoder(model, prec) for prec in a.rerank_precision}
                 for prec in a.rerank_precision:
                     searcher.decode_fn = decoders[prec]
                     grid = [(S, None) for S in a.shortlist] + [(10, R) for R in a.rerank]

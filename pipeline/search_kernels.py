@@ -604,15 +604,14 @@ class ShardSearcher:
         tot_sorted = tot_Q[order].tolist()
         a = 0
         while a < Q:
-            # Grow the chunk while its buffer stays within budget and its widest query within twice
-            # (plus a little) of its first.
+            # Grow the chunk while its buffer stays within budget and its widest query (its last)
+            # within twice (plus a little) of its first.
             b = a + 1
-            width = max(tot_sorted[a], 1)
-            cap = 2 * width + 64
+            cap = 2 * max(tot_sorted[a], 1) + 64
             while (b < Q and tot_sorted[b] <= cap
-                   and (b + 1 - a) * max(width, tot_sorted[b]) <= self.scan_buffer_entries):
-                width = max(width, tot_sorted[b])
+                   and (b + 1 - a) * max(tot_sorted[b], 1) <= self.scan_buffer_entries):
                 b += 1
+            width = max(tot_sorted[b - 1], 1)
             q_C = order[a:b]
             D_, I_, R_ = self._scan_chunk(lut_QMK, q_C, Dc_QP[q_C], lists_QP[q_C], sizes_QP[q_C],
                                           width, S, steps)
@@ -745,12 +744,12 @@ class ShardSearcher:
         T = self._threads_for(Q)
         if self.decode_fn is None or T <= 1 or self._faiss_ivf is not None:
             return self._search_part(q_QD, lists_QP, params, t, T)
-        part_t = [{} for _ in range(T)]
-        bounds = np.linspace(0, Q, T + 1).astype(int)
+        part_t: list[dict] = []
 
         def part(a: int, b: int):
-            i = int(np.searchsorted(bounds, a))
-            return self._search_part(q_QD[a:b], lists_QP[a:b], params, part_t[i], 1)
+            pt: dict = {}
+            part_t.append(pt)
+            return self._search_part(q_QD[a:b], lists_QP[a:b], params, pt, 1)
 
         D_QK, I_QK = _in_query_parts(part, Q, T)
         for stage in ("lut", "rerank"):
