@@ -97,8 +97,10 @@ def recall_at_qps(points: list[dict], qps: float, y: str = "R@1") -> float | Non
 # --------------------------------------------------------------------------- stages
 def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: int, budget_s: float,
                 threads: int, epochs: int, lr: float, encode_beam: tuple[int, int] | None = None,
-                x_extra: np.ndarray | None = None) -> str:
+                x_extra: np.ndarray | None = None, device: str = "cpu") -> str:
     """Trains on ``xt[2000:]`` (plus ``x_extra``, e.g. base vectors), validates on ``xt[:2000]``."""
+    import torch
+
     from pipeline.checkpoint import save_model
     from pipeline.qinco_model import config_from_preset
     from pipeline.training import TrainConfig, train_model
@@ -113,8 +115,10 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
     tcfg = TrainConfig(epochs=epochs, time_budget_s=budget_s, num_threads=threads, val_size=2000,
                        batch_size=1024, lr=lr, lr_schedule="time", patience=10, rq_beam=5)
     t = time.perf_counter()
-    model, hist = train_model(x_train, xt[:2000], qcfg, tcfg, centroids=centroids)
-    meta = {"train_config": tcfg.to_dict(), "history": hist, "train_s": time.perf_counter() - t}
+    model, hist = train_model(x_train, xt[:2000], qcfg, tcfg, device=device, centroids=centroids)
+    where = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "CPU"
+    meta = {"train_config": tcfg.to_dict(), "history": hist, "train_s": time.perf_counter() - t,
+            "train_device": where}
     save_model(model, uri, metadata=meta)
     log.info("trained M=%d model in %.0f s (val MSE %.6g)", M, time.perf_counter() - t,
              min(h["val_mse"] for h in hist))
@@ -391,6 +395,8 @@ def main(argv=None) -> int:
                     help="Faiss IVF-RQ training and encoding beam(s); each beam but Faiss's default"
                          " (5) is reported as method IVF-RQ-beamB")
     ap.add_argument("--train-budget", type=float, default=300.0, help="QINCo training seconds per model")
+    ap.add_argument("--train-device", default="cpu",
+                    help="torch device the IVF-QINCo models are trained on (e.g. cuda; search runs on CPU)")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine over the budget)")
     ap.add_argument("--stage", choices=["all", "train"], default="all",
@@ -499,13 +505,14 @@ def main(argv=None) -> int:
                 del index
                 save()
             # -- IVF-QINCo
-            import ray
-
             t = time.perf_counter()
             model_uri = train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs, a.lr,
-                                    a.encode_beam, xb if a.train_set == "learn+base" else None)
+                                    a.encode_beam, xb if a.train_set == "learn+base" else None,
+                                    a.train_device)
             if a.stage == "train":
                 continue
+            import ray
+
             from pipeline.checkpoint import read_model_info
 
             info = read_model_info(model_uri)
@@ -522,7 +529,9 @@ def main(argv=None) -> int:
                           f"model+index {time.perf_counter() - t:.0f} s this run")
             report["models"][f"{name} {nb} B IVF-QINCo"] = (
                 f"val MSE {best:,.0f}" if best >= 100 else f"val MSE {best:.4g}") + (
-                f" after {max((h.get('epoch', 0) for h in hist), default='?')} epochs; {built}")
+                f" after {max((h.get('epoch', 0) for h in hist), default='?')} epochs"
+                f"{' on ' + info['metadata']['train_device'] if info.get('metadata', {}).get('train_device') else ''}"
+                f"; {built}")
             torch.set_num_threads(a.threads)
             searcher, model = qinco_searcher(index_uri, a.threads)
             decoders = {prec: Decoder(model, prec) for prec in a.rerank_precision}

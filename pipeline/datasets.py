@@ -1,7 +1,7 @@
 """Where the real datasets live and which file holds which split.
 
-A dataset folder holds ``learn``, ``base``, ``query`` vector files (``.fvecs`` or ``.bvecs``)
-and ``groundtruth.ivecs``. The folder is found through ``$QINCO_DATA_DIR`` (default
+A dataset folder holds ``learn``, ``base``, ``query`` vector files (``.fvecs``, ``.bvecs`` or
+``.npy``, the first found in that order) and ``groundtruth.ivecs``. The folder is found through ``$QINCO_DATA_DIR`` (default
 ``../shared/data`` next to the repository); the files are read in place, never copied.
 ``make_synthetic`` writes a small clustered dataset in the same layout for demos and tests.
 """
@@ -21,7 +21,7 @@ DATASETS = ("dwsift", "glove50")
 
 _ENV = "QINCO_DATA_DIR"
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_VECTOR_SUFFIXES = (".fvecs", ".bvecs")
+_VECTOR_SUFFIXES = (".fvecs", ".bvecs", ".npy")
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> pathlib.Path:

@@ -11,10 +11,11 @@ from pipeline import datasets, vecs_io
 from pipeline.errors import PipelineError
 
 
-def _fake_dataset(root: pathlib.Path, name: str, learn_ext: str = ".fvecs") -> pathlib.Path:
+def _fake_dataset(root: pathlib.Path, name: str, learn_ext: str = ".fvecs",
+                  base_ext: str = ".fvecs") -> pathlib.Path:
     folder = root / name
     folder.mkdir(parents=True)
-    for f in (f"learn{learn_ext}", "base.fvecs", "query.fvecs", "groundtruth.ivecs"):
+    for f in (f"learn{learn_ext}", f"base{base_ext}", "query.fvecs", "groundtruth.ivecs"):
         (folder / f).write_bytes(b"")
     return folder
 
@@ -35,6 +36,10 @@ def test_resolve_dataset_finds_files(tmp_path):
     assert ds.base == str(folder / "base.fvecs") and ds.query == str(folder / "query.fvecs")
     assert ds.groundtruth == str(folder / "groundtruth.ivecs")
     assert datasets.Dataset.from_dict(ds.to_dict()) == ds
+    other = _fake_dataset(tmp_path, "glove50", base_ext=".npy")
+    assert datasets.resolve_dataset("glove50", tmp_path).base == str(other / "base.npy")
+    (other / "base.fvecs").write_bytes(b"")  # .fvecs comes first
+    assert datasets.resolve_dataset("glove50", tmp_path).base == str(other / "base.fvecs")
 
 
 def test_resolve_dataset_errors_name_what_is_missing(tmp_path, monkeypatch):
@@ -43,7 +48,7 @@ def test_resolve_dataset_errors_name_what_is_missing(tmp_path, monkeypatch):
         datasets.resolve_dataset("glove50")
     folder = _fake_dataset(tmp_path, "glove50")
     (folder / "query.fvecs").unlink()
-    with pytest.raises(PipelineError, match=r"query\.fvecs or query\.bvecs not found"):
+    with pytest.raises(PipelineError, match=r"query\.fvecs or query\.bvecs or query\.npy not found"):
         datasets.resolve_dataset("glove50")
     with pytest.raises(PipelineError, match="unknown dataset"):
         datasets.resolve_dataset("sift1b")
