@@ -13,8 +13,9 @@ methods:
 Recall@1 / @10 (the true nearest neighbour in the top 1 / 10) and queries/s are measured over a
 grid of nprobe and shortlist sizes, Faiss and torch limited to the same thread count. One run
 of the full Ray query job (``run_search``) is measured separately. Writes
-``bench/out/search/results.json``, the Pareto plot ``bench/out/search/pareto.png`` (copied to
-``bench/search_pareto.png``) and the "Search quality" section of ``bench/RESULTS.md``.
+``bench/out/search/results.json``, the Pareto plot ``bench/out/search/pareto.png``, and the
+"Search quality" section of ``--results-md`` (default ``bench/RESULTS.md``) with the plot it links
+beside it (``bench/search_pareto.png``).
 
     .venv/bin/python bench/bench_search.py [--datasets dwsift] [--bytes 8 16] [--train-budget 300]
 
@@ -97,7 +98,7 @@ def recall_at_qps(points: list[dict], qps: float, y: str = "R@1") -> float | Non
 # --------------------------------------------------------------------------- stages
 def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: int, budget_s: float,
                 threads: int, epochs: int, lr: float, encode_beam: tuple[int, int] | None = None,
-                x_extra: np.ndarray | None = None, device: str = "cpu") -> str:
+                x_extra: np.ndarray | None = None, device: str = "cpu", batch_size: int = 1024) -> str:
     """Trains on ``xt[2000:]`` (plus ``x_extra``, e.g. base vectors), validates on ``xt[:2000]``."""
     import torch
 
@@ -113,7 +114,7 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
     qcfg = config_from_preset("cpu", xt.shape[1], M=M, K=256, nlist=len(centroids), A=A, B=B)
     x_train = xt[2000:] if x_extra is None else np.concatenate([xt[2000:], x_extra])
     tcfg = TrainConfig(epochs=epochs, time_budget_s=budget_s, num_threads=threads, val_size=2000,
-                       batch_size=1024, lr=lr, lr_schedule="time", patience=10, rq_beam=5)
+                       batch_size=batch_size, lr=lr, lr_schedule="time", patience=10, rq_beam=5)
     t = time.perf_counter()
     model, hist = train_model(x_train, xt[:2000], qcfg, tcfg, device=device, centroids=centroids)
     where = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "CPU"
@@ -314,7 +315,9 @@ def training_text(report: dict) -> str:
     """IVF-QINCo's training budget and set, and encoder beam, of one run."""
     A, B = report.get("encode_beam") or (8, 4)
     lw = report.get("lut_weight") or 0.0
-    return (f"{report['train_budget_s']:.0f} s on {report.get('train_set', 'learn')}, "
+    dev, bs = report.get("train_device", "cpu"), report.get("batch_size", 1024)
+    how = f" ({dev}, batch {bs})" if (dev, bs) != ("cpu", 1024) else ""
+    return (f"{report['train_budget_s']:.0f} s on {report.get('train_set', 'learn')}{how}, "
             f"encoded with A={A}, B={B}" + (f", lookup-table weight {lw:g}" if lw else ""))
 
 
@@ -397,6 +400,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-budget", type=float, default=300.0, help="QINCo training seconds per model")
     ap.add_argument("--train-device", default="cpu",
                     help="torch device the IVF-QINCo models are trained on (e.g. cuda; search runs on CPU)")
+    ap.add_argument("--batch-size", type=int, default=1024, help="IVF-QINCo training batch size")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine over the budget)")
     ap.add_argument("--stage", choices=["all", "train"], default="all",
@@ -420,7 +424,7 @@ def main(argv=None) -> int:
     if a.render_only:
         report = merge_reports([json.loads(pathlib.Path(f).read_text()) for f in a.render_only])
         report["notes"] = report.get("notes", []) + a.note
-        plot(report["results"], HERE / "search_pareto.png")
+        plot(report["results"], pathlib.Path(a.results_md).parent / "search_pareto.png")
         update_results_md(pathlib.Path(a.results_md), render(report))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -444,7 +448,7 @@ def main(argv=None) -> int:
               "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg()), "threads": a.threads,
               "queries": a.queries, "nlist": a.nlist, "repeats": a.repeats, "train_budget_s": a.train_budget,
-              "lr": a.lr, "train_set": a.train_set, "encode_beam": a.encode_beam, "lut_scales": True,
+              "lr": a.lr, "batch_size": a.batch_size, "train_device": a.train_device, "train_set": a.train_set, "encode_beam": a.encode_beam, "lut_scales": True,
               "lut_weight": a.lut_weight,
               "results": [], "models": {}, "ray_job": [], "complete": False}
     res = report["results"]
@@ -457,7 +461,7 @@ def main(argv=None) -> int:
         storage.write_bytes_atomic(str(work / "results.json"), json.dumps(report, indent=2, default=float).encode())
         if res:
             plot(res, work / "pareto.png")
-            shutil.copyfile(work / "pareto.png", HERE / "search_pareto.png")
+            shutil.copyfile(work / "pareto.png", pathlib.Path(a.results_md).parent / "search_pareto.png")
         update_results_md(pathlib.Path(a.results_md), render(report))
 
     def add(row: dict) -> None:
@@ -508,7 +512,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             model_uri = train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs, a.lr,
                                     a.encode_beam, xb if a.train_set == "learn+base" else None,
-                                    a.train_device)
+                                    a.train_device, a.batch_size)
             if a.stage == "train":
                 continue
             import ray
