@@ -448,8 +448,8 @@ def main(argv=None) -> int:
               "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg()), "threads": a.threads,
               "queries": a.queries, "nlist": a.nlist, "repeats": a.repeats, "train_budget_s": a.train_budget,
-              "lr": a.lr, "batch_size": a.batch_size, "train_device": a.train_device, "train_set": a.train_set, "encode_beam": a.encode_beam, "lut_scales": True,
-              "lut_weight": a.lut_weight,
+              "lr": a.lr, "batch_size": a.batch_size, "train_device": a.train_device, "train_set": a.train_set,
+              "encode_beam": a.encode_beam, "lut_scales": True, "lut_weight": a.lut_weight,
               "results": [], "models": {}, "ray_job": [], "complete": False}
     res = report["results"]
     report["scale"] = ("full base, ground truth from the dataset" if a.max_base is None else
@@ -531,11 +531,11 @@ def main(argv=None) -> int:
             built = ("index built by the Ray encode job in an earlier run" if enc.get("status") == "up-to-date"
                      else f"encode job {enc.get('vectors_per_s') or 0:,.0f} vectors/s ({enc.get('status')}); "
                           f"model+index {time.perf_counter() - t:.0f} s this run")
+            where = info.get("metadata", {}).get("train_device")
             report["models"][f"{name} {nb} B IVF-QINCo"] = (
                 f"val MSE {best:,.0f}" if best >= 100 else f"val MSE {best:.4g}") + (
                 f" after {max((h.get('epoch', 0) for h in hist), default='?')} epochs"
-                f"{' on ' + info['metadata']['train_device'] if info.get('metadata', {}).get('train_device') else ''}"
-                f"; {built}")
+                + (f" on {where}" if where else "") + f"; {built}")
             torch.set_num_threads(a.threads)
             searcher, model = qinco_searcher(index_uri, a.threads)
             decoders = {prec: Decoder(model, prec) for prec in a.rerank_precision}

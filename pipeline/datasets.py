@@ -1,8 +1,9 @@
 """Where the real datasets live and which file holds which split.
 
 A dataset folder holds ``learn``, ``base``, ``query`` vector files (``.fvecs``, ``.bvecs`` or
-``.npy``, the first found in that order) and ``groundtruth.ivecs``. The folder is found through ``$QINCO_DATA_DIR`` (default
-``../shared/data`` next to the repository); the files are read in place, never copied.
+``.npy``, the first found in that order) and ``groundtruth.ivecs``. The folder is found through
+``$QINCO_DATA_DIR`` (default ``../shared/data`` next to the repository); the files are read in
+place, never copied.
 ``make_synthetic`` writes a small clustered dataset in the same layout for demos and tests.
 """
 

@@ -3,6 +3,8 @@ agree with the CPU. Skipped where torch sees no CUDA device (CI has none)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,7 @@ def test_rerank_with_a_cuda_decoder_equals_cpu(cpu_model):
     q = xv[:40] + np.random.default_rng(0).normal(0, 1, xv[:40].shape).astype(np.float32)
     params = SearchParams(k=10, nprobe=2, shortlist=50)
     D_c, I_c = ShardSearcher(**shard, decode_fn=Decoder(model, "float32")).search(q, params)
-    D_g, I_g = ShardSearcher(**shard, decode_fn=Decoder(model, "float32", "cuda")).search(q, params)
+    on_gpu = Decoder(copy.deepcopy(model), "float32", "cuda")  # a Decoder moves the model it is given
+    D_g, I_g = ShardSearcher(**shard, decode_fn=on_gpu).search(q, params)
     assert (I_c[:, 0] == I_g[:, 0]).mean() > 0.95
     np.testing.assert_allclose(D_g, D_c, rtol=1e-4, atol=1e-3)
