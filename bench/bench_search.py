@@ -99,15 +99,21 @@ def recall_at_qps(points: list[dict], qps: float, y: str = "R@1") -> float | Non
 def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: int, budget_s: float,
                 threads: int, epochs: int, lr: float, encode_beam: tuple[int, int] | None = None,
                 x_extra: np.ndarray | None = None, device: str = "cpu", batch_size: int = 1024) -> str:
-    """Trains on ``xt[2000:]`` (plus ``x_extra``, e.g. base vectors), validates on ``xt[:2000]``."""
+    """Trains on ``xt[2000:]`` (plus ``x_extra``, e.g. base vectors), validates on ``xt[:2000]``.
+    A model already in ``work`` (e.g. trained on another machine with ``--stage train``) is reused
+    if its IVF centroids are ``centroids``, the coarse quantizer the Faiss baselines use."""
     import torch
 
-    from pipeline.checkpoint import save_model
+    from pipeline.checkpoint import load_model, save_model
     from pipeline.qinco_model import config_from_preset
     from pipeline.training import TrainConfig, train_model
 
     uri = str(work / "model")
     if (work / "model").exists():
+        theirs = load_model(uri).centroids_LD.numpy()
+        if theirs.shape != centroids.shape or not np.array_equal(theirs, centroids.astype(np.float32)):
+            raise SystemExit(f"{uri}: the model's IVF centroids are not the coarse quantizer of this run "
+                             f"({work.parent}); train it with this run's centroids file")
         log.info("reusing model %s", uri)
         return uri
     A, B = encode_beam or (None, None)
