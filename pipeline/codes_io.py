@@ -117,7 +117,8 @@ def read_codes(uri: str, options: storage.StorageOptions | None = None) -> Codes
 
 def encode_file(model_uri: str, data_uri: str, out_uri: str, B: int | None = None, A: int | None = None,
                 block_rows: int = 65536, device: str = "cpu", options=None,
-                echo=print, lut_weight: float = 0.0) -> int:
+                echo=print, lut_weight: float = 0.0, precision: str | None = None,
+                fmt: str | None = None) -> int:
     """Encode one vector file in this process into a codes file (``qinco encode ... --out X.parquet``).
 
     Streams the input in blocks; the codes (M bytes per vector) are held until the single atomic
@@ -132,12 +133,12 @@ def encode_file(model_uri: str, data_uri: str, out_uri: str, B: int | None = Non
     from pipeline.encoder import encode
 
     model = load_model(model_uri, device=device, options=options)
-    total = vecs_io.info(data_uri, options=options).count
+    total = vecs_io.info(data_uri, fmt=fmt, options=options).count
     codes, lids = [], []
     t0 = time.time()
-    for start, block in vecs_io.iter_blocks(data_uri, block_rows, options=options):
+    for start, block in vecs_io.iter_blocks(data_uri, block_rows, fmt=fmt, options=options):
         c, l = encode(model, block, device=device, B=B, A=A, source=storage.redact(data_uri),
-                      lut_weight=lut_weight)
+                      lut_weight=lut_weight, precision=precision)
         codes.append(c)
         lids.append(l)
         done = start + len(block)
@@ -147,7 +148,7 @@ def encode_file(model_uri: str, data_uri: str, out_uri: str, B: int | None = Non
     all_lids = np.concatenate(lids) if model.ivf and lids else None
     write_codes(out_uri, all_codes, cfg.K, all_lids, model=model_identity(model_uri, options),
                 extra={"source": storage.redact(data_uri), "B": B or cfg.B, "A": cfg.A if A is None else A,
-                       "lut_weight": lut_weight},
+                       "lut_weight": lut_weight, "precision": precision},
                 options=options)
     echo(f"wrote {len(all_codes)} codes ({cfg.code_bytes:g} bytes each) to {storage.redact(out_uri)}")
     return len(all_codes)

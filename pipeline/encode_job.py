@@ -8,10 +8,12 @@ workers build shards, the driver commits a manifest atomically.
    Every range becomes one shard with a deterministic name (file index, first row).
 2. Ranges whose shard already exists and verifies (size + sha256 from its sidecar) are skipped:
    a killed job re-run with the same arguments encodes only what is missing.
-3. Ray Data reads the pending ranges with byte-range read tasks (``VectorDatasource``), an actor
+3. Ray Data reads the pending ranges with byte-range read tasks (``VectorDatasource``, a quarter
+   CPU each, ``ray_datasource.READ_TASK_CPUS``, so they run beside actors holding most CPUs), an actor
    pool (model loaded once per actor, CPU or GPU) assigns IVF lists and computes QINCo codes with
    the same ``encoder.encode`` as single-process ``qinco encode`` (``lut_weight``: the lookup-table-
-   aware choice among the final beam, ``encoder.LutChoice``), and the rows' lookup-table
+   aware choice among the final beam, ``encoder.LutChoice``; ``precision``: the network's
+   arithmetic, bfloat16 for faster CPU encoding), and the rows' lookup-table
    scales (``additive_decoder.model_row_scales``: one float32 decode of the codes, far cheaper
    than the beam search), and writes each range's shard atomically, followed by its sidecar.
 4. When every range has a shard, the driver writes the manifest (the commit point), switches the
@@ -68,6 +70,8 @@ class EncodeJobConfig(JsonConfig):
     parent_version: str | None = None  # committed version this one derives from (shards reused)
     # > 0: lookup-table-aware choice of each vector's codes among the final beam (encoder.LutChoice)
     lut_weight: float = 0.0
+    # the encoder network's arithmetic (encoder.PRECISIONS); None: float16 on a GPU, float32 on CPU
+    precision: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs 'the same job' (resources and batch sizes do not change codes)."""
@@ -81,12 +85,19 @@ class EncodeJobConfig(JsonConfig):
             ident["parent_version"] = self.parent_version
         if self.lut_weight:  # changes the codes; absent at 0, as in jobs from before the option
             ident["lut_weight"] = self.lut_weight
+        if self.precision is not None:  # changes the codes in their last choices; absent by default
+            ident["precision"] = self.precision
         return ident
 
+    def code_choice(self) -> tuple[float, str | None]:
+        """What, beside the model, decides which codes a vector gets: ``(lut_weight, precision)``."""
+        return float(self.lut_weight), self.precision
 
-def job_lut_weight(job_config: dict) -> float:
-    """The ``lut_weight`` a committed version was encoded with (0 for jobs from before the option)."""
-    return float(job_config.get("lut_weight", 0.0))
+
+def job_code_choice(job_config: dict) -> tuple[float, str | None]:
+    """:meth:`EncodeJobConfig.code_choice` of a committed version's job (for jobs from before the
+    options: weight 0 and the device's default precision)."""
+    return float(job_config.get("lut_weight", 0.0)), job_config.get("precision")
 
 
 @dataclass
@@ -157,7 +168,7 @@ class EncodeActor:
     """
 
     def __init__(self, model_uri: str, version_uri: str, inputs: list, batch_size: int,
-                 threads: int, options=None, lut_weight: float = 0.0):
+                 threads: int, options=None, lut_weight: float = 0.0, precision: str | None = None):
         import torch
 
         from pipeline.checkpoint import load_model, model_identity
@@ -171,6 +182,7 @@ class EncodeActor:
         self.batch_size = batch_size
         self.options = options
         self.lut_weight = lut_weight
+        self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline import encoder
@@ -192,7 +204,7 @@ class EncodeActor:
         x = np.asarray(batch["vector"], dtype=np.float32)
         t0 = time.perf_counter()
         codes, list_ids = encoder.encode(self.model, x, batch_size=self.batch_size or None, device=self.device,
-                                         lut_weight=self.lut_weight)
+                                         lut_weight=self.lut_weight, precision=self.precision)
         scale_N = None
         if self.model.additive_MKD.shape[0]:
             # the lookup-table stage's row scales, stored so searches need not decode every row
@@ -217,9 +229,10 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     """Copy the parent version's shards that hold exactly the codes ``pending`` ranges would get.
 
     A parent shard qualifies when the parent was encoded by the same model (config and weights
-    hashes) and the same ``lut_weight``, its input at that file index is the same file (URI,
-    count, header hash, id range) and the shard covers the same rows. Each copy is followed by its sidecar, so an interrupted
-    copy is simply redone by the next run. Returns the number of shards copied.
+    hashes) with the same ``lut_weight`` and ``precision``, its input at that file index is the
+    same file (URI, count, header hash, id range) and the shard covers the same rows. Each copy is
+    followed by its sidecar, so an interrupted copy is simply redone by the next run. Returns the
+    number of shards copied.
     """
     from pipeline.manifest import load_manifest, shard_uri
 
@@ -227,7 +240,7 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     if (parent.model.get("sha256"), parent.model.get("weights_sha256")) != (
             model_id["config_sha256"], model_id["weights_sha256"]):
         return 0
-    if job_lut_weight(parent.job_config) != cfg.lut_weight:
+    if job_code_choice(parent.job_config) != cfg.code_choice():
         return 0  # the parent's codes were chosen differently
 
     def key(d: dict) -> tuple:
@@ -265,7 +278,7 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
     same_inputs = [(i.uri, i.count, i.header_sha256) for i in m.inputs] == [
         (d["uri"], d["count"], d["header_sha256"]) for d in inputs_desc]
     same_rows = m.job_config.get("shard_rows") == cfg.shard_rows
-    same_choice = job_lut_weight(m.job_config) == cfg.lut_weight
+    same_choice = job_code_choice(m.job_config) == cfg.code_choice()
     if same_model and same_inputs and same_rows and same_choice:
         return cur
     if not cfg.overwrite:
@@ -306,7 +319,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
 
     from pipeline.checkpoint import load_model, model_identity
     from pipeline.manifest import InputEntry, Manifest, ShardEntry, code_params, commit_manifest, version_dir
-    from pipeline.ray_datasource import VectorDatasource, plan_inputs
+    from pipeline.ray_datasource import READ_TASK_CPUS, VectorDatasource, plan_inputs
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -320,6 +333,10 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         from pipeline.encoder import LutChoice
 
         LutChoice(model, cfg.lut_weight)  # a bad weight, or a model without additive codebooks, fails here
+    if cfg.precision is not None:  # checked for the actors' device before any work
+        from pipeline.encoder import resolve_precision
+
+        resolve_precision(cfg.precision, "cuda" if cfg.gpus_per_worker else "cpu")
     inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
     for inp in inputs:
         if inp.dim != mcfg.dim:
@@ -371,7 +388,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         source = VectorDatasource(inputs, rows_per_task=cfg.shard_rows, options=options, ranges=ranges,
                                   on_error="skip" if cfg.skip_bad_ranges else "raise")
         # one block per range: with fewer tasks than Ray's default parallelism it would split blocks
-        ds = ray.data.read_datasource(source, override_num_blocks=len(pending))
+        ds = ray.data.read_datasource(source, override_num_blocks=len(pending), num_cpus=READ_TASK_CPUS)
         ds = ds.map_batches(
             EncodeActor,
             batch_size=None,
@@ -379,7 +396,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
             fn_constructor_kwargs=dict(model_uri=cfg.model_uri, version_uri=vuri, inputs=inputs,
                                        batch_size=cfg.batch_size,
                                        threads=max(1, int(cfg.cpus_per_worker)), options=options,
-                                       lut_weight=cfg.lut_weight),
+                                       lut_weight=cfg.lut_weight, precision=cfg.precision),
             num_cpus=cfg.cpus_per_worker,
             num_gpus=cfg.gpus_per_worker or None,
         )

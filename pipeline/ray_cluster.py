@@ -7,6 +7,7 @@ otherwise a local Ray is started for this process, which is the embedded default
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ def default_cpus_per_worker(workers: int, reserve: float = 0.5) -> float:
     all of them fit on the cluster with ``reserve`` CPUs left for read tasks and the driver."""
     import ray
 
-    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return cpus_share(float(ray.cluster_resources().get("CPU", 1.0)), workers, reserve)
+
+
+def cpus_share(total: float, workers: int, reserve: float = 0.5) -> float:
+    """One, or the quarter CPUs below ``(total - reserve) / workers`` (at least a quarter)."""
     share = (total - reserve) / max(1, workers)
-    return max(0.25, min(1.0, round(share * 4) / 4 if share >= 0.25 else 0.25))
+    return max(0.25, min(1.0, math.floor(share * 4) / 4))

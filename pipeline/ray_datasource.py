@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 PROVENANCE_BYTES = 65536  # bytes hashed at each end of a file for header_sha256
+# CPUs a read task requests: it reads and parses bytes, and must fit beside actors that hold most
+# of the CPUs (with Ray's default of one CPU, reads wait forever beside actors of 0.75 CPU on 2 CPUs)
+READ_TASK_CPUS = 0.25
 _PLAN_THREADS = 16
 
 

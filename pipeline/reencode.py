@@ -105,7 +105,7 @@ def _committed_not_current(cfg, enc, parent_v: str, options) -> str | None:
 
 def run_reencode(cfg: ReencodeConfig, options=None, progress: bool = True) -> dict[str, Any]:
     """Build (or resume) the new version, switch ``CURRENT``, collect garbage; returns the report."""
-    from pipeline.encode_job import EncodeJobConfig, job_lut_weight, run_encode
+    from pipeline.encode_job import EncodeJobConfig, job_code_choice, run_encode
     from pipeline.index_history import record_event
     from pipeline.manifest import current_version, garbage_collect, load_manifest, version_dir
 
@@ -141,11 +141,12 @@ def run_reencode(cfg: ReencodeConfig, options=None, progress: bool = True) -> di
 
     if result is None:
         _check_inputs_unchanged(parent, options)
+        lut_weight, precision = job_code_choice(parent.job_config)  # codes chosen as the parent's were
         enc = EncodeJobConfig(
             model_uri=model_uri, data_uris=data_uris, index_uri=cfg.index_uri, fmt=fmt,
             workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
             shard_rows=int(shard_rows or 65536), batch_size=cfg.batch_size, overwrite=True,
-            parent_version=parent_v, lut_weight=job_lut_weight(parent.job_config))
+            parent_version=parent_v, lut_weight=lut_weight, precision=precision)
         done = _committed_not_current(cfg, enc, parent_v, options)
         if done is not None:
             from pipeline.index_history import record_event

@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import JsonConfig
-from pipeline.errors import VectorFormatError
+from pipeline.errors import ConfigError, VectorFormatError
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ def detect_format(uri: str) -> str:
     alias = _EXT_ALIASES.get(ext)
     if alias:
         return alias
-    raise ValueError(f"{storage.redact(str(uri))}: cannot detect vector format from extension "
-                     f"{ext!r}; pass fmt= one of {', '.join(FORMATS)}")
+    raise ConfigError(f"{storage.redact(str(uri))}: cannot detect vector format from extension "
+                      f"{ext!r}; give the format (fmt=, --fmt on the command line) as one of {', '.join(FORMATS)}")
 
 
 def _fmt(uri: str, fmt: str | None) -> str:
     f = fmt or detect_format(uri)
     if f not in FORMATS:
-        raise ValueError(f"unknown vector format {f!r}; expected one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown vector format {f!r}; expected one of {', '.join(FORMATS)}")
     return f
 
 

@@ -86,3 +86,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert [r["factory"] for r in report["baselines"]] == ["PQ8x8", "RQ8x8"]
     printed = capsys.readouterr().out
     assert "[baselines] done in" in printed and "RQ8x8" in printed
+
+
+def test_encode_of_a_file_of_unknown_format_is_one_line_error(tiny_files, tmp_path, capsys):
+    from conftest import build_tiny_model
+
+    build_tiny_model(str(tmp_path / "model"), vecs_io.read_vectors(tiny_files["learn"]), nlist=4)
+    data = tmp_path / "base.dat"
+    data.write_bytes(open(tiny_files["base"], "rb").read())
+    out = tmp_path / "codes.parquet"
+    rc = main(["encode", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("qinco encode: error:")
+    assert str(data) in err and "--fmt" in err and not out.exists()
+    assert main(["encode", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(out),
+                 "--fmt", "fvecs"]) == 0 and out.exists()

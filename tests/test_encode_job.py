@@ -194,6 +194,54 @@ def test_lut_weight_reaches_the_codes_and_is_part_of_the_job(ray_session, tiny_i
     assert not os.path.exists(tmp_path / "other")
 
 
+def test_default_cpus_leave_room_for_the_read_tasks(ray_session, tiny_index_inputs, tmp_path):
+    """With the CLI's default CPUs per actor the job runs on a 2-CPU cluster: the actors leave a
+    reserve and the read tasks ask for less than it (with Ray's default of one CPU per read task,
+    reads waited forever beside two actors of 0.75 CPU)."""
+    import threading
+
+    from pipeline.ray_cluster import cpus_share, default_cpus_per_worker
+    from pipeline.ray_datasource import READ_TASK_CPUS
+
+    assert [cpus_share(t, w) for t, w in ((2, 2), (4, 4), (16, 2), (1, 4))] == [0.75, 0.75, 1.0, 0.25]
+    cpus = default_cpus_per_worker(2)
+    assert ray_session.cluster_resources()["CPU"] == 2 and 2 * cpus + READ_TASK_CPUS <= 2
+    out: dict = {}
+    job = _job(tiny_index_inputs, str(tmp_path / "index"), cpus_per_worker=cpus, shard_rows=1000)
+    t = threading.Thread(target=lambda: out.update(rep=run_encode(job)), daemon=True)
+    t.start()
+    t.join(timeout=180)
+    assert not t.is_alive(), "the encode job did not finish: its read tasks found no CPU"
+    assert out["rep"]["status"] == "committed" and out["rep"]["vectors"] == 4000
+
+
+def test_precision_reaches_the_codes_and_is_part_of_the_job(ray_session, tiny_index_inputs, tmp_path):
+    import torch
+
+    inp = tiny_index_inputs
+    model = load_model(inp["model"])
+    with torch.no_grad():  # the tiny model has no trained network: give it one that matters
+        g = torch.Generator().manual_seed(0)
+        for step in model.steps[1:]:
+            for prm in (step.out_proj.weight, step.concat_x.weight, step.concat_c.weight):
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+    save_model(model, str(tmp_path / "model"))
+    index = str(tmp_path / "index")
+    job = dict(model_uri=str(tmp_path / "model"), shard_rows=2000)
+    run_encode(_job(inp, index, precision="bfloat16", **job))
+    m, ids, codes, lists = _read_index(index)
+    np.testing.assert_array_equal(codes, encoder.encode(model, inp["x"], precision="bfloat16")[0])
+    assert (codes != encoder.encode(model, inp["x"])[0]).any(1).sum() > 0  # not float32's codes
+    assert m.job_config["precision"] == "bfloat16"
+    with pytest.raises(ConfigError, match="different index"):  # float32 codes are another index
+        run_encode(_job(inp, index, **job))
+    assert run_encode(_job(inp, index, precision="bfloat16", **job))["status"] == "up-to-date"
+    for bad, msg in (("float16", "needs a CUDA device"), ("int8", "precision must be one of")):
+        with pytest.raises(ConfigError, match=msg):  # refused before any work
+            run_encode(_job(inp, str(tmp_path / "other"), precision=bad, **job))
+    assert not os.path.exists(tmp_path / "other")
+
+
 @pytest.mark.s3
 def test_encode_from_and_to_s3(ray_session, tiny_index_inputs, s3):
     inp = tiny_index_inputs

@@ -66,6 +66,30 @@ def test_bfloat16_decoding_is_close_to_float32_and_precision_is_checked(trained)
         decode(model, codes, precision="float16")
 
 
+def test_bfloat16_encoding_is_close_to_float32_and_precision_is_checked(trained):
+    from pipeline.encoder import resolve_precision
+    from pipeline.errors import ConfigError
+
+    model, xv = trained
+    c32, _ = encode(model, xv)
+    np.testing.assert_array_equal(encode(model, xv, precision="float32")[0], c32)  # the CPU default
+    c16, _ = encode(model, xv, precision="bfloat16")
+    mse32, mse16 = (reconstruction_mse(xv, decode(model, c)) for c in (c32, c16))
+    assert mse16 < 1.02 * mse32
+    torch.manual_seed(0)  # a network with large weights: bfloat16 rounding changes some choices
+    rand = QINCo(QincoConfig(dim=12, M=3, K=16, L=2, de=16, dh=24, A=0, B=2))
+    with torch.no_grad():
+        for prm in rand.parameters():
+            prm.normal_(0.0, 0.5)
+    xr = np.random.default_rng(0).normal(size=(500, 12)).astype(np.float32)
+    assert (encode(rand, xr, precision="bfloat16")[0] != encode(rand, xr)[0]).any()
+    assert resolve_precision(None, "cpu") == "float32" and resolve_precision(None, "cuda") == "float16"
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        encode(model, xv, precision="int8")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        encode(model, xv, precision="float16")
+
+
 @pytest.mark.parametrize("variant,nlist", [("qinco2", 0), ("qinco2", 8), ("qinco1", 8)])
 def test_reduced_precision_decode_equals_autocast(variant, nlist):
     """decode's bfloat16 path (weights cast once, no autocast) gives autocast's values bit for bit."""

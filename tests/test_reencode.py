@@ -110,18 +110,20 @@ def test_added_file_gets_next_ids_and_is_searchable(index, tiny_index_inputs, tm
 
 
 def test_added_file_keeps_the_index_lut_weight(ray_session, tiny_index_inputs, tmp_path):
-    """An index encoded with a lookup-table weight keeps it when files are added: the old shards are
-    reused (same model, same weight) and the new file's codes are chosen with the same weight."""
+    """An index encoded with a lookup-table weight and a precision keeps them when files are added:
+    the old shards are reused (same model, same choice) and the new file's codes are chosen the
+    same way."""
     inp = tiny_index_inputs
     index = str(tmp_path / "index")
     run_encode(EncodeJobConfig(model_uri=inp["model"], data_uris=[inp["base"]], index_uri=index,
-                               shard_rows=2000, lut_weight=5.0, **RES))
+                               shard_rows=2000, lut_weight=5.0, precision="bfloat16", **RES))
     new = _far_vectors(300, seed=9)
     new_uri = str(tmp_path / "new.fvecs")
     vecs_io.write_vectors(new_uri, new)
     rep = run_reencode(ReencodeConfig(index_uri=index, add_uris=[new_uri], **ADD))
     assert rep["shards_reused_this_run"] == 2 and rep["shards_encoded_this_run"] == 1
-    assert load_manifest(index).job_config["lut_weight"] == 5.0
+    job = load_manifest(index).job_config
+    assert job["lut_weight"] == 5.0 and job["precision"] == "bfloat16"
     _, codes = _ids_and_codes(index)
     np.testing.assert_array_equal(codes[4000:], encoder.encode(inp["model_obj"], new, lut_weight=5.0)[0])
     np.testing.assert_array_equal(codes[:4000], encoder.encode(inp["model_obj"], inp["x"], lut_weight=5.0)[0])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import storage, vecs_io
-from pipeline.errors import StorageError, VectorFormatError
+from pipeline.errors import ConfigError, StorageError, VectorFormatError
 
 N, D = 37, 5
 
@@ -82,7 +82,7 @@ def test_roundtrip_s3_all_formats(s3):
 def test_detect_format_and_explicit_fmt(tmp_path):
     assert vecs_io.detect_format("s3://b/x/base.u8bin") == "u8bin"
     assert vecs_io.detect_format("/a/b.FVECS") == "fvecs"
-    with pytest.raises(ValueError, match="fmt="):
+    with pytest.raises(ConfigError, match="fmt="):
         vecs_io.detect_format("/a/b.dat")
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     uri = str(tmp_path / "noext.dat")
