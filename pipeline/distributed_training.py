@@ -324,7 +324,8 @@ def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: flo
     Data pass, smaller ones on the driver; the rows are the same whatever the path or task split."""
     import ray.data
 
-    from pipeline.ray_datasource import RowSample, VectorDatasource, hash01, sample_rows_local, unwrap_ray_error
+    from pipeline.ray_datasource import (READ_TASK_CPUS, RowSample, VectorDatasource, hash01, sample_rows_local,
+                                         unwrap_ray_error)
 
     if sum(i.size_bytes for i in inputs) <= local_bytes:
         val_s = RowSample(val_frac, seed, "val", val_frac)
@@ -333,7 +334,7 @@ def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: flo
                 sample_rows_local(inputs, n=n_init, sample=init_s, options=options).astype(np.float32))
     sample = RowSample(fraction=min(1.0, val_frac + init_frac), seed=seed, split="all")
     ds = ray.data.read_datasource(VectorDatasource(inputs, rows_per_task=rows_per_task, options=options,
-                                                   sample=sample))
+                                                   sample=sample), num_cpus=READ_TASK_CPUS)
     ds.context.enable_progress_bars = False
     ids, xs = [], []
     try:
@@ -399,7 +400,7 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     from pipeline.checkpoint import save_model, save_report
     from pipeline.encoder import assign_lists, encode
     from pipeline.qinco_model import QincoConfig
-    from pipeline.ray_datasource import RowSample, VectorDatasource, plan_inputs, unwrap_ray_error
+    from pipeline.ray_datasource import READ_TASK_CPUS, RowSample, VectorDatasource, plan_inputs, unwrap_ray_error
     from pipeline.training import TrainConfig
 
     t0 = time.time()
@@ -461,7 +462,7 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     n_train_est = int(round(train_frac * total))
     steps_per_epoch = max(1, math.ceil(n_train_est / tcfg.batch_size))
     ds = ray.data.read_datasource(VectorDatasource(inputs, rows_per_task=cfg.rows_per_task,
-                                                   options=options, sample=train_s))
+                                                   options=options, sample=train_s), num_cpus=READ_TASK_CPUS)
     ds.context.enable_progress_bars = False  # per-epoch progress is logged by rank 0 instead
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker}
@@ -469,7 +470,7 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
         resources["GPU"] = cfg.gpus_per_worker
     spare = (ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else math.inf) \
         - cfg.workers * cfg.cpus_per_worker
-    if spare < 1.0:
+    if spare < READ_TASK_CPUS:
         log.warning("the %d training workers reserve %.1f CPUs and leave %.1f for the read tasks that "
                     "stream their data: lower cpus_per_worker (and set threads_per_worker) unless "
                     "the cluster autoscales", cfg.workers, cfg.workers * cfg.cpus_per_worker, spare)
