@@ -322,9 +322,7 @@ def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: flo
     ``None``), both in global id
     order, float32. Inputs of more than ``local_bytes`` are read in one parallel byte-range Ray
     Data pass, smaller ones on the driver; the rows are the same whatever the path or task split."""
-    import ray.data
-
-    from pipeline.ray_datasource import (READ_TASK_CPUS, RowSample, VectorDatasource, hash01, sample_rows_local,
+    from pipeline.ray_datasource import (RowSample, VectorDatasource, hash01, read_source, sample_rows_local,
                                          unwrap_ray_error)
 
     if sum(i.size_bytes for i in inputs) <= local_bytes:
@@ -333,8 +331,7 @@ def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: flo
         return (sample_rows_local(inputs, n=n_val, sample=val_s, options=options).astype(np.float32),
                 sample_rows_local(inputs, n=n_init, sample=init_s, options=options).astype(np.float32))
     sample = RowSample(fraction=min(1.0, val_frac + init_frac), seed=seed, split="all")
-    ds = ray.data.read_datasource(VectorDatasource(inputs, rows_per_task=rows_per_task, options=options,
-                                                   sample=sample), num_cpus=READ_TASK_CPUS)
+    ds = read_source(VectorDatasource(inputs, rows_per_task=rows_per_task, options=options, sample=sample))
     ds.context.enable_progress_bars = False
     ids, xs = [], []
     try:
@@ -392,7 +389,6 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     holding another dimension or other hyper-parameters.
     """
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -400,7 +396,8 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     from pipeline.checkpoint import save_model, save_report
     from pipeline.encoder import assign_lists, encode
     from pipeline.qinco_model import QincoConfig
-    from pipeline.ray_datasource import READ_TASK_CPUS, RowSample, VectorDatasource, plan_inputs, unwrap_ray_error
+    from pipeline.ray_datasource import (READ_TASK_CPUS, RowSample, VectorDatasource, plan_inputs, read_source,
+                                         unwrap_ray_error)
     from pipeline.training import TrainConfig
 
     t0 = time.time()
@@ -461,8 +458,7 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
 
     n_train_est = int(round(train_frac * total))
     steps_per_epoch = max(1, math.ceil(n_train_est / tcfg.batch_size))
-    ds = ray.data.read_datasource(VectorDatasource(inputs, rows_per_task=cfg.rows_per_task,
-                                                   options=options, sample=train_s), num_cpus=READ_TASK_CPUS)
+    ds = read_source(VectorDatasource(inputs, rows_per_task=cfg.rows_per_task, options=options, sample=train_s))
     ds.context.enable_progress_bars = False  # per-epoch progress is logged by rank 0 instead
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker}

@@ -319,7 +319,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
 
     from pipeline.checkpoint import load_model, model_identity
     from pipeline.manifest import InputEntry, Manifest, ShardEntry, code_params, commit_manifest, version_dir
-    from pipeline.ray_datasource import READ_TASK_CPUS, VectorDatasource, plan_inputs
+    from pipeline.ray_datasource import VectorDatasource, plan_inputs, read_source
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -388,7 +388,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         source = VectorDatasource(inputs, rows_per_task=cfg.shard_rows, options=options, ranges=ranges,
                                   on_error="skip" if cfg.skip_bad_ranges else "raise")
         # one block per range: with fewer tasks than Ray's default parallelism it would split blocks
-        ds = ray.data.read_datasource(source, override_num_blocks=len(pending), num_cpus=READ_TASK_CPUS)
+        ds = read_source(source, override_num_blocks=len(pending))
         ds = ds.map_batches(
             EncodeActor,
             batch_size=None,

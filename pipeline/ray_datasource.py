@@ -360,6 +360,15 @@ class _ReadFn:
         return _read_range(*self.args)
 
 
+def read_source(source: "VectorDatasource", **read_kwargs) -> "ray.data.Dataset":
+    """``ray.data.read_datasource`` whose read tasks ask for ``READ_TASK_CPUS`` unless told
+    (``read_kwargs``: num_cpus, override_num_blocks, ...)."""
+    import ray.data
+
+    read_kwargs.setdefault("num_cpus", READ_TASK_CPUS)
+    return ray.data.read_datasource(source, **read_kwargs)
+
+
 def read_vectors_dataset(uris: Sequence[str] | VectorSource, fmt: str | None = None, rows_per_task: int = 65536,
                          options=None, sample: RowSample | None = None, override_num_blocks: int | None = None,
                          check_finite: bool = True, inputs: list[InputFile] | None = None,
@@ -367,10 +376,8 @@ def read_vectors_dataset(uris: Sequence[str] | VectorSource, fmt: str | None = N
     """A Ray Dataset of the vectors of ``uris`` (columns id, vector, file_index, row).
 
     ``override_num_blocks`` sets ``rows_per_task`` so the read makes about that many tasks
-    (at least one per file). ``read_kwargs`` go to ``ray.data.read_datasource`` (num_cpus, ...).
+    (at least one per file). ``read_kwargs`` go to :func:`read_source` (num_cpus, ...).
     """
-    import ray.data
-
     if inputs is None:
         inputs = plan_inputs(uris, fmt=fmt, options=options)
     if override_num_blocks:
@@ -378,7 +385,7 @@ def read_vectors_dataset(uris: Sequence[str] | VectorSource, fmt: str | None = N
         rows_per_task = max(1, math.ceil(total / override_num_blocks))
     source = VectorDatasource(inputs, rows_per_task=rows_per_task, options=options, sample=sample,
                               check_finite=check_finite)
-    return ray.data.read_datasource(source, **read_kwargs)
+    return read_source(source, **read_kwargs)
 
 
 # ----------------------------------------------------------------------------------------- driver-side sample
@@ -476,5 +483,5 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
 
 __all__ = [
     "InputFile", "RowSample", "VectorDatasource", "VectorSource", "hash01", "plan_inputs",
-    "read_vectors_dataset", "sample_rows_local", "split_ranges", "unwrap_ray_error",
+    "read_source", "read_vectors_dataset", "sample_rows_local", "split_ranges", "unwrap_ray_error",
 ]
