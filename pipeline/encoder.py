@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import ConfigError
-from pipeline.qinco_model import QINCo, validate_vectors
+from pipeline.qinco_model import QINCo, on_device, validate_vectors
 
 log = logging.getLogger(__name__)
 
@@ -360,8 +360,8 @@ def encode(model: QINCo, x_ND: np.ndarray | Tensor, list_ids_N: np.ndarray | Non
         list_ids_N = None
     if lut_weight:
         LutChoice(model, lut_weight)  # checks the weight and the model before any work
-    dev = torch.device(device)
-    model = model.to(dev).eval()
+    model = on_device(model, device)  # the caller's model stays where it is
+    dev = model.device
     bs = batch_size or 16 * auto_batch_size(model, B, A)
     out = np.empty((N, cfg.M), dtype=codes_dtype(cfg.K))
     t0 = last = time.time()

@@ -29,6 +29,7 @@ Public API: :class:`QincoConfig`, :data:`PRESETS`, :func:`config_from_preset`, :
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -142,6 +143,20 @@ def validate_vectors(x_ND: np.ndarray | Tensor, dim: int, source: str = "<input>
         bad = ~np.isfinite(x_ND).all(axis=1)
         if bad.any():
             raise VectorFormatError(source, "vector contains NaN or Inf", row=int(np.argmax(bad)))
+
+
+def on_device(model: "QINCo", device: str | torch.device) -> "QINCo":
+    """``model`` itself when it is on ``device``, else a copy of it there.
+
+    ``nn.Module.to`` moves a module in place, so an encode or decode on another device would
+    otherwise move the caller's model (and, on a GPU, its memory) without saying so. The copy is
+    made once per call: callers that run many batches load the model on their device first
+    (``checkpoint.load_model(uri, device=...)``), as the encode and search jobs do.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" names the current device, e.g. cuda:0
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return model if model.device == dev else copy.deepcopy(model).to(dev)
 
 
 class _Block(nn.Module):

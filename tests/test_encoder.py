@@ -140,6 +140,23 @@ def test_decoder_reused_equals_decode_and_keeps_its_snapshot(trained):
     assert not np.array_equal(Decoder(m2, "bfloat16")(codes), before)
 
 
+def test_encode_and_decode_on_another_device_leave_the_callers_model_where_it_is(trained):
+    """An encode or a ``Decoder`` on another device works on a copy of the model there; on the
+    model's own device it uses the model itself. ("meta", a device without values, is the other
+    device every torch build has; the GPU test checks the same on CUDA.)"""
+    from pipeline.decoder import Decoder
+    from pipeline.qinco_model import on_device
+
+    model, xv = trained
+    dec = Decoder(model, "float32", "meta")
+    assert dec.model.device.type == "meta" and model.device.type == "cpu"
+    with pytest.raises(RuntimeError):  # the beam search cannot run on meta, but only after the copy
+        encode(model, xv[:8], device="meta", precision="float32")
+    assert model.device.type == "cpu" and all(p.device.type == "cpu" for p in model.parameters())
+    assert Decoder(model, "float32").model is model and on_device(model, "cpu") is model
+    np.testing.assert_array_equal(decode(model, encode(model, xv[:8])[0]), reconstruct(model, xv[:8]))
+
+
 def test_batching_does_not_change_codes(trained):
     model, xv = trained
     a, _ = encode(model, xv[:200])

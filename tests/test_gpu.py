@@ -3,8 +3,6 @@ agree with the CPU. Skipped where torch sees no CUDA device (CI has none)."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -50,8 +48,8 @@ def test_encoding_on_cuda_matches_cpu(cpu_model):
     model, xv = cpu_model
     c_cpu, l_cpu = encode(model, xv)
     c_gpu, l_gpu = encode(model, xv, device="cuda")  # float16 network on CUDA by default
+    assert model.device.type == "cpu"  # the encode ran on a copy of the model
     np.testing.assert_array_equal(l_cpu, l_gpu)
-    model.cpu()
     assert (c_cpu == c_gpu).all(1).mean() > 0.8
     mse_cpu = reconstruction_mse(xv, decode(model, c_cpu, l_cpu))
     mse_gpu = reconstruction_mse(xv, decode(model, c_gpu, l_gpu))
@@ -67,7 +65,7 @@ def test_decoding_and_row_scales_on_cuda_match_cpu(cpu_model):
     for prec in ("float16", "bfloat16"):
         x16 = Decoder(model, prec, "cuda")(codes, lids)
         assert x16.dtype == np.float32 and np.abs(x16 - ref).max() < 0.05 * scale
-    model.cpu()
+    assert model.device.type == "cpu"
     s_cpu = model_row_scales(model, codes, lids)
     s_gpu = model_row_scales(model, codes, lids, device="cuda")
     np.testing.assert_allclose(s_gpu.astype(np.float32), s_cpu.astype(np.float32), rtol=2e-3)
@@ -77,7 +75,6 @@ def test_rerank_with_a_cuda_decoder_equals_cpu(cpu_model):
     from pipeline.additive_decoder import model_codebooks, model_centroids
 
     model, xv = cpu_model
-    model.cpu()
     codes, lids = encode(model, xv)
     order = np.argsort(lids, kind="stable")
     codes, lids = codes[order], lids[order].astype(np.int32)
@@ -87,7 +84,8 @@ def test_rerank_with_a_cuda_decoder_equals_cpu(cpu_model):
     q = xv[:40] + np.random.default_rng(0).normal(0, 1, xv[:40].shape).astype(np.float32)
     params = SearchParams(k=10, nprobe=2, shortlist=50)
     D_c, I_c = ShardSearcher(**shard, decode_fn=Decoder(model, "float32")).search(q, params)
-    on_gpu = Decoder(copy.deepcopy(model), "float32", "cuda")  # a Decoder moves the model it is given
+    on_gpu = Decoder(model, "float32", "cuda")  # on a copy of the model: the CPU decoder's stays
+    assert on_gpu.model.device.type == "cuda" and model.device.type == "cpu"
     D_g, I_g = ShardSearcher(**shard, decode_fn=on_gpu).search(q, params)
     assert (I_c[:, 0] == I_g[:, 0]).mean() > 0.95
     np.testing.assert_allclose(D_g, D_c, rtol=1e-4, atol=1e-3)
