@@ -135,10 +135,15 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
 def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int,
                 lut_weight: float = 0.0) -> tuple[str, dict]:
     from pipeline.encode_job import EncodeJobConfig, run_encode
+    from pipeline.ray_cluster import cpus_share
 
     index = str(work / ("index" if not lut_weight else f"index_lw{lut_weight:g}"))
+    # The encode job starts a local Ray over this machine's CPUs. Its actors leave room for the read
+    # tasks (``qinco encode``'s default): with threads = CPUs and a whole CPU each, no read task
+    # could be scheduled and the job would never finish.
+    cpus = cpus_share(float(os.cpu_count() or 1), threads)
     rep = run_encode(EncodeJobConfig(model_uri=model_uri, data_uris=[base_uri], index_uri=index,
-                                     workers=threads, cpus_per_worker=1.0, shard_rows=32768,
+                                     workers=threads, cpus_per_worker=cpus, shard_rows=32768,
                                      lut_weight=lut_weight))
     return index, rep
 
@@ -230,7 +235,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         reranked = "-" if not r.get("shortlist") else (r.get("rerank") or r["shortlist"])
         prefix = f"{r['prefix_steps']} / {r['prefix_shortlist']}" if r.get("prefix_steps") else "-"
-        lines.append(f"| {r['dataset']} | {r['bytes']} | {r['method']} | {r['nprobe']} | {prefix} | "
+        nprobe = (f"{r['nprobe']}, r {r['probe_ratio']:g} ({r['lists']:.2f} lists)" if r.get("probe_ratio")
+                  else r["nprobe"])
+        lines.append(f"| {r['dataset']} | {r['bytes']} | {r['method']} | {nprobe} | {prefix} | "
                      f"{r.get('shortlist') or '-'} | {reranked} | {r['R@1']:.3f} | {r['R@10']:.3f} | "
                      f"{r['qps']:,.0f} |")
     return "\n".join(lines)
@@ -288,6 +295,9 @@ def render(report: dict) -> str:
         + ("Column prefix P / kept: the LUT shortlist's prefix stage (`--prefix P`; `SearchParams.prefix_steps`): "
            "the probed lists ranked with the tables of the first P codebooks, the best 'kept' ranked with all "
            "of them. " if any(r.get("prefix_steps") for r in res) else "")
+        + ("Column nprobe 'P, r R (L lists)': adaptive nprobe (`--probe-ratio R`; `SearchParams.probe_ratio`): of "
+           "the P nearest lists, those within R times the nearest one's squared distance, L per query on "
+           "average. " if any(r.get("probe_ratio") for r in res) else "")
         + "Faiss IVF-RQ: training and encoding beam 5 (Faiss's default; "
         "IVF-RQ-beamB: beam B), ST_norm_float; Faiss codecs trained on the same set as IVF-QINCo "
         "(learn+base: all of learn and base).",
@@ -345,7 +355,7 @@ def merge_reports(reports: list[dict]) -> dict:
     for r in reports:
         for x in r.get("results", []):
             key = (x["dataset"], x["bytes"], x["method"], x["nprobe"], x.get("shortlist"), x.get("rerank"),
-                   x.get("prefix_steps"), x.get("prefix_shortlist"))
+                   x.get("prefix_steps"), x.get("prefix_shortlist"), x.get("probe_ratio"))
             if key not in points:
                 points[key] = dict(x)
                 continue
@@ -389,6 +399,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", type=int, nargs="+", default=[0], metavar="P",
                     help="IVF-QINCo lookup-table prefix stage(s) to measure: rank the probed lists with the first P"
                          " codebooks' tables, keep --prefix-factor x shortlist, rank those with all tables (0: off)")
+    ap.add_argument("--probe-ratio", type=float, nargs="+", default=[0.0], metavar="R",
+                    help="IVF-QINCo adaptive nprobe(s) to measure (SearchParams.probe_ratio): of the nprobe nearest"
+                         " lists visit those within R times the nearest one's squared distance (0: all; applied to"
+                         " every nprobe above 1)")
     ap.add_argument("--prefix-factor", type=int, default=4,
                     help="prefix stage: candidates kept per query, as a multiple of the shortlist (default 4)")
     ap.add_argument("--train-set", choices=["learn", "learn+base"], default="learn",
@@ -442,7 +456,7 @@ def main(argv=None) -> int:
     from pipeline.baselines import machine_info
     from pipeline.datasets import resolve_dataset
     from pipeline.decoder import Decoder
-    from pipeline.search_kernels import SearchParams
+    from pipeline.search_kernels import SearchParams, prune_lists
     from pipeline.training import train_ivf_centroids
 
     faiss.omp_set_num_threads(a.threads)
@@ -545,28 +559,34 @@ def main(argv=None) -> int:
             torch.set_num_threads(a.threads)
             searcher, model = qinco_searcher(index_uri, a.threads)
             decoders = {prec: Decoder(model, prec) for prec in a.rerank_precision}
-            for p, P in [(p, P) for p in a.nprobe for P in a.prefix]:
+            settings = [(p, P, r) for p in a.nprobe for P in a.prefix for r in a.probe_ratio if p > 1 or not r]
+            for p, P, r in settings:
                 def prefix(S):
                     return {"prefix_steps": P, "prefix_shortlist": a.prefix_factor * S} if P else {}
 
-                params = SearchParams(k=10, nprobe=p, shortlist=10, **prefix(10))
+                probing = {}
+                if r:  # lists visited per query, for the report
+                    lists = prune_lists(xq, searcher.probe(xq, p)[1], searcher.centroids_LD, r)
+                    probing = {"probe_ratio": r, "lists": float((lists >= 0).sum(1).mean())}
+                params = SearchParams(k=10, nprobe=p, shortlist=10, probe_ratio=r or None, **prefix(10))
                 s_lut = searcher.decode_fn
                 searcher.decode_fn = None
                 dt, (_, I) = timed(lambda: searcher.search(xq, params), a.repeats)
                 searcher.decode_fn = s_lut
                 r1, r10 = recalls(I, gt)
                 add({"dataset": name, "bytes": nb, "method": "IVF-QINCo-LUT", "nprobe": p, "shortlist": None,
-                     "R@1": r1, "R@10": r10, "qps": len(xq) / dt, **prefix(10)})
+                     "R@1": r1, "R@10": r10, "qps": len(xq) / dt, **prefix(10), **probing})
                 for prec in a.rerank_precision:
                     searcher.decode_fn = decoders[prec]
                     grid = [(S, None) for S in a.shortlist] + [(10, R) for R in a.rerank]
                     for S, R in grid:
-                        params = SearchParams(k=10, nprobe=p, shortlist=S, rerank=R, **prefix(S))
+                        params = SearchParams(k=10, nprobe=p, shortlist=S, rerank=R, probe_ratio=r or None,
+                                              **prefix(S))
                         dt, (_, I) = timed(lambda: searcher.search(xq, params), a.repeats)
                         r1, r10 = recalls(I, gt)
                         add({"dataset": name, "bytes": nb, "method": QINCO_METHODS[prec], "nprobe": p,
                              "shortlist": S, "rerank": R, "R@1": r1, "R@10": r10, "qps": len(xq) / dt,
-                             **prefix(S)})
+                             **prefix(S), **probing})
                 save()
             del searcher
             # -- one run of the full Ray query job

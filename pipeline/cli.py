@@ -260,6 +260,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queries", required=True, help="query vectors file URI")
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query (default 16)")
+    p.add_argument("--probe-ratio", type=float, default=None, metavar="R",
+                   help="adaptive nprobe: of the --nprobe nearest lists, visit only those whose centroid's squared "
+                        "distance is at most R times the nearest one's (R >= 1; default: all --nprobe lists)")
     p.add_argument("--shortlist", type=int, default=100,
                    help="candidates kept by the lookup-table stage for QINCo re-ranking (default 100)")
     p.add_argument("--rerank", type=int, default=None, metavar="R",
@@ -301,7 +304,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
             rerank_precision=a.rerank_precision, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
             allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, max_queries=a.max_queries,
-            version=a.version, prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist))
+            version=a.version, prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist,
+            probe_ratio=a.probe_ratio))
         print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
         return 0
 

@@ -2,7 +2,8 @@
 
 Per query batch, following the QINCo paper's search pipeline:
 
-1. **Probe** (driver): the ``nprobe`` nearest IVF centroids of each query, once for all shards.
+1. **Probe** (driver): the ``nprobe`` nearest IVF centroids of each query, once for all shards;
+   with ``probe_ratio`` only those nearly as near as the nearest (``search_kernels.prune_lists``).
 2. **Shortlist** (shard actors, in parallel): every code in the probed lists gets an approximate
    distance from the additive decoder's lookup tables (each row's additive residual scaled
    towards its QINCo reconstruction unless ``lut_scales`` is off; the scales are read from the
@@ -63,6 +64,7 @@ class SearchJobConfig(JsonConfig):
     lut_scales: bool = True
     prefix_steps: int = 0
     prefix_shortlist: int | None = None
+    probe_ratio: float | None = None
     max_queries: int | None = None
     version: str | None = None
 
@@ -317,8 +319,9 @@ class ShardPool:
         self.dim = self.model.config.dim
         self.nlist = max(1, self.model.config.nlist)
         self.allow_partial = allow_partial
+        self.centroids_LD = model_centroids(self.model)
         self.probe_index = faiss.IndexFlatL2(self.dim)
-        self.probe_index.add(model_centroids(self.model))
+        self.probe_index.add(self.centroids_LD)
         present = [s.to_dict() for s in m.shards if s.name not in self.shard_errors]
         if not present:
             raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "
@@ -352,21 +355,24 @@ class ShardPool:
     def search_batch(self, q_QD: np.ndarray, k: int, nprobe: int, shortlist: int, rerank: bool = True,
                      stages: dict[str, float] | None = None, precision: str = "float32",
                      rerank_count: int | None = None,
-                     prefix: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     prefix: tuple[int, int] | None = None,
+                     probe_ratio: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Probe, fan out the shortlist stage, merge exactly, re-rank; returns ``(D_QK, I_QK)``.
 
         ``rerank_count`` R: only the best R of the merged shortlist are decoded (default all);
         with R < k the results after the first R keep lookup-table order and distances.
         ``prefix`` ``(P, S1)``: the lookup-table stage's prefix stage (``SearchParams.prefix``).
+        ``probe_ratio``: visit only the probed lists nearly as near as the nearest (``SearchParams``).
         """
         import ray
 
-        from pipeline.search_kernels import append_lut_tail
+        from pipeline.search_kernels import append_lut_tail, prune_lists
 
         stages = stages if stages is not None else {}
         q_QD = np.ascontiguousarray(q_QD, dtype=np.float32)
         t = time.perf_counter()
         _, lists = self.probe_index.search(q_QD, min(nprobe, self.nlist))
+        lists = prune_lists(q_QD, lists, self.centroids_LD, probe_ratio)
         stages["probe_s"] = stages.get("probe_s", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         qref, lref = ray.put(q_QD), ray.put(lists)
@@ -416,7 +422,8 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     t0 = time.perf_counter()
     # k, nprobe, shortlist and the prefix stage are checked by SearchParams, as for in-process searches
     params = SearchParams(k=cfg.k, nprobe=cfg.nprobe, shortlist=cfg.shortlist,
-                          prefix_steps=cfg.prefix_steps, prefix_shortlist=cfg.prefix_shortlist).validate()
+                          prefix_steps=cfg.prefix_steps, prefix_shortlist=cfg.prefix_shortlist,
+                          probe_ratio=cfg.probe_ratio).validate()
     if cfg.rerank_count is not None and not 1 <= cfg.rerank_count <= cfg.shortlist:
         raise ConfigError(f"rerank_count must be between 1 and shortlist ({cfg.shortlist}), got {cfg.rerank_count}")
     if cfg.rerank_precision not in ("float32", "bfloat16"):
@@ -441,7 +448,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
             qb = q[b0:b0 + cfg.query_batch]
             D_all[b0:b0 + len(qb)], I_all[b0:b0 + len(qb)] = pool.search_batch(
                 qb, cfg.k, cfg.nprobe, cfg.shortlist, cfg.rerank, stages, cfg.rerank_precision, cfg.rerank_count,
-                params.prefix)
+                params.prefix, params.probe_ratio)
             log.info("searched %d/%d queries (%.0f queries/s)", b0 + len(qb), Q,
                      (b0 + len(qb)) / max(time.perf_counter() - t1, 1e-9))
         search_s = time.perf_counter() - t1

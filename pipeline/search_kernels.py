@@ -2,7 +2,8 @@
 
 The search follows the QINCo paper's pipeline. For a query batch ``q_QD``:
 
-1. ``probe``: the ``nprobe`` IVF lists whose coarse centroids are nearest to each query.
+1. ``probe``: the ``nprobe`` IVF lists whose coarse centroids are nearest to each query
+   (with ``SearchParams.probe_ratio``, only those nearly as near as the nearest: ``prune_lists``).
 2. ``lut_search``: approximate squared L2 distances from each query to every code of its probed
    lists, using the least-squares additive decoder ``x ≈ c_l + Σ_m C_m[code_m]`` through
    per-query lookup tables ``<q, C_m[k]>``; keeps a shortlist of ``S`` candidates per query.
@@ -58,6 +59,8 @@ __all__ = [
     "sqdist_rows",
     "additive_decode",
     "append_lut_tail",
+    "coarse_dists",
+    "prune_lists",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,11 @@ class SearchParams(JsonConfig):
     re-ranked ones (exact distances) and the rest follow in lookup-table order, with their
     lookup-table distances: the fast end of the speed/recall trade-off.
 
+    probe_ratio r (None: off): of a query's ``nprobe`` nearest lists, visit only those whose
+    centroid's squared distance to the query is at most r times the nearest one's
+    (``prune_lists``): an adaptive nprobe that spends the scan on queries near several lists.
+    Every list visited with r is one that plain ``nprobe`` visits.
+
     prefix_steps P (0: off): the lookup-table stage first ranks the probed lists with the tables
     of the first P codebooks only (``c_l + Σ_{m<P} C_m[code_m]``: P table lookups per code
     instead of M), keeps the best ``prefix_shortlist`` (default 4 x shortlist) and ranks those with
@@ -101,6 +109,7 @@ class SearchParams(JsonConfig):
     rerank: int | None = None
     prefix_steps: int = 0
     prefix_shortlist: int | None = None
+    probe_ratio: float | None = None
 
     def validate(self) -> "SearchParams":
         if self.k < 1:
@@ -114,6 +123,9 @@ class SearchParams(JsonConfig):
             raise ConfigError(
                 f"SearchParams.rerank ({self.rerank}) must be between 1 and shortlist "
                 f"({self.shortlist})")
+        if self.probe_ratio is not None and not (np.isfinite(self.probe_ratio) and self.probe_ratio >= 1.0):
+            raise ConfigError(f"SearchParams.probe_ratio must be a number >= 1 (or None: off), "
+                              f"got {self.probe_ratio}")
         if self.prefix_steps < 0:
             raise ConfigError(f"SearchParams.prefix_steps must be >= 0, got {self.prefix_steps}")
         if self.prefix_shortlist is not None and self.prefix_shortlist < self.shortlist:
@@ -160,6 +172,31 @@ def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.nd
         I_QX = np.broadcast_to(ids_N[None, a:a + n_blk], D_QX.shape)
         best = merge_topk([best, (D_QX, I_QX)], k)
     return best
+
+
+def coarse_dists(q_QD: np.ndarray, lists_QP: np.ndarray, centroids_LD: np.ndarray) -> np.ndarray:
+    """``||q - c_l||^2`` for each probed list (inf for -1), computed in float64 and rounded to
+    float32, so that the value does not depend on the batch it is computed in."""
+    c_QPD = np.asarray(centroids_LD)[np.maximum(lists_QP, 0)].astype(np.float64)
+    diff = c_QPD - np.asarray(q_QD).astype(np.float64)[:, None, :]
+    Dc_QP = np.einsum("qpd,qpd->qp", diff, diff)
+    Dc_QP[lists_QP < 0] = np.inf
+    return Dc_QP.astype(np.float32)
+
+
+def prune_lists(q_QD: np.ndarray, lists_QP: np.ndarray, centroids_LD: np.ndarray,
+                probe_ratio: float | None) -> np.ndarray:
+    """The probed lists a query visits with ``SearchParams.probe_ratio`` r: a list stays if
+    ``||q - c_l||^2 <= r * min_j ||q - c_j||^2`` over the query's probed lists, and becomes -1
+    (not visited) otherwise; the nearest list always stays. ``None`` keeps every list. The
+    distances are ``coarse_dists``', so the choice depends only on the query and the lists, not on
+    the batch or the shard."""
+    if probe_ratio is None:
+        return lists_QP
+    Dc_QP = coarse_dists(q_QD, lists_QP, centroids_LD)
+    nearest_Q = Dc_QP.min(axis=1, initial=np.inf).astype(np.float64)
+    keep = Dc_QP.astype(np.float64) <= float(probe_ratio) * nearest_Q[:, None]
+    return np.where(keep & (lists_QP >= 0), lists_QP, -1)
 
 
 def additive_decode(codes_NM: np.ndarray, list_ids_N: np.ndarray, centroids_LD: np.ndarray,
@@ -399,13 +436,7 @@ class ShardSearcher:
 
     # ------------------------------------------------------------------ stage 2: LUT shortlist
     def _coarse_dists(self, q_QD: np.ndarray, lists_QP: np.ndarray) -> np.ndarray:
-        """``||q - c_l||^2`` for each probed list (inf for -1), computed in float64 and rounded,
-        so the value does not depend on the batch it is computed in."""
-        c_QPD = self.centroids_LD[np.maximum(lists_QP, 0)].astype(np.float64)
-        diff = c_QPD - q_QD.astype(np.float64)[:, None, :]
-        Dc_QP = np.einsum("qpd,qpd->qp", diff, diff)
-        Dc_QP[lists_QP < 0] = np.inf
-        return Dc_QP.astype(np.float32)
+        return coarse_dists(q_QD, lists_QP, self.centroids_LD)
 
     def _luts(self, q_QD: np.ndarray) -> np.ndarray:
         """Per-query tables ``-2 <q, C_m[k]>`` as float32 ``(Q, M, K)``: one float32 GEMM over the
@@ -739,6 +770,7 @@ class ShardSearcher:
         t = timings if timings is not None else {}
         t0 = time.perf_counter()
         _, lists_QP = self.probe(q_QD, params.nprobe)
+        lists_QP = prune_lists(q_QD, lists_QP, self.centroids_LD, params.probe_ratio)
         t["probe"] = t.get("probe", 0.0) + (time.perf_counter() - t0)
         Q = q_QD.shape[0]
         T = self._threads_for(Q)

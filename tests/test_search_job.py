@@ -105,6 +105,36 @@ def test_prefix_stage_three_shards_give_the_same_results_as_one(indexes, tiny_in
         _search(indexes["three"], tiny_index_inputs, str(tmp_path / "bad"), prefix_steps=2, prefix_shortlist=5)
 
 
+def test_probe_ratio_in_the_job_equals_the_in_process_searcher(indexes, tiny_index_inputs, tmp_path):
+    """The driver prunes the probed lists (``probe_ratio``) before fanning out: three shards answer
+    like the in-process searcher over all rows with the same parameters, and fewer lists are
+    visited than without it."""
+    from pipeline.additive_decoder import model_row_scales
+    from pipeline.encoder import encode
+    from pipeline.search_job import build_searcher
+    from pipeline.search_kernels import SearchParams, prune_lists
+
+    inp = tiny_index_inputs
+    kw = dict(nprobe=4, probe_ratio=1.2, rerank=False, shortlist=10)
+    I3, D3, r3 = _search(indexes["three"], inp, str(tmp_path / "three"), **kw)
+    assert r3["params"]["probe_ratio"] == 1.2
+    model = inp["model_obj"]
+    codes, lists = encode(model, inp["x"])
+    order = np.lexsort((np.arange(len(lists)), lists))
+    offsets = np.searchsorted(lists[order], np.arange(model.config.nlist + 1))
+    s = build_searcher(model, lists[order], order, codes[order], offsets,
+                       scale_N=model_row_scales(model, codes[order], lists[order]))
+    q = inp["q"]
+    D_ref, I_ref = s.search(q, SearchParams(k=10, nprobe=4, shortlist=10, probe_ratio=1.2))
+    np.testing.assert_array_equal(I3, I_ref)
+    visited = (prune_lists(q, s.probe(q, 4)[1], s.centroids_LD, 1.2) >= 0).sum(1)
+    assert visited.mean() < 4
+    I_all, _, _ = _search(indexes["three"], inp, str(tmp_path / "all"), nprobe=4, rerank=False, shortlist=10)
+    assert not np.array_equal(I_all, I3)
+    with pytest.raises(ConfigError, match="probe_ratio"):
+        _search(indexes["three"], inp, str(tmp_path / "bad"), probe_ratio=0.9)
+
+
 def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_index_inputs):
     """With a shortlist covering every probed code, the result is the exact top-k over the
     QINCo-decoded vectors of the probed lists, whatever the sharding."""

@@ -154,6 +154,44 @@ def test_small_nprobe_equals_bruteforce_over_probed_lists(data):
     assert (I_all != I_).any()
 
 
+def test_probe_ratio_visits_only_the_lists_near_the_nearest(data):
+    """With ``probe_ratio`` r a query visits, of its nprobe nearest lists, exactly those whose
+    centroid is within r times the nearest one's squared distance, and its results are the exact
+    top-k over the decoded rows of those lists."""
+    from pipeline.search_kernels import prune_lists
+
+    shard, _, decode_fn = data
+    s = ShardSearcher(**shard, decode_fn=decode_fn)
+    c = shard["centroids_LD"].astype(np.float64)
+    rng = np.random.default_rng(7)
+    q = (0.5 * (c[rng.integers(0, NLIST, Q)] + c[rng.integers(0, NLIST, Q)])
+         + rng.normal(size=(Q, D))).astype(np.float32)
+    nprobe, ratio, k = 4, 1.5, 10
+    _, lists = s.probe(q, nprobe)
+    kept = prune_lists(q, lists, shard["centroids_LD"], ratio)
+    d_QL = ((q.astype(np.float64)[:, None, :] - c[None]) ** 2).sum(-1)
+    for i in range(Q):
+        want = [l for l in lists[i] if d_QL[i, l] <= ratio * d_QL[i, lists[i]].min()]
+        assert sorted(kept[i][kept[i] >= 0].tolist()) == sorted(want)
+    n_kept = (kept >= 0).sum(1)
+    assert n_kept.min() >= 1 and 1 < n_kept.mean() < nprobe  # some queries visit fewer lists
+    assert prune_lists(q, lists, shard["centroids_LD"], None) is lists
+    np.testing.assert_array_equal(prune_lists(q, lists, shard["centroids_LD"], 1e9), lists)
+
+    D_, I_ = s.search(q, SearchParams(k=k, nprobe=nprobe, shortlist=N, probe_ratio=ratio))
+    x_all = decode_fn(shard["codes_NM"], shard["list_ids_N"])
+    for i in range(Q):
+        sel = np.isin(shard["list_ids_N"], kept[i][kept[i] >= 0])
+        Dr, Ir = brute_force_reference(q[i:i + 1], x_all[sel], shard["ids_N"][sel], k)
+        np.testing.assert_array_equal(I_[i], Ir[0])
+        np.testing.assert_array_equal(D_[i], Dr[0])
+    # a query's lists do not depend on the batch it comes in
+    np.testing.assert_array_equal(prune_lists(q[5:6], lists[5:6], shard["centroids_LD"], ratio), kept[5:6])
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="probe_ratio"):
+            SearchParams(probe_ratio=bad).validate()
+
+
 def test_rerank_subset_and_dedup(data):
     shard, q, decode_fn = data
     s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
