@@ -296,12 +296,12 @@ class ShardPool:
     def __init__(self, index_uri: str, version: str | None = None, workers: int = 2,
                  cpus_per_worker: float = 1.0, allow_partial: bool = False, options=None,
                  lut_scales: bool = True):
-        import faiss
         import ray
 
         from pipeline.additive_decoder import model_centroids
         from pipeline.checkpoint import load_model
         from pipeline.manifest import load_manifest, version_dir
+        from pipeline.search_kernels import FlatProbe
 
         self.manifest = m = load_manifest(index_uri, version=version, options=options)
         vuri = version_dir(index_uri, m.version)
@@ -320,8 +320,7 @@ class ShardPool:
         self.nlist = max(1, self.model.config.nlist)
         self.allow_partial = allow_partial
         self.centroids_LD = model_centroids(self.model)
-        self.probe_index = faiss.IndexFlatL2(self.dim)
-        self.probe_index.add(self.centroids_LD)
+        self.probe_index = FlatProbe(self.centroids_LD)  # the in-process searcher's probe
         present = [s.to_dict() for s in m.shards if s.name not in self.shard_errors]
         if not present:
             raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "

@@ -154,6 +154,30 @@ def test_small_nprobe_equals_bruteforce_over_probed_lists(data):
     assert (I_all != I_).any()
 
 
+def test_flat_probe_finds_the_nearest_centroids_like_faiss():
+    """The searcher's exact probe gives Faiss ``IndexFlatL2``'s lists and distances."""
+    import faiss
+
+    from pipeline.search_kernels import FlatProbe
+
+    rng = np.random.default_rng(3)
+    c = rng.normal(size=(300, D)).astype(np.float32) * 2
+    q = rng.normal(size=(57, D)).astype(np.float32) * 2
+    ref = faiss.IndexFlatL2(D)
+    ref.add(c)
+    for P in (1, 5, 300):
+        Dr, Ir = ref.search(q, P)
+        Df, If = FlatProbe(c).search(q, P)
+        assert If.dtype == np.int64 and Df.dtype == np.float32 and If.shape == (57, P)
+        np.testing.assert_array_equal(If, Ir)
+        np.testing.assert_allclose(Df, Dr, rtol=1e-5, atol=1e-4)
+    shard, _ = make_shard()
+    s = ShardSearcher(**shard)
+    _, lists = s.probe(q, 3)
+    exact = np.argsort(((q[:, None, :].astype(np.float64) - shard["centroids_LD"][None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(lists, exact[:, :3])
+
+
 def test_probe_ratio_visits_only_the_lists_near_the_nearest(data):
     """With ``probe_ratio`` r a query visits, of its nprobe nearest lists, exactly those whose
     centroid is within r times the nearest one's squared distance, and its results are the exact
