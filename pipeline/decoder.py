@@ -89,10 +89,10 @@ def step_weights(model: QINCo, dtype: torch.dtype) -> list[StepWeights | None]:
 class Decoder:
     """``decode`` for one model, precision and device, with the per-model work done once: the
     step networks' codeword tables, their reduced-precision weights and, for a model on another
-    device, a copy of it there (the caller's model is not moved). A decode call otherwise spends 2.5-3.7 ms on them on CPU (a re-rank's bfloat16 decode of
-    2,000 rows on 2 threads: 15.3-17.3 against 18.9-22.0 ms). The tables and weights are a
-    snapshot: build a new ``Decoder`` after the model's weights change (``decode`` builds one
-    per call).
+    device, a copy of it there (the caller's model is not moved). A decode call otherwise spends
+    2.5-3.7 ms on them on CPU (a re-rank's bfloat16 decode of 2,000 rows on 2 threads: 15.3-17.3
+    against 18.9-22.0 ms). The tables and weights are a snapshot: build a new ``Decoder`` after
+    the model's weights change (``decode`` builds one per call).
     """
 
     def __init__(self, model: QINCo, precision: str | None = None, device: str | torch.device = "cpu"):
