@@ -344,13 +344,15 @@ def test_cli_search_then_eval(indexes, tiny_index_inputs, tmp_path, capsys):
     vecs_io.write_knn_results(str(tmp_path / "bad.bin"), np.roll(I, 1, axis=0), np.zeros(I.shape, np.float32))
     assert main(["eval", "--results", str(tmp_path / "bad.bin"), "--groundtruth", gt_uri]) == 0
     assert json.loads(capsys.readouterr().out)["R@10"] < printed["R@10"] / 2
-    # --rerank and --rerank-precision reach the job and are recorded in its report
+    # --rerank, --rerank-precision and --probe-ratio reach the job and are recorded in its report
     res2 = str(tmp_path / "res2.bin")
     assert main(["search", "--index", indexes["three"], "--queries", inp["query"], "--out", res2,
                  "--k", "10", "--nprobe", "4", "--shortlist", "50", "--rerank", "5",
-                 "--rerank-precision", "bfloat16", "--workers", "2", "--cpus-per-worker", "0.5"]) == 0
+                 "--rerank-precision", "bfloat16", "--probe-ratio", "1.5", "--workers", "2",
+                 "--cpus-per-worker", "0.5"]) == 0
     params = json.loads(open(res2 + ".report.json").read())["params"]
     assert params["rerank_count"] == 5 and params["rerank_precision"] == "bfloat16"
+    assert params["probe_ratio"] == 1.5
     I2, _ = vecs_io.read_knn_results(res2)
     assert recall_at(I2, gt, ks=(1,))["R@1"] >= 0.8 * expect["R@1"]
     with pytest.raises(SystemExit):
