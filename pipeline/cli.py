@@ -18,6 +18,21 @@ from pipeline.errors import PipelineError
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _check_out(uri: str, what: str, files: Sequence[str] = ()) -> None:
+    """Refuse an ``--out`` ending in a file extension the command does not write: ``what`` names
+    what it writes there (a folder or prefix), ``files`` the extensions of the files it can
+    write instead."""
+    from pipeline import storage, vecs_io
+    from pipeline.errors import ConfigError
+
+    ext = vecs_io.file_extension(uri)
+    if ext is None or ext in files:
+        return
+    also = f", or a file ending in {' / '.join('.' + f for f in files)}" if files else ""
+    raise ConfigError(f"--out {storage.redact(uri)}: this command does not write .{ext} files; "
+                      f"give {what} (a folder or prefix without a file extension){also}")
+
+
 def command(fn: Callable[[argparse._SubParsersAction], None]):
     """Register a function that adds one sub-command parser."""
     _COMMANDS.append(fn)
@@ -52,10 +67,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     for name, typ in (("M", int), ("K", int), ("L", int), ("h", int), ("de", int), ("dh", int),
                       ("A", int), ("B", int), ("B-train", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help=f"override the preset's {name}")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="at most N passes over the training set (default: 10, or with --time-budget until "
+                        "the budget or early stopping ends training)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after N epochs without a better validation MSE (default 10)")
     p.add_argument("--max-train", type=int, default=None, help="use at most N training vectors")
     p.add_argument("--val", type=int, default=2000, help="held-out validation vectors (default 2000)")
-    p.add_argument("--time-budget", type=float, default=None, help="stop training after S seconds")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="train for S seconds (initialisation included); the learning rate anneals over them")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 1e-2 for the cpu preset, else 8e-4); with "
@@ -78,6 +98,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="end this invocation after N epochs; re-running the command resumes (Ray Train only)")
 
     def run(a: argparse.Namespace) -> int:
+        _check_out(a.out, "a model directory")
         if a.workers > 0:
             return _train_distributed(a)
         from pipeline.train_job import run_train
@@ -92,9 +113,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_config(a: argparse.Namespace):
-    from pipeline.training import TrainConfig, default_lr
+    from pipeline.training import DEFAULT_EPOCHS, TrainConfig, default_lr
 
-    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size,
+    # Without --epochs a budget alone ends training (or early stopping): a cap of 10 epochs would
+    # stop a 30-minute run after minutes, before the rate, annealed over the budget, had come down.
+    epochs = a.epochs if a.epochs is not None else (None if a.time_budget else DEFAULT_EPOCHS)
+    extra = {} if a.patience is None else {"patience": a.patience}
+    return TrainConfig(epochs=epochs, batch_size=a.batch_size, **extra,
                        lr=a.lr if a.lr is not None else default_lr(a.preset), seed=a.seed,
                        max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget,
                        lr_schedule="time" if a.time_budget else "steps")
@@ -157,7 +182,8 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
 
     def run(a: argparse.Namespace) -> int:
-        if not a.out.endswith(".parquet"):
+        _check_out(a.out, "an index", files=("parquet",))
+        if not a.out.lower().endswith(".parquet"):
             return _encode_index(a)
         from pipeline.codes_io import encode_file
         from pipeline.errors import ConfigError
@@ -205,6 +231,7 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
         from pipeline.decoder import decode
         from pipeline.errors import ConfigError
 
+        vecs_io.detect_format(a.out)  # an --out the writer cannot write fails before the decode
         model = load_model(a.model, device=a.device)
         data = codes_io.read_codes(a.codes)
         ident = model_identity(a.model)

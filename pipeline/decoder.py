@@ -7,8 +7,11 @@ Public API:
   (all ``M`` when ``None``; with IVF, ``prefix=0`` gives the list centroid).
 - ``Decoder(model, precision=None, device="cpu")``: ``decode`` for repeated calls with a fixed
   model (re-ranking), its per-model work done once; called as ``decoder(codes_NM, list_ids_N)``.
-- ``decode_tensor(model, codes_NM, list_ids_N=None, prefix=None, tables=None) -> Tensor``:
-  the same on tensors already on the model's device (used by re-ranking).
+- ``decode_tensor(model, codes_NM, list_ids_N=None, prefix=None, tables=None, weights=None)
+  -> Tensor``: the same on tensors already on the model's device (used by re-ranking).
+
+A row decodes to the same bits whatever rows it is decoded with and whatever the thread count
+(the products are :mod:`pipeline.rowwise`'s), so re-ranking is exact across batches and shards.
 - ``reconstruct(model, x_ND, list_ids_N=None, **encode_kw) -> np.ndarray``: encode then decode.
 - ``reconstruction_mse(x_ND, xhat_ND) -> float``: mean over vectors of the squared L2 error
   (the convention Faiss reports).
@@ -23,6 +26,7 @@ from torch import Tensor
 from pipeline.encoder import _autocast, encode
 from pipeline.errors import ConfigError
 from pipeline.qinco_model import QINCo, on_device
+from pipeline.rowwise import TILE_ROWS, linear_rows, matmul_rows
 
 
 def decode_tensor(model: QINCo, codes_NM: Tensor, list_ids_N: Tensor | None = None,
@@ -30,13 +34,18 @@ def decode_tensor(model: QINCo, codes_NM: Tensor, list_ids_N: Tensor | None = No
                   weights: list[StepWeights | None] | None = None) -> Tensor:
     """Raw-space reconstruction (float32 tensor) of ``codes_NM`` using the first ``prefix`` steps.
 
-    ``weights`` (``step_weights``): run the step networks with these reduced-precision weights
-    instead of the modules (and without autocast); ``tables`` then come from ``codeword_table``
-    under autocast, as ``decode`` makes them.
+    Every product goes through :mod:`pipeline.rowwise`, so a row's reconstruction is the same
+    whatever rows it is decoded with and however many threads run: the search's exact distances
+    do not depend on the batch, the shards or the threads. ``tables`` (``codeword_tables``) and
+    ``weights`` (``step_weights``) are computed here when not given; with reduced-precision
+    ``weights`` the step networks run in that precision (without autocast), as they would under
+    autocast.
     """
     M = model.config.M
     m_used = M if prefix is None else int(prefix)
     codes_NM = codes_NM.long()
+    tables = codeword_tables(model) if tables is None else tables
+    weights = step_weights(model, None) if weights is None else weights
     xhat = model.initial_xhat(codes_NM.shape[0], list_ids_N)
     for m in range(m_used):
         step = model.steps[m]
@@ -44,36 +53,39 @@ def decode_tensor(model: QINCo, codes_NM: Tensor, list_ids_N: Tensor | None = No
         if step.plain:
             xhat = xhat + c_ND
             continue
-        table = tables[m] if tables is not None and tables[m] is not None else step.codeword_table()
-        w = weights[m] if weights is not None else None
-        if w is None:
-            z = table[codes_NM[:, m]] + step.context(xhat)
-            xhat = xhat + step.finish(z, c_ND).float()
-        else:
-            xhat = xhat + w.finish(table[codes_NM[:, m]] + w.linear(xhat, w.concat_x), c_ND).float()
+        w = weights[m]
+        xhat = xhat + w.finish(tables[m][codes_NM[:, m]] + w.linear(xhat, w.concat_x), c_ND).float()
     return model.denormalise(xhat)
 
 
 class StepWeights:
-    """One step network's weights cast once to a reduced precision, applied as autocast applies
-    them (each matmul's input cast to that precision, elementwise operations in their inputs'
-    promoted type), with the same results bit for bit and without autocast's per-operation
-    dispatch and weight casts: 20-25% less time for a re-rank's decode of 2,000 rows on CPU
-    in bfloat16."""
+    """One step network's weights for inference, optionally cast once to a reduced precision.
 
-    def __init__(self, step, dtype: torch.dtype):
+    Applied as autocast applies them (each product's inputs cast to that precision, elementwise
+    operations in their inputs' promoted type), with the same results bit for bit and without
+    autocast's per-operation dispatch and weight casts. ``dtype`` None keeps the weights as they
+    are (float32). The products are :func:`pipeline.rowwise.matmul_rows`.
+    """
+
+    def __init__(self, step, dtype: torch.dtype | None):
         self.dtype = dtype
-        self.qinco2 = step.variant == "qinco2"
-        self.concat_x = step.concat_x.weight.detach().to(dtype)
-        self.blocks = [(b.up.weight.detach().to(dtype), b.down.weight.detach().to(dtype))
-                       for b in step.blocks]
-        self.out_proj = step.out_proj.weight.detach().to(dtype) if self.qinco2 else None
 
-    def linear(self, x: Tensor, w: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x.to(self.dtype), w)
+        def cast(lin: torch.nn.Linear) -> Tensor:
+            # (in, out), contiguous: the batched product then reads one copy of the weights for
+            # every tile (a transposed view would be copied per tile). A snapshot either way.
+            w = lin.weight.detach()
+            return (w if dtype is None else w.to(dtype)).T.contiguous()
+
+        self.qinco2 = step.variant == "qinco2"
+        self.concat_x = cast(step.concat_x)
+        self.blocks = [(cast(b.up), cast(b.down)) for b in step.blocks]
+        self.out_proj = cast(step.out_proj) if self.qinco2 else None
+
+    def linear(self, x: Tensor, w_IO: Tensor) -> Tensor:
+        return matmul_rows(x if self.dtype is None else x.to(self.dtype), w_IO)
 
     def finish(self, z_xE: Tensor, c_xD: Tensor) -> Tensor:
-        """``QincoStep.finish`` under autocast."""
+        """``QincoStep.finish`` (blocks, then QINCo2's output projection)."""
         for up, down in self.blocks:
             z_xE = z_xE + self.linear(torch.relu_(self.linear(z_xE, up)), down)
         if self.qinco2:
@@ -81,9 +93,24 @@ class StepWeights:
         return z_xE
 
 
-def step_weights(model: QINCo, dtype: torch.dtype) -> list[StepWeights | None]:
+def step_weights(model: QINCo, dtype: torch.dtype | None) -> list[StepWeights | None]:
     """``StepWeights`` of every step (None for a plain step)."""
     return [None if s.plain else StepWeights(s, dtype) for s in model.steps]
+
+
+def codeword_tables(model: QINCo) -> list[Tensor | None]:
+    """Per step, ``QincoStep.codeword_table`` computed with :mod:`pipeline.rowwise`'s products, so
+    that it is the same in every process whatever its thread count (None for a plain step)."""
+    out: list[Tensor | None] = []
+    for step in model.steps:
+        if step.plain:
+            out.append(None)
+            continue
+        e = step.codebook_KD.detach()
+        if step.variant == "qinco2":
+            e = linear_rows(e, step.in_proj.weight.detach())
+        out.append(e + linear_rows(e, step.concat_c.weight.detach(), step.concat_c.bias.detach()))
+    return out
 
 
 class Decoder:
@@ -103,10 +130,10 @@ class Decoder:
         self.model, self.device, self.precision = model, dev, precision
         with torch.inference_mode():
             with _autocast(dev, precision):
-                self.tables = [None if s.plain else s.codeword_table() for s in model.steps]
+                self.tables = codeword_tables(model)
             low = precision not in (None, "float32") or (precision is None and dev.type == "cuda")
-            self.weights = step_weights(model, torch.bfloat16 if precision == "bfloat16" else torch.float16) \
-                if low else None
+            self.weights = step_weights(model, (torch.bfloat16 if precision == "bfloat16" else torch.float16)
+                                        if low else None)
 
     def __call__(self, codes_NM: np.ndarray, list_ids_N: np.ndarray | None = None,
                  prefix: int | None = None, batch_size: int | None = None) -> np.ndarray:
@@ -131,10 +158,17 @@ class Decoder:
         out = np.empty((N, cfg.dim), dtype=np.float32)
         with torch.inference_mode():
             for i in range(0, N, bs):
-                cb = torch.from_numpy(codes_NM[i:i + bs].astype(np.int64)).to(dev)
-                lb = None if list_ids_N is None else torch.from_numpy(list_ids_N[i:i + bs]).to(dev)
-                out[i:i + bs] = decode_tensor(model, cb, lb, prefix, self.tables,
-                                              self.weights).float().cpu().numpy()
+                c = codes_NM[i:i + bs]
+                n = len(c)
+                # Whole tiles of rows (copies of the last row after it): each product of the
+                # networks is then one batched call (pipeline.rowwise); the rows do not change.
+                pad = -n % TILE_ROWS
+                cb = torch.from_numpy(np.pad(c, ((0, pad), (0, 0)), mode="edge").astype(np.int64)).to(dev)
+                lb = None
+                if list_ids_N is not None:
+                    lb = torch.from_numpy(np.pad(list_ids_N[i:i + bs], (0, pad), mode="edge")).to(dev)
+                out[i:i + n] = decode_tensor(model, cb, lb, prefix, self.tables,
+                                             self.weights)[:n].float().cpu().numpy()
         return out
 
 

@@ -234,7 +234,7 @@ def _train_loop_per_worker(config: dict) -> None:
                 return
             yield b["vector"].astype(np.float32, copy=False)
 
-    finished = trainer.epoch >= tcfg.epochs or bool(trainer.history and trainer.history[-1].get("stop"))
+    finished = trainer.epoch >= tcfg.max_epochs or bool(trainer.history and trainer.history[-1].get("stop"))
     epochs_this_run = 0
     while not finished:
         stats = trainer.train_epoch(batches(trainer.epoch))
@@ -251,14 +251,14 @@ def _train_loop_per_worker(config: dict) -> None:
         rec["samples_per_s_all_workers"] = samples / secs
         rec["epoch_s_all_workers"] = secs
         epochs_this_run += 1
-        finished = trainer.epoch >= tcfg.epochs or bool(rec["stop"])
+        finished = trainer.epoch >= tcfg.max_epochs or bool(rec["stop"])
         pause = config["stop_after"] is not None and epochs_this_run >= config["stop_after"]
         stop = agreed(finished or stopped_by_budget or pause)
         metrics = {"epoch": rec["epoch"], "train_mse": rec["train_mse"], "val_mse": rec["val_mse"],
                    "samples": int(samples), "samples_per_s": rec["samples_per_s_all_workers"],
                    "epoch_s": secs, "best_val_mse": trainer.best_val, "stop": stop}
         if rank == 0:
-            print(f"[qinco] epoch {rec['epoch']}/{tcfg.epochs}: train MSE {rec['train_mse']:.6g}, "
+            print(f"[qinco] epoch {rec['epoch']}/{'-' if tcfg.epochs is None else tcfg.epochs}: train MSE {rec['train_mse']:.6g}, "
                   f"val MSE {rec['val_mse']:.6g}{' (best)' if rec['best'] else ''}, "
                   f"{metrics['samples_per_s']:.0f} samples/s on {world} worker(s), {secs:.1f} s", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
@@ -475,7 +475,7 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
         _train_loop_per_worker,
         train_loop_config={
             "qinco": qcfg.to_dict(), "train": tcfg.to_dict(), "init_uri": init_uri, "options": options,
-            "x_val": x_val, "lids_val": lids_val, "total_steps": tcfg.epochs * steps_per_epoch,
+            "x_val": x_val, "lids_val": lids_val, "total_steps": tcfg.planned_steps(steps_per_epoch),
             "threads": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)), "use_gpu": use_gpu, "seed": tcfg.seed,
             "stop_after": cfg.stop_after_epochs,
         },
@@ -486,8 +486,10 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds},
     )
-    log.info("training on %d worker(s): ~%d training vectors, %d validation, %d epochs, checkpoints in %s",
-             cfg.workers, n_train_est, len(x_val), tcfg.epochs, storage.redact(run_dir(cfg)))
+    log.info("training on %d worker(s): ~%d training vectors, %d validation, %s epochs, checkpoints in %s",
+             cfg.workers, n_train_est, len(x_val),
+             "until the budget or early stopping" if tcfg.epochs is None else tcfg.epochs,
+             storage.redact(run_dir(cfg)))
     t = time.time()
     try:
         result = trainer.fit()
@@ -503,14 +505,14 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
         state = _load_state(os.path.join(d, STATE_FILE))
     history = state["history"]
     for rec in history:
-        log.info("epoch %d/%d: train MSE %.6g, val MSE %.6g%s, %.0f samples/s on %d worker(s), %.1f s",
-                 rec["epoch"], tcfg.epochs, rec["train_mse"], rec["val_mse"], " (best)" if rec.get("best") else "",
+        log.info("epoch %d/%s: train MSE %.6g, val MSE %.6g%s, %.0f samples/s on %d worker(s), %.1f s",
+                 rec["epoch"], "-" if tcfg.epochs is None else tcfg.epochs, rec["train_mse"], rec["val_mse"], " (best)" if rec.get("best") else "",
                  rec.get("samples_per_s_all_workers", rec["samples_per_s"]), rec.get("workers", 1),
                  rec.get("epoch_s_all_workers", rec["seconds"]))
-    finished = state["epoch"] >= tcfg.epochs or bool(history and history[-1].get("stop"))
+    finished = state["epoch"] >= tcfg.max_epochs or bool(history and history[-1].get("stop"))
     if not finished:
-        log.info("stopped after epoch %d of %d as asked; re-run the same command to continue",
-                 state["epoch"], tcfg.epochs)
+        log.info("stopped after epoch %d of %s as asked; re-run the same command to continue",
+                 state["epoch"], "-" if tcfg.epochs is None else tcfg.epochs)
         return {"status": "paused", "epochs_done": state["epoch"], "history": history,
                 "timings_s": {"sample": sample_s, "init": init_s, "fit": fit_s, "total": time.time() - t0}}
 

@@ -34,7 +34,10 @@ codes and norms. Faiss rebuilds an ``M x K`` table for every (query, probed list
 (``bench/bench_scanner.py``).
 
 Everything is plain NumPy/torch/Faiss; rankings are exact and break ties by the smaller global
-id, so results are independent of sharding (see ``pipeline.topk``).
+id (see ``pipeline.topk``), and every value they rank is computed the same way whatever batch,
+shard or thread it is computed in: the tables and the probe by ``pipeline.rowwise``'s products,
+the coarse and exact distances in float64 from explicit differences, the table sums pair by pair.
+So results do not depend on the query batch, the sharding or the threads.
 """
 
 from __future__ import annotations
@@ -177,17 +180,19 @@ def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.nd
 
 class FlatProbe:
     """Exact nearest IVF centroids by squared L2, searched like a Faiss index (``.search(q, P)``,
-    ``.ntotal``, ``.d``): one float32 GEMM ``||c||^2 - 2 <q, c>`` per query batch and a sorted
-    top-P, in torch. ``ShardSearcher`` (below ``HNSW_MIN_NLIST`` lists) and the query job's driver
-    both probe with it, so they pick the same lists for the same batch. For 1024 centroids of
-    dimension 50 it takes about half the time of Faiss's ``IndexFlatL2`` search (1 thread, 500
-    queries: 1.25 against 2.45 ms), whose heap-based selection costs more than the product.
+    ``.ntotal``, ``.d``): ``||c||^2 - 2 <q, c>`` by one batch-invariant product
+    (:func:`pipeline.rowwise.matmul_rows`) per query batch and a sorted top-P in torch, ties broken
+    by the smaller list id. A query's lists therefore do not depend on the batch it is probed in.
+    ``ShardSearcher`` (below ``HNSW_MIN_NLIST`` lists) and the query job's driver both probe with
+    it. Faiss's ``IndexFlatL2`` search spends more on its heap-based selection than on the product
+    (bench/RESULTS.md, "Adaptive nprobe").
     """
 
     def __init__(self, centroids_LD: np.ndarray):
         import torch
 
         self.c_LD = torch.from_numpy(np.ascontiguousarray(centroids_LD, dtype=np.float32))
+        self.cT_DL = self.c_LD.T.contiguous()
         self.cnorm_L = (self.c_LD * self.c_LD).sum(1)
         self.ntotal, self.d = self.c_LD.shape
 
@@ -196,10 +201,23 @@ class FlatProbe:
         nearest centroids of each query (``P <= ntotal``)."""
         import torch
 
+        from pipeline.rowwise import matmul_rows
+
+        P = int(P)
         q = torch.from_numpy(np.ascontiguousarray(q_QD, dtype=np.float32))
-        d_QL = torch.addmm(self.cnorm_L, q, self.c_LD.T, alpha=-2.0)
-        v_QP, i_QP = torch.topk(d_QL, int(P), dim=1, largest=False, sorted=True)
-        return (v_QP + (q * q).sum(1, keepdim=True)).numpy(), i_QP.numpy()
+        d_QL = self.cnorm_L - 2.0 * matmul_rows(q, self.cT_DL)
+        # One more than P, to see ties at the boundary; rows with any tie are ranked by (distance, id).
+        P1 = min(P + 1, self.ntotal)
+        v_QP, i_QP = torch.topk(d_QL, P1, dim=1, largest=False, sorted=True)
+        v, i = v_QP.numpy(), i_QP.numpy()
+        tied = np.flatnonzero((v[:, 1:] == v[:, :-1]).any(axis=1)) if P1 > 1 else np.zeros(0, np.int64)
+        if tied.size:
+            d_XL = d_QL.numpy()[tied]
+            order = np.lexsort((np.broadcast_to(np.arange(self.ntotal), d_XL.shape), d_XL), axis=-1)[:, :P1]
+            i[tied] = order
+            v[tied] = np.take_along_axis(d_XL, order, axis=1)
+        qn_Q1 = (q * q).sum(1, keepdim=True).numpy()
+        return v[:, :P] + qn_Q1, np.ascontiguousarray(i[:, :P])
 
 
 def coarse_dists(q_QD: np.ndarray, lists_QP: np.ndarray, centroids_LD: np.ndarray) -> np.ndarray:
@@ -266,7 +284,10 @@ class ShardSearcher:
     ``codes_NM`` (uint8 if K <= 256 else uint16) and CSR ``list_offsets`` (nlist + 1) so that
     list ``l`` is rows ``[off[l], off[l+1])``. Model arrays: ``centroids_LD`` (coarse centroids,
     original space) and ``codebooks_MKD`` (additive decoder of the residual).
-    ``decode_fn(codes_NM, list_ids_N) -> x_ND`` is the exact decoder used for re-ranking.
+    ``decode_fn(codes_NM, list_ids_N) -> x_ND`` is the exact decoder used for re-ranking. It must
+    give a row the same output whatever rows come with it and whatever the thread count
+    (``pipeline.decoder.Decoder`` does, through ``pipeline.rowwise``): the rows a search decodes
+    together depend on the query batch, the shard and the threads, and its results do not.
 
     ``scale_N`` (optional, ``(N,)``, stored as float16): per-row scales of the additive residual
     (see the module docstring); without them every row's scale is 1.
@@ -296,6 +317,11 @@ class ShardSearcher:
         self.M, self.K, D_cb = self.codebooks_MKD.shape
         if D_cb != self.D:
             raise ConfigError(f"{source}: codebook dim {D_cb} != centroid dim {self.D}")
+        import torch
+
+        # (D, M K): the right-hand side of the lookup tables' product (``_luts``)
+        self._codebooks_DMK = torch.from_numpy(
+            np.ascontiguousarray(self.codebooks_MKD.reshape(self.M * self.K, self.D).T))
 
         codes_NM = np.asarray(codes_NM)
         if codes_NM.ndim != 2 or codes_NM.shape[1] != self.M:
@@ -467,18 +493,19 @@ class ShardSearcher:
         return coarse_dists(q_QD, lists_QP, self.centroids_LD)
 
     def _luts(self, q_QD: np.ndarray) -> np.ndarray:
-        """Per-query tables ``-2 <q, C_m[k]>`` as float32 ``(Q, M, K)``: one float32 GEMM over the
-        whole query batch. Every shard of a search sees the same batch and so the same tables;
-        computing them per chunk (whose bounds depend on the shard) could change a last bit.
-        The factor -2 is applied to the queries: scaling by a power of two commutes with float32
-        rounding, so each entry is exactly -2 times the plain inner product."""
+        """Per-query tables ``-2 <q, C_m[k]>`` as float32 ``(Q, M, K)``: one batch-invariant product
+        (``pipeline.rowwise``) over the query batch, so a query's tables are the same in any batch,
+        shard or thread. The factor -2 is applied to the queries: scaling by a power of two
+        commutes with float32 rounding, so each entry is exactly -2 times the plain inner product."""
         import torch
+
+        from pipeline.rowwise import matmul_rows
 
         M, K = self.M, self.K
         # torch's GEMM runs on the same thread pool as the re-rank's decoder; NumPy's BLAS pool
         # busy-waits after a call and halves the speed of a decode that follows.
         q = np.multiply(q_QD, np.float32(-2.0), dtype=np.float32)
-        lut = torch.from_numpy(q) @ torch.from_numpy(self.codebooks_MKD.reshape(M * K, self.D)).T
+        lut = matmul_rows(torch.from_numpy(q), self._codebooks_DMK)
         return lut.numpy().reshape(-1, M, K)
 
     def prefix_bias(self, steps: int) -> np.ndarray:

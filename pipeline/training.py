@@ -49,17 +49,26 @@ from pipeline.qinco_model import QINCo, QincoConfig, validate_vectors
 log = logging.getLogger(__name__)
 
 
+# Epochs of a run given neither an epoch count nor a time budget.
+DEFAULT_EPOCHS = 10
+
+
 @dataclass
 class TrainConfig(JsonConfig):
-    """Training hyper-parameters (stored with the model)."""
+    """Training hyper-parameters (stored with the model).
 
-    epochs: int = 10
+    ``epochs`` caps the passes over the training set; ``None`` trains until early stopping
+    (``patience`` epochs without a better validation MSE) or the ``time_budget_s`` ends it, and
+    needs a budget.
+    """
+
+    epochs: int | None = DEFAULT_EPOCHS
     batch_size: int = 1024
     lr: float = 8e-4
     weight_decay: float = 0.1
     warmup_steps: int = 100
     grad_clip: float = 0.1
-    patience: int = 5
+    patience: int = 10
     time_budget_s: float | None = None
     seed: int = 0
     B_train: int = 0          # 0: the model's config.train_beam
@@ -81,7 +90,9 @@ class TrainConfig(JsonConfig):
                                 # weights, fresh optimizer state, half the learning rate
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
+        if self.epochs is None and self.time_budget_s is None:
+            raise ConfigError("epochs=None (train until early stopping or the time budget) needs time_budget_s")
+        if (self.epochs is not None and self.epochs < 0) or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
             raise ConfigError("epochs >= 0, batch_size >= 1, lr > 0 and patience >= 1 are required")
         if self.diverge_ratio <= 1:
             raise ConfigError(f"diverge_ratio must be > 1, got {self.diverge_ratio}")
@@ -91,6 +102,15 @@ class TrainConfig(JsonConfig):
             raise ConfigError(f"lr_schedule must be 'steps' or 'time', got {self.lr_schedule!r}")
         if self.lr_schedule == "time" and self.time_budget_s is None:
             raise ConfigError("lr_schedule='time' needs time_budget_s")
+
+    @property
+    def max_epochs(self) -> float:
+        """The epoch cap: ``epochs``, or infinity when the budget and early stopping end training."""
+        return math.inf if self.epochs is None else self.epochs
+
+    def planned_steps(self, steps_per_epoch: int) -> int | None:
+        """Optimizer steps of the whole run for the ``"steps"`` schedule (None when unbounded)."""
+        return None if self.epochs is None else self.epochs * steps_per_epoch
 
 
 # Peak learning rates per architecture preset. The papers' 8e-4 suits long GPU runs of the
@@ -440,7 +460,7 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
     init_from_rq(model, x_train, lids_train, max_points=tcfg.rq_max_points, niter=tcfg.rq_iters,
                  seed=tcfg.seed, beam=tcfg.rq_beam)
     steps_per_epoch = math.ceil(len(x_train) / tcfg.batch_size)
-    trainer = Trainer(model, tcfg, device, total_steps=tcfg.epochs * steps_per_epoch)
+    trainer = Trainer(model, tcfg, device, total_steps=tcfg.planned_steps(steps_per_epoch))
     trainer.time_used_s = time.time() - t_start
     init_val = trainer.validate(x_val, lids_val)
     rec0 = trainer.end_epoch({"epoch": 0, "rq_init": True, "samples": 0}, init_val)
@@ -448,7 +468,7 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
              init_val, len(x_train), len(x_val), trainer.time_used_s)
     if on_epoch_end:
         on_epoch_end(rec0, trainer)
-    for _ in range(tcfg.epochs):
+    while trainer.epoch < tcfg.max_epochs:
         if trainer.budget_exhausted:
             break
         stats = trainer.train_epoch(epoch_batches(x_train, tcfg.batch_size, tcfg.seed, trainer.epoch, lids_train))

@@ -62,6 +62,21 @@ class VectorFileInfo(JsonConfig):
         return self.header_bytes + start * self.record_bytes, (stop - start) * self.record_bytes
 
 
+# Extensions that name a file (vector formats and other common data and model files): an output
+# that must be a folder or prefix (an index, a model) is refused when it ends in one.
+FILE_EXTENSIONS = frozenset(FORMATS) | frozenset(_EXT_ALIASES) | frozenset(
+    "npz json csv tsv txt bin h5 hdf5 pkl pickle pt pth safetensors arrow feather orc avro gz zip "
+    "tar zst faiss index".split())
+
+
+def file_extension(uri: str) -> str | None:
+    """The lower-case extension of ``uri``'s last path component when it is one of
+    ``FILE_EXTENSIONS``, else None (a folder or prefix such as ``s3://bucket/index.v2``)."""
+    name = str(uri).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].lower()
+    ext = name.rsplit(".", 1)[-1] if "." in name else ""
+    return ext if ext in FILE_EXTENSIONS else None
+
+
 def detect_format(uri: str) -> str:
     """Format name from the file extension (``.fvecs``, ``.u8bin``, ``.npy``, ``.parquet``, ...)."""
     name = str(uri).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].lower()

@@ -101,3 +101,48 @@ def test_encode_of_a_file_of_unknown_format_is_one_line_error(tiny_files, tmp_pa
     assert str(data) in err and "--fmt" in err and not out.exists()
     assert main(["encode", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(out),
                  "--fmt", "fvecs"]) == 0 and out.exists()
+
+
+def test_outputs_the_command_cannot_write_are_refused(tiny_files, tmp_path, capsys):
+    """An --out ending in a file extension the command does not write is a one-line error naming
+    what it does write, before any work: `encode --out codes.npy` would otherwise build an index
+    folder named codes.npy, which `decode --codes codes.npy` then cannot read."""
+    from conftest import build_tiny_model
+
+    model = str(tmp_path / "model")
+    build_tiny_model(model, vecs_io.read_vectors(tiny_files["learn"]), nlist=4)
+    cases = [
+        (["encode", "--model", model, "--data", tiny_files["base"], "--out", str(tmp_path / "codes.npy")],
+         "codes.npy", [".parquet", "an index"]),
+        (["train", "--data", tiny_files["learn"], "--out", str(tmp_path / "m.safetensors"), "--epochs", "1"],
+         "m.safetensors", ["a model directory"]),
+        (["decode", "--model", model, "--codes", str(tmp_path / "c.parquet"), "--out", str(tmp_path / "x.npz")],
+         "x.npz", ["fvecs", "npy"]),
+    ]
+    for argv, name, words in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"qinco {argv[0]}: error:") and name in err, err
+        assert all(w in err for w in words), err
+        assert not (tmp_path / name).exists()
+    # an index named like a version folder is not a file extension; parquet codes are written
+    out = tmp_path / "codes.parquet"
+    assert main(["encode", "--model", model, "--data", tiny_files["base"], "--out", str(out)]) == 0
+    assert main(["decode", "--model", model, "--codes", str(out), "--out", str(tmp_path / "x.fvecs")]) == 0
+    assert vecs_io.read_vectors(str(tmp_path / "x.fvecs")).shape == (800, 8)
+
+
+def test_time_budget_without_epochs_trains_until_the_budget(tiny_files, tmp_path, capsys):
+    """`qinco train --time-budget S` without --epochs is not capped at the default 10 epochs: it
+    trains until the budget (or early stopping) ends it; an explicit --epochs still caps it."""
+    out = tmp_path / "m"
+    common = ["train", "--data", tiny_files["learn"], "--M", "2", "--K", "16", "--val", "200",
+              "--batch-size", "256", "--patience", "1000"]
+    assert main(common + ["--out", str(out), "--time-budget", "8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_config"]["epochs"] is None
+    assert report["epochs_done"] > 10, report["epochs_done"]
+    assert report["history"][-1]["time_used_s"] >= 8  # the budget ended it
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "m3"), "--time-budget", "8", "--epochs", "3"]) == 0
+    assert json.loads((tmp_path / "m3" / "report.json").read_text())["epochs_done"] == 3

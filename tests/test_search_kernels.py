@@ -36,14 +36,23 @@ def make_shard(seed=0, n=N, k_codes=K, n_dup=200):
 
 
 def make_decode(shard):
-    """Exact decoder stand-in: additive decode plus a fixed non-linear perturbation."""
+    """Exact decoder stand-in: additive decode plus a residual ReLU layer. Its products are
+    ``pipeline.rowwise``'s, as the QINCo decoder's are, so a row decodes to the same bits in any
+    batch (the property ``ShardSearcher`` asks of its ``decode_fn``; a plain ``x @ W`` lacks it on
+    OpenBLAS's Haswell kernels, for one)."""
+    import torch
+
+    from pipeline.rowwise import linear_rows
+
     cent, cb = shard["centroids_LD"], shard["codebooks_MKD"]
-    W = np.random.default_rng(123).normal(size=(D, D)).astype(np.float32) * 0.5
+    rng = np.random.default_rng(123)
+    W1 = torch.from_numpy(rng.normal(size=(2 * D, D)).astype(np.float32))
+    W2 = torch.from_numpy(rng.normal(size=(D, 2 * D)).astype(np.float32) * 0.3)
 
     def decode_fn(codes_NM, list_ids_N):
         decode_fn.calls.append(len(codes_NM))
-        x = additive_decode(codes_NM, list_ids_N, cent, cb)
-        return (x + np.sin(x @ W)).astype(np.float32)
+        x = torch.from_numpy(additive_decode(codes_NM, list_ids_N, cent, cb))
+        return (x + linear_rows(torch.relu(linear_rows(x, W1)), W2)).numpy()
 
     decode_fn.calls = []
     return decode_fn
@@ -176,6 +185,26 @@ def test_flat_probe_finds_the_nearest_centroids_like_faiss():
     _, lists = s.probe(q, 3)
     exact = np.argsort(((q[:, None, :].astype(np.float64) - shard["centroids_LD"][None]) ** 2).sum(-1), axis=1)
     np.testing.assert_array_equal(lists, exact[:, :3])
+
+
+def test_flat_probe_breaks_ties_by_list_id_and_ignores_the_batch():
+    """Duplicate centroids tie exactly: the probe keeps the smaller list id first, and a query's
+    lists and distances are the same probed alone or in any batch."""
+    from pipeline.search_kernels import FlatProbe
+
+    rng = np.random.default_rng(11)
+    c = rng.normal(size=(40, D)).astype(np.float32)
+    c[[7, 23, 31]] = c[3]  # four copies of one centroid
+    q = np.concatenate([c[3:4] + 0.01, rng.normal(size=(70, D)).astype(np.float32)])
+    probe = FlatProbe(c)
+    Dq, Iq = probe.search(q, 6)
+    assert Iq[0, :4].tolist() == [3, 7, 23, 31]
+    for P in (1, 2, 3):  # the boundary inside the tied group keeps the smallest ids
+        assert probe.search(q[:1], P)[1][0].tolist() == [3, 7, 23, 31][:P]
+    for a, b in ((0, 1), (5, 6), (10, 37), (0, 71)):
+        Db, Ib = probe.search(q[a:b], 6)
+        np.testing.assert_array_equal(Ib, Iq[a:b])
+        np.testing.assert_array_equal(Db, Dq[a:b])
 
 
 def test_probe_ratio_visits_only_the_lists_near_the_nearest(data):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.decoder import reconstruct, reconstruction_mse
@@ -41,8 +42,14 @@ def test_trained_model_beats_its_rq_initialisation(codec_vectors):
     assert min(h["val_mse"] for h in hist) < hist[0]["val_mse"]
 
 
-def test_faiss_beam_rq_initialisation_beats_greedy_rq(codec_vectors):
-    x, xv, _ = codec_vectors
+@pytest.mark.data
+def test_faiss_beam_rq_initialisation_beats_greedy_rq(codec_vectors, dwsift_dir):
+    """On real descriptors (dwsift) Faiss's beam-trained RQ initialises better than greedy k-means
+    RQ. The property is one of the data, so the test needs it: on clustered synthetic data
+    (the fallback of ``codec_vectors``) Faiss's beam training loses to greedy k-means (16-25%
+    higher error on mixtures of 20 or 200 Gaussians, 1-3% lower on a single Gaussian)."""
+    x, xv, name = codec_vectors
+    assert name == "dwsift"
     mse = {}
     for beam in (0, 5):
         tcfg = TrainConfig(rq_iters=10, rq_beam=beam)
