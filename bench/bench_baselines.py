@@ -19,10 +19,10 @@ import shlex
 import sys
 import time
 
-from pipeline import storage
-from pipeline.baselines import METHODS, format_table, load_inputs, machine_info, run_baselines
+from pipeline.io import storage
+from pipeline.stages.baselines import METHODS, format_table, load_inputs, machine_info, run_baselines
 from pipeline.config import code_version
-from pipeline.datasets import DATASETS, resolve_dataset
+from pipeline.stages.datasets import DATASETS, resolve_dataset
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -32,15 +32,15 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import storage  # noqa: E402
-from pipeline.baselines import format_table, load_inputs, machine_info, run_baselines  # noqa: E402
+from pipeline.io import storage  # noqa: E402
+from pipeline.stages.baselines import format_table, load_inputs, machine_info, run_baselines  # noqa: E402
 from pipeline.config import code_version  # noqa: E402
-from pipeline.datasets import DATASETS, resolve_dataset  # noqa: E402
-from pipeline.decoder import decode  # noqa: E402
-from pipeline.encoder import encode  # noqa: E402
-from pipeline.evaluation import recall_at, reconstruction_mse, search_decoded  # noqa: E402
-from pipeline.qinco_model import QINCo, QincoConfig, config_from_preset  # noqa: E402
-from pipeline.training import TrainConfig, train_model  # noqa: E402
+from pipeline.stages.datasets import DATASETS, resolve_dataset  # noqa: E402
+from pipeline.codec.decoder import decode  # noqa: E402
+from pipeline.codec.encoder import encode  # noqa: E402
+from pipeline.search.evaluation import recall_at, reconstruction_mse, search_decoded  # noqa: E402
+from pipeline.codec.model import QINCo, QincoConfig, config_from_preset  # noqa: E402
+from pipeline.train.loop import TrainConfig, train_model  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

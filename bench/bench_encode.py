@@ -2,7 +2,7 @@
 
 Measures, on this machine:
 
-- vectors/s of the whole Ray encode job (``pipeline.encode_job.run_encode``: byte-range reads,
+- vectors/s of the whole Ray encode job (``pipeline.stages.encode.run_encode``: byte-range reads,
   actor pool, shard writes, manifest commit) with 1 and 2 workers on the first N rows of the
   dwsift base, and with 2 workers on the whole base (10·N rows);
 - peak resident memory of every encode actor (``VmHWM``, reported by the actors) at N and 10·N
@@ -34,10 +34,10 @@ import time
 
 import numpy as np
 
-from pipeline import storage, vecs_io
-from pipeline.baselines import machine_info
+from pipeline.io import storage, vectors
+from pipeline.stages.baselines import machine_info
 from pipeline.config import code_version
-from pipeline.qinco_model import PRESETS, QincoConfig, config_from_preset
+from pipeline.codec.model import PRESETS, QincoConfig, config_from_preset
 
 log = logging.getLogger("bench_encode")
 
@@ -93,12 +93,12 @@ def load_avg() -> list[float]:
 
 def get_model(model_dir: pathlib.Path, learn: str, args) -> tuple[str, dict]:
     """The benchmark's IVF-QINCo2 model: loaded from ``model_dir`` or RQ-initialised there."""
-    from pipeline.checkpoint import load_model, save_model
-    from pipeline.training import TrainConfig, train_model
+    from pipeline.codec.model_file import load_model, save_model
+    from pipeline.train.loop import TrainConfig, train_model
 
     uri = str(model_dir)
     if not (model_dir / "config.json").exists():
-        x = vecs_io.read_rows(learn, 0, args.val + args.train_rows).astype(np.float32)
+        x = vectors.read_rows(learn, 0, args.val + args.train_rows).astype(np.float32)
         qcfg = config_from_preset(args.preset, x.shape[1], M=args.M, K=args.K, nlist=args.nlist)
         tcfg = TrainConfig(epochs=0, val_size=args.val, rq_iters=args.rq_iters,
                            additive_max_rows=args.additive_rows, num_threads=2)
@@ -117,7 +117,7 @@ def run_job(model_uri: str, data: str, index: str, workers: int, shard_rows: int
     """One encode job in a fresh local Ray (fresh actor processes, so their peak RSS is theirs)."""
     import ray
 
-    from pipeline.encode_job import EncodeJobConfig, run_encode
+    from pipeline.stages.encode import EncodeJobConfig, run_encode
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # one logical CPU per actor plus one for the byte-range read tasks (light: I/O and a copy)
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
 
     model_uri, res["model"] = get_model(pathlib.Path(a.model_dir), str(learn), a)
     mcfg = QincoConfig.from_dict(res["model"]["config"])
-    n_base = vecs_io.info(str(base)).count
+    n_base = vectors.info(str(base)).count
     n_large = min(a.n_large or n_base, n_base)
     n_small = a.n_small or math.ceil(n_large / 10)
     res.update(n_small=n_small, n_large=n_large)
@@ -328,11 +328,11 @@ def main(argv=None) -> int:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_encode_"))
     try:
         small = str(tmp / "base_small.bvecs")
-        vecs_io.write_vectors(small, vecs_io.read_rows(str(base), 0, n_small), fmt="bvecs")
+        vectors.write_vectors(small, vectors.read_rows(str(base), 0, n_small), fmt="bvecs")
         large = str(base)
         if n_large < n_base:
             large = str(tmp / "base_large.bvecs")
-            vecs_io.write_vectors(large, vecs_io.read_rows(str(base), 0, n_large), fmt="bvecs")
+            vectors.write_vectors(large, vectors.read_rows(str(base), 0, n_large), fmt="bvecs")
         res["jobs"] = []
         for workers, data, n in ((1, small, n_small), (2, small, n_small), (2, large, n_large)):
             log.info("encode job: %d workers, %d vectors", workers, n)
@@ -343,8 +343,8 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     derive(res)
 
-    xt = vecs_io.read_rows(str(learn), a.val, a.val + a.train_rows).astype(np.float32)
-    xb = vecs_io.read_rows(str(base), 0, n_large).astype(np.float32)
+    xt = vectors.read_rows(str(learn), a.val, a.val + a.train_rows).astype(np.float32)
+    xb = vectors.read_rows(str(base), 0, n_large).astype(np.float32)
     res["faiss"] = faiss_add(xt, xb, mcfg.nlist, mcfg.M, int(math.log2(mcfg.K)), threads=[1, 2])
     for r in res["faiss"]:
         print(f"{r['factory']:>16} threads={r['threads']} add {r['add_vps']:,.0f} vec/s", flush=True)

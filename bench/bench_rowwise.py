@@ -1,7 +1,7 @@
-"""Batch-invariant products (pipeline.rowwise): what they cost, and what plain products break.
+"""Batch-invariant products (pipeline.codec.rowwise): what they cost, and what plain products break.
 
 For the search's three products (the QINCo decoder's layers, the lookup tables and the coarse
-probe) this measures, plain torch products against ``pipeline.rowwise``'s tiled ones:
+probe) this measures, plain torch products against ``pipeline.codec.rowwise``'s tiled ones:
 
 - time: a re-rank's decode of R rows (``Decoder``, float32 and bfloat16) on 1 and 2 threads, the
   lookup tables of Q queries (``ShardSearcher._luts``), and the probe (``FlatProbe``) beside
@@ -28,10 +28,10 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import pipeline.decoder as decoder_mod  # noqa: E402
-from pipeline.baselines import machine_info  # noqa: E402
-from pipeline.qinco_model import QINCo, QincoConfig  # noqa: E402
-from pipeline.rowwise import TILE_ROWS, matmul_rows  # noqa: E402
+import pipeline.codec.decoder as decoder_mod  # noqa: E402
+from pipeline.stages.baselines import machine_info  # noqa: E402
+from pipeline.codec.model import QINCo, QincoConfig  # noqa: E402
+from pipeline.codec.rowwise import TILE_ROWS, matmul_rows  # noqa: E402
 
 
 def plain_matmul(x, w):
@@ -59,7 +59,7 @@ def random_model(dim: int, M: int, nlist: int, seed: int = 0) -> QINCo:
 
 
 def with_products(kind: str):
-    """The decoder's products: ``pipeline.rowwise``'s (with the decoder's padding of its rows to
+    """The decoder's products: ``pipeline.codec.rowwise``'s (with the decoder's padding of its rows to
     whole tiles), or plain products on the rows as given, as the decoder computed them before."""
     decoder_mod.matmul_rows = matmul_rows if kind == "rowwise" else plain_matmul
     decoder_mod.TILE_ROWS = TILE_ROWS if kind == "rowwise" else 1
@@ -105,7 +105,7 @@ def invariance_rows(model, codes, lids) -> list[dict]:
 def lut_and_probe_rows(a, model) -> list[dict]:
     import faiss
 
-    from pipeline.search_kernels import FlatProbe, ShardSearcher
+    from pipeline.search.scan import FlatProbe, ShardSearcher
 
     rng = np.random.default_rng(1)
     D, M, K = model.config.dim, model.config.M, model.config.K

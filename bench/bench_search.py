@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 from results_md import update_section  # noqa: E402
 sys.path.insert(0, str(HERE.parent))
 
-from pipeline import storage  # noqa: E402
+from pipeline.io import storage  # noqa: E402
 from pipeline.config import code_version  # noqa: E402
 
 BEGIN = "<!-- section: search-quality (bench/bench_search.py) -->"
@@ -104,9 +104,9 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
     if its IVF centroids are ``centroids``, the coarse quantizer the Faiss baselines use."""
     import torch
 
-    from pipeline.checkpoint import load_model, save_model
-    from pipeline.qinco_model import config_from_preset
-    from pipeline.training import TrainConfig, train_model
+    from pipeline.codec.model_file import load_model, save_model
+    from pipeline.codec.model import config_from_preset
+    from pipeline.train.loop import TrainConfig, train_model
 
     uri = str(work / "model")
     if (work / "model").exists():
@@ -134,8 +134,8 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
 
 def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int,
                 lut_weight: float = 0.0) -> tuple[str, dict]:
-    from pipeline.encode_job import EncodeJobConfig, run_encode
-    from pipeline.ray_cluster import cpus_share
+    from pipeline.stages.encode import EncodeJobConfig, run_encode
+    from pipeline.distributed.cluster import cpus_share
 
     index = str(work / ("index" if not lut_weight else f"index_lw{lut_weight:g}"))
     # The encode job starts a local Ray over this machine's CPUs. Its actors leave room for the read
@@ -151,10 +151,10 @@ def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int,
 def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
     """In-process searcher over all shards of ``index``, built as a search job's actor builds it
     (``search_job.build_searcher``: row scales of the lookup-table stage included)."""
-    from pipeline.checkpoint import load_model
-    from pipeline.decoder import Decoder
-    from pipeline.manifest import load_manifest, version_dir
-    from pipeline.search_job import build_searcher, load_shards
+    from pipeline.codec.model_file import load_model
+    from pipeline.codec.decoder import Decoder
+    from pipeline.index.manifest import load_manifest, version_dir
+    from pipeline.stages.search import build_searcher, load_shards
 
     m = load_manifest(index)
     model = load_model(m.model["uri"])
@@ -452,12 +452,12 @@ def main(argv=None) -> int:
     import faiss
     import torch
 
-    from pipeline import vecs_io
-    from pipeline.baselines import machine_info
-    from pipeline.datasets import resolve_dataset
-    from pipeline.decoder import Decoder
-    from pipeline.search_kernels import SearchParams, prune_lists
-    from pipeline.training import train_ivf_centroids
+    from pipeline.io import vectors
+    from pipeline.stages.baselines import machine_info
+    from pipeline.stages.datasets import resolve_dataset
+    from pipeline.codec.decoder import Decoder
+    from pipeline.search.scan import SearchParams, prune_lists
+    from pipeline.train.loop import train_ivf_centroids
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -490,18 +490,18 @@ def main(argv=None) -> int:
 
     for name in a.datasets:
         ds = resolve_dataset(name, a.data_dir)
-        xt = vecs_io.read_vectors(ds.learn, max_rows=a.max_learn).astype(np.float32)
-        xb = vecs_io.read_vectors(ds.base, max_rows=a.max_base).astype(np.float32)
-        xq = vecs_io.read_vectors(ds.query, max_rows=a.queries).astype(np.float32)
+        xt = vectors.read_vectors(ds.learn, max_rows=a.max_learn).astype(np.float32)
+        xb = vectors.read_vectors(ds.base, max_rows=a.max_base).astype(np.float32)
+        xq = vectors.read_vectors(ds.query, max_rows=a.queries).astype(np.float32)
         base_uri = ds.base
         if a.max_base is None:
-            gt = vecs_io.read_vectors(ds.groundtruth, max_rows=a.queries)[:, 0].astype(np.int64)
+            gt = vectors.read_vectors(ds.groundtruth, max_rows=a.queries)[:, 0].astype(np.int64)
         else:
-            from pipeline.evaluation import knn_ground_truth
+            from pipeline.search.evaluation import knn_ground_truth
 
             gt = knn_ground_truth(xq, xb, k=1)[1][:, 0]
             base_uri = str(work / f"{name}_base{a.max_base}.fvecs")
-            vecs_io.write_vectors(base_uri, xb)
+            vectors.write_vectors(base_uri, xb)
         cpath = work / f"{name}_ivf{a.nlist}_learn{len(xt)}.npy"
         if cpath.exists():
             centroids = np.load(cpath)
@@ -537,7 +537,7 @@ def main(argv=None) -> int:
                 continue
             import ray
 
-            from pipeline.checkpoint import read_model_info
+            from pipeline.codec.model_file import read_model_info
 
             info = read_model_info(model_uri)
             # An index already built returns before Ray starts; otherwise the encode job starts Ray,
@@ -590,11 +590,11 @@ def main(argv=None) -> int:
                 save()
             del searcher
             # -- one run of the full Ray query job
-            from pipeline.search_job import SearchJobConfig, evaluate_results, run_search
+            from pipeline.stages.search import SearchJobConfig, evaluate_results, run_search
 
             qpath = work / f"{name}_query{a.queries}.fvecs"
             if not qpath.exists():
-                vecs_io.write_vectors(str(qpath), xq)
+                vectors.write_vectors(str(qpath), xq)
             out = str(wdir / "ray_results.bin")
             ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
             for P in a.ray_prefix:
@@ -604,7 +604,7 @@ def main(argv=None) -> int:
                                                  workers=a.threads, cpus_per_worker=1.0, query_batch=len(xq),
                                                  rerank_precision=a.ray_precision, prefix_steps=P,
                                                  prefix_shortlist=S1))
-                I, _ = vecs_io.read_knn_results(out)
+                I, _ = vectors.read_knn_results(out)
                 r1, r10 = recalls(I, gt)
                 report["ray_job"].append({"dataset": name, "bytes": nb, "nprobe": a.ray_nprobe,
                                           "precision": a.ray_precision, "prefix_steps": P, "prefix_shortlist": S1,

@@ -84,7 +84,7 @@ def first_step_codewords(model, centroids_LD: np.ndarray) -> np.ndarray:
     """``f_0(C_0[k], c_l)`` for every IVF list ``l`` and code ``k`` (raw space, ``(nlist, K, D)``
     float32): the first step's network sees only the list centroid, so its codeword is exact per
     list. It is the model's own decode of the first code alone, minus the centroid."""
-    from pipeline.decoder import decode
+    from pipeline.codec.decoder import decode
 
     L, K, M = len(centroids_LD), model.config.K, model.config.M
     codes_XM = np.zeros((L * K, M), np.int64)
@@ -107,7 +107,7 @@ def rank_probed(searcher, xq_QD: np.ndarray, xhat_ND: np.ndarray, nprobe: int, k
     """Ids of the ``k`` rows of each query's probed lists nearest under the reconstruction
     ``xhat_ND`` (exact distances to it, ties by id): the ranking of a lookup-table scan whose
     tables reproduce that decoder exactly."""
-    from pipeline.search_kernels import brute_force_reference
+    from pipeline.search.scan import brute_force_reference
 
     _, lists_QP = searcher.probe(xq_QD, nprobe)
     I_QK = np.empty((len(xq_QD), k), np.int64)
@@ -165,7 +165,7 @@ def fit_grouped(codes_NM: np.ndarray, x_ND: np.ndarray, list_ids_N: np.ndarray, 
     every row with its group's codebooks (a group with no fitting row decodes to the centroid)."""
     import faiss
 
-    from pipeline.additive_decoder import decode_additive, fit_additive_decoder
+    from pipeline.codec.additive import decode_additive, fit_additive_decoder
 
     km = faiss.Kmeans(centroids_LD.shape[1], n_groups, niter=20, seed=seed)
     km.train(centroids_LD)
@@ -211,21 +211,21 @@ def main(argv=None) -> int:
     import faiss
     import torch
 
-    from pipeline import vecs_io
-    from pipeline.additive_decoder import decode_additive, fit_additive_decoder
-    from pipeline.baselines import machine_info
-    from pipeline.datasets import resolve_dataset
-    from pipeline.decoder import decode
-    from pipeline.search_kernels import SearchParams, ShardSearcher
+    from pipeline.io import vectors
+    from pipeline.codec.additive import decode_additive, fit_additive_decoder
+    from pipeline.stages.baselines import machine_info
+    from pipeline.stages.datasets import resolve_dataset
+    from pipeline.codec.decoder import decode
+    from pipeline.search.scan import SearchParams, ShardSearcher
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
     work = pathlib.Path(a.work)
     ds = resolve_dataset(a.dataset, a.data_dir)
-    xt = vecs_io.read_vectors(ds.learn).astype(np.float32)
-    xb = vecs_io.read_vectors(ds.base).astype(np.float32)
-    xq = vecs_io.read_vectors(ds.query, max_rows=a.queries).astype(np.float32)
-    gt = vecs_io.read_vectors(ds.groundtruth, max_rows=a.queries)[:, 0].astype(np.int64)
+    xt = vectors.read_vectors(ds.learn).astype(np.float32)
+    xb = vectors.read_vectors(ds.base).astype(np.float32)
+    xq = vectors.read_vectors(ds.query, max_rows=a.queries).astype(np.float32)
+    gt = vectors.read_vectors(ds.groundtruth, max_rows=a.queries)[:, 0].astype(np.int64)
     centroids = np.load(work / f"{a.dataset}_ivf{a.nlist}_learn{len(xt)}.npy")
     searcher, model = qinco_searcher(str(work / f"{a.dataset}_{a.bytes}B" / "index"), a.threads)
     x_N = xb[searcher.ids_N]  # base vectors in shard row order

@@ -31,10 +31,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.distributed_training import DistTrainConfig, run_distributed_training  # noqa: E402
-from pipeline.qinco_model import config_from_preset  # noqa: E402
-from pipeline.ray_datasource import RowSample, plan_inputs, sample_rows_local  # noqa: E402
-from pipeline.training import TrainConfig  # noqa: E402
+from pipeline.distributed.train import DistTrainConfig, run_distributed_training  # noqa: E402
+from pipeline.codec.model import config_from_preset  # noqa: E402
+from pipeline.distributed.datasource import RowSample, plan_inputs, sample_rows_local  # noqa: E402
+from pipeline.train.loop import TrainConfig  # noqa: E402
 
 
 def _cpu_model() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from pipeline import storage
+from pipeline.io import storage
 
 
 def update_section(path: pathlib.Path, begin: str, end: str, section: str) -> None:

@@ -22,10 +22,10 @@ def _check_out(uri: str, what: str, files: Sequence[str] = ()) -> None:
     """Refuse an ``--out`` ending in a file extension the command does not write: ``what`` names
     what it writes there (a folder or prefix), ``files`` the extensions of the files it can
     write instead."""
-    from pipeline import storage, vecs_io
+    from pipeline.io import storage, vectors
     from pipeline.errors import ConfigError
 
-    ext = vecs_io.file_extension(uri)
+    ext = vectors.file_extension(uri)
     if ext is None or ext in files:
         return
     also = f", or a file ending in {' / '.join('.' + f for f in files)}" if files else ""
@@ -48,7 +48,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="smallest sizes (used by the tests)")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline.demo import run_demo
+        from pipeline.stages.demo import run_demo
 
         run_demo(data_dir=a.data_dir, out=a.out, quick=a.quick)
         return 0
@@ -101,7 +101,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         _check_out(a.out, "a model directory")
         if a.workers > 0:
             return _train_distributed(a)
-        from pipeline.train_job import run_train
+        from pipeline.stages.train import run_train
 
         tcfg = _train_config(a)
         run_train(a.data, a.out, dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B,
@@ -113,7 +113,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_config(a: argparse.Namespace):
-    from pipeline.training import DEFAULT_EPOCHS, TrainConfig, default_lr
+    from pipeline.train.loop import DEFAULT_EPOCHS, TrainConfig, default_lr
 
     # Without --epochs a budget alone ends training (or early stopping): a cap of 10 epochs would
     # stop a 30-minute run after minutes, before the rate, annealed over the budget, had come down.
@@ -126,12 +126,12 @@ def _train_config(a: argparse.Namespace):
 
 
 def _train_distributed(a: argparse.Namespace) -> int:
-    """`qinco train --workers N`: the same loop on Ray Train (see pipeline.distributed_training)."""
+    """`qinco train --workers N`: the same loop on Ray Train (see pipeline.distributed.train)."""
     import json
 
-    from pipeline.distributed_training import DistTrainConfig, run_distributed_training
-    from pipeline.qinco_model import config_from_preset
-    from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
+    from pipeline.distributed.train import DistTrainConfig, run_distributed_training
+    from pipeline.codec.model import config_from_preset
+    from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
 
     # the dimension comes from the data headers, checked by the job before anything else
     qd = config_from_preset(a.preset, 1, M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
@@ -185,7 +185,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         _check_out(a.out, "an index", files=("parquet",))
         if not a.out.lower().endswith(".parquet"):
             return _encode_index(a)
-        from pipeline.codes_io import encode_file
+        from pipeline.io.codes import encode_file
         from pipeline.errors import ConfigError
 
         if len(a.data) != 1:
@@ -201,8 +201,8 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
 def _encode_index(a: argparse.Namespace) -> int:
     import json
 
-    from pipeline.encode_job import EncodeJobConfig, run_encode
-    from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
+    from pipeline.stages.encode import EncodeJobConfig, run_encode
+    from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
 
     ensure_ray()
     report = run_encode(EncodeJobConfig(
@@ -226,12 +226,12 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline import codes_io, storage, vecs_io
-        from pipeline.checkpoint import load_model, model_identity
-        from pipeline.decoder import decode
+        from pipeline.io import codes as codes_io, storage, vectors
+        from pipeline.codec.model_file import load_model, model_identity
+        from pipeline.codec.decoder import decode
         from pipeline.errors import ConfigError
 
-        vecs_io.detect_format(a.out)  # an --out the writer cannot write fails before the decode
+        vectors.detect_format(a.out)  # an --out the writer cannot write fails before the decode
         model = load_model(a.model, device=a.device)
         data = codes_io.read_codes(a.codes)
         ident = model_identity(a.model)
@@ -243,7 +243,7 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
             raise ConfigError(f"{storage.redact(a.codes)} holds M={data.meta['M']}, K={data.meta['K']} codes; "
                               f"the model has M={model.config.M}, K={model.config.K}")
         x = decode(model, data.codes, data.list_ids, prefix=a.prefix, device=a.device)
-        vecs_io.write_vectors(a.out, x)
+        vectors.write_vectors(a.out, x)
         print(f"wrote {len(x)} vectors to {storage.redact(a.out)}")
         return 0
 
@@ -272,7 +272,7 @@ def _add_baselines(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="JSON results file (written atomically)")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline.baselines import baselines_command
+        from pipeline.stages.baselines import baselines_command
 
         return baselines_command(a)
 
@@ -321,8 +321,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
-        from pipeline.search_job import SearchJobConfig, run_search
+        from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
+        from pipeline.stages.search import SearchJobConfig, run_search
 
         ensure_ray()
         report = run_search(SearchJobConfig(
@@ -349,7 +349,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from pipeline.search_job import evaluate_results
+        from pipeline.stages.search import evaluate_results
 
         print(json.dumps(evaluate_results(a.results, a.groundtruth), indent=2))
         return 0
@@ -383,8 +383,8 @@ def _add_reencode(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from pipeline.ray_cluster import default_cpus_per_worker, ensure_ray
-        from pipeline.reencode import ReencodeConfig, run_reencode
+        from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
+        from pipeline.stages.reencode import ReencodeConfig, run_reencode
 
         ensure_ray()
         cfg = ReencodeConfig(index_uri=a.index, model_uri=a.model, add_uris=list(a.add or []), keep=a.keep,
@@ -411,7 +411,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from pipeline.index_history import format_report, index_report
+        from pipeline.index.history import format_report, index_report
 
         rep = index_report(a.index)
         print(json.dumps(rep, indent=2, sort_keys=True, default=str) if a.json else format_report(rep))

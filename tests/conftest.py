@@ -61,7 +61,7 @@ class _S3Handle:
         self.region = server.region
 
     def options(self):
-        from pipeline.storage import StorageOptions
+        from pipeline.io.storage import StorageOptions
 
         return StorageOptions(endpoint_url=self.endpoint_url, region=self.region,
                               access_key=self.access_key, secret_key=self.secret_key)
@@ -98,7 +98,7 @@ def s3(tmp_path_factory):
     server.start(timeout_s=60)
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
-    from pipeline import storage
+    from pipeline.io import storage
 
     storage._clear_cache()
     try:
@@ -147,9 +147,9 @@ def clustered_vectors(n: int, d: int, n_clusters: int = 16, seed: int = 0) -> "n
 
 def build_tiny_model(out_uri: str, x_train, nlist: int = 8, M: int = 4, K: int = 16, options=None):
     """A small IVF-QINCo2 model: RQ-initialised (no epochs), additive decoder fitted, saved."""
-    from pipeline.checkpoint import save_model
-    from pipeline.qinco_model import QincoConfig
-    from pipeline.training import TrainConfig, train_model
+    from pipeline.codec.model_file import save_model
+    from pipeline.codec.model import QincoConfig
+    from pipeline.train.loop import TrainConfig, train_model
 
     qcfg = QincoConfig(dim=x_train.shape[1], M=M, K=K, L=1, de=16, dh=32, A=4, B=2, nlist=nlist)
     # greedy k-means RQ: the fixture's recall floors were set on it (50 queries of 2-4 byte
@@ -163,14 +163,14 @@ def build_tiny_model(out_uri: str, x_train, nlist: int = 8, M: int = 4, K: int =
 @pytest.fixture(scope="session")
 def tiny_index_inputs(tmp_path_factory):
     """A 16-d clustered base (fvecs, 4,000 rows), queries, and a tiny IVF model on disk."""
-    from pipeline import vecs_io
+    from pipeline.io import vectors
 
     d = tmp_path_factory.mktemp("tiny_index")
     x = clustered_vectors(4000, 16, seed=1)
     learn = clustered_vectors(3000, 16, seed=2)
     q = clustered_vectors(50, 16, seed=3)
-    vecs_io.write_vectors(str(d / "base.fvecs"), x)
-    vecs_io.write_vectors(str(d / "query.fvecs"), q)
+    vectors.write_vectors(str(d / "base.fvecs"), x)
+    vectors.write_vectors(str(d / "query.fvecs"), q)
     model = build_tiny_model(str(d / "model"), learn)
     return {"dir": d, "base": str(d / "base.fvecs"), "query": str(d / "query.fvecs"),
             "model": str(d / "model"), "x": x, "q": q, "model_obj": model}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import vecs_io
-from pipeline.baselines import factory_string, format_table, make_quantizer, run_baselines
-from pipeline.datasets import clustered_vectors
+from pipeline.io import vectors
+from pipeline.stages.baselines import factory_string, format_table, make_quantizer, run_baselines
+from pipeline.stages.datasets import clustered_vectors
 from pipeline.errors import ConfigError
-from pipeline.evaluation import knn_ground_truth
+from pipeline.search.evaluation import knn_ground_truth
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
@@ -86,7 +86,7 @@ def test_format_table_aligned():
 @pytest.mark.slow
 def test_dwsift_pq8_reproduces_reference(dwsift_dir):
     """Acceptance: PQ8x8 on full learn/base and all 10,000 queries matches the shipped figures."""
-    read = lambda name: vecs_io.read_vectors(str(dwsift_dir / name))  # noqa: E731
+    read = lambda name: vectors.read_vectors(str(dwsift_dir / name))  # noqa: E731
     xt, xb, xq, gt = read("learn.bvecs"), read("base.bvecs"), read("query.bvecs"), read("groundtruth.ivecs")
     assert xq.shape[0] == 10_000 and xb.shape[0] == 223_825
     (row,) = run_baselines(xt, xb, xq, gt, code_bytes=(8,), methods=("PQ",), k=100)

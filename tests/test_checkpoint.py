@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import codes_io, vecs_io
-from pipeline.checkpoint import load_model, model_identity, read_model_info, save_model
+from pipeline.io import codes as codes_io, vectors
+from pipeline.codec.model_file import load_model, model_identity, read_model_info, save_model
 from pipeline.cli import main
-from pipeline.decoder import decode, reconstruction_mse
-from pipeline.encoder import encode
+from pipeline.codec.decoder import decode, reconstruction_mse
+from pipeline.codec.encoder import encode
 from pipeline.errors import CheckpointError, VectorFormatError
-from pipeline.qinco_model import QINCo, QincoConfig
-from pipeline.rq_init import init_from_rq
-from pipeline.training import train_ivf_centroids
+from pipeline.codec.model import QINCo, QincoConfig
+from pipeline.codec.rq_init import init_from_rq
+from pipeline.train.loop import train_ivf_centroids
 
 torch.set_num_threads(1)
 
@@ -115,9 +115,9 @@ def test_codes_file_roundtrip_and_errors(tmp_path):
 def test_cli_train_encode_decode_roundtrip(codec_vectors, tmp_path, capsys):
     x, xv, _ = codec_vectors
     data = str(tmp_path / "train.fvecs")
-    vecs_io.write_vectors(data, x[:1200])
+    vectors.write_vectors(data, x[:1200])
     query = str(tmp_path / "q.fvecs")
-    vecs_io.write_vectors(query, xv[:200])
+    vectors.write_vectors(query, xv[:200])
     model_uri = str(tmp_path / "model")
     rc = main(["train", "--data", data, "--out", model_uri, "--M", "2", "--K", "16", "--L", "1",
                "--de", "16", "--dh", "16", "--A", "4", "--B", "2", "--epochs", "1", "--val", "200",
@@ -137,7 +137,7 @@ def test_cli_train_encode_decode_roundtrip(codec_vectors, tmp_path, capsys):
     assert main(["encode", "--model", model_uri, "--data", query, "--out", codes_uri, "--block-rows", "64"]) == 0
     rec_uri = str(tmp_path / "rec.fvecs")
     assert main(["decode", "--model", model_uri, "--codes", codes_uri, "--out", rec_uri]) == 0
-    rec = vecs_io.read_vectors(rec_uri)
+    rec = vectors.read_vectors(rec_uri)
     model = load_model(model_uri)
     codes, _ = encode(model, xv[:200])
     np.testing.assert_array_equal(codes_io.read_codes(codes_uri).codes, codes)
@@ -146,7 +146,7 @@ def test_cli_train_encode_decode_roundtrip(codec_vectors, tmp_path, capsys):
     # a prefix decodes worse than the full codes
     pre_uri = str(tmp_path / "pre.fvecs")
     assert main(["decode", "--model", model_uri, "--codes", codes_uri, "--out", pre_uri, "--prefix", "1"]) == 0
-    assert reconstruction_mse(xv[:200], vecs_io.read_vectors(pre_uri)) > reconstruction_mse(xv[:200], rec)
+    assert reconstruction_mse(xv[:200], vectors.read_vectors(pre_uri)) > reconstruction_mse(xv[:200], rec)
     # bad input: a clear error and a non-zero exit, no output written
     assert main(["encode", "--model", str(tmp_path / "none"), "--data", query, "--out", str(tmp_path / "x.parquet")]) == 2
     assert "missing" in capsys.readouterr().err

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from pipeline import vecs_io
+from pipeline.io import vectors
 from pipeline.cli import main
-from pipeline.datasets import clustered_vectors
+from pipeline.stages.datasets import clustered_vectors
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
@@ -33,7 +33,7 @@ def tiny_files(tmp_path):
     uris = {}
     for stream, (name, n) in enumerate([("learn", 1200), ("base", 800), ("query", 30)]):
         uris[name] = str(tmp_path / f"{name}.fvecs")
-        vecs_io.write_vectors(uris[name], clustered_vectors(n, 8, seed=3, stream=stream))
+        vectors.write_vectors(uris[name], clustered_vectors(n, 8, seed=3, stream=stream))
     return uris
 
 
@@ -91,7 +91,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 def test_encode_of_a_file_of_unknown_format_is_one_line_error(tiny_files, tmp_path, capsys):
     from conftest import build_tiny_model
 
-    build_tiny_model(str(tmp_path / "model"), vecs_io.read_vectors(tiny_files["learn"]), nlist=4)
+    build_tiny_model(str(tmp_path / "model"), vectors.read_vectors(tiny_files["learn"]), nlist=4)
     data = tmp_path / "base.dat"
     data.write_bytes(open(tiny_files["base"], "rb").read())
     out = tmp_path / "codes.parquet"
@@ -110,7 +110,7 @@ def test_outputs_the_command_cannot_write_are_refused(tiny_files, tmp_path, caps
     from conftest import build_tiny_model
 
     model = str(tmp_path / "model")
-    build_tiny_model(model, vecs_io.read_vectors(tiny_files["learn"]), nlist=4)
+    build_tiny_model(model, vectors.read_vectors(tiny_files["learn"]), nlist=4)
     cases = [
         (["encode", "--model", model, "--data", tiny_files["base"], "--out", str(tmp_path / "codes.npy")],
          "codes.npy", [".parquet", "an index"]),
@@ -129,7 +129,7 @@ def test_outputs_the_command_cannot_write_are_refused(tiny_files, tmp_path, caps
     out = tmp_path / "codes.parquet"
     assert main(["encode", "--model", model, "--data", tiny_files["base"], "--out", str(out)]) == 0
     assert main(["decode", "--model", model, "--codes", str(out), "--out", str(tmp_path / "x.fvecs")]) == 0
-    assert vecs_io.read_vectors(str(tmp_path / "x.fvecs")).shape == (800, 8)
+    assert vectors.read_vectors(str(tmp_path / "x.fvecs")).shape == (800, 8)
 
 
 def test_time_budget_without_epochs_trains_until_the_budget(tiny_files, tmp_path, capsys):

@@ -7,7 +7,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from pipeline import datasets, vecs_io
+from pipeline.stages import datasets
+
+from pipeline.io import vectors
 from pipeline.errors import PipelineError
 
 
@@ -56,14 +58,14 @@ def test_resolve_dataset_errors_name_what_is_missing(tmp_path, monkeypatch):
 
 def test_real_datasets_resolve(dwsift_dir):
     ds = datasets.resolve_dataset("dwsift", dwsift_dir.parent)
-    info = vecs_io.info(ds.base)
+    info = vectors.info(ds.base)
     assert (info.count, info.dim) == (223_825, 128)
 
 
 def test_make_synthetic_writes_consistent_dataset(tmp_path):
     ds = datasets.make_synthetic(str(tmp_path / "syn"), n_learn=300, n_base=400, n_query=20, d=8, k=10)
-    xl, xb, xq = (vecs_io.read_vectors(u) for u in (ds.learn, ds.base, ds.query))
-    gt = vecs_io.read_vectors(ds.groundtruth)
+    xl, xb, xq = (vectors.read_vectors(u) for u in (ds.learn, ds.base, ds.query))
+    gt = vectors.read_vectors(ds.groundtruth)
     assert xl.shape == (300, 8) and xb.shape == (400, 8) and xq.shape == (20, 8) and gt.shape == (20, 10)
     assert not np.array_equal(xl[:20], xq)
     dist = ((xq[:, None].astype(np.float64) - xb[None]) ** 2).sum(-1)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import clustered_vectors, data_dir
-from pipeline import storage, vecs_io
-from pipeline.checkpoint import load_model, read_model_info
-from pipeline.decoder import reconstruct, reconstruction_mse
-from pipeline.distributed_training import DistTrainConfig, run_dir, run_distributed_training
+from pipeline.io import storage, vectors
+from pipeline.codec.model_file import load_model, read_model_info
+from pipeline.codec.decoder import reconstruct, reconstruction_mse
+from pipeline.distributed.train import DistTrainConfig, run_dir, run_distributed_training
 from pipeline.errors import ConfigError, StorageError, VectorFormatError
-from pipeline.qinco_model import QincoConfig
-from pipeline.training import TrainConfig
+from pipeline.codec.model import QincoConfig
+from pipeline.train.loop import TrainConfig
 
 pytestmark = pytest.mark.ray
 
@@ -30,7 +30,7 @@ def _dataset() -> tuple[np.ndarray, str]:
     """The first rows of dwsift learn (uint8, D=128) when present, else clustered float32 (D=16)."""
     path = data_dir() / "dwsift" / "learn.bvecs"
     if path.exists():
-        return vecs_io.read_vectors(str(path), max_rows=N_ROWS), "dwsift"
+        return vectors.read_vectors(str(path), max_rows=N_ROWS), "dwsift"
     return clustered_vectors(N_ROWS, 16, seed=5), "synthetic"
 
 
@@ -50,7 +50,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist_train")
     ext = "bvecs" if x.dtype == np.uint8 else "fvecs"
     local = str(d / f"learn.{ext}")
-    vecs_io.write_vectors(local, x)
+    vectors.write_vectors(local, x)
     return {"x": x, "name": name, "local": local, "ext": ext, "dir": d}
 
 
@@ -104,7 +104,7 @@ def test_stopped_run_resumes_at_next_epoch_from_s3_checkpoint(s3_run, data):
 
 def _gain(cfg, x, options=None) -> tuple[float, float]:
     """(MSE of the run's RQ initialisation, MSE of its trained model) on the same 2,000 rows."""
-    from pipeline.distributed_training import INIT_FILE, _load_init, _model_from_state
+    from pipeline.distributed.train import INIT_FILE, _load_init, _model_from_state
 
     model = load_model(cfg.out_uri, options=options)
     init = _model_from_state(model.config, _load_init(storage.join(run_dir(cfg), INIT_FILE), options))
@@ -156,7 +156,7 @@ def test_bad_inputs_fail_before_training(s3_run, data, tmp_path):
     opts = s3_run["options"]
     bucket = s3_run["src"].split("/data/")[0]
     other_dim = f"{bucket}/data/other.fvecs"
-    vecs_io.write_vectors(other_dim, clustered_vectors(3000, 24), options=opts)
+    vectors.write_vectors(other_dim, clustered_vectors(3000, 24), options=opts)
     cfg = s3_run["cfg"]
     with pytest.raises(ConfigError, match=r"other\.fvecs.*dimension 24.*trained on dimension"):
         run_distributed_training(cfg.replace(data_uris=[other_dim]), options=opts)
@@ -167,7 +167,7 @@ def test_bad_inputs_fail_before_training(s3_run, data, tmp_path):
     with pytest.raises(VectorFormatError, match="empty.fvecs"):
         run_distributed_training(_cfg([str(empty)], out, workers=1))
     corrupt = tmp_path / "corrupt.fvecs"
-    vecs_io.write_vectors(str(corrupt), clustered_vectors(100, 16))
+    vectors.write_vectors(str(corrupt), clustered_vectors(100, 16))
     corrupt.write_bytes(corrupt.read_bytes()[:1000])  # truncated inside a record (68 bytes each)
     with pytest.raises(VectorFormatError, match="corrupt.fvecs"):
         run_distributed_training(_cfg([str(corrupt)], out, workers=1))
@@ -191,8 +191,8 @@ def test_ivf_beats_plain_at_equal_code_bytes(one_worker_run, data, dwsift_dir):
 
 
 def test_driver_and_ray_data_samples_are_the_same_rows(ray_session, data):
-    from pipeline.distributed_training import _draw_samples
-    from pipeline.ray_datasource import plan_inputs
+    from pipeline.distributed.train import _draw_samples
+    from pipeline.distributed.datasource import plan_inputs
 
     inputs = plan_inputs([data["local"]])
     args = (inputs, 7, 0.1, 300, 0.3, 1500, 1000, None)

@@ -9,12 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import encoder, storage, vecs_io
-from pipeline.encode_job import STALE_TEMP_S, EncodeActor, EncodeJobConfig, plan_ranges, run_encode
+from pipeline.codec import encoder
+
+from pipeline.io import storage, vectors
+from pipeline.stages.encode import STALE_TEMP_S, EncodeActor, EncodeJobConfig, plan_ranges, run_encode
 from pipeline.errors import ConfigError, PipelineError, VectorFormatError
-from pipeline.manifest import current_version, load_manifest, version_dir
-from pipeline.shard_format import read_shard
-from pipeline.checkpoint import load_model, model_identity, save_model
+from pipeline.index.manifest import current_version, load_manifest, version_dir
+from pipeline.index.shards import read_shard
+from pipeline.codec.model_file import load_model, model_identity, save_model
 
 pytestmark = pytest.mark.ray
 
@@ -67,7 +69,7 @@ def test_one_file_many_tasks_ids_and_codes_match_single_process(ray_session, tin
     np.testing.assert_array_equal(lists, ref_lists)
     assert m.total_rows == n and m.inputs[0].id_start == 0 and m.inputs[0].id_stop == n
     # every shard stores its rows' lookup-table scales: those a search would compute from the codes
-    from pipeline.additive_decoder import model_row_scales
+    from pipeline.codec.additive import model_row_scales
 
     scales = _read_index(index, with_scales=True)[2]
     ref_scales = model_row_scales(inp["model_obj"], ref_codes, ref_lists)
@@ -97,7 +99,7 @@ def test_interrupted_job_resumes_to_same_index(ray_session, tiny_index_inputs, t
 
     # Reproduce the state a killed job leaves: job.json + a subset of shards, no manifest.
     cfg = _job(inp, partial, shard_rows=800)
-    from pipeline.ray_datasource import plan_inputs
+    from pipeline.distributed.datasource import plan_inputs
     inputs = plan_inputs(cfg.data_uris)
     vuri = version_dir(partial, "v000001")
     storage.write_bytes_atomic(storage.join(vuri, "job.json"), json.dumps(
@@ -106,7 +108,7 @@ def test_interrupted_job_resumes_to_same_index(ray_session, tiny_index_inputs, t
     actor = EncodeActor(cfg.model_uri, vuri, inputs, batch_size=256, threads=1)
     tasks = plan_ranges(inputs, cfg.shard_rows)
     for tk in tasks[:2]:
-        x = vecs_io.read_rows(inp["base"], tk.start, tk.stop)
+        x = vectors.read_rows(inp["base"], tk.start, tk.stop)
         actor({"id": np.arange(tk.start, tk.stop), "file_index": np.zeros(tk.stop - tk.start, np.int32),
                "row": np.arange(tk.start, tk.stop), "vector": x})
     assert current_version(partial) is None  # not visible to readers yet
@@ -155,7 +157,7 @@ def test_skip_bad_ranges_reports_them(ray_session, tiny_index_inputs, tmp_path):
 
 def test_dimension_mismatch_rejected_before_work(ray_session, tiny_index_inputs, tmp_path):
     other = tmp_path / "d8.fvecs"
-    vecs_io.write_vectors(str(other), np.zeros((10, 8), np.float32))
+    vectors.write_vectors(str(other), np.zeros((10, 8), np.float32))
     index = str(tmp_path / "index")
     with pytest.raises(ConfigError, match="dimension 8"):
         run_encode(_job(tiny_index_inputs, index, data_uris=[str(other)]))
@@ -167,7 +169,7 @@ def test_prefix_with_other_index_refused_unless_overwrite(ray_session, tiny_inde
     index = str(tmp_path / "index")
     run_encode(_job(inp, index, shard_rows=2000))
     other = tmp_path / "other.fvecs"
-    vecs_io.write_vectors(str(other), inp["x"][:1000])
+    vectors.write_vectors(str(other), inp["x"][:1000])
     with pytest.raises(ConfigError, match="different index"):
         run_encode(_job(inp, index, data_uris=[str(other)], shard_rows=2000))
     rep = run_encode(_job(inp, index, data_uris=[str(other)], shard_rows=2000, overwrite=True))
@@ -200,8 +202,8 @@ def test_default_cpus_leave_room_for_the_read_tasks(ray_session, tiny_index_inpu
     reads waited forever beside two actors of 0.75 CPU)."""
     import threading
 
-    from pipeline.ray_cluster import cpus_share, default_cpus_per_worker
-    from pipeline.ray_datasource import READ_TASK_CPUS
+    from pipeline.distributed.cluster import cpus_share, default_cpus_per_worker
+    from pipeline.distributed.datasource import READ_TASK_CPUS
 
     assert [cpus_share(t, w) for t, w in ((2, 2), (4, 4), (16, 2), (1, 4))] == [0.75, 0.75, 1.0, 0.25]
     cpus = default_cpus_per_worker(2)
@@ -250,7 +252,7 @@ def test_encode_from_and_to_s3(ray_session, tiny_index_inputs, s3):
     data = f"{bucket}/data/base.fvecs"
     model = f"{bucket}/models/tiny"
     storage.write_bytes_atomic(data, open(inp["base"], "rb").read(), opts)
-    from pipeline.checkpoint import save_model
+    from pipeline.codec.model_file import save_model
     save_model(inp["model_obj"], model, options=opts)
     index = f"{bucket}/index"
     run_encode(_job(inp, index, data_uris=[data], model_uri=model, shard_rows=1000), options=opts)
@@ -288,7 +290,7 @@ def test_sigkilled_job_resumes_to_same_index(ray_session, tiny_index_inputs, tmp
 
     inp = tiny_index_inputs
     base = str(tmp_path / "base.fvecs")
-    vecs_io.write_vectors(base, clustered_vectors(12000, 16, seed=7))
+    vectors.write_vectors(base, clustered_vectors(12000, 16, seed=7))
     killed, full = str(tmp_path / "killed"), str(tmp_path / "full")
     job = dict(data_uris=[base], workers=1, cpus_per_worker=0.5, shard_rows=500, batch_size=256)
     cmd = [sys.executable, "-m", "pipeline", "encode", "--model", inp["model"], "--data", base, "--out", killed,
@@ -345,7 +347,7 @@ def test_resume_never_reuses_shards_of_a_replaced_model(ray_session, tiny_index_
     shutil.copytree(inp["model"], model_uri)
     index = str(tmp_path / "index")
     cfg = _job(inp, index, model_uri=model_uri, shard_rows=1000)
-    from pipeline.ray_datasource import plan_inputs
+    from pipeline.distributed.datasource import plan_inputs
 
     # an interrupted run with the original model: job.json as run_encode writes it + two shards
     inputs = plan_inputs(cfg.data_uris)
@@ -355,7 +357,7 @@ def test_resume_never_reuses_shards_of_a_replaced_model(ray_session, tiny_index_
          "config": cfg.to_dict()}).encode())
     actor = EncodeActor(model_uri, vuri, inputs, batch_size=256, threads=1)
     for start in (0, 1000):
-        x = vecs_io.read_rows(inp["base"], start, start + 1000)
+        x = vectors.read_rows(inp["base"], start, start + 1000)
         actor({"id": np.arange(start, start + 1000), "file_index": np.zeros(1000, np.int32),
                "row": np.arange(start, start + 1000), "vector": x})
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decoder import decode, reconstruct, reconstruction_mse
-from pipeline.encoder import auto_batch_size, codes_dtype, encode
-from pipeline.qinco_model import QINCo, QincoConfig
-from pipeline.rq_init import init_from_rq
-from pipeline.training import TrainConfig, train_model
+from pipeline.codec.decoder import decode, reconstruct, reconstruction_mse
+from pipeline.codec.encoder import auto_batch_size, codes_dtype, encode
+from pipeline.codec.model import QINCo, QincoConfig
+from pipeline.codec.rq_init import init_from_rq
+from pipeline.train.loop import TrainConfig, train_model
 
 torch.set_num_threads(1)
 
@@ -67,7 +67,7 @@ def test_bfloat16_decoding_is_close_to_float32_and_precision_is_checked(trained)
 
 
 def test_bfloat16_encoding_is_close_to_float32_and_precision_is_checked(trained):
-    from pipeline.encoder import resolve_precision
+    from pipeline.codec.encoder import resolve_precision
     from pipeline.errors import ConfigError
 
     model, xv = trained
@@ -93,8 +93,8 @@ def test_bfloat16_encoding_is_close_to_float32_and_precision_is_checked(trained)
 @pytest.mark.parametrize("variant,nlist", [("qinco2", 0), ("qinco2", 8), ("qinco1", 8)])
 def test_reduced_precision_decode_equals_autocast(variant, nlist):
     """decode's bfloat16 path (weights cast once, no autocast) gives autocast's values bit for bit."""
-    from pipeline.decoder import decode_tensor
-    from pipeline.encoder import _autocast
+    from pipeline.codec.decoder import decode_tensor
+    from pipeline.codec.encoder import _autocast
 
     torch.manual_seed(0)
     cfg = QincoConfig(dim=12, M=3, K=16, variant=variant, L=2, h=24, de=16, dh=24, A=0, B=1, nlist=nlist)
@@ -121,7 +121,7 @@ def test_decoder_reused_equals_decode_and_keeps_its_snapshot(trained):
     a prefix and a batch size), and keeps the weights it was built with."""
     import copy
 
-    from pipeline.decoder import Decoder
+    from pipeline.codec.decoder import Decoder
 
     model, xv = trained
     codes, _ = encode(model, xv)
@@ -144,8 +144,8 @@ def test_encode_and_decode_on_another_device_leave_the_callers_model_where_it_is
     """An encode or a ``Decoder`` on another device works on a copy of the model there; on the
     model's own device it uses the model itself. ("meta", a device without values, is the other
     device every torch build has; the GPU test checks the same on CUDA.)"""
-    from pipeline.decoder import Decoder
-    from pipeline.qinco_model import on_device
+    from pipeline.codec.decoder import Decoder
+    from pipeline.codec.model import on_device
 
     model, xv = trained
     dec = Decoder(model, "float32", "meta")
@@ -182,7 +182,7 @@ def test_large_K_uses_uint16():
 def test_greedy_search_matches_direct_network_evaluation(variant):
     """The expanded candidate distances pick the codeword a direct evaluation of every
     candidate through the step network picks, and return its reconstruction."""
-    from pipeline.encoder import beam_search
+    from pipeline.codec.encoder import beam_search
 
     torch.manual_seed(0)
     rng = np.random.default_rng(3)
@@ -208,8 +208,8 @@ def test_greedy_search_matches_direct_network_evaluation(variant):
 def test_lut_weight_chooses_the_final_beam_entry_by_the_combined_error(trained):
     """lut_weight λ picks, among the final beam, the entry with the least neural + λ lookup-table
     error: never a worse combined error than the neural-best entry, never a better neural one."""
-    from pipeline.additive_decoder import decode_additive, fit_additive_decoder
-    from pipeline.encoder import LutChoice, beam_search
+    from pipeline.codec.additive import decode_additive, fit_additive_decoder
+    from pipeline.codec.encoder import LutChoice, beam_search
     from pipeline.errors import ConfigError
 
     model, xv = trained

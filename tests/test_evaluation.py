@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import vecs_io
+from pipeline.io import vectors
 from pipeline.errors import ConfigError
-from pipeline.evaluation import (k_recall_at_k, knn_ground_truth, recall_at, reconstruction_mse,
+from pipeline.search.evaluation import (k_recall_at_k, knn_ground_truth, recall_at, reconstruction_mse,
                                  search_decoded)
 
 
@@ -66,7 +66,7 @@ def test_knn_ground_truth_blocked_file_equals_brute_force_with_ties(tmp_path, bl
     xb = rng.integers(0, 3, size=(500, 4)).astype(np.float32)
     xq = rng.integers(0, 3, size=(30, 4)).astype(np.float32)
     uri = str(tmp_path / "base.fvecs")
-    vecs_io.write_vectors(uri, xb)
+    vectors.write_vectors(uri, xb)
     D, I = knn_ground_truth(xq, uri, k=25, block_rows=block_rows)
     D_ref, I_ref = brute_force(xq, xb, 25)
     assert I.dtype == np.int64 and D.dtype == np.float32
@@ -99,7 +99,7 @@ def test_search_decoded_matches_brute_force():
 
 @pytest.mark.data
 def test_dwsift_ground_truth_reproduced(dwsift_dir):
-    xq = vecs_io.read_vectors(str(dwsift_dir / "query.bvecs"), max_rows=200)
-    gt = vecs_io.read_vectors(str(dwsift_dir / "groundtruth.ivecs"), max_rows=200)
+    xq = vectors.read_vectors(str(dwsift_dir / "query.bvecs"), max_rows=200)
+    gt = vectors.read_vectors(str(dwsift_dir / "groundtruth.ivecs"), max_rows=200)
     _, I = knn_ground_truth(xq, str(dwsift_dir / "base.bvecs"), k=10, block_rows=100_000)
     np.testing.assert_array_equal(I, gt[:, :10])

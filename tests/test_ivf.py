@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.ivf import (
+from pipeline.codec.ivf import (
     IVFConfig, assign, build_assigner, imbalance_factor, split_proportionally,
     train_coarse_quantizer,
 )

@@ -122,7 +122,7 @@ def _wait(client, submission_id: str, timeout_s: float = 300.0):
 
 
 def test_encode_job_submitted_to_ray_job_server(ray_head, tiny_index_inputs, tmp_path):
-    from pipeline.manifest import current_version, load_manifest
+    from pipeline.index.manifest import current_version, load_manifest
 
     address, env = ray_head
     inp = tiny_index_inputs

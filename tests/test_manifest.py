@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.errors import ConfigError
-from pipeline.manifest import (
+from pipeline.index.manifest import (
     InputEntry, Manifest, ManifestError, ShardEntry, code_params, commit_manifest, current_version,
     garbage_collect, list_versions, load_manifest, next_version, shard_uri, validate_manifest,
     version_dir,
 )
-from pipeline.shard_format import read_shard, shard_name, write_shard
+from pipeline.index.shards import read_shard, shard_name, write_shard
 
 M, K, NLIST = 4, 256, 8
 
@@ -117,7 +117,7 @@ def test_gc_keeps_n_and_never_current(tmp_path):
     # an uncommitted directory newer than every commit (a running or resumable job)
     storage.write_bytes_atomic(storage.join(idx, "versions/v000007/shards/junk"), b"in progress")
     storage.write_bytes_atomic(storage.join(idx, "versions/notes.txt"), b"not a version")
-    from pipeline.manifest import set_current
+    from pipeline.index.manifest import set_current
 
     set_current(idx, "v000002")  # rolled back: CURRENT is old
     deleted = garbage_collect(idx, keep=3)

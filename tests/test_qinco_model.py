@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.additive_decoder import AdditiveFitter, decode_additive, fit_additive_decoder, row_scales
-from pipeline.decoder import decode, reconstruction_mse
-from pipeline.encoder import encode
+from pipeline.codec.additive import AdditiveFitter, decode_additive, fit_additive_decoder, row_scales
+from pipeline.codec.decoder import decode, reconstruction_mse
+from pipeline.codec.encoder import encode
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.qinco_model import PRESETS, QINCo, QincoConfig, config_from_preset
-from pipeline.rq_init import init_from_rq
+from pipeline.codec.model import PRESETS, QINCo, QincoConfig, config_from_preset
+from pipeline.codec.rq_init import init_from_rq
 
 torch.set_num_threads(1)
 
@@ -86,8 +86,8 @@ def test_bad_inputs_raise_clear_errors(codec_vectors):
 
 def test_ivf_model_uses_centroid_as_start(codec_vectors):
     x, xv, _ = codec_vectors
-    from pipeline.encoder import assign_lists
-    from pipeline.training import train_ivf_centroids
+    from pipeline.codec.encoder import assign_lists
+    from pipeline.train.loop import train_ivf_centroids
 
     cent = train_ivf_centroids(x, 8, seed=0, niter=5)
     model = QINCo(tiny_config(x.shape[1], M=3, nlist=8))
@@ -177,7 +177,7 @@ def test_row_scales_are_the_least_squares_fit_along_the_additive_residual():
 def test_model_row_scales_fit_the_model_decode(nlist):
     """model_row_scales: the least-squares scale of the model's additive residual towards its own
     decode, with the list centroid removed under IVF and the whole vector without."""
-    from pipeline.additive_decoder import model_centroids, model_codebooks, model_row_scales
+    from pipeline.codec.additive import model_centroids, model_codebooks, model_row_scales
 
     rng = np.random.default_rng(1)
     D, N = 8, 300

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import vecs_io
+from pipeline.io import vectors
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.ray_datasource import (
+from pipeline.distributed.datasource import (
     InputFile, RowSample, VectorDatasource, VectorSource, plan_inputs, read_vectors_dataset,
     sample_rows_local, unwrap_ray_error,
 )
@@ -44,21 +44,21 @@ def _ds_columns(ds) -> dict[str, np.ndarray]:
 
 def test_plan_inputs_validates_and_numbers_ids(tmp_path):
     a, b = _rand(300, 1), _rand(200, 2)
-    vecs_io.write_vectors(str(tmp_path / "a.fvecs"), a)
-    vecs_io.write_vectors(str(tmp_path / "b.fbin"), b)
+    vectors.write_vectors(str(tmp_path / "a.fvecs"), a)
+    vectors.write_vectors(str(tmp_path / "b.fbin"), b)
     inputs = plan_inputs(VectorSource([str(tmp_path / "a.fvecs"), str(tmp_path / "b.fbin")]))
     assert [(i.fmt, i.count, i.id_start, i.id_stop) for i in inputs] == [("fvecs", 300, 0, 300),
                                                                          ("fbin", 200, 300, 500)]
     assert InputFile.from_json(inputs[1].to_json()) == inputs[1]
     # the provenance hash changes when the file does
     h0 = inputs[0].header_sha256
-    vecs_io.write_vectors(str(tmp_path / "a.fvecs"), a + 1)
+    vectors.write_vectors(str(tmp_path / "a.fvecs"), a + 1)
     assert plan_inputs([str(tmp_path / "a.fvecs")])[0].header_sha256 != h0
 
-    vecs_io.write_vectors(str(tmp_path / "odd.fvecs"), np.ones((5, D + 1), np.float32))
+    vectors.write_vectors(str(tmp_path / "odd.fvecs"), np.ones((5, D + 1), np.float32))
     with pytest.raises(ConfigError, match=r"odd\.fvecs.*dimension 9"):
         plan_inputs([str(tmp_path / "a.fvecs"), str(tmp_path / "odd.fvecs")])
-    vecs_io.write_vectors(str(tmp_path / "empty.fbin"), np.ones((0, D), np.float32))
+    vectors.write_vectors(str(tmp_path / "empty.fbin"), np.ones((0, D), np.float32))
     with pytest.raises(VectorFormatError, match=r"empty\.fbin.*no vectors"):
         plan_inputs([str(tmp_path / "a.fvecs"), str(tmp_path / "empty.fbin")])
     with pytest.raises(ConfigError, match="twice"):
@@ -72,7 +72,7 @@ def test_read_tasks_cover_each_format(tmp_path):
     pq_ids = np.random.default_rng(0).permutation(10_000)[:130].astype(np.int64) + 5
     for fmt, x in cases.items():
         uri = str(tmp_path / f"x.{fmt}")
-        vecs_io.write_vectors(uri, x, ids=pq_ids if fmt == "parquet" else None,
+        vectors.write_vectors(uri, x, ids=pq_ids if fmt == "parquet" else None,
                               **({"parquet_row_group_rows": 40} if fmt == "parquet" else {}))
         source = VectorDatasource(plan_inputs([uri]), rows_per_task=16)
         tasks = source.get_read_tasks(1)
@@ -90,8 +90,8 @@ def test_read_tasks_cover_each_format(tmp_path):
 def test_dataset_many_tasks_and_two_files(ray_session, tmp_path):
     a, b = _rand(1000, 10), _rand(37, 11, np.uint8)
     ua, ub = str(tmp_path / "a.fvecs"), str(tmp_path / "b.bvecs")
-    vecs_io.write_vectors(ua, a)
-    vecs_io.write_vectors(ub, b)
+    vectors.write_vectors(ua, a)
+    vectors.write_vectors(ub, b)
     ds = read_vectors_dataset([ua], rows_per_task=100, num_cpus=0.5).materialize()
     assert ds.num_blocks() >= 8
     got = _ds_columns(ds)
@@ -117,7 +117,7 @@ def test_dataset_many_tasks_and_two_files(ray_session, tmp_path):
 def _corrupt(tmp_path, n=400, bad_row=237):
     x = _rand(n, 12)
     uri = str(tmp_path / "corrupt.fvecs")
-    vecs_io.write_vectors(uri, x)
+    vectors.write_vectors(uri, x)
     rec = 4 + 4 * D
     with open(uri, "r+b") as f:
         f.seek(bad_row * rec)
@@ -144,7 +144,7 @@ def test_row_sample_deterministic_disjoint(tmp_path):
     n = 6000
     x = _rand(n, 13)
     uri = str(tmp_path / "s.fbin")
-    vecs_io.write_vectors(uri, x)
+    vectors.write_vectors(uri, x)
     inputs = plan_inputs([uri])
     train, val = RowSample.pair(0.3, 0.1, seed=7)
     ids = {}

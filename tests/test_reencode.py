@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from conftest import build_tiny_model, clustered_vectors
-from pipeline import encoder, storage, vecs_io
-from pipeline.encode_job import EncodeJobConfig, run_encode
+from pipeline.codec import encoder
+from pipeline.io import storage, vectors
+from pipeline.stages.encode import EncodeJobConfig, run_encode
 from pipeline.errors import ConfigError
-from pipeline.index_history import index_report, read_history
-from pipeline.manifest import current_version, list_versions, load_manifest, version_dir
-from pipeline.reencode import ReencodeConfig, run_reencode
-from pipeline.search_job import SearchJobConfig, evaluate_results, run_search
-from pipeline.shard_format import read_shard
+from pipeline.index.history import index_report, read_history
+from pipeline.index.manifest import current_version, list_versions, load_manifest, version_dir
+from pipeline.stages.reencode import ReencodeConfig, run_reencode
+from pipeline.stages.search import SearchJobConfig, evaluate_results, run_search
+from pipeline.index.shards import read_shard
 
 pytestmark = pytest.mark.ray
 
@@ -63,7 +64,7 @@ def _ids_and_codes(index_uri, version=None):
 def _search(index_uri, queries_uri, out_uri, version=None):
     rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=queries_uri, out_uri=out_uri, k=10,
                                      nprobe=8, shortlist=40, workers=1, cpus_per_worker=0.5, version=version))
-    I, _ = vecs_io.read_knn_results(out_uri)
+    I, _ = vectors.read_knn_results(out_uri)
     return rep, I
 
 
@@ -71,7 +72,7 @@ def test_added_file_gets_next_ids_and_is_searchable(index, tiny_index_inputs, tm
     inp = tiny_index_inputs
     new = _far_vectors(300, seed=7)
     new_uri = str(tmp_path / "new.fvecs")
-    vecs_io.write_vectors(new_uri, new)
+    vectors.write_vectors(new_uri, new)
     rep = run_reencode(ReencodeConfig(index_uri=index, add_uris=[new_uri], **ADD))
     assert (rep["status"], rep["parent_version"], rep["version"]) == ("committed", "v000001", "v000002")
     assert rep["shards_reused_this_run"] == 4 and rep["shards_encoded_this_run"] == 1
@@ -85,17 +86,17 @@ def test_added_file_gets_next_ids_and_is_searchable(index, tiny_index_inputs, tm
 
     # queries from the new cluster find only new ids; the old queries find only old ones
     q_uri = str(tmp_path / "q.fvecs")
-    vecs_io.write_vectors(q_uri, np.concatenate([new[:20], inp["q"][:20]]))
+    vectors.write_vectors(q_uri, np.concatenate([new[:20], inp["q"][:20]]))
     srep, I = _search(index, q_uri, str(tmp_path / "res.bin"))
     assert srep["version"] == "v000002"
     assert ((I[:20] >= 4000) & (I[:20] < 4300)).all()
     assert ((I[20:] >= 0) & (I[20:] < 4000)).all()
 
     # recall against exact ground truth is linked into the index's history
-    from pipeline.evaluation import knn_ground_truth
+    from pipeline.search.evaluation import knn_ground_truth
 
     _, gt = knn_ground_truth(np.concatenate([new[:20], inp["q"][:20]]), np.concatenate([inp["x"], new]), k=10)
-    vecs_io.write_vectors(str(tmp_path / "gt.ivecs"), gt.astype(np.int32))
+    vectors.write_vectors(str(tmp_path / "gt.ivecs"), gt.astype(np.int32))
     recall = evaluate_results(str(tmp_path / "res.bin"), str(tmp_path / "gt.ivecs"))
     hist = index_report(index)
     row = {r["version"]: r for r in hist["versions"]}["v000002"]
@@ -119,7 +120,7 @@ def test_added_file_keeps_the_index_lut_weight(ray_session, tiny_index_inputs, t
                                shard_rows=2000, lut_weight=5.0, precision="bfloat16", **RES))
     new = _far_vectors(300, seed=9)
     new_uri = str(tmp_path / "new.fvecs")
-    vecs_io.write_vectors(new_uri, new)
+    vectors.write_vectors(new_uri, new)
     rep = run_reencode(ReencodeConfig(index_uri=index, add_uris=[new_uri], **ADD))
     assert rep["shards_reused_this_run"] == 2 and rep["shards_encoded_this_run"] == 1
     job = load_manifest(index).job_config
@@ -136,7 +137,7 @@ def test_model_change_interrupted_keeps_serving_old_version_then_resumes(index, 
     m2 = build_tiny_model(model2, clustered_vectors(3000, 16, seed=11), nlist=4)
     q_uri = inp["query"]
 
-    import pipeline.manifest as manifest_mod
+    import pipeline.index.manifest as manifest_mod
 
     def die(*a, **k):
         raise RuntimeError("killed before commit")
@@ -168,7 +169,7 @@ def test_model_change_interrupted_keeps_serving_old_version_then_resumes(index, 
 
 def test_add_interrupted_mid_copy_then_before_switch_resumes(index, tmp_path, monkeypatch):
     new_uri = str(tmp_path / "new.fvecs")
-    vecs_io.write_vectors(new_uri, _far_vectors(200, seed=8))
+    vectors.write_vectors(new_uri, _far_vectors(200, seed=8))
     real_copy, calls = storage.copy_file, []
 
     def copy_then_die(src, dst, options=None):
@@ -182,7 +183,7 @@ def test_add_interrupted_mid_copy_then_before_switch_resumes(index, tmp_path, mo
         run_reencode(ReencodeConfig(index_uri=index, add_uris=[new_uri], **ADD))
     monkeypatch.undo()
     assert current_version(index) == "v000001" and list_versions(index) == ["v000001"]
-    import pipeline.manifest as manifest_mod
+    import pipeline.index.manifest as manifest_mod
 
     def no_switch(*a, **k):
         raise OSError("killed before the switch")
@@ -214,7 +215,7 @@ def test_gc_keeps_exactly_n_versions_and_report_shows_history(index, tmp_path, c
 
     for i in range(2):
         uri = str(tmp_path / f"add{i}.fvecs")
-        vecs_io.write_vectors(uri, _far_vectors(100, seed=20 + i))
+        vectors.write_vectors(uri, _far_vectors(100, seed=20 + i))
         run_reencode(ReencodeConfig(index_uri=index, add_uris=[uri], keep=2, **ADD))
     assert list_versions(index) == ["v000002", "v000003"] and current_version(index) == "v000003"
     assert sorted(os.listdir(os.path.join(index, "versions"))) == ["v000002", "v000003"]
@@ -233,14 +234,14 @@ def test_gc_keeps_exactly_n_versions_and_report_shows_history(index, tmp_path, c
 def test_changed_input_and_bad_arguments_are_refused(ray_session, tiny_index_inputs, tmp_path):
     inp = tiny_index_inputs
     base = str(tmp_path / "base.fvecs")
-    vecs_io.write_vectors(base, inp["x"][:600])
+    vectors.write_vectors(base, inp["x"][:600])
     index = str(tmp_path / "index")
     run_encode(EncodeJobConfig(model_uri=inp["model"], data_uris=[base], index_uri=index, shard_rows=600, **RES))
     with pytest.raises(ConfigError, match="exactly one"):
         run_reencode(ReencodeConfig(index_uri=index))
     with pytest.raises(ConfigError, match="keep"):
         run_reencode(ReencodeConfig(index_uri=index, model_uri=inp["model"], keep=0))
-    vecs_io.write_vectors(base, inp["x"][:700])  # the file the index was built from changed
+    vectors.write_vectors(base, inp["x"][:700])  # the file the index was built from changed
     with pytest.raises(ConfigError) as ei:
         run_reencode(ReencodeConfig(index_uri=index, model_uri=inp["model"], **RES))
     assert base in str(ei.value) and "changed" in str(ei.value)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.rowwise import TILE_ROWS, linear_rows, matmul_rows
+from pipeline.codec.rowwise import TILE_ROWS, linear_rows, matmul_rows
 
 BATCHES = (1, 2, 3, 5, 7, 11, 12, TILE_ROWS - 1, TILE_ROWS + 1, 300)
 THREADS = (1, 2, 4)
@@ -56,7 +56,7 @@ def test_bias_empty_input_and_shape_errors():
 
 
 def _random_model(dim, variant, nlist):
-    from pipeline.qinco_model import QINCo, QincoConfig
+    from pipeline.codec.model import QINCo, QincoConfig
 
     torch.manual_seed(0)
     model = QINCo(QincoConfig(dim=dim, M=4, K=32, variant=variant, L=2, h=48, de=32, dh=64, A=0, B=1,
@@ -75,7 +75,7 @@ def test_decoder_gives_a_row_the_same_bits_in_any_batch_and_thread_count(precisi
     """The re-rank's exact distances come from the decoder: a row decoded alone, with a few others
     or with many, on 1 to 4 threads, is the same vector bit for bit (so merged shards, query
     batches and threaded searches rank it the same)."""
-    from pipeline.decoder import Decoder
+    from pipeline.codec.decoder import Decoder
 
     model = _random_model(50, variant, nlist)
     rng = np.random.default_rng(2)

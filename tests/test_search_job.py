@@ -10,11 +10,11 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline import storage, vecs_io
-from pipeline.encode_job import EncodeJobConfig, run_encode
+from pipeline.io import storage, vectors
+from pipeline.stages.encode import EncodeJobConfig, run_encode
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.manifest import load_manifest, version_dir
-from pipeline.search_job import SearchJobConfig, ShardPool, run_search
+from pipeline.index.manifest import load_manifest, version_dir
+from pipeline.stages.search import SearchJobConfig, ShardPool, run_search
 
 pytestmark = pytest.mark.ray
 
@@ -47,7 +47,7 @@ def _search(index, inp, out, **kw):
                workers=2, cpus_per_worker=0.5)
     cfg.update(kw)
     report = run_search(SearchJobConfig(**cfg))
-    I, D = vecs_io.read_knn_results(out)
+    I, D = vectors.read_knn_results(out)
     return I, D, report
 
 
@@ -75,7 +75,7 @@ def test_three_shards_give_the_same_results_as_one(baseline, tiny_index_inputs):
 def test_prefix_stage_three_shards_give_the_same_results_as_one(indexes, tiny_index_inputs, tmp_path):
     """With the prefix stage on, the job merges the shards' prefix shortlists exactly: three shards
     answer like one, and the results are those of the in-process searcher over all rows."""
-    from pipeline.search_kernels import SearchParams
+    from pipeline.search.scan import SearchParams
 
     kw = dict(prefix_steps=2, prefix_shortlist=20, rerank=False, shortlist=10)
     I1, D1, r1 = _search(indexes["one"], tiny_index_inputs, str(tmp_path / "one"), **kw)
@@ -83,9 +83,9 @@ def test_prefix_stage_three_shards_give_the_same_results_as_one(indexes, tiny_in
     assert r3["shards"] == 3 and r3["params"]["prefix_steps"] == 2
     np.testing.assert_array_equal(I3, I1)
     np.testing.assert_array_equal(D3, D1)
-    from pipeline.additive_decoder import model_row_scales
-    from pipeline.encoder import encode
-    from pipeline.search_job import build_searcher
+    from pipeline.codec.additive import model_row_scales
+    from pipeline.codec.encoder import encode
+    from pipeline.stages.search import build_searcher
 
     inp = tiny_index_inputs
     codes, lists = encode(inp["model_obj"], inp["x"])
@@ -109,10 +109,10 @@ def test_probe_ratio_in_the_job_equals_the_in_process_searcher(indexes, tiny_ind
     """The driver prunes the probed lists (``probe_ratio``) before fanning out: three shards answer
     like the in-process searcher over all rows with the same parameters, and fewer lists are
     visited than without it."""
-    from pipeline.additive_decoder import model_row_scales
-    from pipeline.encoder import encode
-    from pipeline.search_job import build_searcher
-    from pipeline.search_kernels import SearchParams, prune_lists
+    from pipeline.codec.additive import model_row_scales
+    from pipeline.codec.encoder import encode
+    from pipeline.stages.search import build_searcher
+    from pipeline.search.scan import SearchParams, prune_lists
 
     inp = tiny_index_inputs
     kw = dict(nprobe=4, probe_ratio=1.2, rerank=False, shortlist=10)
@@ -140,10 +140,10 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
     QINCo-decoded vectors of the probed lists, whatever the sharding."""
     import faiss
 
-    from pipeline.decoder import decode
-    from pipeline.encoder import encode
-    from pipeline.search_kernels import sqdist_rows
-    from pipeline.topk import topk_smallest
+    from pipeline.codec.decoder import decode
+    from pipeline.codec.encoder import encode
+    from pipeline.search.scan import sqdist_rows
+    from pipeline.search.topk import topk_smallest
 
     inp = tiny_index_inputs
     model, q = inp["model_obj"], inp["q"]
@@ -184,8 +184,8 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
     # a shortlist of k ranks by the LUT only, which must differ somewhere: the re-rank matters
     assert not np.array_equal(I_small, I_ref)
     # the LUT ranking is the exact top-k over the row-scaled additive reconstructions c + a r
-    from pipeline.additive_decoder import decode_additive
-    from pipeline.additive_decoder import model_row_scales
+    from pipeline.codec.additive import decode_additive
+    from pipeline.codec.additive import model_row_scales
 
     a_N = model_row_scales(model, codes, lists).astype(np.float64)
     assert np.abs(a_N - 1).max() > 0.01  # the scales matter
@@ -201,7 +201,7 @@ def test_stored_row_scales_search_like_computed_ones(indexes, tiny_index_inputs)
     """The shards' lut_scale column is what a search would compute: searching with the stored
     scales, with scales computed at load (shards written without the column) or with a mix gives
     the same shortlists; lut_scales off ignores them."""
-    from pipeline.search_job import build_searcher, load_shards
+    from pipeline.stages.search import build_searcher, load_shards
 
     inp = tiny_index_inputs
     model, q = inp["model_obj"], inp["q"]
@@ -274,7 +274,7 @@ def test_missing_shard_is_named(indexes, tiny_index_inputs, tmp_path):
 def test_model_replaced_at_its_uri_is_refused(indexes, tiny_index_inputs, tmp_path):
     """Codes decode only with the model that wrote them: a model retrained into the index's model
     URI is refused, naming it, before any actor starts."""
-    from pipeline.checkpoint import load_model, save_model
+    from pipeline.codec.model_file import load_model, save_model
 
     model_uri = str(tmp_path / "model")
     shutil.copytree(tiny_index_inputs["model"], model_uri)
@@ -322,12 +322,12 @@ def test_corrupt_shard_fails_or_is_skipped_with_allow_partial(indexes, baseline,
 
 def test_cli_search_then_eval(indexes, tiny_index_inputs, tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.evaluation import knn_ground_truth, recall_at
+    from pipeline.search.evaluation import knn_ground_truth, recall_at
 
     inp = tiny_index_inputs
     _, gt = knn_ground_truth(inp["q"], inp["x"], k=20)
     gt_uri = str(tmp_path / "gt.ivecs")
-    vecs_io.write_vectors(gt_uri, gt.astype(np.int32))
+    vectors.write_vectors(gt_uri, gt.astype(np.int32))
     res = str(tmp_path / "res.bin")
     assert main(["search", "--index", indexes["three"], "--queries", inp["query"], "--out", res,
                  "--k", "10", "--nprobe", "4", "--shortlist", "50", "--workers", "2",
@@ -335,13 +335,13 @@ def test_cli_search_then_eval(indexes, tiny_index_inputs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--results", res, "--groundtruth", gt_uri]) == 0
     printed = json.loads(capsys.readouterr().out)
-    I, _ = vecs_io.read_knn_results(res)
+    I, _ = vectors.read_knn_results(res)
     assert I.shape == (len(inp["q"]), 10)
     expect = recall_at(I, gt, ks=(1, 10))
     assert printed["R@1"] == pytest.approx(expect["R@1"]) and printed["R@10"] == pytest.approx(expect["R@10"])
     # 2-byte codes on clustered Gaussian data: modest recall, but far above ids shuffled across
     # queries, which the same eval path scores near zero
-    vecs_io.write_knn_results(str(tmp_path / "bad.bin"), np.roll(I, 1, axis=0), np.zeros(I.shape, np.float32))
+    vectors.write_knn_results(str(tmp_path / "bad.bin"), np.roll(I, 1, axis=0), np.zeros(I.shape, np.float32))
     assert main(["eval", "--results", str(tmp_path / "bad.bin"), "--groundtruth", gt_uri]) == 0
     assert json.loads(capsys.readouterr().out)["R@10"] < printed["R@10"] / 2
     # --rerank, --rerank-precision and --probe-ratio reach the job and are recorded in its report
@@ -353,7 +353,7 @@ def test_cli_search_then_eval(indexes, tiny_index_inputs, tmp_path, capsys):
     params = json.loads(open(res2 + ".report.json").read())["params"]
     assert params["rerank_count"] == 5 and params["rerank_precision"] == "bfloat16"
     assert params["probe_ratio"] == 1.5
-    I2, _ = vecs_io.read_knn_results(res2)
+    I2, _ = vectors.read_knn_results(res2)
     assert recall_at(I2, gt, ks=(1,))["R@1"] >= 0.8 * expect["R@1"]
     with pytest.raises(SystemExit):
         main(["search", "--index", indexes["three"], "--queries", inp["query"], "--out", res2,
@@ -366,20 +366,20 @@ def test_cli_search_then_eval(indexes, tiny_index_inputs, tmp_path, capsys):
 def test_recall_on_dwsift_subset(ray_session, dwsift_dir, tmp_path):
     """IVF64 + 8-byte RQ-initialised QINCo2 on 20,000 dwsift base vectors: R@10 above a floor
     that shuffled ids, wrong centroid offsets or a wrong LUT cannot reach."""
-    from pipeline.checkpoint import save_model
-    from pipeline.evaluation import knn_ground_truth, recall_at
-    from pipeline.qinco_model import QincoConfig
-    from pipeline.training import TrainConfig, train_model
+    from pipeline.codec.model_file import save_model
+    from pipeline.search.evaluation import knn_ground_truth, recall_at
+    from pipeline.codec.model import QincoConfig
+    from pipeline.train.loop import TrainConfig, train_model
 
-    learn = vecs_io.read_vectors(str(dwsift_dir / "learn.bvecs"), max_rows=8000).astype(np.float32)
-    base = vecs_io.read_vectors(str(dwsift_dir / "base.bvecs"), max_rows=20000).astype(np.float32)
-    q = vecs_io.read_vectors(str(dwsift_dir / "query.bvecs"), max_rows=200).astype(np.float32)
+    learn = vectors.read_vectors(str(dwsift_dir / "learn.bvecs"), max_rows=8000).astype(np.float32)
+    base = vectors.read_vectors(str(dwsift_dir / "base.bvecs"), max_rows=20000).astype(np.float32)
+    q = vectors.read_vectors(str(dwsift_dir / "query.bvecs"), max_rows=200).astype(np.float32)
     qcfg = QincoConfig(dim=128, M=8, K=256, L=1, de=16, dh=32, A=8, B=2, nlist=64)
     model, _ = train_model(learn[1000:], learn[:1000], qcfg,
                            TrainConfig(epochs=0, val_size=1000, rq_iters=4, additive_max_rows=7000))
     save_model(model, str(tmp_path / "model"))
-    vecs_io.write_vectors(str(tmp_path / "base.fvecs"), base)
-    vecs_io.write_vectors(str(tmp_path / "q.fvecs"), q)
+    vectors.write_vectors(str(tmp_path / "base.fvecs"), base)
+    vectors.write_vectors(str(tmp_path / "q.fvecs"), q)
     run_encode(EncodeJobConfig(model_uri=str(tmp_path / "model"), data_uris=[str(tmp_path / "base.fvecs")],
                                index_uri=str(tmp_path / "index"), workers=2, cpus_per_worker=0.5,
                                shard_rows=10000), progress=False)
@@ -387,7 +387,7 @@ def test_recall_on_dwsift_subset(ray_session, dwsift_dir, tmp_path):
                                         out_uri=str(tmp_path / "res"), k=10, nprobe=8, shortlist=50,
                                         workers=2, cpus_per_worker=0.5))
     assert report["shards"] == 2 and report["failed_shards"] == []
-    I, _ = vecs_io.read_knn_results(str(tmp_path / "res"))
+    I, _ = vectors.read_knn_results(str(tmp_path / "res"))
     _, gt = knn_ground_truth(q, base, k=1)
     rec = recall_at(I, gt, ks=(1, 10))
     # measured: R@1 0.33, R@10 0.77; shuffled ids or a wrong LUT / centroid give ~0.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import search_kernels
+from pipeline.search import scan as search_kernels
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.search_kernels import (
+from pipeline.search.scan import (
     SearchParams, ShardSearcher, additive_decode, brute_force_reference, merge_topk,
 )
 
@@ -37,12 +37,12 @@ def make_shard(seed=0, n=N, k_codes=K, n_dup=200):
 
 def make_decode(shard):
     """Exact decoder stand-in: additive decode plus a residual ReLU layer. Its products are
-    ``pipeline.rowwise``'s, as the QINCo decoder's are, so a row decodes to the same bits in any
+    ``pipeline.codec.rowwise``'s, as the QINCo decoder's are, so a row decodes to the same bits in any
     batch (the property ``ShardSearcher`` asks of its ``decode_fn``; a plain ``x @ W`` lacks it on
     OpenBLAS's Haswell kernels, for one)."""
     import torch
 
-    from pipeline.rowwise import linear_rows
+    from pipeline.codec.rowwise import linear_rows
 
     cent, cb = shard["centroids_LD"], shard["codebooks_MKD"]
     rng = np.random.default_rng(123)
@@ -167,7 +167,7 @@ def test_flat_probe_finds_the_nearest_centroids_like_faiss():
     """The searcher's exact probe gives Faiss ``IndexFlatL2``'s lists and distances."""
     import faiss
 
-    from pipeline.search_kernels import FlatProbe
+    from pipeline.search.scan import FlatProbe
 
     rng = np.random.default_rng(3)
     c = rng.normal(size=(300, D)).astype(np.float32) * 2
@@ -190,7 +190,7 @@ def test_flat_probe_finds_the_nearest_centroids_like_faiss():
 def test_flat_probe_breaks_ties_by_list_id_and_ignores_the_batch():
     """Duplicate centroids tie exactly: the probe keeps the smaller list id first, and a query's
     lists and distances are the same probed alone or in any batch."""
-    from pipeline.search_kernels import FlatProbe
+    from pipeline.search.scan import FlatProbe
 
     rng = np.random.default_rng(11)
     c = rng.normal(size=(40, D)).astype(np.float32)
@@ -211,7 +211,7 @@ def test_probe_ratio_visits_only_the_lists_near_the_nearest(data):
     """With ``probe_ratio`` r a query visits, of its nprobe nearest lists, exactly those whose
     centroid is within r times the nearest one's squared distance, and its results are the exact
     top-k over the decoded rows of those lists."""
-    from pipeline.search_kernels import prune_lists
+    from pipeline.search.scan import prune_lists
 
     shard, _, decode_fn = data
     s = ShardSearcher(**shard, decode_fn=decode_fn)
@@ -532,7 +532,7 @@ def test_prefix_stage_keeps_the_nearest_prefix_reconstructions_with_their_full_d
 def test_prefix_stage_merged_over_shards_equals_one_shard(data):
     """Shards' prefix-stage results merged on the prefix distance (``merge_candidates``) give the
     shortlist of one shard holding every row."""
-    from pipeline.search_job import merge_candidates
+    from pipeline.stages.search import merge_candidates
 
     shard, q, _ = data
     a_N = np.random.default_rng(7).uniform(0.5, 1.5, N).astype(np.float16)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.shard_format import (
+from pipeline.index.shards import (
     CorruptShardError, ShardInfo, parse_shard_name, read_shard, shard_name, verify_shard,
     write_shard,
 )

@@ -9,9 +9,9 @@ import pickle
 
 import pytest
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.errors import StorageError
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 
 
 def test_options_repr_masks_keys_and_json_roundtrip():
@@ -243,16 +243,16 @@ def test_s3_from_ray_worker(s3, ray_session):
     """A filesystem made in the driver works inside a Ray worker, both pickled and via get_fs."""
     import numpy as np
 
-    from pipeline import vecs_io
+    from pipeline.io import vectors
 
     uri = s3.bucket("stor-ray") + "/w.fvecs"
     x = np.arange(40, dtype=np.float32).reshape(8, 5)
-    vecs_io.write_vectors(uri, x)
+    vectors.write_vectors(uri, x)
     fs, path = storage.get_fs(uri)
 
     @ray_session.remote(num_cpus=0.5)
     def work(fs_, path_, uri_, options):
-        from pipeline import vecs_io as v
+        from pipeline.io import vectors as v
 
         return fs_.cat_file(path_, start=0, end=4), v.read_rows(uri_, 2, 5, options=options)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decoder import reconstruct, reconstruction_mse
-from pipeline.qinco_model import QINCo, QincoConfig
-from pipeline.rq_init import init_from_rq
-from pipeline.training import Trainer, TrainConfig, epoch_batches, train_model
+from pipeline.codec.decoder import reconstruct, reconstruction_mse
+from pipeline.codec.model import QINCo, QincoConfig
+from pipeline.codec.rq_init import init_from_rq
+from pipeline.train.loop import Trainer, TrainConfig, epoch_batches, train_model
 
 torch.set_num_threads(1)
 

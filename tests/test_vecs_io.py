@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import storage, vecs_io
+from pipeline.io import storage, vectors
 from pipeline.errors import ConfigError, StorageError, VectorFormatError
 
 N, D = 37, 5
@@ -45,27 +45,27 @@ def _roundtrip(base: str, fmt: str, options=None) -> None:
     x = _data(fmt, rng)
     ids = np.arange(1000, 1000 + N, dtype=np.int64) if fmt == "parquet" else None
     uri = storage.join(base, f"rt.{fmt}")
-    fi = vecs_io.write_vectors(uri, x, options=options, ids=ids, parquet_row_group_rows=8)
+    fi = vectors.write_vectors(uri, x, options=options, ids=ids, parquet_row_group_rows=8)
     assert (fi.fmt, fi.count, fi.dim) == (fmt, N, D)
     assert np.dtype(fi.dtype) == x.dtype
     assert fi.size_bytes == storage.file_size(uri, options)
-    full = vecs_io.read_vectors(uri, options=options)
+    full = vectors.read_vectors(uri, options=options)
     assert full.dtype == x.dtype
     np.testing.assert_array_equal(full, x)
     for a, b in [(0, 1), (3, 4), (7, 19), (13, N), (N, N)]:  # odd offsets, crossing row groups
-        part = vecs_io.read_rows(uri, a, b, options=options, file_info=fi)
+        part = vectors.read_rows(uri, a, b, options=options, file_info=fi)
         np.testing.assert_array_equal(part, full[a:b])
         assert part.shape == (b - a, D)
-    blocks = list(vecs_io.iter_blocks(uri, 10, options=options, start=2))
+    blocks = list(vectors.iter_blocks(uri, 10, options=options, start=2))
     assert [s for s, _ in blocks] == [2, 12, 22, 32]
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), x[2:])
     if fmt == "parquet":
-        np.testing.assert_array_equal(vecs_io.read_ids(uri, 5, 21, options=options), ids[5:21])
+        np.testing.assert_array_equal(vectors.read_ids(uri, 5, 21, options=options), ids[5:21])
     else:
-        assert vecs_io.read_ids(uri, 5, 21, options=options) is None
+        assert vectors.read_ids(uri, 5, 21, options=options) is None
 
 
-@pytest.mark.parametrize("fmt", vecs_io.FORMATS)
+@pytest.mark.parametrize("fmt", vectors.FORMATS)
 def test_roundtrip_local(tmp_path, fmt):
     _roundtrip(str(tmp_path), fmt)
 
@@ -73,34 +73,34 @@ def test_roundtrip_local(tmp_path, fmt):
 @pytest.mark.s3
 def test_roundtrip_s3_all_formats(s3):
     base = s3.bucket("vecs-rt") + "/dir"
-    for fmt in vecs_io.FORMATS:
+    for fmt in vectors.FORMATS:
         _roundtrip(base, fmt)
     # explicit options (not env) work too
     _roundtrip(base + "/opts", "fvecs", s3.options())
 
 
 def test_detect_format_and_explicit_fmt(tmp_path):
-    assert vecs_io.detect_format("s3://b/x/base.u8bin") == "u8bin"
-    assert vecs_io.detect_format("/a/b.FVECS") == "fvecs"
+    assert vectors.detect_format("s3://b/x/base.u8bin") == "u8bin"
+    assert vectors.detect_format("/a/b.FVECS") == "fvecs"
     with pytest.raises(ConfigError, match="fmt="):
-        vecs_io.detect_format("/a/b.dat")
+        vectors.detect_format("/a/b.dat")
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     uri = str(tmp_path / "noext.dat")
-    vecs_io.write_vectors(uri, x, fmt="fbin")
-    np.testing.assert_array_equal(vecs_io.read_vectors(uri, fmt="fbin"), x)
+    vectors.write_vectors(uri, x, fmt="fbin")
+    np.testing.assert_array_equal(vectors.read_vectors(uri, fmt="fbin"), x)
 
 
 def test_file_layout_matches_texmex_and_bigann(tmp_path):
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    vecs_io.write_vectors(str(tmp_path / "a.fvecs"), x)
+    vectors.write_vectors(str(tmp_path / "a.fvecs"), x)
     raw = (tmp_path / "a.fvecs").read_bytes()
     assert np.frombuffer(raw, "<i4")[[0, 4]].tolist() == [3, 3]
     np.testing.assert_array_equal(np.frombuffer(raw, "<f4").reshape(2, 4)[:, 1:], x)
-    fi = vecs_io.write_vectors(str(tmp_path / "a.fbin"), x)
+    fi = vectors.write_vectors(str(tmp_path / "a.fbin"), x)
     raw = (tmp_path / "a.fbin").read_bytes()
     assert np.frombuffer(raw[:8], "<u4").tolist() == [2, 3] and fi.header_bytes == 8
     np.testing.assert_array_equal(np.frombuffer(raw[8:], "<f4").reshape(2, 3), x)
-    fi = vecs_io.write_vectors(str(tmp_path / "a.npy"), x)
+    fi = vectors.write_vectors(str(tmp_path / "a.npy"), x)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), x)
     assert fi.byte_range(1, 2) == (fi.header_bytes + 12, 12)
 
@@ -108,13 +108,13 @@ def test_file_layout_matches_texmex_and_bigann(tmp_path):
 def test_read_rows_is_one_small_ranged_read(tmp_path, monkeypatch):
     x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
     uri = str(tmp_path / "big.fvecs")
-    fi = vecs_io.write_vectors(uri, x)
+    fi = vectors.write_vectors(uri, x)
     reads = _CountingReads(monkeypatch)
-    part = vecs_io.read_rows(uri, 1001, 1004, file_info=fi)
+    part = vectors.read_rows(uri, 1001, 1004, file_info=fi)
     np.testing.assert_array_equal(part, x[1001:1004])
     assert reads.ranges == [(1001 * 68, 1004 * 68, 3 * 68)]
     reads.ranges.clear()
-    vecs_io.info(uri)
+    vectors.info(uri)
     assert reads.total <= 4 < fi.size_bytes
 
 
@@ -123,7 +123,7 @@ def test_read_rows_s3_fetches_only_the_range(s3, monkeypatch):
     base = s3.bucket("vecs-range")
     x = np.random.default_rng(1).integers(0, 256, (3000, 32)).astype(np.uint8)
     uri = base + "/big.bvecs"
-    fi = vecs_io.write_vectors(uri, x)
+    fi = vectors.write_vectors(uri, x)
     fs, _ = storage.get_fs(uri)
     got: list[tuple[int, int, int]] = []
     orig = fs.cat_file
@@ -134,12 +134,12 @@ def test_read_rows_s3_fetches_only_the_range(s3, monkeypatch):
         return out
 
     monkeypatch.setattr(fs, "cat_file", counting_cat)
-    np.testing.assert_array_equal(vecs_io.read_rows(uri, 777, 781, file_info=fi), x[777:781])
+    np.testing.assert_array_equal(vectors.read_rows(uri, 777, 781, file_info=fi), x[777:781])
     assert got == [(777 * 36, 781 * 36, 4 * 36)]
     # parquet: reading a few rows must not fetch the whole file
     pq_uri = base + "/big.parquet"
     xf = np.random.default_rng(2).standard_normal((16000, 32)).astype(np.float32)
-    pfi = vecs_io.write_vectors(pq_uri, xf, parquet_row_group_rows=1000)
+    pfi = vectors.write_vectors(pq_uri, xf, parquet_row_group_rows=1000)
     import s3fs.core
 
     sizes: list[int] = []
@@ -151,52 +151,52 @@ def test_read_rows_s3_fetches_only_the_range(s3, monkeypatch):
         return out
 
     monkeypatch.setattr(s3fs.core, "_fetch_range", counting_fetch)
-    np.testing.assert_array_equal(vecs_io.read_rows(pq_uri, 1500, 1510, file_info=pfi), xf[1500:1510])
+    np.testing.assert_array_equal(vectors.read_rows(pq_uri, 1500, 1510, file_info=pfi), xf[1500:1510])
     assert 0 < sum(sizes) < pfi.size_bytes / 5
 
 
 def test_truncated_vecs_names_partial_record(tmp_path):
     uri = str(tmp_path / "t.fvecs")
-    vecs_io.write_vectors(uri, np.ones((4, 3), np.float32))
+    vectors.write_vectors(uri, np.ones((4, 3), np.float32))
     with open(uri, "ab") as f:
         f.write(b"\x03\x00\x00\x00\x00\x00")  # a header and 2 bytes of the next record
     with pytest.raises(VectorFormatError, match=r"row 4, byte offset 64.*not a whole number") as ei:
-        vecs_io.info(uri)
+        vectors.info(uri)
     assert ei.value.offset == 64 and uri in str(ei.value)
 
 
 def test_record_dim_mismatch_names_row_and_offset(tmp_path):
     uri = str(tmp_path / "m.ivecs")
-    vecs_io.write_vectors(uri, np.arange(20, dtype=np.int32).reshape(5, 4))
+    vectors.write_vectors(uri, np.arange(20, dtype=np.int32).reshape(5, 4))
     raw = bytearray(open(uri, "rb").read())
     raw[3 * 20:3 * 20 + 4] = np.array([7], "<i4").tobytes()
     open(uri, "wb").write(bytes(raw))
-    np.testing.assert_array_equal(vecs_io.read_rows(uri, 0, 3), np.arange(12).reshape(3, 4))
+    np.testing.assert_array_equal(vectors.read_rows(uri, 0, 3), np.arange(12).reshape(3, 4))
     with pytest.raises(VectorFormatError, match=r"row 3, byte offset 60.*dimension header 7") as ei:
-        vecs_io.read_rows(uri, 1, 5)
+        vectors.read_rows(uri, 1, 5)
     assert (ei.value.row, ei.value.offset) == (3, 60)
 
 
 def test_bin_header_size_mismatch(tmp_path):
     uri = str(tmp_path / "b.u8bin")
-    vecs_io.write_vectors(uri, np.zeros((10, 8), np.uint8))
+    vectors.write_vectors(uri, np.zeros((10, 8), np.uint8))
     raw = open(uri, "rb").read()
     open(uri, "wb").write(raw[:-3])
     with pytest.raises(VectorFormatError, match=r"row 9, byte offset 80.*header says 10 x 8"):
-        vecs_io.info(uri)
+        vectors.info(uri)
     open(uri, "wb").write(np.array([1, 0], "<u4").tobytes())
     with pytest.raises(VectorFormatError, match="invalid dimension 0"):
-        vecs_io.info(uri)
+        vectors.info(uri)
 
 
 def test_zero_or_negative_dim_and_tiny_file(tmp_path):
     uri = str(tmp_path / "z.fvecs")
     open(uri, "wb").write(np.array([-2], "<i4").tobytes())
     with pytest.raises(VectorFormatError, match="byte offset 0.*invalid dimension -2"):
-        vecs_io.info(uri)
+        vectors.info(uri)
     open(uri, "wb").write(b"\x01\x00")
     with pytest.raises(VectorFormatError, match="too small"):
-        vecs_io.info(uri)
+        vectors.info(uri)
 
 
 @pytest.mark.parametrize("fmt", ["fvecs", "fbin", "npy", "parquet"])
@@ -204,23 +204,23 @@ def test_nan_inf_named_by_row(tmp_path, fmt):
     x = np.ones((6, 4), np.float32)
     x[4, 2] = np.inf if fmt != "npy" else np.nan
     uri = str(tmp_path / f"n.{fmt}")
-    fi = vecs_io.write_vectors(uri, x)
-    np.testing.assert_array_equal(vecs_io.read_rows(uri, 0, 4, file_info=fi), x[:4])
+    fi = vectors.write_vectors(uri, x)
+    np.testing.assert_array_equal(vectors.read_rows(uri, 0, 4, file_info=fi), x[:4])
     with pytest.raises(VectorFormatError, match="row 4") as ei:
-        vecs_io.read_rows(uri, 2, 6, file_info=fi)
+        vectors.read_rows(uri, 2, 6, file_info=fi)
     assert ei.value.row == 4
     if fmt != "parquet":
         assert ei.value.offset == fi.header_bytes + 4 * fi.record_bytes + (4 if fmt == "fvecs" else 0) + 2 * 4
-    out = vecs_io.read_rows(uri, 0, 6, file_info=fi, check_finite=False)
+    out = vectors.read_rows(uri, 0, 6, file_info=fi, check_finite=False)
     assert not np.isfinite(out[4, 2])
 
 
 def test_out_of_range_rows(tmp_path):
     uri = str(tmp_path / "r.fbin")
-    vecs_io.write_vectors(uri, np.zeros((5, 2), np.float32))
+    vectors.write_vectors(uri, np.zeros((5, 2), np.float32))
     for a, b in [(-1, 2), (3, 2), (0, 6)]:
         with pytest.raises(ValueError, match="outside"):
-            vecs_io.read_rows(uri, a, b)
+            vectors.read_rows(uri, a, b)
 
 
 def test_write_rejects_incompatible_dtype_and_leaves_nothing(tmp_path):
@@ -228,35 +228,35 @@ def test_write_rejects_incompatible_dtype_and_leaves_nothing(tmp_path):
                      ("i8bin", np.full((2, 3), -129)), ("ivecs", np.full((2, 3), 2.0**40))]:
         uri = str(tmp_path / f"bad.{fmt}")
         with pytest.raises(ValueError, match=fmt):
-            vecs_io.write_vectors(uri, bad)
+            vectors.write_vectors(uri, bad)
         assert not storage.exists(uri)
     # integer-valued floats are accepted for byte formats
-    fi = vecs_io.write_vectors(str(tmp_path / "ok.bvecs"), np.full((2, 3), 255.0))
+    fi = vectors.write_vectors(str(tmp_path / "ok.bvecs"), np.full((2, 3), 255.0))
     assert fi.dtype == "uint8"
     with pytest.raises(ValueError, match="ids"):
-        vecs_io.write_vectors(str(tmp_path / "x.fvecs"), np.zeros((2, 3)), ids=np.arange(2))
+        vectors.write_vectors(str(tmp_path / "x.fvecs"), np.zeros((2, 3)), ids=np.arange(2))
 
 
 def test_bad_npy_and_parquet(tmp_path):
     uri = str(tmp_path / "f.npy")
     np.save(uri, np.asfortranarray(np.zeros((3, 4), np.float32)))
     with pytest.raises(VectorFormatError, match="C-ordered"):
-        vecs_io.info(uri)
+        vectors.info(uri)
     np.save(uri, np.zeros((3, 4, 2), np.float32))
     with pytest.raises(VectorFormatError, match="2-D"):
-        vecs_io.info(uri)
+        vectors.info(uri)
     open(uri, "wb").write(b"garbage!!!!!")
     with pytest.raises(VectorFormatError, match="bad magic"):
-        vecs_io.info(uri)
+        vectors.info(uri)
     pq_uri = str(tmp_path / "p.parquet")
     open(pq_uri, "wb").write(b"PAR1 not really")
     with pytest.raises(VectorFormatError, match="parquet"):
-        vecs_io.info(pq_uri)
+        vectors.info(pq_uri)
 
 
 def test_missing_file_is_storage_error(tmp_path):
     with pytest.raises(StorageError, match="missing.fvecs.*not found"):
-        vecs_io.info(str(tmp_path / "missing.fvecs"))
+        vectors.info(str(tmp_path / "missing.fvecs"))
 
 
 def test_knn_results_roundtrip_and_validation(tmp_path):
@@ -264,31 +264,31 @@ def test_knn_results_roundtrip_and_validation(tmp_path):
     ids = rng.integers(-1, 10**6, (7, 4))
     dist = rng.random((7, 4)).astype(np.float32)
     uri = str(tmp_path / "res.bin")
-    vecs_io.write_knn_results(uri, ids, dist)
-    I, Dd = vecs_io.read_knn_results(uri)
+    vectors.write_knn_results(uri, ids, dist)
+    I, Dd = vectors.read_knn_results(uri)
     assert I.dtype == np.int64 and Dd.dtype == np.float32
     np.testing.assert_array_equal(I, ids)
     np.testing.assert_array_equal(Dd, dist)
     assert storage.file_size(uri) == 8 + 7 * 4 * 8
     open(uri, "ab").write(b"\0")
     with pytest.raises(VectorFormatError, match="header says 7 x 4"):
-        vecs_io.read_knn_results(uri)
+        vectors.read_knn_results(uri)
 
 
 @pytest.mark.s3
 def test_knn_results_s3(s3):
     uri = s3.bucket("vecs-knn") + "/r/res.bin"
     ids = np.arange(12).reshape(3, 4)
-    vecs_io.write_knn_results(uri, ids, ids.astype(np.float32) / 2)
-    I, Dd = vecs_io.read_knn_results(uri)
+    vectors.write_knn_results(uri, ids, ids.astype(np.float32) / 2)
+    I, Dd = vectors.read_knn_results(uri)
     np.testing.assert_array_equal(I, ids)
     np.testing.assert_array_equal(Dd, ids / 2)
 
 
 def test_real_dwsift_rows(dwsift_dir):
-    fi = vecs_io.info(str(dwsift_dir / "learn.bvecs"))
+    fi = vectors.info(str(dwsift_dir / "learn.bvecs"))
     assert (fi.count, fi.dim, fi.dtype) == (50_000, 128, "uint8")
-    head = vecs_io.read_vectors(str(dwsift_dir / "learn.bvecs"), max_rows=100)
-    np.testing.assert_array_equal(vecs_io.read_rows(str(dwsift_dir / "learn.bvecs"), 41, 57), head[41:57])
-    gt = vecs_io.info(str(dwsift_dir / "groundtruth.ivecs"))
+    head = vectors.read_vectors(str(dwsift_dir / "learn.bvecs"), max_rows=100)
+    np.testing.assert_array_equal(vectors.read_rows(str(dwsift_dir / "learn.bvecs"), 41, 57), head[41:57])
+    gt = vectors.info(str(dwsift_dir / "groundtruth.ivecs"))
     assert (gt.count, gt.dim) == (10_000, 100)

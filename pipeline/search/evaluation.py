@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.topk import topk_smallest
+from pipeline.search.topk import topk_smallest
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ _TILE_ENTRIES = 1 << 23
 
 def _base_blocks(base, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
     if isinstance(base, (str, os.PathLike)):
-        from pipeline import vecs_io
+        from pipeline.io import vectors
 
-        yield from vecs_io.iter_blocks(str(base), block_rows)
+        yield from vectors.iter_blocks(str(base), block_rows)
     else:
         base = np.asarray(base)
         if base.ndim != 2:

@@ -2,9 +2,9 @@
 
 What ``qinco train`` runs without ``--workers``: read up to ``max_train + val`` vectors from the
 files in order, hold out a seeded random validation split, train with
-:func:`pipeline.training.train_model` (normalisation, optional IVF, RQ initialisation, the loop,
+:func:`pipeline.train.loop.train_model` (normalisation, optional IVF, RQ initialisation, the loop,
 additive decoder) and save the model directory with its training history and data provenance.
-``--workers N`` runs the same loop on Ray Train instead (:mod:`pipeline.distributed_training`).
+``--workers N`` runs the same loop on Ray Train instead (:mod:`pipeline.distributed.train`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import storage, vecs_io
+from pipeline.io import storage, vectors
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def read_training_vectors(data_uris: list[str], limit: int | None, options=None)
         rows = None if limit is None else limit - sum(len(p) for p in parts)
         if rows is not None and rows <= 0:
             break
-        parts.append(vecs_io.read_vectors(uri, options=options, max_rows=rows).astype(np.float32))
+        parts.append(vectors.read_vectors(uri, options=options, max_rows=rows).astype(np.float32))
     return np.concatenate(parts)
 
 
@@ -36,9 +36,9 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
     """Train and save a model; returns the per-epoch history (epoch 0 = RQ initialisation)."""
     import time
 
-    from pipeline.checkpoint import save_model, save_report
-    from pipeline.qinco_model import config_from_preset
-    from pipeline.training import train_model
+    from pipeline.codec.model_file import save_model, save_report
+    from pipeline.codec.model import config_from_preset
+    from pipeline.train.loop import train_model
 
     t0 = time.time()
     limit = None if tcfg.max_train is None else tcfg.max_train + tcfg.val_size

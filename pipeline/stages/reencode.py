@@ -1,6 +1,6 @@
 """Re-encoding an index: a new model over the same inputs, or new input files under the same model.
 
-Both build a new index version with the encode job (``pipeline.encode_job.run_encode``) whose
+Both build a new index version with the encode job (``pipeline.stages.encode.run_encode``) whose
 ``parent_version`` is the version ``CURRENT`` names when the job starts:
 
 - ``model_uri``: every input listed in the parent's manifest is read again and encoded with the
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JsonConfig, code_version
 from pipeline.errors import ConfigError
 
@@ -63,7 +63,7 @@ class ReencodeConfig(JsonConfig):
 
 def _check_inputs_unchanged(parent, options) -> None:
     """The files a version was built from must still hold the same vectors (ids depend on it)."""
-    from pipeline.ray_datasource import plan_inputs
+    from pipeline.distributed.datasource import plan_inputs
 
     planned = plan_inputs([i.uri for i in parent.inputs], fmt=parent.job_config.get("fmt"), options=options)
     for old, new in zip(parent.inputs, planned):
@@ -82,9 +82,9 @@ def _finished_add(parent, add_uris: list[str]) -> bool:
 
 def _committed_not_current(cfg, enc, parent_v: str, options) -> str | None:
     """A version this job already committed whose ``CURRENT`` switch was interrupted, if any."""
-    from pipeline.checkpoint import model_identity
-    from pipeline.encode_job import EncodeJobConfig
-    from pipeline.manifest import list_versions, load_manifest, version_number
+    from pipeline.codec.model_file import model_identity
+    from pipeline.stages.encode import EncodeJobConfig
+    from pipeline.index.manifest import list_versions, load_manifest, version_number
 
     model_sha = None
     for v in reversed(list_versions(cfg.index_uri, options)):
@@ -105,9 +105,9 @@ def _committed_not_current(cfg, enc, parent_v: str, options) -> str | None:
 
 def run_reencode(cfg: ReencodeConfig, options=None, progress: bool = True) -> dict[str, Any]:
     """Build (or resume) the new version, switch ``CURRENT``, collect garbage; returns the report."""
-    from pipeline.encode_job import EncodeJobConfig, job_code_choice, run_encode
-    from pipeline.index_history import record_event
-    from pipeline.manifest import current_version, garbage_collect, load_manifest, version_dir
+    from pipeline.stages.encode import EncodeJobConfig, job_code_choice, run_encode
+    from pipeline.index.history import record_event
+    from pipeline.index.manifest import current_version, garbage_collect, load_manifest, version_dir
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -149,8 +149,8 @@ def run_reencode(cfg: ReencodeConfig, options=None, progress: bool = True) -> di
             parent_version=parent_v, lut_weight=lut_weight, precision=precision)
         done = _committed_not_current(cfg, enc, parent_v, options)
         if done is not None:
-            from pipeline.index_history import record_event
-            from pipeline.manifest import set_current
+            from pipeline.index.history import record_event
+            from pipeline.index.manifest import set_current
 
             m = load_manifest(cfg.index_uri, version=done, options=options)
             log.info("%s: version %s was committed by an earlier run; switching CURRENT to it",

@@ -7,14 +7,14 @@ Driver (``run_distributed_training``):
    with another data dimension, other data or other hyper-parameters (unless ``fresh``). All of
    this happens before any training starts.
 2. Draws deterministic, disjoint train/validation samples (hash of the global row id, seeded;
-   see :class:`pipeline.ray_datasource.RowSample`) with one parallel byte-range Ray Data read:
+   see :class:`pipeline.distributed.datasource.RowSample`) with one parallel byte-range Ray Data read:
    a sample of the training band initialises the model (normalisation, IVF centroids with
    Faiss k-means — two-level for large ``nlist`` — and RQ codebooks; stored once in the run
    directory so a resumed run starts from the same point) and the validation band is never
    trained on.
 3. Runs ``TorchTrainer`` with N workers (gloo on CPU, NCCL on GPU). Each worker streams its
    equal share of the training band from storage with ``ray.train.get_dataset_shard`` and runs
-   :class:`pipeline.training.Trainer` on a DDP-wrapped model. ``TrainConfig.batch_size`` is the
+   :class:`pipeline.train.loop.Trainer` on a DDP-wrapped model. ``TrainConfig.batch_size`` is the
    global batch (each worker takes ``batch_size / N`` rows per step), so N workers follow the
    same schedule as one. Validation is split across workers and all-reduced. Rank 0 checkpoints
    the full trainer state every epoch under ``<out>/checkpoints/<run_name>``
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JsonConfig, code_version
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 
@@ -145,7 +145,7 @@ def _model_from_state(qcfg, state: dict):
     """A ``QINCo`` holding ``state`` (buffers such as centroids are resized to fit)."""
     import torch
 
-    from pipeline.qinco_model import QINCo
+    from pipeline.codec.model import QINCo
 
     model = QINCo(qcfg)
     state = {k: torch.as_tensor(v) for k, v in state.items()}
@@ -173,8 +173,8 @@ def _train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.qinco_model import QincoConfig
-    from pipeline.training import Trainer, TrainConfig
+    from pipeline.codec.model import QincoConfig
+    from pipeline.train.loop import Trainer, TrainConfig
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -322,7 +322,7 @@ def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: flo
     ``None``), both in global id
     order, float32. Inputs of more than ``local_bytes`` are read in one parallel byte-range Ray
     Data pass, smaller ones on the driver; the rows are the same whatever the path or task split."""
-    from pipeline.ray_datasource import (RowSample, VectorDatasource, hash01, read_source, sample_rows_local,
+    from pipeline.distributed.datasource import (RowSample, VectorDatasource, hash01, read_source, sample_rows_local,
                                          unwrap_ray_error)
 
     if sum(i.size_bytes for i in inputs) <= local_bytes:
@@ -359,10 +359,10 @@ def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: flo
 
 def _init_model(qcfg, tcfg, x_init: np.ndarray, ivf_niter: int):
     """Normalisation, IVF centroids and RQ codebooks from the initialisation sample."""
-    from pipeline.encoder import assign_lists
-    from pipeline.ivf import IVFConfig, train_coarse_quantizer
-    from pipeline.qinco_model import QINCo
-    from pipeline.rq_init import init_from_rq
+    from pipeline.codec.encoder import assign_lists
+    from pipeline.codec.ivf import IVFConfig, train_coarse_quantizer
+    from pipeline.codec.model import QINCo
+    from pipeline.codec.rq_init import init_from_rq
 
     model = QINCo(qcfg)
     model.set_normalisation(x_init)
@@ -392,13 +392,13 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.additive_decoder import fit_additive_decoder
-    from pipeline.checkpoint import save_model, save_report
-    from pipeline.encoder import assign_lists, encode
-    from pipeline.qinco_model import QincoConfig
-    from pipeline.ray_datasource import (READ_TASK_CPUS, RowSample, VectorDatasource, plan_inputs, read_source,
+    from pipeline.codec.additive import fit_additive_decoder
+    from pipeline.codec.model_file import save_model, save_report
+    from pipeline.codec.encoder import assign_lists, encode
+    from pipeline.codec.model import QincoConfig
+    from pipeline.distributed.datasource import (READ_TASK_CPUS, RowSample, VectorDatasource, plan_inputs, read_source,
                                          unwrap_ray_error)
-    from pipeline.training import TrainConfig
+    from pipeline.train.loop import TrainConfig
 
     t0 = time.time()
     if cfg.workers < 1:

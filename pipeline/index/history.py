@@ -20,7 +20,7 @@ import os
 import uuid
 from typing import Any
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _search_params(params: dict) -> dict:
 
 
 def _dir_bytes(index_uri: str, version: str, options) -> int | None:
-    from pipeline.manifest import version_dir
+    from pipeline.index.manifest import version_dir
 
     try:
         return sum(storage.file_size(u, options) for u in
@@ -112,7 +112,7 @@ def index_report(index_uri: str, options=None) -> dict[str, Any]:
     ``deleted``. Each version carries its last evaluated recall (``eval`` events) and the number
     of recorded searches.
     """
-    from pipeline.manifest import current_version, list_versions, load_manifest, version_number
+    from pipeline.index.manifest import current_version, list_versions, load_manifest, version_number
 
     current = current_version(index_uri, options)
     events = read_history(index_uri, options)

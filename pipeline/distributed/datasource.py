@@ -3,7 +3,7 @@
 Ray's built-in readers make one task per file, which serialises a single billion-row file. Here
 ``plan_inputs`` reads only headers, then ``VectorDatasource`` cuts every file into row ranges
 (``rows_per_task`` rows each, never spanning two files) and each read task fetches its range with
-one ranged request (``vecs_io.read_rows``). Every block carries:
+one ranged request (``vectors.read_rows``). Every block carries:
 
 - ``id``         int64, global id: the file's ``id_start`` + row (or the parquet ``id`` column)
 - ``vector``     (n, d) tensor column
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from pipeline import storage, vecs_io
+from pipeline.io import storage, vectors
 from pipeline.config import JsonConfig
 from pipeline.errors import ConfigError, PipelineError, VectorFormatError
 
@@ -74,9 +74,9 @@ class InputFile(JsonConfig):
     record_bytes: int = 0
     size_bytes: int = 0
 
-    def file_info(self) -> vecs_io.VectorFileInfo:
-        """The ``vecs_io`` layout, so range reads need no extra header request."""
-        return vecs_io.VectorFileInfo(
+    def file_info(self) -> vectors.VectorFileInfo:
+        """The ``vectors`` layout, so range reads need no extra header request."""
+        return vectors.VectorFileInfo(
             uri=storage.redact(self.uri), fmt=self.fmt, count=self.count, dim=self.dim, dtype=self.dtype,
             header_bytes=self.header_bytes, record_bytes=self.record_bytes, size_bytes=self.size_bytes)
 
@@ -90,8 +90,8 @@ def _provenance_hash(uri: str, size: int, options) -> str:
     return h.hexdigest()
 
 
-def _plan_one(uri: str, fmt: str | None, options) -> tuple[vecs_io.VectorFileInfo, str]:
-    fi = vecs_io.info(uri, fmt, options)
+def _plan_one(uri: str, fmt: str | None, options) -> tuple[vectors.VectorFileInfo, str]:
+    fi = vectors.info(uri, fmt, options)
     return fi, _provenance_hash(uri, fi.size_bytes, options)
 
 
@@ -213,7 +213,7 @@ class RowSample(JsonConfig):
 # ----------------------------------------------------------------------------------------- read tasks
 
 def _ids_for(inp: InputFile, start: int, stop: int, options, fi) -> np.ndarray:
-    ids = vecs_io.read_ids(inp.uri, start, stop, options=options, file_info=fi) if inp.fmt == "parquet" else None
+    ids = vectors.read_ids(inp.uri, start, stop, options=options, file_info=fi) if inp.fmt == "parquet" else None
     if ids is None:
         return np.arange(inp.id_start + start, inp.id_start + stop, dtype=np.int64)
     ids = np.asarray(ids, dtype=np.int64)
@@ -240,7 +240,7 @@ def _read_range(inp: InputFile, file_index: int, start: int, stop: int, options,
     """Body of one read task: rows [start, stop) of one file as one block."""
     fi = inp.file_info()
     try:
-        x = vecs_io.read_rows(inp.uri, start, stop, options=options, file_info=fi, check_finite=check_finite)
+        x = vectors.read_rows(inp.uri, start, stop, options=options, file_info=fi, check_finite=check_finite)
         if x.shape != (stop - start, inp.dim):
             raise VectorFormatError(fi.uri, f"read {x.shape} for rows [{start}, {stop}), expected "
                                     f"({stop - start}, {inp.dim})", row=start)
@@ -418,7 +418,7 @@ def sample_rows_local(inputs: Sequence[InputFile], n: int | None = None, seed: i
         fi = inp.file_info()
         for s in range(0, inp.count, block_rows):
             e = min(inp.count, s + block_rows)
-            x = vecs_io.read_rows(inp.uri, s, e, options=options, file_info=fi, check_finite=check_finite)
+            x = vectors.read_rows(inp.uri, s, e, options=options, file_info=fi, check_finite=check_finite)
             ids = _ids_for(inp, s, e, options, fi)
             u = hash01(ids, sample.seed)
             m = (u >= lo) & (u < hi)

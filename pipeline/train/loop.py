@@ -44,7 +44,7 @@ from torch import Tensor
 
 from pipeline.config import JsonConfig
 from pipeline.errors import ConfigError
-from pipeline.qinco_model import QINCo, QincoConfig, validate_vectors
+from pipeline.codec.model import QINCo, QincoConfig, validate_vectors
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,8 @@ class Trainer:
 
     def validate(self, x_val_ND: np.ndarray | Tensor, list_ids_N: np.ndarray | None = None) -> float:
         """Raw-space reconstruction MSE (mean squared L2 error per vector) with beam ``B_val``."""
-        from pipeline.decoder import decode, reconstruction_mse
-        from pipeline.encoder import encode
+        from pipeline.codec.decoder import decode, reconstruction_mse
+        from pipeline.codec.encoder import encode
 
         t0 = time.time()
         B = self.cfg.B_val or self.model.config.B
@@ -417,8 +417,8 @@ class Trainer:
 
 
 def train_ivf_centroids(x_ND: np.ndarray, nlist: int, seed: int = 0, niter: int = 20) -> np.ndarray:
-    """IVF centroids ``(nlist, D)`` on raw vectors (``pipeline.ivf``: flat or two-level k-means)."""
-    from pipeline.ivf import IVFConfig, train_coarse_quantizer
+    """IVF centroids ``(nlist, D)`` on raw vectors (``pipeline.codec.ivf``: flat or two-level k-means)."""
+    from pipeline.codec.ivf import IVFConfig, train_coarse_quantizer
 
     return train_coarse_quantizer(np.asarray(x_ND, dtype=np.float32),
                                   IVFConfig(nlist=nlist, niter=niter, seed=seed), progress=False)
@@ -429,9 +429,9 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
                 on_epoch_end: Callable[[dict, Trainer], None] | None = None) -> tuple[QINCo, list[dict]]:
     """Train a QINCo model end to end (see module docstring); returns the best model by
     validation MSE and the per-epoch history."""
-    from pipeline.additive_decoder import fit_additive_decoder
-    from pipeline.encoder import assign_lists, encode
-    from pipeline.rq_init import init_from_rq
+    from pipeline.codec.additive import fit_additive_decoder
+    from pipeline.codec.encoder import assign_lists, encode
+    from pipeline.codec.rq_init import init_from_rq
 
     validate_vectors(x_train_ND, qcfg.dim, "training data")
     validate_vectors(x_val_ND, qcfg.dim, "validation data")

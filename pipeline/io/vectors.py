@@ -23,10 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JsonConfig
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 

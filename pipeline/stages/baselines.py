@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.evaluation import reconstruction_mse, recall_at, search_decoded
+from pipeline.search.evaluation import reconstruction_mse, recall_at, search_decoded
 
 log = logging.getLogger(__name__)
 
@@ -206,15 +206,15 @@ def load_inputs(learn: str, base: str, queries: str, groundtruth: str | None = N
                 max_queries: int | None = None, k: int = 100):
     """Read the four inputs of a baseline run, computing the ground truth when it is absent
     or when the base is truncated (the shipped ground truth then no longer applies)."""
-    from pipeline import vecs_io
-    from pipeline.evaluation import knn_ground_truth
+    from pipeline.io import vectors
+    from pipeline.search.evaluation import knn_ground_truth
 
-    xt = vecs_io.read_vectors(learn, max_rows=max_learn)
-    xb = vecs_io.read_vectors(base, max_rows=max_base)
-    xq = vecs_io.read_vectors(queries, max_rows=max_queries)
-    full_base = max_base is None or max_base >= vecs_io.info(base).count
+    xt = vectors.read_vectors(learn, max_rows=max_learn)
+    xb = vectors.read_vectors(base, max_rows=max_base)
+    xq = vectors.read_vectors(queries, max_rows=max_queries)
+    full_base = max_base is None or max_base >= vectors.info(base).count
     if groundtruth and full_base:
-        gt = vecs_io.read_vectors(groundtruth, max_rows=max_queries)
+        gt = vectors.read_vectors(groundtruth, max_rows=max_queries)
         if gt.shape[0] != xq.shape[0]:
             raise ConfigError(f"{groundtruth}: {gt.shape[0]} ground-truth rows for {xq.shape[0]} queries")
     else:
@@ -228,12 +228,12 @@ def baselines_command(a) -> int:
     """``qinco baselines``: run, print the table, write the JSON report atomically."""
     import json
 
-    from pipeline import storage
+    from pipeline.io import storage
     from pipeline.config import code_version
 
     uris = {"learn": a.learn, "base": a.base, "queries": a.queries, "groundtruth": a.groundtruth}
     if a.dataset:
-        from pipeline.datasets import resolve_dataset
+        from pipeline.stages.datasets import resolve_dataset
 
         ds = resolve_dataset(a.dataset, a.data_dir)
         defaults = {"learn": ds.learn, "base": ds.base, "queries": ds.query, "groundtruth": ds.groundtruth}

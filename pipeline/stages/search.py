@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JsonConfig, code_version
 from pipeline.errors import ConfigError, PipelineError
 
@@ -80,7 +80,7 @@ def merge_candidates(parts: list[tuple[np.ndarray, ...]], k: int, prefix_k: int 
     prefix distance are kept (what one shard holding every row would keep), then the best ``k`` of
     those by full distance, which is returned as the distance.
     """
-    from pipeline.topk import topk_smallest
+    from pipeline.search.topk import topk_smallest
 
     D = np.concatenate([p[0] for p in parts], axis=1)
     I = np.concatenate([p[1] for p in parts], axis=1)
@@ -111,7 +111,7 @@ def load_shards(version_uri: str, shard_entries: list[dict], nlist: int, M: int,
     shard raises ``CorruptShardError`` naming it; when ``errors`` is given such shards are skipped
     instead and their messages recorded there by shard name.
     """
-    from pipeline.shard_format import ShardInfo, read_shard
+    from pipeline.index.shards import ShardInfo, read_shard
 
     lists, ids, codes, scales = [], [], [], []
     for e in shard_entries:
@@ -151,8 +151,8 @@ class ShardActor:
                  threads: int = 1, options=None, allow_partial: bool = False, lut_scales: bool = True):
         import torch
 
-        from pipeline.checkpoint import load_model
-        from pipeline.manifest import version_dir
+        from pipeline.codec.model_file import load_model
+        from pipeline.index.manifest import version_dir
 
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_uri, options=options)
@@ -190,7 +190,7 @@ class ShardActor:
                precision: str = "float32"):
         t = time.perf_counter()
         if precision not in self.decoders:
-            from pipeline.decoder import Decoder
+            from pipeline.codec.decoder import Decoder
 
             self.decoders[precision] = Decoder(self.model, precision)
         D, I = rerank_exact(self.decoders[precision], q_QD, I_QS, codes_QSM, lists_QS, k)
@@ -211,7 +211,7 @@ def check_model_unchanged(manifest, options=None) -> None:
     the manifest records its weights' SHA-256 (and its config.json's, for manifests without it).
     A model retrained into the same URI would decode every code wrongly and silently.
     """
-    from pipeline.checkpoint import model_identity
+    from pipeline.codec.model_file import model_identity
 
     uri = manifest.model["uri"]
     ident = model_identity(uri, options)
@@ -233,8 +233,8 @@ def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=
 
     ``scale_N`` holds the rows' stored scales (``load_shards``; NaN where a shard has none); the
     scales of rows without one are computed here from the model (``model_row_scales``)."""
-    from pipeline.additive_decoder import model_centroids, model_codebooks, model_row_scales
-    from pipeline.search_kernels import ShardSearcher
+    from pipeline.codec.additive import model_centroids, model_codebooks, model_row_scales
+    from pipeline.search.scan import ShardSearcher
 
     if not lut_scales:
         scale_N = None
@@ -259,8 +259,8 @@ def rerank_exact(decoder, q_QD, I_QS, codes_QSM, lists_QS, k):
     Distances come from ``search_kernels.sqdist_rows`` (float64 differences), so a candidate's
     distance does not depend on the batch or the actor that computed it.
     """
-    from pipeline.search_kernels import sqdist_rows
-    from pipeline.topk import topk_smallest
+    from pipeline.search.scan import sqdist_rows
+    from pipeline.search.topk import topk_smallest
 
     Q, S = I_QS.shape
     valid = I_QS >= 0
@@ -298,10 +298,10 @@ class ShardPool:
                  lut_scales: bool = True):
         import ray
 
-        from pipeline.additive_decoder import model_centroids
-        from pipeline.checkpoint import load_model
-        from pipeline.manifest import load_manifest, version_dir
-        from pipeline.search_kernels import FlatProbe
+        from pipeline.codec.additive import model_centroids
+        from pipeline.codec.model_file import load_model
+        from pipeline.index.manifest import load_manifest, version_dir
+        from pipeline.search.scan import FlatProbe
 
         self.manifest = m = load_manifest(index_uri, version=version, options=options)
         vuri = version_dir(index_uri, m.version)
@@ -365,7 +365,7 @@ class ShardPool:
         """
         import ray
 
-        from pipeline.search_kernels import append_lut_tail, prune_lists
+        from pipeline.search.scan import append_lut_tail, prune_lists
 
         stages = stages if stages is not None else {}
         q_QD = np.ascontiguousarray(q_QD, dtype=np.float32)
@@ -415,8 +415,8 @@ class ShardPool:
 
 def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     """Run the query job; writes results (big-ann format + parquet) and a report beside them."""
-    from pipeline import vecs_io
-    from pipeline.search_kernels import SearchParams
+    from pipeline.io import vectors
+    from pipeline.search.scan import SearchParams
 
     t0 = time.perf_counter()
     # k, nprobe, shortlist and the prefix stage are checked by SearchParams, as for in-process searches
@@ -427,7 +427,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         raise ConfigError(f"rerank_count must be between 1 and shortlist ({cfg.shortlist}), got {cfg.rerank_count}")
     if cfg.rerank_precision not in ("float32", "bfloat16"):
         raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
-    q = vecs_io.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
+    q = vectors.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
     pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options,
                      cfg.lut_scales)
     load_s = time.perf_counter() - t0
@@ -475,7 +475,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     }
     storage.write_bytes_atomic(cfg.out_uri + ".report.json",
                                json.dumps(report, indent=2, sort_keys=True).encode(), options)
-    from pipeline.index_history import record_event
+    from pipeline.index.history import record_event
 
     record_event(cfg.index_uri, "search", {k: v for k, v in report.items() if k != "params"} | {
         "out_uri": storage.redact(cfg.out_uri), "k": cfg.k, "nprobe": cfg.nprobe, "shortlist": cfg.shortlist},
@@ -496,9 +496,9 @@ def write_results(out_uri: str, I: np.ndarray, D: np.ndarray, options=None) -> N
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import vecs_io
+    from pipeline.io import vectors
 
-    vecs_io.write_knn_results(out_uri, I, D, options=options)
+    vectors.write_knn_results(out_uri, I, D, options=options)
     k = I.shape[1]
     table = pa.table({
         "query": pa.array(np.arange(len(I), dtype=np.int64)),
@@ -512,14 +512,14 @@ def write_results(out_uri: str, I: np.ndarray, D: np.ndarray, options=None) -> N
 
 def evaluate_results(results_uri: str, groundtruth_uri: str, options=None) -> dict[str, float]:
     """Recall@1/10/100 (QINCo definition) and k-recall@k of a results file against ground truth."""
-    from pipeline import vecs_io
-    from pipeline.evaluation import k_recall_at_k, recall_at
+    from pipeline.io import vectors
+    from pipeline.search.evaluation import k_recall_at_k, recall_at
 
-    I, _ = vecs_io.read_knn_results(results_uri, options=options)
-    if vecs_io.detect_format(groundtruth_uri) == "ivecs":
-        gt = vecs_io.read_vectors(groundtruth_uri, options=options).astype(np.int64)
+    I, _ = vectors.read_knn_results(results_uri, options=options)
+    if vectors.detect_format(groundtruth_uri) == "ivecs":
+        gt = vectors.read_vectors(groundtruth_uri, options=options).astype(np.int64)
     else:
-        gt, _ = vecs_io.read_knn_results(groundtruth_uri, options=options)
+        gt, _ = vectors.read_knn_results(groundtruth_uri, options=options)
     if len(gt) < len(I):
         raise ConfigError(f"{storage.redact(groundtruth_uri)} has {len(gt)} rows, results have {len(I)} queries")
     gt = gt[:len(I)]
@@ -528,7 +528,7 @@ def evaluate_results(results_uri: str, groundtruth_uri: str, options=None) -> di
     out = dict(recall_at(I, gt, ks=ks))
     kk = min(k, gt.shape[1], 10)
     out[f"{kk}-recall@{kk}"] = float(k_recall_at_k(I, gt, kk))
-    from pipeline.index_history import link_evaluation
+    from pipeline.index.history import link_evaluation
 
     link_evaluation(results_uri, groundtruth_uri, out, options=options)  # into the index's history
     return out

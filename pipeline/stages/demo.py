@@ -62,7 +62,7 @@ class DemoState:
     config: DemoConfig
     out: str
     data_dir: str | None
-    dataset: Any = None                       # pipeline.datasets.Dataset
+    dataset: Any = None                       # pipeline.stages.datasets.Dataset
     learn: np.ndarray | None = None
     base: np.ndarray | None = None
     queries: np.ndarray | None = None
@@ -79,8 +79,8 @@ Stage = tuple[str, Callable[[DemoState], None]]
 
 def stage_dataset(s: DemoState) -> None:
     """Resolve dwsift, or write a synthetic clustered dataset into ``out`` when it is absent."""
-    from pipeline import storage, vecs_io
-    from pipeline.datasets import make_synthetic, resolve_dataset
+    from pipeline.io import storage, vectors
+    from pipeline.stages.datasets import make_synthetic, resolve_dataset
 
     c = s.config
     try:
@@ -90,9 +90,9 @@ def stage_dataset(s: DemoState) -> None:
         s.dataset = make_synthetic(storage.join(s.out, "synthetic"), n_learn=c.n_learn,
                                    n_base=c.n_base, n_query=c.n_query, k=c.k, seed=c.seed)
     ds = s.dataset
-    s.learn = vecs_io.read_vectors(ds.learn, max_rows=c.n_learn)
-    s.base = vecs_io.read_vectors(ds.base, max_rows=c.n_base)
-    s.queries = vecs_io.read_vectors(ds.query, max_rows=c.n_query)
+    s.learn = vectors.read_vectors(ds.learn, max_rows=c.n_learn)
+    s.base = vectors.read_vectors(ds.base, max_rows=c.n_base)
+    s.queries = vectors.read_vectors(ds.query, max_rows=c.n_query)
     s.report["dataset"] = {**ds.to_dict(), "n_learn": len(s.learn), "n_base": len(s.base),
                            "n_query": len(s.queries), "dim": int(s.base.shape[1])}
     print(f"  {ds.name}: learn {s.learn.shape}, base {s.base.shape}, queries {s.queries.shape}")
@@ -100,13 +100,13 @@ def stage_dataset(s: DemoState) -> None:
 
 def stage_ground_truth(s: DemoState) -> None:
     """Check the shipped ground truth on a few queries, then compute it for the subsampled base."""
-    from pipeline import vecs_io
-    from pipeline.evaluation import knn_ground_truth
+    from pipeline.io import vectors
+    from pipeline.search.evaluation import knn_ground_truth
 
     c = s.config
     ds = s.dataset
     n_check = min(c.n_check, len(s.queries))
-    shipped = vecs_io.read_vectors(ds.groundtruth, max_rows=n_check)
+    shipped = vectors.read_vectors(ds.groundtruth, max_rows=n_check)
     _, recomputed = knn_ground_truth(s.queries[:n_check], ds.base, k=min(10, shipped.shape[1]))
     cols = recomputed.shape[1]
     agree = float((recomputed == shipped[:, :cols]).all(axis=1).mean())
@@ -115,16 +115,16 @@ def stage_ground_truth(s: DemoState) -> None:
     if agree < 1.0:
         log.warning("%s: shipped ground truth differs from the exact search on %.1f%% of the "
                     "checked queries", ds.groundtruth, 100 * (1 - agree))
-    full_base = len(s.base) == vecs_io.info(ds.base).count
+    full_base = len(s.base) == vectors.info(ds.base).count
     if full_base:
-        s.gt = vecs_io.read_vectors(ds.groundtruth, max_rows=len(s.queries))
+        s.gt = vectors.read_vectors(ds.groundtruth, max_rows=len(s.queries))
     else:
         _, s.gt = knn_ground_truth(s.queries, s.base, k=min(c.k, len(s.base)))
 
 
 def stage_baselines(s: DemoState) -> None:
     """Faiss PQ/RQ baselines on the demo data."""
-    from pipeline.baselines import format_table, run_baselines
+    from pipeline.stages.baselines import format_table, run_baselines
 
     c = s.config
     rows = run_baselines(s.learn, s.base, s.queries, s.gt, code_bytes=(c.code_bytes,),
@@ -135,10 +135,10 @@ def stage_baselines(s: DemoState) -> None:
 
 def stage_train(s: DemoState) -> None:
     """Train an IVF-QINCo2 model (``cpu`` preset, 8-byte codes) in this process, time-boxed."""
-    from pipeline import storage
-    from pipeline.checkpoint import save_model
-    from pipeline.qinco_model import config_from_preset
-    from pipeline.training import TrainConfig, default_lr, train_model
+    from pipeline.io import storage
+    from pipeline.codec.model_file import save_model
+    from pipeline.codec.model import config_from_preset
+    from pipeline.train.loop import TrainConfig, default_lr, train_model
 
     c = s.config
     x = np.asarray(s.learn, dtype=np.float32)
@@ -160,22 +160,22 @@ def stage_train(s: DemoState) -> None:
 
 def _store_inputs(s: DemoState) -> None:
     """Put the demo's base, queries and ground truth into the object store (a local folder)."""
-    from pipeline import storage, vecs_io
+    from pipeline.io import storage, vectors
 
     data = storage.join(s.out, "store")
     ext = "bvecs" if s.base.dtype == np.uint8 else "fvecs"
     s.files = {"base": storage.join(data, f"base.{ext}"), "query": storage.join(data, "query.fvecs"),
                "groundtruth": storage.join(data, "groundtruth.ivecs")}
-    vecs_io.write_vectors(s.files["base"], s.base)
-    vecs_io.write_vectors(s.files["query"], np.asarray(s.queries, dtype=np.float32))
-    vecs_io.write_vectors(s.files["groundtruth"], np.asarray(s.gt, dtype=np.int32))
+    vectors.write_vectors(s.files["base"], s.base)
+    vectors.write_vectors(s.files["query"], np.asarray(s.queries, dtype=np.float32))
+    vectors.write_vectors(s.files["groundtruth"], np.asarray(s.gt, dtype=np.int32))
 
 
 def stage_encode(s: DemoState) -> None:
     """Encode the base into IVF shards with the Ray encode job (byte-range reads, actor pool)."""
-    from pipeline import storage
-    from pipeline.encode_job import EncodeJobConfig, run_encode
-    from pipeline.manifest import garbage_collect
+    from pipeline.io import storage
+    from pipeline.stages.encode import EncodeJobConfig, run_encode
+    from pipeline.index.manifest import garbage_collect
 
     c = s.config
     _store_inputs(s)
@@ -193,8 +193,8 @@ def stage_encode(s: DemoState) -> None:
 
 def stage_search(s: DemoState) -> None:
     """Answer the queries with the Ray search job (shard actors, LUT shortlist, QINCo re-rank)."""
-    from pipeline import storage
-    from pipeline.search_job import SearchJobConfig, run_search
+    from pipeline.io import storage
+    from pipeline.stages.search import SearchJobConfig, run_search
 
     c = s.config
     s.results_uri = storage.join(s.out, "results", "qinco.bin")
@@ -208,8 +208,8 @@ def stage_search(s: DemoState) -> None:
 
 def stage_evaluate(s: DemoState) -> None:
     """Recall of the QINCo index against exact ground truth, next to the Faiss baselines."""
-    from pipeline.baselines import format_table
-    from pipeline.search_job import evaluate_results
+    from pipeline.stages.baselines import format_table
+    from pipeline.stages.search import evaluate_results
 
     c = s.config
     recall = evaluate_results(s.results_uri, s.files["groundtruth"])  # also recorded in the index history
@@ -225,7 +225,7 @@ def stage_evaluate(s: DemoState) -> None:
 
 def stage_history(s: DemoState) -> None:
     """``qinco report`` for the demo index: versions, model, sizes, recall."""
-    from pipeline.index_history import format_report, index_report
+    from pipeline.index.history import format_report, index_report
 
     print(format_report(index_report(s.index_uri)))
 
@@ -246,10 +246,10 @@ def demo_stages() -> list[Stage]:
 
 def run_demo(data_dir: str | None = None, out: str = "demo-out", quick: bool = False) -> dict:
     """Run every demo stage, print a timing per stage, write ``<out>/demo_report.json``."""
-    from pipeline import storage
-    from pipeline.baselines import machine_info
+    from pipeline.io import storage
+    from pipeline.stages.baselines import machine_info
 
-    from pipeline.ray_cluster import ensure_ray
+    from pipeline.distributed.cluster import ensure_ray
 
     config = DemoConfig.for_mode(quick)
     state = DemoState(config=config, out=str(out), data_dir=data_dir)

@@ -18,9 +18,9 @@ workers build shards, the driver commits a manifest atomically.
    than the beam search), and writes each range's shard atomically, followed by its sidecar.
 4. When every range has a shard, the driver writes the manifest (the commit point), switches the
    index's ``CURRENT`` pointer, and saves a run report beside the manifest (and a copy in the
-   index's history, ``pipeline.index_history``).
+   index's history, ``pipeline.index.history``).
 
-A job with a ``parent_version`` (``pipeline.reencode``) derives a new version from a committed
+A job with a ``parent_version`` (``pipeline.stages.reencode``) derives a new version from a committed
 one: ranges whose shard in the parent holds the same input rows encoded by the same model are
 copied from the parent (``storage.copy_file``: a hard link locally, a server-side copy on S3)
 instead of being encoded again, so adding files to an index encodes only the new files.
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JsonConfig, code_version
 from pipeline.errors import ConfigError, PipelineError
 
@@ -112,7 +112,7 @@ class RangeTask(JsonConfig):
 
 def plan_ranges(inputs: list, shard_rows: int) -> list[RangeTask]:
     """Cut every input file into consecutive ranges of at most ``shard_rows`` rows."""
-    from pipeline.shard_format import shard_name
+    from pipeline.index.shards import shard_name
 
     if shard_rows <= 0:
         raise ConfigError(f"shard_rows must be positive, got {shard_rows}")
@@ -147,7 +147,7 @@ def peak_rss_bytes() -> int:
 
 def _shard_is_done(version_uri: str, task: RangeTask, options=None) -> bool:
     """True when the shard and its sidecar exist and the shard matches the sidecar."""
-    from pipeline.shard_format import ShardInfo, verify_shard
+    from pipeline.index.shards import ShardInfo, verify_shard
 
     uri = storage.join(version_uri, task.shard)
     side = _sidecar(uri)
@@ -171,7 +171,7 @@ class EncodeActor:
                  threads: int, options=None, lut_weight: float = 0.0, precision: str | None = None):
         import torch
 
-        from pipeline.checkpoint import load_model, model_identity
+        from pipeline.codec.model_file import load_model, model_identity
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,9 +185,9 @@ class EncodeActor:
         self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline import encoder
-        from pipeline.additive_decoder import model_row_scales
-        from pipeline.shard_format import shard_name, write_shard
+        from pipeline.codec import encoder
+        from pipeline.codec.additive import model_row_scales
+        from pipeline.index.shards import shard_name, write_shard
 
         ids = np.asarray(batch["id"], dtype=np.int64)
         if len(ids) == 0:
@@ -234,7 +234,7 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     followed by its sidecar, so an interrupted copy is simply redone by the next run. Returns the
     number of shards copied.
     """
-    from pipeline.manifest import load_manifest, shard_uri
+    from pipeline.index.manifest import load_manifest, shard_uri
 
     parent = load_manifest(cfg.index_uri, version=cfg.parent_version, options=options)
     if (parent.model.get("sha256"), parent.model.get("weights_sha256")) != (
@@ -268,7 +268,7 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
 
     Raise ConfigError if the prefix holds a different index and ``overwrite`` is not set.
     """
-    from pipeline.manifest import current_version, load_manifest
+    from pipeline.index.manifest import current_version, load_manifest
 
     cur = current_version(cfg.index_uri, options)
     if cur is None:
@@ -294,7 +294,7 @@ def _pick_version(cfg: EncodeJobConfig, options, model_sha: str) -> str:
     The same job means the same identity and the same model content (``model_sha``): shards
     left by a run whose model was since replaced at the same URI are never reused.
     """
-    from pipeline.manifest import list_versions, next_version, version_dir
+    from pipeline.index.manifest import list_versions, next_version, version_dir
 
     committed = set(list_versions(cfg.index_uri, options))
     candidates = []
@@ -317,9 +317,9 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     """Run (or resume) the encode job; returns the run report (also saved beside the manifest)."""
     import ray
 
-    from pipeline.checkpoint import load_model, model_identity
-    from pipeline.manifest import InputEntry, Manifest, ShardEntry, code_params, commit_manifest, version_dir
-    from pipeline.ray_datasource import VectorDatasource, plan_inputs, read_source
+    from pipeline.codec.model_file import load_model, model_identity
+    from pipeline.index.manifest import InputEntry, Manifest, ShardEntry, code_params, commit_manifest, version_dir
+    from pipeline.distributed.datasource import VectorDatasource, plan_inputs, read_source
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -330,11 +330,11 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     model = load_model(cfg.model_uri, options=options)
     mcfg = model.config
     if cfg.lut_weight:
-        from pipeline.encoder import LutChoice
+        from pipeline.codec.encoder import LutChoice
 
         LutChoice(model, cfg.lut_weight)  # a bad weight, or a model without additive codebooks, fails here
     if cfg.precision is not None:  # checked for the actors' device before any work
-        from pipeline.encoder import resolve_precision
+        from pipeline.codec.encoder import resolve_precision
 
         resolve_precision(cfg.precision, "cuda" if cfg.gpus_per_worker else "cpu")
     inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
@@ -402,7 +402,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         )
         encoded_rows = 0
         last_log = time.perf_counter()
-        from pipeline.ray_datasource import unwrap_ray_error
+        from pipeline.distributed.datasource import unwrap_ray_error
 
         try:
             for row in ds.iter_rows():
@@ -423,7 +423,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
 
     # -- verify all shards, collect entries; skipped bad ranges are reported, never silently dropped
     t = time.perf_counter()
-    from pipeline.shard_format import ShardInfo
+    from pipeline.index.shards import ShardInfo
 
     shard_entries = []
     for tk in tasks:
@@ -453,7 +453,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
         parent_version=cfg.parent_version,
     )
     if not bad_ranges:
-        from pipeline.manifest import validate_manifest
+        from pipeline.index.manifest import validate_manifest
 
         validate_manifest(manifest)
     commit_manifest(cfg.index_uri, manifest, options=options)
@@ -486,7 +486,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     }
     storage.write_bytes_atomic(storage.join(vuri, "report.json"),
                                json.dumps(report, indent=2, sort_keys=True).encode(), options)
-    from pipeline.index_history import record_event
+    from pipeline.index.history import record_event
 
     record_event(cfg.index_uri, "encode", report, version=version, options=options)
     log.info("committed %s version %s: %d vectors, %d shards, %.1f MB out, %.1f s",
@@ -497,10 +497,10 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
 
 def _describe_bad_range(inp, tk: RangeTask, options) -> dict:
     """Re-read a range that produced no shard to name its error in the report."""
-    from pipeline import vecs_io
+    from pipeline.io import vectors
 
     try:
-        vecs_io.read_rows(inp.uri, tk.start, tk.stop, fmt=inp.fmt, options=options)
+        vectors.read_rows(inp.uri, tk.start, tk.stop, fmt=inp.fmt, options=options)
         err = "range produced no shard"
     except PipelineError as e:
         err = str(e)

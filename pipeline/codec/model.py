@@ -327,7 +327,7 @@ class QINCo(nn.Module):
         ``mse_per_step`` (``(M,)``, detached), ``presel_loss``, ``codes_BM``, ``xn_BD`` and
         ``xhat_prev_MBD`` (detached reconstruction before each step, for codeword resets).
         """
-        from pipeline.encoder import beam_search
+        from pipeline.codec.encoder import beam_search
 
         if self.ivf and list_ids_B is None:
             list_ids_B = self.assign_lists_tensor(x_BD)

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import code_version
 from pipeline.errors import CheckpointError, PipelineError
-from pipeline.qinco_model import QINCo, QincoConfig
+from pipeline.codec.model import QINCo, QincoConfig
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import ConfigError
-from pipeline.qinco_model import QINCo, on_device, validate_vectors
+from pipeline.codec.model import QINCo, on_device, validate_vectors
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ CACHE_BUDGET_BYTES = 16 << 20
 
 def codes_dtype(K: int) -> np.dtype:
     """Smallest unsigned dtype holding codes of ``K`` values (uint8 up to 256, uint16 up to 65,536)."""
-    from pipeline.shard_format import code_dtype_for
+    from pipeline.index.shards import code_dtype_for
 
     return code_dtype_for(K)
 
@@ -212,7 +212,7 @@ class LutChoice:
 
     def choose(self, xn_ND: Tensor, xhat0_ND: Tensor, xhat_NFD: Tensor, codes_NFm: Tensor) -> Tensor:
         """Index (``(N,)``) of the chosen entry of each vector's final beam."""
-        from pipeline.additive_decoder import least_squares_scale
+        from pipeline.codec.additive import least_squares_scale
 
         N, F, D = xhat_NFD.shape
         codes = codes_NFm.long()

@@ -197,7 +197,7 @@ def model_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
     A row's scale is a function of its codes and list only (decoding is row by row), so the encode
     job can store it with the codes and a search that computes it gets the same value.
     """
-    from pipeline.decoder import decode
+    from pipeline.codec.decoder import decode
 
     ivf = model.ivf  # without IVF there is no list and the residual is the whole vector
     return row_scales(codes_NM, list_ids_N if ivf else None, model_centroids(model) if ivf else None,

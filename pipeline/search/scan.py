@@ -23,7 +23,7 @@ With ``r_n = Σ_m C_m[code_nm]`` the residual reconstruction of row ``n`` (list 
 The last term depends only on the row, so it is precomputed once per row (``bias_N``, O(N)
 floats); the per-list terms ``<c_l, C_m[k]>`` are folded into it. A query then needs one
 ``M x K`` table and the scan is ``M`` table gathers per code. With row scales ``a_n``
-(``pipeline.additive_decoder.row_scales``) the reconstruction is ``c_l + a_n r_n``: the table sum
+(``pipeline.codec.additive.row_scales``) the reconstruction is ``c_l + a_n r_n``: the table sum
 is multiplied by ``a_n`` and the bias is ``a_n² ||r_n||² + 2 a_n <c_l, r_n>`` (the Faiss scanner,
 which has no per-row factor, is then not used). Two scanners implement this:
 the default one lays every (query, candidate row) pair of a chunk of queries out flat and sums
@@ -34,8 +34,8 @@ codes and norms. Faiss rebuilds an ``M x K`` table for every (query, probed list
 (``bench/bench_scanner.py``).
 
 Everything is plain NumPy/torch/Faiss; rankings are exact and break ties by the smaller global
-id (see ``pipeline.topk``), and every value they rank is computed the same way whatever batch,
-shard or thread it is computed in: the tables and the probe by ``pipeline.rowwise``'s products,
+id (see ``pipeline.search.topk``), and every value they rank is computed the same way whatever batch,
+shard or thread it is computed in: the tables and the probe by ``pipeline.codec.rowwise``'s products,
 the coarse and exact distances in float64 from explicit differences, the table sums pair by pair.
 So results do not depend on the query batch, the sharding or the threads.
 """
@@ -52,7 +52,7 @@ import numpy as np
 
 from pipeline.config import JsonConfig
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.topk import PAD_ID, merge_topk, topk_smallest
+from pipeline.search.topk import PAD_ID, merge_topk, topk_smallest
 
 __all__ = [
     "FlatProbe",
@@ -181,7 +181,7 @@ def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.nd
 class FlatProbe:
     """Exact nearest IVF centroids by squared L2, searched like a Faiss index (``.search(q, P)``,
     ``.ntotal``, ``.d``): ``||c||^2 - 2 <q, c>`` by one batch-invariant product
-    (:func:`pipeline.rowwise.matmul_rows`) per query batch and a sorted top-P in torch, ties broken
+    (:func:`pipeline.codec.rowwise.matmul_rows`) per query batch and a sorted top-P in torch, ties broken
     by the smaller list id. A query's lists therefore do not depend on the batch it is probed in.
     ``ShardSearcher`` (below ``HNSW_MIN_NLIST`` lists) and the query job's driver both probe with
     it. Faiss's ``IndexFlatL2`` search spends more on its heap-based selection than on the product
@@ -201,7 +201,7 @@ class FlatProbe:
         nearest centroids of each query (``P <= ntotal``)."""
         import torch
 
-        from pipeline.rowwise import matmul_rows
+        from pipeline.codec.rowwise import matmul_rows
 
         P = int(P)
         q = torch.from_numpy(np.ascontiguousarray(q_QD, dtype=np.float32))
@@ -286,7 +286,7 @@ class ShardSearcher:
     original space) and ``codebooks_MKD`` (additive decoder of the residual).
     ``decode_fn(codes_NM, list_ids_N) -> x_ND`` is the exact decoder used for re-ranking. It must
     give a row the same output whatever rows come with it and whatever the thread count
-    (``pipeline.decoder.Decoder`` does, through ``pipeline.rowwise``): the rows a search decodes
+    (``pipeline.codec.decoder.Decoder`` does, through ``pipeline.codec.rowwise``): the rows a search decodes
     together depend on the query batch, the shard and the threads, and its results do not.
 
     ``scale_N`` (optional, ``(N,)``, stored as float16): per-row scales of the additive residual
@@ -494,12 +494,12 @@ class ShardSearcher:
 
     def _luts(self, q_QD: np.ndarray) -> np.ndarray:
         """Per-query tables ``-2 <q, C_m[k]>`` as float32 ``(Q, M, K)``: one batch-invariant product
-        (``pipeline.rowwise``) over the query batch, so a query's tables are the same in any batch,
+        (``pipeline.codec.rowwise``) over the query batch, so a query's tables are the same in any batch,
         shard or thread. The factor -2 is applied to the queries: scaling by a power of two
         commutes with float32 rounding, so each entry is exactly -2 times the plain inner product."""
         import torch
 
-        from pipeline.rowwise import matmul_rows
+        from pipeline.codec.rowwise import matmul_rows
 
         M, K = self.M, self.K
         # torch's GEMM runs on the same thread pool as the re-rank's decoder; NumPy's BLAS pool

@@ -36,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JsonConfig
 from pipeline.errors import ConfigError, PipelineError, StorageError
-from pipeline.storage import StorageOptions
+from pipeline.io.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 

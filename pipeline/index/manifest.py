@@ -23,11 +23,11 @@ import re
 import time
 from typing import Any
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import JsonConfig, code_version
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.shard_format import ShardInfo, code_dtype_for, parse_shard_name, shard_name
-from pipeline.storage import StorageOptions
+from pipeline.index.shards import ShardInfo, code_dtype_for, parse_shard_name, shard_name
+from pipeline.io.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import logging
 import numpy as np
 import torch
 
-from pipeline.qinco_model import QINCo
+from pipeline.codec.model import QINCo
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.config import code_version
 from pipeline.errors import ConfigError, VectorFormatError
 
@@ -128,15 +128,15 @@ def encode_file(model_uri: str, data_uri: str, out_uri: str, B: int | None = Non
 
     import numpy as np
 
-    from pipeline import storage, vecs_io
-    from pipeline.checkpoint import load_model, model_identity
-    from pipeline.encoder import encode
+    from pipeline.io import storage, vectors
+    from pipeline.codec.model_file import load_model, model_identity
+    from pipeline.codec.encoder import encode
 
     model = load_model(model_uri, device=device, options=options)
-    total = vecs_io.info(data_uri, fmt=fmt, options=options).count
+    total = vectors.info(data_uri, fmt=fmt, options=options).count
     codes, lids = [], []
     t0 = time.time()
-    for start, block in vecs_io.iter_blocks(data_uri, block_rows, fmt=fmt, options=options):
+    for start, block in vectors.iter_blocks(data_uri, block_rows, fmt=fmt, options=options):
         c, l = encode(model, block, device=device, B=B, A=A, source=storage.redact(data_uri),
                       lut_weight=lut_weight, precision=precision)
         codes.append(c)

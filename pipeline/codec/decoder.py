@@ -11,7 +11,7 @@ Public API:
   -> Tensor``: the same on tensors already on the model's device (used by re-ranking).
 
 A row decodes to the same bits whatever rows it is decoded with and whatever the thread count
-(the products are :mod:`pipeline.rowwise`'s), so re-ranking is exact across batches and shards.
+(the products are :mod:`pipeline.codec.rowwise`'s), so re-ranking is exact across batches and shards.
 - ``reconstruct(model, x_ND, list_ids_N=None, **encode_kw) -> np.ndarray``: encode then decode.
 - ``reconstruction_mse(x_ND, xhat_ND) -> float``: mean over vectors of the squared L2 error
   (the convention Faiss reports).
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.encoder import _autocast, encode
+from pipeline.codec.encoder import _autocast, encode
 from pipeline.errors import ConfigError
-from pipeline.qinco_model import QINCo, on_device
-from pipeline.rowwise import TILE_ROWS, linear_rows, matmul_rows
+from pipeline.codec.model import QINCo, on_device
+from pipeline.codec.rowwise import TILE_ROWS, linear_rows, matmul_rows
 
 
 def decode_tensor(model: QINCo, codes_NM: Tensor, list_ids_N: Tensor | None = None,
@@ -34,7 +34,7 @@ def decode_tensor(model: QINCo, codes_NM: Tensor, list_ids_N: Tensor | None = No
                   weights: list[StepWeights | None] | None = None) -> Tensor:
     """Raw-space reconstruction (float32 tensor) of ``codes_NM`` using the first ``prefix`` steps.
 
-    Every product goes through :mod:`pipeline.rowwise`, so a row's reconstruction is the same
+    Every product goes through :mod:`pipeline.codec.rowwise`, so a row's reconstruction is the same
     whatever rows it is decoded with and however many threads run: the search's exact distances
     do not depend on the batch, the shards or the threads. ``tables`` (``codeword_tables``) and
     ``weights`` (``step_weights``) are computed here when not given; with reduced-precision
@@ -64,7 +64,7 @@ class StepWeights:
     Applied as autocast applies them (each product's inputs cast to that precision, elementwise
     operations in their inputs' promoted type), with the same results bit for bit and without
     autocast's per-operation dispatch and weight casts. ``dtype`` None keeps the weights as they
-    are (float32). The products are :func:`pipeline.rowwise.matmul_rows`.
+    are (float32). The products are :func:`pipeline.codec.rowwise.matmul_rows`.
     """
 
     def __init__(self, step, dtype: torch.dtype | None):
@@ -99,7 +99,7 @@ def step_weights(model: QINCo, dtype: torch.dtype | None) -> list[StepWeights | 
 
 
 def codeword_tables(model: QINCo) -> list[Tensor | None]:
-    """Per step, ``QincoStep.codeword_table`` computed with :mod:`pipeline.rowwise`'s products, so
+    """Per step, ``QincoStep.codeword_table`` computed with :mod:`pipeline.codec.rowwise`'s products, so
     that it is the same in every process whatever its thread count (None for a plain step)."""
     out: list[Tensor | None] = []
     for step in model.steps:
@@ -161,7 +161,7 @@ class Decoder:
                 c = codes_NM[i:i + bs]
                 n = len(c)
                 # Whole tiles of rows (copies of the last row after it): each product of the
-                # networks is then one batched call (pipeline.rowwise); the rows do not change.
+                # networks is then one batched call (pipeline.codec.rowwise); the rows do not change.
                 pad = -n % TILE_ROWS
                 cb = torch.from_numpy(np.pad(c, ((0, pad), (0, 0)), mode="edge").astype(np.int64)).to(dev)
                 lb = None
