@@ -20,7 +20,8 @@ import sys
 import time
 
 from pipeline.io import storage
-from pipeline.stages.baselines import METHODS, format_table, load_inputs, machine_info, run_baselines
+from pipeline.stages.baselines import format_table, load_inputs, METHODS, run_baselines
+from pipeline.sysinfo import machine_info
 from pipeline.config import code_version
 from pipeline.stages.datasets import DATASETS, resolve_dataset
 

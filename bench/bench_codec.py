@@ -33,14 +33,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.io import storage  # noqa: E402
-from pipeline.stages.baselines import format_table, load_inputs, machine_info, run_baselines  # noqa: E402
+from pipeline.stages.baselines import format_table, load_inputs, run_baselines  # noqa: E402
+from pipeline.sysinfo import machine_info  # noqa: E402
 from pipeline.config import code_version  # noqa: E402
 from pipeline.stages.datasets import DATASETS, resolve_dataset  # noqa: E402
 from pipeline.codec.decoder import decode  # noqa: E402
 from pipeline.codec.encoder import encode  # noqa: E402
-from pipeline.search.evaluation import recall_at, reconstruction_mse, search_decoded  # noqa: E402
+from pipeline.search.evaluation import recall_at, search_decoded  # noqa: E402
+from pipeline.codec.decoder import reconstruction_mse  # noqa: E402
 from pipeline.codec.model import QINCo, QincoConfig, config_from_preset  # noqa: E402
-from pipeline.train.loop import TrainConfig, train_model  # noqa: E402
+from pipeline.train.config import TrainConfig  # noqa: E402
+from pipeline.train.loop import train_model  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from pipeline.io import storage, vectors
-from pipeline.stages.baselines import machine_info
+from pipeline.sysinfo import machine_info
 from pipeline.config import code_version
 from pipeline.codec.model import PRESETS, QincoConfig, config_from_preset
 
@@ -94,7 +94,8 @@ def load_avg() -> list[float]:
 def get_model(model_dir: pathlib.Path, learn: str, args) -> tuple[str, dict]:
     """The benchmark's IVF-QINCo2 model: loaded from ``model_dir`` or RQ-initialised there."""
     from pipeline.codec.model_file import load_model, save_model
-    from pipeline.train.loop import TrainConfig, train_model
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import train_model
 
     uri = str(model_dir)
     if not (model_dir / "config.json").exists():

@@ -29,7 +29,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import pipeline.codec.decoder as decoder_mod  # noqa: E402
-from pipeline.stages.baselines import machine_info  # noqa: E402
+from pipeline.sysinfo import machine_info  # noqa: E402
 from pipeline.codec.model import QINCo, QincoConfig  # noqa: E402
 from pipeline.codec.rowwise import TILE_ROWS, matmul_rows  # noqa: E402
 
@@ -105,7 +105,8 @@ def invariance_rows(model, codes, lids) -> list[dict]:
 def lut_and_probe_rows(a, model) -> list[dict]:
     import faiss
 
-    from pipeline.search.scan import FlatProbe, ShardSearcher
+    from pipeline.search.probe import FlatProbe
+    from pipeline.search.scan import ShardSearcher
 
     rng = np.random.default_rng(1)
     D, M, K = model.config.dim, model.config.M, model.config.K

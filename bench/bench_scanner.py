@@ -29,7 +29,7 @@ from results_md import update_section  # noqa: E402
 sys.path.insert(0, str(HERE.parent))
 
 from pipeline.io import storage  # noqa: E402
-from pipeline.stages.baselines import machine_info  # noqa: E402
+from pipeline.sysinfo import machine_info  # noqa: E402
 from pipeline.search.scan import ShardSearcher  # noqa: E402
 
 BEGIN = "<!-- section: lut-scanner (bench/bench_scanner.py) -->"

@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 from results_md import update_section  # noqa: E402
 sys.path.insert(0, str(HERE.parent))
 
+from pipeline.io import results
 from pipeline.io import storage  # noqa: E402
 from pipeline.config import code_version  # noqa: E402
 
@@ -106,7 +107,8 @@ def train_qinco(work: pathlib.Path, xt: np.ndarray, centroids: np.ndarray, M: in
 
     from pipeline.codec.model_file import load_model, save_model
     from pipeline.codec.model import config_from_preset
-    from pipeline.train.loop import TrainConfig, train_model
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import train_model
 
     uri = str(work / "model")
     if (work / "model").exists():
@@ -150,15 +152,16 @@ def build_index(work: pathlib.Path, model_uri: str, base_uri: str, threads: int,
 
 def qinco_searcher(index: str, threads: int = 1, precision: str = "float32"):
     """In-process searcher over all shards of ``index``, built as a search job's actor builds it
-    (``search_job.build_searcher``: row scales of the lookup-table stage included)."""
+    (``pipeline.search.scan.build_searcher``: row scales of the lookup-table stage included)."""
     from pipeline.codec.model_file import load_model
     from pipeline.codec.decoder import Decoder
     from pipeline.index.manifest import load_manifest, version_dir
-    from pipeline.stages.search import build_searcher, load_shards
+    from pipeline.search.scan import build_searcher
+    from pipeline.index.shards import load_shard_rows
 
     m = load_manifest(index)
     model = load_model(m.model["uri"])
-    lists, ids, codes, offsets, scales = load_shards(version_dir(index, m.version), [s.to_dict() for s in m.shards],
+    lists, ids, codes, offsets, scales = load_shard_rows(version_dir(index, m.version), [s.to_dict() for s in m.shards],
                                                      model.config.nlist, model.config.M)
     s = build_searcher(model, lists, ids, codes, offsets, scale_N=scales, source=index, num_threads=threads,
                        decode_fn=Decoder(model, precision))
@@ -453,11 +456,12 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.io import vectors
-    from pipeline.stages.baselines import machine_info
+    from pipeline.sysinfo import machine_info
     from pipeline.stages.datasets import resolve_dataset
     from pipeline.codec.decoder import Decoder
-    from pipeline.search.scan import SearchParams, prune_lists
-    from pipeline.train.loop import train_ivf_centroids
+    from pipeline.search.params import SearchParams
+    from pipeline.search.probe import prune_lists
+    from pipeline.codec.ivf import IVFConfig, train_coarse_quantizer
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -506,7 +510,7 @@ def main(argv=None) -> int:
         if cpath.exists():
             centroids = np.load(cpath)
         else:
-            centroids = train_ivf_centroids(xt, a.nlist)
+            centroids = train_coarse_quantizer(xt, IVFConfig(nlist=a.nlist), progress=False)
             np.save(cpath, centroids)
         for nb in a.bytes:
             M = nb  # K = 256: one byte per code
@@ -599,12 +603,12 @@ def main(argv=None) -> int:
             ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
             for P in a.ray_prefix:
                 S1 = a.prefix_factor * a.ray_shortlist if P else None
-                rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=str(qpath), out_uri=out, k=10,
-                                                 nprobe=a.ray_nprobe, shortlist=a.ray_shortlist,
+                params = SearchParams(k=10, nprobe=a.ray_nprobe, shortlist=a.ray_shortlist, prefix_steps=P,
+                                      prefix_shortlist=S1)
+                rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=str(qpath), out_uri=out, params=params,
                                                  workers=a.threads, cpus_per_worker=1.0, query_batch=len(xq),
-                                                 rerank_precision=a.ray_precision, prefix_steps=P,
-                                                 prefix_shortlist=S1))
-                I, _ = vectors.read_knn_results(out)
+                                                 rerank_precision=a.ray_precision))
+                I, _ = results.read_knn_results(out)
                 r1, r10 = recalls(I, gt)
                 report["ray_job"].append({"dataset": name, "bytes": nb, "nprobe": a.ray_nprobe,
                                           "precision": a.ray_precision, "prefix_steps": P, "prefix_shortlist": S1,

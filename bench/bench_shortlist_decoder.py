@@ -95,7 +95,7 @@ def first_step_codewords(model, centroids_LD: np.ndarray) -> np.ndarray:
 
 def scaled_towards(base_ND: np.ndarray, resid_ND: np.ndarray, target_ND: np.ndarray) -> np.ndarray:
     """``base + a_n resid`` with ``a_n`` the least-squares scale of ``resid`` towards ``target -
-    base``, rounded to float16 (row scales, as ``additive_decoder.row_scales``)."""
+    base``, rounded to float16 (row scales, as ``pipeline.codec.additive.row_scales``)."""
     r = resid_ND.astype(np.float64)
     t = target_ND.astype(np.float64) - base_ND
     rr = np.einsum("nd,nd->n", r, r)
@@ -107,7 +107,7 @@ def rank_probed(searcher, xq_QD: np.ndarray, xhat_ND: np.ndarray, nprobe: int, k
     """Ids of the ``k`` rows of each query's probed lists nearest under the reconstruction
     ``xhat_ND`` (exact distances to it, ties by id): the ranking of a lookup-table scan whose
     tables reproduce that decoder exactly."""
-    from pipeline.search.scan import brute_force_reference
+    from pipeline.search.rerank import brute_force_reference
 
     _, lists_QP = searcher.probe(xq_QD, nprobe)
     I_QK = np.empty((len(xq_QD), k), np.int64)
@@ -213,10 +213,11 @@ def main(argv=None) -> int:
 
     from pipeline.io import vectors
     from pipeline.codec.additive import decode_additive, fit_additive_decoder
-    from pipeline.stages.baselines import machine_info
+    from pipeline.sysinfo import machine_info
     from pipeline.stages.datasets import resolve_dataset
     from pipeline.codec.decoder import decode
-    from pipeline.search.scan import SearchParams, ShardSearcher
+    from pipeline.search.params import SearchParams
+    from pipeline.search.scan import ShardSearcher
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)

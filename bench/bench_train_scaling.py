@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.distributed.train import DistTrainConfig, run_distributed_training  # noqa: E402
 from pipeline.codec.model import config_from_preset  # noqa: E402
-from pipeline.distributed.datasource import RowSample, plan_inputs, sample_rows_local  # noqa: E402
-from pipeline.train.loop import TrainConfig  # noqa: E402
+from pipeline.io.inputs import plan_inputs, RowSample, sample_rows_local  # noqa: E402
+from pipeline.train.config import TrainConfig  # noqa: E402
 
 
 def _cpu_model() -> str:

@@ -113,7 +113,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_config(a: argparse.Namespace):
-    from pipeline.train.loop import DEFAULT_EPOCHS, TrainConfig, default_lr
+    from pipeline.train.config import DEFAULT_EPOCHS, default_lr, TrainConfig
 
     # Without --epochs a budget alone ends training (or early stopping): a cap of 10 epochs would
     # stop a 30-minute run after minutes, before the rate, annealed over the budget, had come down.
@@ -176,7 +176,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                         "(default 0: the neural best)")
     p.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default=None,
                    help="the encoder network's arithmetic (default: float16 on a GPU, float32 on CPU); "
-                        "bfloat16 encodes about 1.3x faster on CPUs with bfloat16 instructions, with a "
+                        "bfloat16 encodes faster on CPUs with bfloat16 instructions, with a "
                         "slightly higher error (bench/RESULTS.md)")
     p.add_argument("--block-rows", type=int, default=65536, help="vectors read per block")
     p.add_argument("--device", default="cpu")
@@ -185,7 +185,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         _check_out(a.out, "an index", files=("parquet",))
         if not a.out.lower().endswith(".parquet"):
             return _encode_index(a)
-        from pipeline.io.codes import encode_file
+        from pipeline.stages.encode import encode_file
         from pipeline.errors import ConfigError
 
         if len(a.data) != 1:
@@ -272,9 +272,13 @@ def _add_baselines(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="JSON results file (written atomically)")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline.stages.baselines import baselines_command
+        from pipeline.stages.baselines import BaselinesConfig, run_baselines_job
 
-        return baselines_command(a)
+        run_baselines_job(BaselinesConfig(
+            out=a.out, learn=a.learn, base=a.base, queries=a.queries, groundtruth=a.groundtruth,
+            dataset=a.dataset, data_dir=a.data_dir, bytes=a.bytes, methods=a.methods, max_learn=a.max_learn,
+            max_base=a.max_base, max_queries=a.max_queries, k=a.k, seed=a.seed))
+        return 0
 
     p.set_defaults(func=run)
 
@@ -297,7 +301,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                         "results after the first R keep the lookup-table order and distances")
     p.add_argument("--no-rerank", action="store_true", help="return the lookup-table ranking (no QINCo decode)")
     p.add_argument("--rerank-precision", choices=["float32", "bfloat16"], default="float32",
-                   help="arithmetic of the QINCo decoder in the re-rank; bfloat16 is 1.5-1.7x faster on CPUs "
+                   help="arithmetic of the QINCo decoder in the re-rank; bfloat16 is faster on CPUs "
                         "with AVX512-BF16/AMX, distances stay float32/float64 (default float32)")
     p.add_argument("--no-lut-scales", action="store_true",
                    help="rank the shortlist with the plain additive decoder; by default each row's additive "
@@ -323,16 +327,18 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
         from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
         from pipeline.stages.search import SearchJobConfig, run_search
+        from pipeline.search.params import SearchParams
 
         ensure_ray()
+        params = SearchParams(k=a.k, nprobe=a.nprobe, shortlist=a.shortlist, rerank=0 if a.no_rerank else a.rerank,
+                              prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist,
+                              probe_ratio=a.probe_ratio)
         report = run_search(SearchJobConfig(
-            index_uri=a.index, queries_uri=a.queries, out_uri=a.out, k=a.k, nprobe=a.nprobe,
-            shortlist=a.shortlist, rerank=not a.no_rerank, rerank_count=a.rerank,
+            index_uri=a.index, queries_uri=a.queries, out_uri=a.out, params=params,
             rerank_precision=a.rerank_precision, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
             allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, max_queries=a.max_queries,
-            version=a.version, prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist,
-            probe_ratio=a.probe_ratio))
+            version=a.version))
         print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
         return 0
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import os
 import platform
 import subprocess
 from typing import Any, TypeVar
 
+import numpy
+
 from pipeline import __version__
+from pipeline.errors import ConfigError
 
 T = TypeVar("T", bound="JsonConfig")
 
@@ -22,8 +26,8 @@ T = TypeVar("T", bound="JsonConfig")
 class JsonConfig:
     """Mixin for dataclasses: ``to_dict``/``from_dict``/``to_json``/``from_json``.
 
-    ``from_dict`` rejects unknown keys so a typo in a stored config is an error, not a silent
-    default.
+    ``from_dict`` raises ``ConfigError`` on unknown or missing keys, so a typo in a stored config
+    is an error, not a silent default.
     """
 
     def to_dict(self) -> dict[str, Any]:
@@ -37,7 +41,12 @@ class JsonConfig:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+            raise ConfigError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+        missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                   if f.name not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{cls.__name__}: missing config keys {missing}")
         return cls(**d)  # type: ignore[call-arg]
 
     @classmethod
@@ -63,8 +72,6 @@ def _git_commit() -> str | None:
 
 def code_version() -> dict[str, Any]:
     """Version stamp stored with every artifact."""
-    import numpy
-
     info: dict[str, Any] = {
         "package": "qinco-pipeline",
         "version": __version__,
@@ -72,16 +79,9 @@ def code_version() -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": numpy.__version__,
     }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
-    try:
-        import faiss
-
-        info["faiss"] = faiss.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    for dist, key in (("torch", "torch"), ("faiss-cpu", "faiss"), ("ray", "ray")):
+        try:  # the installed versions, without importing the packages
+            info[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return info

@@ -48,3 +48,20 @@ class CheckpointError(PipelineError):
 
 class ConfigError(PipelineError):
     """Inconsistent or invalid parameters."""
+
+
+class ManifestError(PipelineError):
+    """An index has no committed version, or a manifest / CURRENT object cannot be parsed."""
+
+
+class CorruptShardError(PipelineError):
+    """A shard file is unreadable, malformed, or differs from its manifest entry. ``where`` names
+    the file (credentials already redacted)."""
+
+    def __init__(self, where: str, message: str):
+        self.uri = where
+        self.detail = message
+        super().__init__(f"{where}: corrupt shard: {message}")
+
+    def __reduce__(self):  # keeps its type when raised inside a Ray task or actor
+        return (type(self), (self.uri, self.detail))

@@ -149,7 +149,8 @@ def build_tiny_model(out_uri: str, x_train, nlist: int = 8, M: int = 4, K: int =
     """A small IVF-QINCo2 model: RQ-initialised (no epochs), additive decoder fitted, saved."""
     from pipeline.codec.model_file import save_model
     from pipeline.codec.model import QincoConfig
-    from pipeline.train.loop import TrainConfig, train_model
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import train_model
 
     qcfg = QincoConfig(dim=x_train.shape[1], M=M, K=K, L=1, de=16, dh=32, A=4, B=2, nlist=nlist)
     # greedy k-means RQ: the fixture's recall floors were set on it (50 queries of 2-4 byte

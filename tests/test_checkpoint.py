@@ -16,7 +16,7 @@ from pipeline.codec.encoder import encode
 from pipeline.errors import CheckpointError, VectorFormatError
 from pipeline.codec.model import QINCo, QincoConfig
 from pipeline.codec.rq_init import init_from_rq
-from pipeline.train.loop import train_ivf_centroids
+from pipeline.codec.ivf import IVFConfig, train_coarse_quantizer
 
 torch.set_num_threads(1)
 
@@ -26,7 +26,7 @@ def model_and_data(codec_vectors):
     x, xv, _ = codec_vectors
     model = QINCo(QincoConfig(dim=x.shape[1], M=3, K=16, L=1, de=16, dh=32, A=4, B=2, nlist=4))
     model.set_normalisation(x)
-    model.set_centroids(train_ivf_centroids(x, 4, niter=3))
+    model.set_centroids(train_coarse_quantizer(x, IVFConfig(nlist=4, niter=3), progress=False))
     init_from_rq(model, x[:1000], niter=2)
     with torch.no_grad():  # make the networks non-trivial so a lost weight shows up in the codes
         for s in model.steps:
@@ -126,7 +126,11 @@ def test_cli_train_encode_decode_roundtrip(codec_vectors, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 1:" in out and "samples/s" in out and "val MSE" in out
     info = read_model_info(model_uri)
-    assert info["metadata"]["data"]["train_rows"] == 1000 and len(info["metadata"]["history"]) == 2
+    data = info["metadata"]["data"]
+    # the hash-band split of both trainers: 200 validation rows, the training band after the
+    # validation band (the band's rows beyond the 200 train nothing)
+    assert data["val_rows"] == 200 and 850 <= data["train_rows"] <= 1000
+    assert len(info["metadata"]["history"]) == 2
     # no --lr: the cpu preset's rate; Faiss RQ (beam 5) initialisation; recorded with the model
     tc = info["metadata"]["train_config"]
     assert tc["lr"] == 1e-2 and tc["rq_beam"] == 5 and tc["lr_schedule"] == "steps"

@@ -14,11 +14,12 @@ import pytest
 from conftest import clustered_vectors, data_dir
 from pipeline.io import storage, vectors
 from pipeline.codec.model_file import load_model, read_model_info
-from pipeline.codec.decoder import reconstruct, reconstruction_mse
+from pipeline.codec.encoder import reconstruct
+from pipeline.codec.decoder import reconstruction_mse
 from pipeline.distributed.train import DistTrainConfig, run_dir, run_distributed_training
 from pipeline.errors import ConfigError, StorageError, VectorFormatError
 from pipeline.codec.model import QincoConfig
-from pipeline.train.loop import TrainConfig
+from pipeline.train.config import TrainConfig
 
 pytestmark = pytest.mark.ray
 
@@ -104,10 +105,10 @@ def test_stopped_run_resumes_at_next_epoch_from_s3_checkpoint(s3_run, data):
 
 def _gain(cfg, x, options=None) -> tuple[float, float]:
     """(MSE of the run's RQ initialisation, MSE of its trained model) on the same 2,000 rows."""
-    from pipeline.distributed.train import INIT_FILE, _load_init, _model_from_state
+    from pipeline.distributed.train import initial_model
 
     model = load_model(cfg.out_uri, options=options)
-    init = _model_from_state(model.config, _load_init(storage.join(run_dir(cfg), INIT_FILE), options))
+    init = initial_model(cfg, model.config, options)
     xs = x[:2000].astype(np.float32)
     return reconstruction_mse(xs, reconstruct(init, xs)), reconstruction_mse(xs, reconstruct(model, xs))
 
@@ -191,16 +192,47 @@ def test_ivf_beats_plain_at_equal_code_bytes(one_worker_run, data, dwsift_dir):
 
 
 def test_driver_and_ray_data_samples_are_the_same_rows(ray_session, data):
-    from pipeline.distributed.train import _draw_samples
-    from pipeline.distributed.datasource import plan_inputs
+    from pipeline.distributed.train import draw_samples
+    from pipeline.io.inputs import plan_inputs
+    from pipeline.train.setup import SplitPlan
 
     inputs = plan_inputs([data["local"]])
-    args = (inputs, 7, 0.1, 300, 0.3, 1500, 1000, None)
-    v_local, i_local = _draw_samples(*args, local_bytes=1 << 40)
-    v_ray, i_ray = _draw_samples(*args, local_bytes=0)
+    plan = SplitPlan(total=sum(i.count for i in inputs), seed=7, val_fraction=0.1, train_fraction=0.9,
+                     init_fraction=0.3, n_val=300, n_init=1500)
+    v_local, i_local = draw_samples(inputs, plan, 1000, None, local_bytes=1 << 40)
+    v_ray, i_ray = draw_samples(inputs, plan, 1000, None, local_bytes=0)
     assert v_local.shape == (300, data["x"].shape[1]) and i_local.shape == (1500, data["x"].shape[1])
     np.testing.assert_array_equal(v_local, v_ray)
     np.testing.assert_array_equal(i_local, i_ray)
     # disjoint: no validation row is used to initialise (rows are distinct in this data)
     rows = {r.tobytes() for r in v_local}
     assert not any(r.tobytes() in rows for r in i_local)
+
+
+def test_both_trainers_train_validate_and_initialise_on_the_same_rows(ray_session, data):
+    """`qinco train --workers 0` (read_split_local) and the Ray Train run (draw_samples, then the
+    training band streamed by Ray Data) pick the same validation, initialisation and training rows."""
+    from pipeline.distributed.datasource import VectorDatasource, read_source
+    from pipeline.distributed.train import draw_samples
+    from pipeline.io.inputs import plan_inputs
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.setup import plan_split, read_split_local
+
+    inputs = plan_inputs([data["local"]])
+    total = sum(i.count for i in inputs)
+    plan = plan_split(total, TrainConfig(val_size=300, seed=3), init_rows=1000)
+    x_val, x_init, x_train = read_split_local(inputs, plan)
+    v_ray, i_ray = draw_samples(inputs, plan, 700, None, local_bytes=0)
+    np.testing.assert_array_equal(x_val, v_ray)
+    np.testing.assert_array_equal(x_init, i_ray)
+    train_s, _ = plan.samples()
+    ids, xs = [], []
+    for b in read_source(VectorDatasource(inputs, rows_per_task=700, sample=train_s),
+                         num_cpus=0.5).iter_batches(batch_size=None, batch_format="numpy"):
+        ids.append(b["id"])
+        xs.append(b["vector"])
+    order = np.argsort(np.concatenate(ids))
+    np.testing.assert_array_equal(np.concatenate(xs)[order].astype(np.float32), x_train)
+    assert len(x_val) == 300 and len(x_init) == 1000 and len(x_train) > total - 2 * 300
+    rows = {r.tobytes() for r in x_val}
+    assert not any(r.tobytes() in rows for r in x_train)

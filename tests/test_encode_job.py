@@ -12,7 +12,8 @@ import pytest
 from pipeline.codec import encoder
 
 from pipeline.io import storage, vectors
-from pipeline.stages.encode import STALE_TEMP_S, EncodeActor, EncodeJobConfig, plan_ranges, run_encode
+from pipeline.stages.encode import EncodeJobConfig, plan_ranges, run_encode, STALE_TEMP_S
+from pipeline.distributed.encode import EncodeActor
 from pipeline.errors import ConfigError, PipelineError, VectorFormatError
 from pipeline.index.manifest import current_version, load_manifest, version_dir
 from pipeline.index.shards import read_shard
@@ -69,7 +70,7 @@ def test_one_file_many_tasks_ids_and_codes_match_single_process(ray_session, tin
     np.testing.assert_array_equal(lists, ref_lists)
     assert m.total_rows == n and m.inputs[0].id_start == 0 and m.inputs[0].id_stop == n
     # every shard stores its rows' lookup-table scales: those a search would compute from the codes
-    from pipeline.codec.additive import model_row_scales
+    from pipeline.codec.decoder import model_row_scales
 
     scales = _read_index(index, with_scales=True)[2]
     ref_scales = model_row_scales(inp["model_obj"], ref_codes, ref_lists)
@@ -99,7 +100,7 @@ def test_interrupted_job_resumes_to_same_index(ray_session, tiny_index_inputs, t
 
     # Reproduce the state a killed job leaves: job.json + a subset of shards, no manifest.
     cfg = _job(inp, partial, shard_rows=800)
-    from pipeline.distributed.datasource import plan_inputs
+    from pipeline.io.inputs import plan_inputs
     inputs = plan_inputs(cfg.data_uris)
     vuri = version_dir(partial, "v000001")
     storage.write_bytes_atomic(storage.join(vuri, "job.json"), json.dumps(
@@ -347,7 +348,7 @@ def test_resume_never_reuses_shards_of_a_replaced_model(ray_session, tiny_index_
     shutil.copytree(inp["model"], model_uri)
     index = str(tmp_path / "index")
     cfg = _job(inp, index, model_uri=model_uri, shard_rows=1000)
-    from pipeline.distributed.datasource import plan_inputs
+    from pipeline.io.inputs import plan_inputs
 
     # an interrupted run with the original model: job.json as run_encode writes it + two shards
     inputs = plan_inputs(cfg.data_uris)

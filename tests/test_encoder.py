@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.codec.decoder import decode, reconstruct, reconstruction_mse
-from pipeline.codec.encoder import auto_batch_size, codes_dtype, encode
+from pipeline.codec.decoder import decode, reconstruction_mse
+from pipeline.codec.encoder import reconstruct
+from pipeline.codec.beam_search import auto_batch_size
+from pipeline.codec.codes import code_dtype
+from pipeline.codec.encoder import encode
 from pipeline.codec.model import QINCo, QincoConfig
 from pipeline.codec.rq_init import init_from_rq
-from pipeline.train.loop import TrainConfig, train_model
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import train_model
 
 torch.set_num_threads(1)
 
@@ -67,7 +71,7 @@ def test_bfloat16_decoding_is_close_to_float32_and_precision_is_checked(trained)
 
 
 def test_bfloat16_encoding_is_close_to_float32_and_precision_is_checked(trained):
-    from pipeline.codec.encoder import resolve_precision
+    from pipeline.codec.precision import resolve_precision
     from pipeline.errors import ConfigError
 
     model, xv = trained
@@ -94,7 +98,7 @@ def test_bfloat16_encoding_is_close_to_float32_and_precision_is_checked(trained)
 def test_reduced_precision_decode_equals_autocast(variant, nlist):
     """decode's bfloat16 path (weights cast once, no autocast) gives autocast's values bit for bit."""
     from pipeline.codec.decoder import decode_tensor
-    from pipeline.codec.encoder import _autocast
+    from pipeline.codec.precision import autocast
 
     torch.manual_seed(0)
     cfg = QincoConfig(dim=12, M=3, K=16, variant=variant, L=2, h=24, de=16, dh=24, A=0, B=1, nlist=nlist)
@@ -108,7 +112,7 @@ def test_reduced_precision_decode_equals_autocast(variant, nlist):
     rng = np.random.default_rng(2)
     codes = rng.integers(0, 16, (300, 3)).astype(np.uint8)
     lists = rng.integers(0, nlist, 300) if nlist else None
-    with torch.inference_mode(), _autocast(torch.device("cpu"), "bfloat16"):
+    with torch.inference_mode(), autocast(torch.device("cpu"), "bfloat16"):
         ref = decode_tensor(model, torch.from_numpy(codes.astype(np.int64)),
                             None if lists is None else torch.from_numpy(lists)).float().numpy()
     got = decode(model, codes, lists, precision="bfloat16")
@@ -174,7 +178,7 @@ def test_large_K_uses_uint16():
     init_from_rq(model, x, niter=2)
     codes, lids = encode(model, x)
     assert codes.dtype == np.uint16 and lids is None and codes.max() >= 256
-    assert codes_dtype(65536) == np.uint16
+    assert code_dtype(65536) == np.uint16
     assert reconstruction_mse(x, decode(model, codes)) < 0.5 * reconstruction_mse(x, x * 0 + x.mean(0))
 
 
@@ -182,7 +186,7 @@ def test_large_K_uses_uint16():
 def test_greedy_search_matches_direct_network_evaluation(variant):
     """The expanded candidate distances pick the codeword a direct evaluation of every
     candidate through the step network picks, and return its reconstruction."""
-    from pipeline.codec.encoder import beam_search
+    from pipeline.codec.beam_search import beam_search
 
     torch.manual_seed(0)
     rng = np.random.default_rng(3)
@@ -209,7 +213,7 @@ def test_lut_weight_chooses_the_final_beam_entry_by_the_combined_error(trained):
     """lut_weight λ picks, among the final beam, the entry with the least neural + λ lookup-table
     error: never a worse combined error than the neural-best entry, never a better neural one."""
     from pipeline.codec.additive import decode_additive, fit_additive_decoder
-    from pipeline.codec.encoder import LutChoice, beam_search
+    from pipeline.codec.beam_search import beam_search, LutChoice
     from pipeline.errors import ConfigError
 
     model, xv = trained

@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.io import vectors
 from pipeline.errors import ConfigError
-from pipeline.search.evaluation import (k_recall_at_k, knn_ground_truth, recall_at, reconstruction_mse,
-                                 search_decoded)
+from pipeline.search.evaluation import k_recall_at_k, knn_ground_truth, recall_at, search_decoded
+from pipeline.codec.decoder import reconstruction_mse
 
 
 def brute_force(xq, xb, k, metric="L2"):
@@ -67,7 +67,7 @@ def test_knn_ground_truth_blocked_file_equals_brute_force_with_ties(tmp_path, bl
     xq = rng.integers(0, 3, size=(30, 4)).astype(np.float32)
     uri = str(tmp_path / "base.fvecs")
     vectors.write_vectors(uri, xb)
-    D, I = knn_ground_truth(xq, uri, k=25, block_rows=block_rows)
+    D, I = knn_ground_truth(xq, vectors.iter_blocks(uri, block_rows), k=25, block_rows=block_rows)
     D_ref, I_ref = brute_force(xq, xb, 25)
     assert I.dtype == np.int64 and D.dtype == np.float32
     np.testing.assert_array_equal(I, I_ref)
@@ -101,5 +101,5 @@ def test_search_decoded_matches_brute_force():
 def test_dwsift_ground_truth_reproduced(dwsift_dir):
     xq = vectors.read_vectors(str(dwsift_dir / "query.bvecs"), max_rows=200)
     gt = vectors.read_vectors(str(dwsift_dir / "groundtruth.ivecs"), max_rows=200)
-    _, I = knn_ground_truth(xq, str(dwsift_dir / "base.bvecs"), k=10, block_rows=100_000)
+    _, I = knn_ground_truth(xq, vectors.iter_blocks(str(dwsift_dir / "base.bvecs"), 100_000), k=10)
     np.testing.assert_array_equal(I, gt[:, :10])

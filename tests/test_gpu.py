@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.codec.additive import model_row_scales
+from pipeline.codec.decoder import model_row_scales
 from pipeline.codec.model_file import load_model, save_model
 from pipeline.codec.decoder import Decoder, decode, reconstruction_mse
 from pipeline.codec.encoder import encode
 from pipeline.codec.model import QincoConfig
-from pipeline.search.scan import SearchParams, ShardSearcher
-from pipeline.train.loop import TrainConfig, train_model
+from pipeline.search.params import SearchParams
+from pipeline.search.scan import ShardSearcher
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import train_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device visible to torch: the GPU paths are checked on a GPU machine")
@@ -72,7 +74,7 @@ def test_decoding_and_row_scales_on_cuda_match_cpu(cpu_model):
 
 
 def test_rerank_with_a_cuda_decoder_equals_cpu(cpu_model):
-    from pipeline.codec.additive import model_codebooks, model_centroids
+    from pipeline.codec.decoder import model_centroids, model_codebooks
 
     model, xv = cpu_model
     codes, lids = encode(model, xv)

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.codec.ivf import (
-    IVFConfig, assign, build_assigner, imbalance_factor, split_proportionally,
+    IVFConfig, assign, hnsw_index, imbalance_factor, split_proportionally,
     train_coarse_quantizer,
 )
 
@@ -76,9 +76,9 @@ def test_hnsw_assignment_agrees_with_exact():
     rng = np.random.default_rng(3)
     c_LD = rng.normal(size=(2000, 16)).astype(np.float32)
     x_ND = rng.normal(size=(3000, 16)).astype(np.float32)
-    hnsw = build_assigner(c_LD, IVFConfig(nlist=2000, hnsw_threshold=1000))
-    flat = build_assigner(c_LD, 1000000)
-    assert "HNSW" in type(hnsw).__name__ and type(flat).__name__ == "IndexFlatL2"
+    hnsw = hnsw_index(c_LD)
+    assert "HNSW" in type(hnsw).__name__
+    hnsw.hnsw.efSearch = 128
     _, I_h = assign(hnsw, x_ND, batch=700)
     _, I_f = assign(c_LD, x_ND, batch=700)
     assert I_f.dtype == np.int64 and I_f.shape == (3000, 1)

@@ -10,10 +10,10 @@ import pytest
 from pipeline.io import storage
 from pipeline.errors import ConfigError
 from pipeline.index.manifest import (
-    InputEntry, Manifest, ManifestError, ShardEntry, code_params, commit_manifest, current_version,
-    garbage_collect, list_versions, load_manifest, next_version, shard_uri, validate_manifest,
-    version_dir,
+    code_params, commit_manifest, current_version, garbage_collect, InputEntry, list_versions,
+    load_manifest, Manifest, next_version, shard_uri, ShardEntry, validate_manifest, version_dir,
 )
+from pipeline.errors import ManifestError
 from pipeline.index.shards import read_shard, shard_name, write_shard
 
 M, K, NLIST = 4, 256, 8
@@ -49,11 +49,11 @@ def test_manifest_json_round_trip_rebuilds_nested_entries(tmp_path):
     assert back == m
     assert isinstance(back.inputs[1], InputEntry) and isinstance(back.shards[0], ShardEntry)
     assert back.total_rows == 35 and len(back.shards) == 4
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ConfigError, match="unknown"):
         Manifest.from_dict({**m.to_dict(), "extra": 1})
     d = m.to_dict()
     d["shards"][0]["typo"] = 1
-    with pytest.raises(ValueError, match="typo"):
+    with pytest.raises(ConfigError, match="typo"):
         Manifest.from_dict(d)
     with pytest.raises(ConfigError, match="format_version"):
         Manifest.from_dict({**m.to_dict(), "format_version": 99})

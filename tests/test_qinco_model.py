@@ -10,6 +10,7 @@ from pipeline.codec.additive import AdditiveFitter, decode_additive, fit_additiv
 from pipeline.codec.decoder import decode, reconstruction_mse
 from pipeline.codec.encoder import encode
 from pipeline.errors import ConfigError, VectorFormatError
+from pipeline.train.loss import TrainingLoss
 from pipeline.codec.model import PRESETS, QINCo, QincoConfig, config_from_preset
 from pipeline.codec.rq_init import init_from_rq
 
@@ -52,12 +53,12 @@ def test_fresh_model_decodes_like_its_rq_codebooks(codec_vectors, variant):
     np.testing.assert_allclose(decode(model, codes), expected, rtol=1e-4, atol=1e-3 * float(model.scale))
 
 
-def test_training_forward_has_gradients_and_sane_outputs(codec_vectors):
+def test_training_loss_has_gradients_and_sane_outputs(codec_vectors):
     x, _, _ = codec_vectors
     model = QINCo(tiny_config(x.shape[1]))
     model.set_normalisation(x)
     init_from_rq(model, x[:1000], niter=4)
-    out = model(torch.from_numpy(x[:128]))
+    out = TrainingLoss(model)(torch.from_numpy(x[:128]))
     assert out["codes_BM"].shape == (128, 4)
     mse = out["mse_per_step"]
     assert torch.all(mse[1:] < mse[:-1])  # every step improves on average
@@ -87,9 +88,9 @@ def test_bad_inputs_raise_clear_errors(codec_vectors):
 def test_ivf_model_uses_centroid_as_start(codec_vectors):
     x, xv, _ = codec_vectors
     from pipeline.codec.encoder import assign_lists
-    from pipeline.train.loop import train_ivf_centroids
+    from pipeline.codec.ivf import IVFConfig, train_coarse_quantizer
 
-    cent = train_ivf_centroids(x, 8, seed=0, niter=5)
+    cent = train_coarse_quantizer(x, IVFConfig(nlist=8, niter=5, seed=0), progress=False)
     model = QINCo(tiny_config(x.shape[1], M=3, nlist=8))
     assert all(not s.plain for s in model.steps)  # every step is a network with IVF
     model.set_normalisation(x)
@@ -177,7 +178,7 @@ def test_row_scales_are_the_least_squares_fit_along_the_additive_residual():
 def test_model_row_scales_fit_the_model_decode(nlist):
     """model_row_scales: the least-squares scale of the model's additive residual towards its own
     decode, with the list centroid removed under IVF and the whole vector without."""
-    from pipeline.codec.additive import model_centroids, model_codebooks, model_row_scales
+    from pipeline.codec.decoder import model_centroids, model_codebooks, model_row_scales
 
     rng = np.random.default_rng(1)
     D, N = 8, 300

@@ -7,12 +7,18 @@ import pytest
 
 from pipeline.io import vectors
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.distributed.datasource import (
-    InputFile, RowSample, VectorDatasource, VectorSource, plan_inputs, read_vectors_dataset,
-    sample_rows_local, unwrap_ray_error,
-)
+from pipeline.io.inputs import InputFile, plan_inputs, RowSample, sample_rows_local, VectorSource
+from pipeline.distributed.datasource import VectorDatasource, read_source, unwrap_ray_error
 
 D = 8
+
+
+def read_vectors_dataset(uris, rows_per_task, sample=None, check_finite=True, **read_kwargs):
+    """The read the training and encode jobs make: headers planned, byte ranges read by Ray Data."""
+    from pipeline.io.inputs import plan_inputs
+
+    return read_source(VectorDatasource(plan_inputs(uris), rows_per_task=rows_per_task, sample=sample,
+                                        check_finite=check_finite), **read_kwargs)
 
 
 def _rand(n, seed=0, dtype=np.float32):

@@ -11,12 +11,14 @@ import pytest
 
 from conftest import build_tiny_model, clustered_vectors
 from pipeline.codec import encoder
+from pipeline.io import results
 from pipeline.io import storage, vectors
 from pipeline.stages.encode import EncodeJobConfig, run_encode
 from pipeline.errors import ConfigError
 from pipeline.index.history import index_report, read_history
 from pipeline.index.manifest import current_version, list_versions, load_manifest, version_dir
 from pipeline.stages.reencode import ReencodeConfig, run_reencode
+from pipeline.search.params import SearchParams
 from pipeline.stages.search import SearchJobConfig, evaluate_results, run_search
 from pipeline.index.shards import read_shard
 
@@ -62,9 +64,10 @@ def _ids_and_codes(index_uri, version=None):
 
 
 def _search(index_uri, queries_uri, out_uri, version=None):
-    rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=queries_uri, out_uri=out_uri, k=10,
-                                     nprobe=8, shortlist=40, workers=1, cpus_per_worker=0.5, version=version))
-    I, _ = vectors.read_knn_results(out_uri)
+    rep = run_search(SearchJobConfig(index_uri=index_uri, queries_uri=queries_uri, out_uri=out_uri,
+                                     params=SearchParams(k=10, nprobe=8, shortlist=40), workers=1,
+                                     cpus_per_worker=0.5, version=version))
+    I, _ = results.read_knn_results(out_uri)
     return rep, I
 
 
@@ -137,12 +140,12 @@ def test_model_change_interrupted_keeps_serving_old_version_then_resumes(index, 
     m2 = build_tiny_model(model2, clustered_vectors(3000, 16, seed=11), nlist=4)
     q_uri = inp["query"]
 
-    import pipeline.index.manifest as manifest_mod
+    import pipeline.stages.encode as encode_stage
 
     def die(*a, **k):
         raise RuntimeError("killed before commit")
 
-    monkeypatch.setattr(manifest_mod, "commit_manifest", die)
+    monkeypatch.setattr(encode_stage, "commit_manifest", die)
     with pytest.raises(RuntimeError, match="killed"):
         run_reencode(ReencodeConfig(index_uri=index, model_uri=model2, keep=2, **RES))
     monkeypatch.undo()

@@ -10,11 +10,14 @@ import threading
 import numpy as np
 import pytest
 
+from pipeline.io import results
 from pipeline.io import storage, vectors
 from pipeline.stages.encode import EncodeJobConfig, run_encode
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.index.manifest import load_manifest, version_dir
-from pipeline.stages.search import SearchJobConfig, ShardPool, run_search
+from pipeline.search.params import SearchParams
+from pipeline.stages.search import run_search, SearchJobConfig
+from pipeline.distributed.shard_pool import ShardPool
 
 pytestmark = pytest.mark.ray
 
@@ -42,12 +45,12 @@ def baseline(indexes, tiny_index_inputs, tmp_path_factory):
             for name in ("one", "three")}
 
 
-def _search(index, inp, out, **kw):
-    cfg = dict(index_uri=index, queries_uri=inp["query"], out_uri=out, k=10, nprobe=3, shortlist=40,
-               workers=2, cpus_per_worker=0.5)
-    cfg.update(kw)
-    report = run_search(SearchJobConfig(**cfg))
-    I, D = vectors.read_knn_results(out)
+def _search(index, inp, out, allow_partial=False, **kw):
+    """The query job with k=10, nprobe=3, shortlist=40 unless ``kw`` (SearchParams fields) says otherwise."""
+    params = SearchParams(**{"k": 10, "nprobe": 3, "shortlist": 40, **kw})
+    report = run_search(SearchJobConfig(index_uri=index, queries_uri=inp["query"], out_uri=out, params=params,
+                                        workers=2, cpus_per_worker=0.5, allow_partial=allow_partial))
+    I, D = results.read_knn_results(out)
     return I, D, report
 
 
@@ -69,23 +72,23 @@ def test_three_shards_give_the_same_results_as_one(baseline, tiny_index_inputs):
     # the parquet copy and the report are written beside the results
     assert os.path.exists(out3 + ".parquet")
     saved = json.loads(open(out3 + ".report.json").read())
-    assert saved["params"]["nprobe"] == 3 and saved["code_version"]
+    assert saved["params"]["params"]["nprobe"] == 3 and saved["code_version"]
 
 
 def test_prefix_stage_three_shards_give_the_same_results_as_one(indexes, tiny_index_inputs, tmp_path):
     """With the prefix stage on, the job merges the shards' prefix shortlists exactly: three shards
     answer like one, and the results are those of the in-process searcher over all rows."""
-    from pipeline.search.scan import SearchParams
+    from pipeline.search.params import SearchParams
 
-    kw = dict(prefix_steps=2, prefix_shortlist=20, rerank=False, shortlist=10)
+    kw = dict(prefix_steps=2, prefix_shortlist=20, rerank=0, shortlist=10)
     I1, D1, r1 = _search(indexes["one"], tiny_index_inputs, str(tmp_path / "one"), **kw)
     I3, D3, r3 = _search(indexes["three"], tiny_index_inputs, str(tmp_path / "three"), **kw)
-    assert r3["shards"] == 3 and r3["params"]["prefix_steps"] == 2
+    assert r3["shards"] == 3 and r3["params"]["params"]["prefix_steps"] == 2
     np.testing.assert_array_equal(I3, I1)
     np.testing.assert_array_equal(D3, D1)
-    from pipeline.codec.additive import model_row_scales
+    from pipeline.codec.decoder import model_row_scales
     from pipeline.codec.encoder import encode
-    from pipeline.stages.search import build_searcher
+    from pipeline.search.scan import build_searcher
 
     inp = tiny_index_inputs
     codes, lists = encode(inp["model_obj"], inp["x"])
@@ -97,7 +100,7 @@ def test_prefix_stage_three_shards_give_the_same_results_as_one(indexes, tiny_in
                                                     prefix_shortlist=20))
     np.testing.assert_array_equal(I1, I_ref)
     # the prefix stage changed the ranking here: a short S1 drops candidates
-    I_full, _, _ = _search(indexes["three"], tiny_index_inputs, str(tmp_path / "full"), rerank=False, shortlist=10)
+    I_full, _, _ = _search(indexes["three"], tiny_index_inputs, str(tmp_path / "full"), rerank=0, shortlist=10)
     assert not np.array_equal(I_full, I3)
     with pytest.raises(ConfigError, match="prefix_steps must be below the model's M = 4"):
         _search(indexes["three"], tiny_index_inputs, str(tmp_path / "bad"), prefix_steps=4)
@@ -109,15 +112,16 @@ def test_probe_ratio_in_the_job_equals_the_in_process_searcher(indexes, tiny_ind
     """The driver prunes the probed lists (``probe_ratio``) before fanning out: three shards answer
     like the in-process searcher over all rows with the same parameters, and fewer lists are
     visited than without it."""
-    from pipeline.codec.additive import model_row_scales
+    from pipeline.codec.decoder import model_row_scales
     from pipeline.codec.encoder import encode
-    from pipeline.stages.search import build_searcher
-    from pipeline.search.scan import SearchParams, prune_lists
+    from pipeline.search.scan import build_searcher
+    from pipeline.search.params import SearchParams
+    from pipeline.search.probe import prune_lists
 
     inp = tiny_index_inputs
-    kw = dict(nprobe=4, probe_ratio=1.2, rerank=False, shortlist=10)
+    kw = dict(nprobe=4, probe_ratio=1.2, rerank=0, shortlist=10)
     I3, D3, r3 = _search(indexes["three"], inp, str(tmp_path / "three"), **kw)
-    assert r3["params"]["probe_ratio"] == 1.2
+    assert r3["params"]["params"]["probe_ratio"] == 1.2
     model = inp["model_obj"]
     codes, lists = encode(model, inp["x"])
     order = np.lexsort((np.arange(len(lists)), lists))
@@ -129,7 +133,7 @@ def test_probe_ratio_in_the_job_equals_the_in_process_searcher(indexes, tiny_ind
     np.testing.assert_array_equal(I3, I_ref)
     visited = (prune_lists(q, s.probe(q, 4)[1], s.centroids_LD, 1.2) >= 0).sum(1)
     assert visited.mean() < 4
-    I_all, _, _ = _search(indexes["three"], inp, str(tmp_path / "all"), nprobe=4, rerank=False, shortlist=10)
+    I_all, _, _ = _search(indexes["three"], inp, str(tmp_path / "all"), nprobe=4, rerank=0, shortlist=10)
     assert not np.array_equal(I_all, I3)
     with pytest.raises(ConfigError, match="probe_ratio"):
         _search(indexes["three"], inp, str(tmp_path / "bad"), probe_ratio=0.9)
@@ -142,7 +146,7 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
 
     from pipeline.codec.decoder import decode
     from pipeline.codec.encoder import encode
-    from pipeline.search.scan import sqdist_rows
+    from pipeline.search.rerank import sqdist_rows
     from pipeline.search.topk import topk_smallest
 
     inp = tiny_index_inputs
@@ -162,11 +166,11 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
 
     pool = ShardPool(indexes["three"], workers=2, cpus_per_worker=0.5)
     try:
-        D, I = pool.search_batch(q, k, nprobe, shortlist=S)
-        D_small, I_small = pool.search_batch(q, k, nprobe, shortlist=k)
-        D_bf, I_bf = pool.search_batch(q, k, nprobe, shortlist=S, precision="bfloat16")
-        D_r3, I_r3 = pool.search_batch(q, k, nprobe, shortlist=S, rerank_count=3)
-        D_lut, I_lut = pool.search_batch(q, k, nprobe, shortlist=S, rerank=False)
+        D, I = pool.search_batch(q, SearchParams(k=k, nprobe=nprobe, shortlist=S))
+        D_small, I_small = pool.search_batch(q, SearchParams(k=k, nprobe=nprobe, shortlist=k))
+        D_bf, I_bf = pool.search_batch(q, SearchParams(k=k, nprobe=nprobe, shortlist=S), precision="bfloat16")
+        D_r3, I_r3 = pool.search_batch(q, SearchParams(k=k, nprobe=nprobe, shortlist=S, rerank=3))
+        D_lut, I_lut = pool.search_batch(q, SearchParams(k=k, nprobe=nprobe, shortlist=S, rerank=0))
     finally:
         pool.close()
     np.testing.assert_array_equal(I, I_ref)
@@ -185,7 +189,7 @@ def test_merge_is_exact_against_brute_force_over_probed_lists(indexes, tiny_inde
     assert not np.array_equal(I_small, I_ref)
     # the LUT ranking is the exact top-k over the row-scaled additive reconstructions c + a r
     from pipeline.codec.additive import decode_additive
-    from pipeline.codec.additive import model_row_scales
+    from pipeline.codec.decoder import model_row_scales
 
     a_N = model_row_scales(model, codes, lists).astype(np.float64)
     assert np.abs(a_N - 1).max() > 0.01  # the scales matter
@@ -201,12 +205,13 @@ def test_stored_row_scales_search_like_computed_ones(indexes, tiny_index_inputs)
     """The shards' lut_scale column is what a search would compute: searching with the stored
     scales, with scales computed at load (shards written without the column) or with a mix gives
     the same shortlists; lut_scales off ignores them."""
-    from pipeline.stages.search import build_searcher, load_shards
+    from pipeline.search.scan import build_searcher
+    from pipeline.index.shards import load_shard_rows
 
     inp = tiny_index_inputs
     model, q = inp["model_obj"], inp["q"]
     m = load_manifest(indexes["three"])
-    lists, ids, codes, offsets, stored = load_shards(version_dir(indexes["three"], m.version),
+    lists, ids, codes, offsets, stored = load_shard_rows(version_dir(indexes["three"], m.version),
                                                      [s.to_dict() for s in m.shards], model.config.nlist,
                                                      model.config.M)
     assert stored.dtype == np.float16 and not np.isnan(stored).any()
@@ -233,12 +238,12 @@ def test_killed_shard_actor_is_recovered_mid_batch(indexes, tiny_index_inputs):
     q = np.repeat(tiny_index_inputs["q"], 10, axis=0)  # a batch long enough to be in flight
     pool = ShardPool(indexes["three"], workers=2, cpus_per_worker=0.5)
     try:
-        D0, I0 = pool.search_batch(q, 10, 3, 40)
+        D0, I0 = pool.search_batch(q, SearchParams(k=10, nprobe=3, shortlist=40))
         out: dict = {}
 
         def call():
             try:
-                out["res"] = pool.search_batch(q, 10, 3, 40)
+                out["res"] = pool.search_batch(q, SearchParams(k=10, nprobe=3, shortlist=40))
             except Exception as e:  # noqa: BLE001
                 out["err"] = e
 
@@ -251,7 +256,7 @@ def test_killed_shard_actor_is_recovered_mid_batch(indexes, tiny_index_inputs):
         np.testing.assert_array_equal(out["res"][1], I0)
         np.testing.assert_array_equal(out["res"][0], D0)
         # the restarted actor keeps answering
-        D2, I2 = pool.search_batch(q[:50], 10, 3, 40)
+        D2, I2 = pool.search_batch(q[:50], SearchParams(k=10, nprobe=3, shortlist=40))
         np.testing.assert_array_equal(I2, I0[:50])
         assert pool.failed_shards() == []
     finally:
@@ -335,13 +340,13 @@ def test_cli_search_then_eval(indexes, tiny_index_inputs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--results", res, "--groundtruth", gt_uri]) == 0
     printed = json.loads(capsys.readouterr().out)
-    I, _ = vectors.read_knn_results(res)
+    I, _ = results.read_knn_results(res)
     assert I.shape == (len(inp["q"]), 10)
     expect = recall_at(I, gt, ks=(1, 10))
     assert printed["R@1"] == pytest.approx(expect["R@1"]) and printed["R@10"] == pytest.approx(expect["R@10"])
     # 2-byte codes on clustered Gaussian data: modest recall, but far above ids shuffled across
     # queries, which the same eval path scores near zero
-    vectors.write_knn_results(str(tmp_path / "bad.bin"), np.roll(I, 1, axis=0), np.zeros(I.shape, np.float32))
+    results.write_knn_results(str(tmp_path / "bad.bin"), np.roll(I, 1, axis=0), np.zeros(I.shape, np.float32))
     assert main(["eval", "--results", str(tmp_path / "bad.bin"), "--groundtruth", gt_uri]) == 0
     assert json.loads(capsys.readouterr().out)["R@10"] < printed["R@10"] / 2
     # --rerank, --rerank-precision and --probe-ratio reach the job and are recorded in its report
@@ -351,16 +356,16 @@ def test_cli_search_then_eval(indexes, tiny_index_inputs, tmp_path, capsys):
                  "--rerank-precision", "bfloat16", "--probe-ratio", "1.5", "--workers", "2",
                  "--cpus-per-worker", "0.5"]) == 0
     params = json.loads(open(res2 + ".report.json").read())["params"]
-    assert params["rerank_count"] == 5 and params["rerank_precision"] == "bfloat16"
-    assert params["probe_ratio"] == 1.5
-    I2, _ = vectors.read_knn_results(res2)
+    assert params["params"]["rerank"] == 5 and params["rerank_precision"] == "bfloat16"
+    assert params["params"]["probe_ratio"] == 1.5
+    I2, _ = results.read_knn_results(res2)
     assert recall_at(I2, gt, ks=(1,))["R@1"] >= 0.8 * expect["R@1"]
     with pytest.raises(SystemExit):
         main(["search", "--index", indexes["three"], "--queries", inp["query"], "--out", res2,
               "--rerank-precision", "float64"])
-    with pytest.raises(ConfigError, match="rerank_count"):
+    with pytest.raises(ConfigError, match="rerank"):
         run_search(SearchJobConfig(index_uri=indexes["three"], queries_uri=inp["query"], out_uri=res2,
-                                   shortlist=50, rerank_count=60))
+                                   params=SearchParams(shortlist=50, rerank=60)))
 
 
 def test_recall_on_dwsift_subset(ray_session, dwsift_dir, tmp_path):
@@ -369,7 +374,8 @@ def test_recall_on_dwsift_subset(ray_session, dwsift_dir, tmp_path):
     from pipeline.codec.model_file import save_model
     from pipeline.search.evaluation import knn_ground_truth, recall_at
     from pipeline.codec.model import QincoConfig
-    from pipeline.train.loop import TrainConfig, train_model
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import train_model
 
     learn = vectors.read_vectors(str(dwsift_dir / "learn.bvecs"), max_rows=8000).astype(np.float32)
     base = vectors.read_vectors(str(dwsift_dir / "base.bvecs"), max_rows=20000).astype(np.float32)
@@ -384,10 +390,10 @@ def test_recall_on_dwsift_subset(ray_session, dwsift_dir, tmp_path):
                                index_uri=str(tmp_path / "index"), workers=2, cpus_per_worker=0.5,
                                shard_rows=10000), progress=False)
     report = run_search(SearchJobConfig(index_uri=str(tmp_path / "index"), queries_uri=str(tmp_path / "q.fvecs"),
-                                        out_uri=str(tmp_path / "res"), k=10, nprobe=8, shortlist=50,
+                                        out_uri=str(tmp_path / "res"), params=SearchParams(k=10, nprobe=8, shortlist=50),
                                         workers=2, cpus_per_worker=0.5))
     assert report["shards"] == 2 and report["failed_shards"] == []
-    I, _ = vectors.read_knn_results(str(tmp_path / "res"))
+    I, _ = results.read_knn_results(str(tmp_path / "res"))
     _, gt = knn_ground_truth(q, base, k=1)
     rec = recall_at(I, gt, ks=(1, 10))
     # measured: R@1 0.33, R@10 0.77; shuffled ids or a wrong LUT / centroid give ~0.

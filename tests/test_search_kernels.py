@@ -7,11 +7,22 @@ import pytest
 
 from pipeline.search import scan as search_kernels
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.search.scan import (
-    SearchParams, ShardSearcher, additive_decode, brute_force_reference, merge_topk,
-)
+from pipeline.search.params import SearchParams
+from pipeline.search.scan import ShardSearcher
+from pipeline.codec.additive import decode_additive
+from pipeline.search.rerank import brute_force_reference
+from pipeline.search.rerank import rerank
+from pipeline.search.topk import merge_topk
 
 D, NLIST, M, K, N, Q = 16, 8, 4, 16, 2000, 40
+
+
+def additive_decode(codes_NM, list_ids_N, centroids_LD, codebooks_MKD):
+    """``c_l + Σ_m C_m[code_m]`` in float32, centroid first (the order the scanner's terms use)."""
+    x_ND = centroids_LD[np.asarray(list_ids_N, dtype=np.int64)].astype(np.float32)
+    for m in range(codes_NM.shape[1]):
+        x_ND += codebooks_MKD[m][np.asarray(codes_NM)[:, m].astype(np.intp)]
+    return x_ND
 
 
 def make_shard(seed=0, n=N, k_codes=K, n_dup=200):
@@ -167,7 +178,7 @@ def test_flat_probe_finds_the_nearest_centroids_like_faiss():
     """The searcher's exact probe gives Faiss ``IndexFlatL2``'s lists and distances."""
     import faiss
 
-    from pipeline.search.scan import FlatProbe
+    from pipeline.search.probe import FlatProbe
 
     rng = np.random.default_rng(3)
     c = rng.normal(size=(300, D)).astype(np.float32) * 2
@@ -190,7 +201,7 @@ def test_flat_probe_finds_the_nearest_centroids_like_faiss():
 def test_flat_probe_breaks_ties_by_list_id_and_ignores_the_batch():
     """Duplicate centroids tie exactly: the probe keeps the smaller list id first, and a query's
     lists and distances are the same probed alone or in any batch."""
-    from pipeline.search.scan import FlatProbe
+    from pipeline.search.probe import FlatProbe
 
     rng = np.random.default_rng(11)
     c = rng.normal(size=(40, D)).astype(np.float32)
@@ -211,7 +222,7 @@ def test_probe_ratio_visits_only_the_lists_near_the_nearest(data):
     """With ``probe_ratio`` r a query visits, of its nprobe nearest lists, exactly those whose
     centroid is within r times the nearest one's squared distance, and its results are the exact
     top-k over the decoded rows of those lists."""
-    from pipeline.search.scan import prune_lists
+    from pipeline.search.probe import prune_lists
 
     shard, _, decode_fn = data
     s = ShardSearcher(**shard, decode_fn=decode_fn)
@@ -253,8 +264,11 @@ def test_rerank_subset_and_dedup(data):
     _, _, rows = s.lut_search(q, lists, params.shortlist)
     decode_fn.calls.clear()
     D_, I_ = s.search(q, params)
-    # each distinct shortlisted row is decoded exactly once for the batch
-    assert sum(decode_fn.calls) == np.unique(rows[:, :30]).size < rows[:, :30].size
+    # each distinct shortlisted (codes, list) is decoded exactly once for the batch: rows
+    # shortlisted by several queries, and rows with the same codes in the same list
+    r = rows[:, :30].ravel()
+    distinct = np.unique(np.concatenate([shard["codes_NM"][r], shard["list_ids_N"][r, None]], 1), axis=0)
+    assert sum(decode_fn.calls) == len(distinct) < r.size
     x_all = decode_fn(shard["codes_NM"], shard["list_ids_N"])
     for i in range(Q):
         r = rows[i, :30]
@@ -272,8 +286,10 @@ def test_rerank_fewer_than_k_keeps_the_lookup_table_tail(data):
     D_lut, I_lut, rows = s.lut_search(q, lists, 20)
     decode_fn.calls.clear()
     D_, I_ = s.search(q, SearchParams(k=10, nprobe=3, shortlist=20, rerank=4))
-    assert sum(decode_fn.calls) == np.unique(rows[:, :4]).size  # only the best 4 were decoded
-    D_r, I_r = s.rerank(q, rows[:, :4], 4)
+    r = rows[:, :4].ravel()  # only the best 4 were decoded
+    assert sum(decode_fn.calls) == len(np.unique(np.concatenate([shard["codes_NM"][r], shard["list_ids_N"][r, None]], 1), axis=0))
+    r4 = rows[:, :4]
+    D_r, I_r = rerank(decode_fn, q, shard["ids_N"][r4], shard["codes_NM"][r4], shard["list_ids_N"][r4], 4)
     np.testing.assert_array_equal(I_[:, :4], I_r)
     np.testing.assert_array_equal(D_[:, :4], D_r)
     np.testing.assert_array_equal(I_[:, 4:], I_lut[:, 4:10])
@@ -362,7 +378,9 @@ def test_padding_when_lists_are_small(data):
         for i in range(2):
             assert (I_[i, :n_avail[i]] >= 0).all() and (I_[i, n_avail[i]:] == -1).all()
             assert np.isinf(D_[i, n_avail[i]:]).all() and (rows[i, n_avail[i]:] == -1).all()
-        Dk, Ik = s.rerank(q[:2], rows, big)
+        safe = np.maximum(rows, 0)
+        I_rows = np.where(rows >= 0, shard["ids_N"][safe], -1)
+        Dk, Ik = rerank(decode_fn, q[:2], I_rows, shard["codes_NM"][safe], shard["list_ids_N"][safe], big)
         assert ((Ik >= 0).sum(1) == n_avail).all() and np.isinf(Dk[Ik < 0]).all()
 
 
@@ -403,10 +421,8 @@ def test_bad_inputs_raise_clear_errors(data):
     bad_q[4, 0] = np.nan
     with pytest.raises(ConfigError, match="query row 4"):
         s.search(bad_q, SearchParams())
-    with pytest.raises(ConfigError, match="decode_fn"):
-        s.rerank(q, np.zeros((Q, 3), np.int64), 2)
     for bad in (SearchParams(k=0), SearchParams(k=10, shortlist=5),
-                SearchParams(k=10, shortlist=50, rerank=60), SearchParams(k=10, shortlist=50, rerank=0),
+                SearchParams(k=10, shortlist=50, rerank=60), SearchParams(k=10, shortlist=50, rerank=-1),
                 SearchParams(nprobe=0)):
         with pytest.raises(ConfigError):
             s.search(q, bad)
@@ -532,7 +548,7 @@ def test_prefix_stage_keeps_the_nearest_prefix_reconstructions_with_their_full_d
 def test_prefix_stage_merged_over_shards_equals_one_shard(data):
     """Shards' prefix-stage results merged on the prefix distance (``merge_candidates``) give the
     shortlist of one shard holding every row."""
-    from pipeline.stages.search import merge_candidates
+    from pipeline.search.merge import merge_shortlists
 
     shard, q, _ = data
     a_N = np.random.default_rng(7).uniform(0.5, 1.5, N).astype(np.float16)
@@ -547,7 +563,7 @@ def test_prefix_stage_merged_over_shards_equals_one_shard(data):
         Dp, Ip, rows, Df = sj.prefix_search(q, lists, P, S1)
         codes = np.where(rows[..., None] >= 0, p["codes_NM"][np.maximum(rows, 0)], 0)
         parts.append((Dp, Ip, codes, np.where(rows >= 0, p["list_ids_N"][np.maximum(rows, 0)], -1), Df))
-    D, I, codes, lst = merge_candidates(parts, S, prefix_k=S1)
+    D, I, codes, lst = merge_shortlists(parts, S, prefix_k=S1)
     np.testing.assert_array_equal(I, I1)
     np.testing.assert_array_equal(D, D1)
     np.testing.assert_array_equal(codes, shard["codes_NM"][rows1])

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import CorruptShardError
 from pipeline.index.shards import (
-    CorruptShardError, ShardInfo, parse_shard_name, read_shard, shard_name, verify_shard,
-    write_shard,
+    parse_shard_name, read_shard, shard_name, ShardInfo, verify_shard, write_shard,
 )
 
 

@@ -39,12 +39,9 @@ def test_redact(monkeypatch):
     assert "zzz" not in text and "yyy" not in text and "region=x" in text
 
 
-def test_join_and_ray_uri(tmp_path):
+def test_join(tmp_path):
     assert storage.join("s3://b/p/", "x", "/y.bin") == "s3://b/p/x/y.bin"
     assert storage.join(str(tmp_path), "a") == f"{tmp_path}/a"
-    assert storage.ray_storage_uri("rel/dir") == os.path.abspath("rel/dir")
-    u = storage.ray_storage_uri("s3://b/p", StorageOptions(endpoint_url="http://127.0.0.1:8333", region="r1"))
-    assert u == "s3://b/p?endpoint_override=127.0.0.1:8333&scheme=http&region=r1"
 
 
 def _exercise(base: str, options=None) -> None:
@@ -233,7 +230,7 @@ def test_s3_pyarrow_fs(s3):
         assert f.read() == b"arrow!"
     import pyarrow.fs as pafs
 
-    fs2, p2 = pafs.FileSystem.from_uri(storage.ray_storage_uri(base + "/a"))
+    fs2, p2 = storage.get_pyarrow_fs(base + "/a")
     assert [i.path for i in fs2.get_file_info(pafs.FileSelector(p2))] == [path]
 
 

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.codec.decoder import reconstruct, reconstruction_mse
+from pipeline.codec.encoder import reconstruct
+from pipeline.codec.decoder import reconstruction_mse
 from pipeline.codec.model import QINCo, QincoConfig
 from pipeline.codec.rq_init import init_from_rq
-from pipeline.train.loop import Trainer, TrainConfig, epoch_batches, train_model
+from pipeline.train.loop import epoch_batches, train_model, Trainer
+from pipeline.train.config import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -127,8 +129,8 @@ def test_time_schedule_follows_the_budget():
     tr.step = 10
     for used, want in [(0.0, 1e-3), (50.0, 0.5e-3), (100.0, 0.0), (150.0, 0.0)]:
         tr.time_used_s = used
-        assert abs(tr._lr() - want) < 1e-12
+        assert abs(tr.learning_rate() - want) < 1e-12
     tr.step = 0
-    assert abs(tr._lr() - 0.5e-3) < 1e-12  # warm-up by steps
+    assert abs(tr.learning_rate() - 0.5e-3) < 1e-12  # warm-up by steps
     with pytest.raises(ConfigError):
         TrainConfig(lr_schedule="time")

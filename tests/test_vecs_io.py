@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.io import results
 from pipeline.io import storage, vectors
 from pipeline.errors import ConfigError, StorageError, VectorFormatError
 
@@ -264,23 +265,23 @@ def test_knn_results_roundtrip_and_validation(tmp_path):
     ids = rng.integers(-1, 10**6, (7, 4))
     dist = rng.random((7, 4)).astype(np.float32)
     uri = str(tmp_path / "res.bin")
-    vectors.write_knn_results(uri, ids, dist)
-    I, Dd = vectors.read_knn_results(uri)
+    results.write_knn_results(uri, ids, dist)
+    I, Dd = results.read_knn_results(uri)
     assert I.dtype == np.int64 and Dd.dtype == np.float32
     np.testing.assert_array_equal(I, ids)
     np.testing.assert_array_equal(Dd, dist)
     assert storage.file_size(uri) == 8 + 7 * 4 * 8
     open(uri, "ab").write(b"\0")
     with pytest.raises(VectorFormatError, match="header says 7 x 4"):
-        vectors.read_knn_results(uri)
+        results.read_knn_results(uri)
 
 
 @pytest.mark.s3
 def test_knn_results_s3(s3):
     uri = s3.bucket("vecs-knn") + "/r/res.bin"
     ids = np.arange(12).reshape(3, 4)
-    vectors.write_knn_results(uri, ids, ids.astype(np.float32) / 2)
-    I, Dd = vectors.read_knn_results(uri)
+    results.write_knn_results(uri, ids, ids.astype(np.float32) / 2)
+    I, Dd = results.read_knn_results(uri)
     np.testing.assert_array_equal(I, ids)
     np.testing.assert_array_equal(Dd, ids / 2)
 

@@ -18,11 +18,9 @@ Public API:
   per-row scale ``a_n`` of the additive residual that best matches the exact decoder.
 - ``least_squares_scale(r, t)``: that scale for given residuals and targets (NumPy or torch; the
   encoder's lookup-table-aware choice uses it too).
-- ``model_row_scales(model, codes_NM, list_ids_N, device="cpu") -> (N,) float16``: the same for
-  codes of a QINCo model, from its float32 decode and its own additive codebooks (what the encode
-  job stores in each shard's ``lut_scale`` column and a search computes for shards without one).
-- ``model_centroids(model)``, ``model_codebooks(model)``: a model's IVF centroids and additive
-  codebooks as float32 arrays (the lookup-table stage's inputs).
+
+For a QINCo model's codes see :func:`pipeline.codec.decoder.model_row_scales` (what the encode
+job stores in each shard's ``lut_scale`` column and a search computes for shards without one).
 
 Row scales: the additive decoder shares one set of codebooks across all rows, but QINCo's steps
 shrink or stretch their codewords with the context. Scaling each row's additive residual,
@@ -171,34 +169,3 @@ def row_scales(codes_NM: np.ndarray, list_ids_N: np.ndarray | None, centroids_LD
             raise ConfigError(f"row scale is not finite at row {a + int(np.flatnonzero(~np.isfinite(scale))[0])}")
         out[a:a + batch_rows] = scale
     return out
-
-
-def model_centroids(model) -> np.ndarray:
-    """The model's IVF centroids ``(nlist, D)`` as float32; one zero centroid without IVF."""
-    c = getattr(model, "centroids_LD", None)
-    if c is None or c.numel() == 0:
-        return np.zeros((1, model.config.dim), np.float32)
-    return c.detach().cpu().numpy().astype(np.float32)
-
-
-def model_codebooks(model) -> np.ndarray:
-    """The model's additive codebooks ``(M, K, D)`` as float32; ConfigError when it has none."""
-    cb = getattr(model, "additive_MKD", None)
-    if cb is None or cb.numel() == 0:
-        raise ConfigError("the model has no additive decoder; retrain or fit it before building a searchable index")
-    return cb.detach().cpu().numpy().astype(np.float32)
-
-
-def model_row_scales(model, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
-                     device: str = "cpu") -> np.ndarray:
-    """:func:`row_scales` of ``codes_NM`` for a QINCo ``model``: its additive codebooks, its IVF
-    centroids and its float32 decode (on ``device``) as the exact reconstruction. Float16 ``(N,)``.
-
-    A row's scale is a function of its codes and list only (decoding is row by row), so the encode
-    job can store it with the codes and a search that computes it gets the same value.
-    """
-    from pipeline.codec.decoder import decode
-
-    ivf = model.ivf  # without IVF there is no list and the residual is the whole vector
-    return row_scales(codes_NM, list_ids_N if ivf else None, model_centroids(model) if ivf else None,
-                      model_codebooks(model), lambda c, l: decode(model, c, l, device=device, precision="float32"))

@@ -10,11 +10,13 @@ Public API:
 - ``decode_tensor(model, codes_NM, list_ids_N=None, prefix=None, tables=None, weights=None)
   -> Tensor``: the same on tensors already on the model's device (used by re-ranking).
 
-A row decodes to the same bits whatever rows it is decoded with and whatever the thread count
-(the products are :mod:`pipeline.codec.rowwise`'s), so re-ranking is exact across batches and shards.
-- ``reconstruct(model, x_ND, list_ids_N=None, **encode_kw) -> np.ndarray``: encode then decode.
 - ``reconstruction_mse(x_ND, xhat_ND) -> float``: mean over vectors of the squared L2 error
   (the convention Faiss reports).
+- ``model_centroids``, ``model_codebooks``, ``model_row_scales``: a model's inputs to the
+  lookup-table stage (its IVF centroids, additive codebooks and per-row scales).
+
+A row decodes to the same bits whatever rows it is decoded with and whatever the thread count
+(the products are :mod:`pipeline.codec.rowwise`'s), so re-ranking is exact across batches and shards.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.codec.encoder import _autocast, encode
-from pipeline.errors import ConfigError
+from pipeline.codec.additive import row_scales
 from pipeline.codec.model import QINCo, on_device
+from pipeline.codec.precision import autocast
 from pipeline.codec.rowwise import TILE_ROWS, linear_rows, matmul_rows
+from pipeline.errors import ConfigError
 
 
 def decode_tensor(model: QINCo, codes_NM: Tensor, list_ids_N: Tensor | None = None,
@@ -116,9 +119,8 @@ def codeword_tables(model: QINCo) -> list[Tensor | None]:
 class Decoder:
     """``decode`` for one model, precision and device, with the per-model work done once: the
     step networks' codeword tables, their reduced-precision weights and, for a model on another
-    device, a copy of it there (the caller's model is not moved). A decode call otherwise spends
-    2.5-3.7 ms on them on CPU (a re-rank's bfloat16 decode of 2,000 rows on 2 threads: 15.3-17.3
-    against 18.9-22.0 ms). The tables and weights are a snapshot: build a new ``Decoder`` after
+    device, a copy of it there (the caller's model is not moved): work a re-rank would otherwise
+    repeat for every query batch. The tables and weights are a snapshot: build a new ``Decoder`` after
     the model's weights change (``decode`` builds one per call).
     """
 
@@ -129,7 +131,7 @@ class Decoder:
         dev = model.device
         self.model, self.device, self.precision = model, dev, precision
         with torch.inference_mode():
-            with _autocast(dev, precision):
+            with autocast(dev, precision):
                 self.tables = codeword_tables(model)
             low = precision not in (None, "float32") or (precision is None and dev.type == "cuda")
             self.weights = step_weights(model, (torch.bfloat16 if precision == "bfloat16" else torch.float16)
@@ -178,22 +180,53 @@ def decode(model: QINCo, codes_NM: np.ndarray, list_ids_N: np.ndarray | None = N
     """Decode codes to raw float32 vectors (see module docstring).
 
     ``precision``: the networks' arithmetic, "float32", "bfloat16" (CPUs with AVX512-BF16 or
-    AMX run it 1.5-1.7x faster) or "float16" (CUDA); default float16 on CUDA, float32 on CPU.
+    AMX run it faster) or "float16" (CUDA); default float16 on CUDA, float32 on CPU.
     Repeated decodes with a fixed model: use a ``Decoder``.
     """
     return Decoder(model, precision, device)(codes_NM, list_ids_N, prefix, batch_size)
 
 
-def reconstruct(model: QINCo, x_ND: np.ndarray | Tensor, list_ids_N: np.ndarray | None = None,
-                **encode_kw) -> np.ndarray:
-    """Encode then decode raw vectors (``encode_kw``: batch_size, device, B, A, ...)."""
-    codes, lids = encode(model, x_ND, list_ids_N, **encode_kw)
-    kw = {k: encode_kw[k] for k in ("device", "batch_size") if k in encode_kw}
-    return decode(model, codes, lids, **kw)
+def reconstruction_mse(x_ND: np.ndarray | Tensor, xhat_ND: np.ndarray | Tensor, block_rows: int = 65536) -> float:
+    """Mean over vectors of ``||x - x̂||²`` (the convention Faiss reports), accumulated in float64
+    block by block."""
+    x_ND = np.asarray(x_ND.cpu() if isinstance(x_ND, Tensor) else x_ND)
+    xhat_ND = np.asarray(xhat_ND.cpu() if isinstance(xhat_ND, Tensor) else xhat_ND)
+    if x_ND.shape != xhat_ND.shape or x_ND.ndim != 2:
+        raise ConfigError(f"shapes differ or are not 2-D: {x_ND.shape} vs {xhat_ND.shape}")
+    if x_ND.shape[0] == 0:
+        raise ConfigError("no vectors to compare")
+    total = 0.0
+    for i0 in range(0, x_ND.shape[0], block_rows):
+        diff = x_ND[i0:i0 + block_rows].astype(np.float64) - xhat_ND[i0:i0 + block_rows]
+        total += float(np.einsum("nd,nd->", diff, diff))
+    return total / x_ND.shape[0]
 
 
-def reconstruction_mse(x_ND: np.ndarray | Tensor, xhat_ND: np.ndarray | Tensor) -> float:
-    """Mean over vectors of ``||x - x̂||²`` (computed in float64)."""
-    x = np.asarray(x_ND.cpu() if isinstance(x_ND, Tensor) else x_ND, dtype=np.float64)
-    y = np.asarray(xhat_ND.cpu() if isinstance(xhat_ND, Tensor) else xhat_ND, dtype=np.float64)
-    return float(((x - y) ** 2).sum(1).mean())
+def model_centroids(model: QINCo) -> np.ndarray:
+    """The model's IVF centroids ``(nlist, D)`` as float32; one zero centroid without IVF."""
+    c = getattr(model, "centroids_LD", None)
+    if c is None or c.numel() == 0:
+        return np.zeros((1, model.config.dim), np.float32)
+    return c.detach().cpu().numpy().astype(np.float32)
+
+
+def model_codebooks(model: QINCo) -> np.ndarray:
+    """The model's additive codebooks ``(M, K, D)`` as float32; ConfigError when it has none."""
+    cb = getattr(model, "additive_MKD", None)
+    if cb is None or cb.numel() == 0:
+        raise ConfigError("the model has no additive decoder; retrain or fit it before building a searchable index")
+    return cb.detach().cpu().numpy().astype(np.float32)
+
+
+def model_row_scales(model: QINCo, codes_NM: np.ndarray, list_ids_N: np.ndarray | None,
+                     device: str = "cpu") -> np.ndarray:
+    """:func:`pipeline.codec.additive.row_scales` of ``codes_NM`` for a QINCo ``model``: its
+    additive codebooks, its IVF centroids and its float32 decode (on ``device``) as the exact
+    reconstruction. Float16 ``(N,)``.
+
+    A row's scale is a function of its codes and list only (decoding is row by row), so the encode
+    job can store it with the codes and a search that computes it gets the same value.
+    """
+    ivf = model.ivf  # without IVF there is no list and the residual is the whole vector
+    return row_scales(codes_NM, list_ids_N if ivf else None, model_centroids(model) if ivf else None,
+                      model_codebooks(model), lambda c, l: decode(model, c, l, device=device, precision="float32"))

@@ -21,14 +21,16 @@ from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# From this many lists on the search probes an HNSW graph over the centroids (hnsw_index).
+HNSW_MIN_NLIST = 1 << 16
+
 
 @dataclass
 class IVFConfig(JsonConfig):
     """Parameters of the coarse quantizer.
 
     ``max_points_per_centroid`` caps the k-means training set (Faiss subsamples above it);
-    ``two_level_threshold``: from this ``nlist`` on, two-level clustering is used;
-    ``hnsw_threshold``: from this ``nlist`` on, assignment uses an HNSW graph over the centroids.
+    ``two_level_threshold``: from this ``nlist`` on, two-level clustering is used.
     """
 
     nlist: int
@@ -36,9 +38,6 @@ class IVFConfig(JsonConfig):
     seed: int = 0
     max_points_per_centroid: int = 256
     two_level_threshold: int = 4096
-    hnsw_threshold: int = 16384
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
 
     def __post_init__(self) -> None:
         if self.nlist < 1:
@@ -142,38 +141,29 @@ def _two_level(x_ND: np.ndarray, cfg: IVFConfig, progress: bool) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
 
 
-def build_assigner(centroids_LD: np.ndarray, cfg_or_threshold: IVFConfig | int | None = None) -> faiss.Index:
-    """Index over the centroids used to find each vector's list: exact ``IndexFlatL2``, or
-    ``IndexHNSWFlat`` when ``nlist >= hnsw_threshold`` (approximate, much faster for large nlist)."""
+def hnsw_index(centroids_LD: np.ndarray, m: int = 32, ef_construction: int = 80) -> faiss.Index:
+    """An HNSW graph over the centroids: approximate nearest lists, for ``nlist >= HNSW_MIN_NLIST``
+    where an exact scan of every centroid per query costs more than the rest of a search."""
     centroids_LD = _as_f32(centroids_LD)
-    nlist, d = centroids_LD.shape
-    m, ef = 32, 128
-    if isinstance(cfg_or_threshold, IVFConfig):
-        threshold = cfg_or_threshold.hnsw_threshold
-        m, ef = cfg_or_threshold.hnsw_m, cfg_or_threshold.hnsw_ef_search
-    elif cfg_or_threshold is None:
-        threshold = IVFConfig.hnsw_threshold
-    else:
-        threshold = int(cfg_or_threshold)
-    if nlist >= threshold:
-        index = faiss.IndexHNSWFlat(d, m)
-        index.hnsw.efConstruction = max(40, ef)
-        index.hnsw.efSearch = ef
-    else:
-        index = faiss.IndexFlatL2(d)
+    index = faiss.IndexHNSWFlat(centroids_LD.shape[1], m)
+    index.hnsw.efConstruction = ef_construction
     index.add(centroids_LD)
     return index
 
 
 def assign(centroids_or_index: np.ndarray | faiss.Index, x_ND: np.ndarray, k: int = 1,
            batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest ``k`` lists of each vector, searched in blocks of ``batch`` rows.
+    """Nearest ``k`` lists of each vector, searched in blocks of ``batch`` rows: exact (Faiss
+    ``IndexFlatL2``) given centroids, or through a given index (e.g. :func:`hnsw_index`).
 
-    Returns squared L2 distances (N, k) float32 and list ids (N, k) int64.
+    Returns squared L2 distances (N, k) float32 and list ids (N, k) int64. This is how vectors
+    are assigned to lists for training and encoding; the search probes with
+    :class:`pipeline.search.probe.FlatProbe`, whose ties and batches are its own.
     """
     index = centroids_or_index
     if not isinstance(index, faiss.Index):
-        index = build_assigner(index, None)
+        index = faiss.IndexFlatL2(index.shape[1])
+        index.add(_as_f32(centroids_or_index))
     x_ND = np.asarray(x_ND)
     if x_ND.ndim != 2 or x_ND.shape[1] != index.d:
         raise ConfigError(f"vectors of shape {x_ND.shape} do not match centroids of dimension {index.d}")

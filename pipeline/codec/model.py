@@ -20,11 +20,8 @@ Without IVF, step 1 is a plain codebook (no context yet). With an IVF coarse qua
 codebook ``presel_KD``: only its ``A`` nearest codewords to the residual are passed through the
 network during beam search (``A = 0``: all ``K``).
 
-The training forward (``model(x_BD, list_ids_B)``) finds codes without gradient by beam search
-and decodes them with gradient, so a ``DistributedDataParallel`` wrapper works unchanged.
-
-Public API: :class:`QincoConfig`, :data:`PRESETS`, :func:`config_from_preset`, :class:`QINCo`,
-:func:`validate_vectors`.
+The training loss (codes found without gradient by beam search, then decoded with gradient) is
+:class:`pipeline.train.loss.TrainingLoss`, a module around the model.
 """
 
 from __future__ import annotations
@@ -151,7 +148,7 @@ def on_device(model: "QINCo", device: str | torch.device) -> "QINCo":
     ``nn.Module.to`` moves a module in place, so an encode or decode on another device would
     otherwise move the caller's model (and, on a GPU, its memory) without saying so. The copy is
     made once per call: callers that run many batches load the model on their device first
-    (``checkpoint.load_model(uri, device=...)``), as the encode and search jobs do.
+    (``pipeline.codec.model_file.load_model(uri, device=...)``), as the encode and search jobs do.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:  # "cuda" names the current device, e.g. cuda:0
@@ -317,46 +314,19 @@ class QINCo(nn.Module):
         d = (x_BD.float() ** 2).sum(1, keepdim=True) - 2 * x_BD.float() @ c.T + (c ** 2).sum(1)
         return d.argmin(1)
 
-    # -- training forward -----------------------------------------------------------------
-    def forward(self, x_BD: Tensor, list_ids_B: Tensor | None = None, B: int | None = None) -> dict:
-        """Training loss for raw vectors ``x_BD``.
-
-        Codes are found without gradient (beam ``B``, default ``config.train_beam``, with
-        pre-selection) then decoded with gradient. Returns ``loss`` (sum over steps of the
-        per-element MSE of ``x̂ᵐ`` in normalised space plus the pre-selector losses),
-        ``mse_per_step`` (``(M,)``, detached), ``presel_loss``, ``codes_BM``, ``xn_BD`` and
-        ``xhat_prev_MBD`` (detached reconstruction before each step, for codeword resets).
-        """
-        from pipeline.codec.encoder import beam_search
-
-        if self.ivf and list_ids_B is None:
-            list_ids_B = self.assign_lists_tensor(x_BD)
-        xn_BD = self.normalise(x_BD)
-        xhat_BD = self.initial_xhat(x_BD.shape[0], list_ids_B)
-        with torch.no_grad():
-            codes_BM, _ = beam_search(self, xn_BD.detach(), xhat_BD.detach(),
-                                      B=B or self.config.train_beam, A=self.config.A)
-        mse, presel, prev = [], [], []
-        for m, step in enumerate(self.steps):
-            prev.append(xhat_BD.detach())
-            codes_B = codes_BM[:, m]
-            if step.has_presel:
-                p = xhat_BD.detach() + step.presel_KD[codes_B]
-                presel.append(((xn_BD - p) ** 2).mean())
-            xhat_BD = xhat_BD + step.decode_codes(codes_B, xhat_BD)
-            mse.append(((xn_BD - xhat_BD) ** 2).mean())
-        mse_t = torch.stack(mse)
-        presel_t = torch.stack(presel).sum() if presel else torch.zeros((), device=xn_BD.device)
-        return {
-            "loss": mse_t.sum() + presel_t,
-            "mse_per_step": mse_t.detach(),
-            "presel_loss": presel_t.detach(),
-            "codes_BM": codes_BM,
-            "xn_BD": xn_BD.detach(),
-            "xhat_prev_MBD": torch.stack(prev),
-            "list_ids_B": list_ids_B,
-        }
-
     def extra_repr(self) -> str:
         c = self.config
         return f"variant={c.variant}, D={c.dim}, M={c.M}, K={c.K}, nlist={c.nlist}"
+
+
+def model_from_state(qcfg: QincoConfig, state: dict) -> QINCo:
+    """A ``QINCo`` holding ``state`` (tensors by name); the centroid and additive-decoder buffers
+    take the sizes the state gives them."""
+    model = QINCo(qcfg)
+    state = {k: torch.as_tensor(v) for k, v in state.items()}
+    if "centroids_LD" in state:
+        model.centroids_LD = torch.zeros_like(state["centroids_LD"])
+    if "additive_MKD" in state:
+        model.additive_MKD = torch.zeros_like(state["additive_MKD"])
+    model.load_state_dict(state)
+    return model

@@ -31,12 +31,13 @@ import json
 import logging
 from typing import Any
 
+from safetensors.torch import load, save
 import torch
 
-from pipeline.io import storage
+from pipeline.codec.model import QINCo, QincoConfig, model_from_state
 from pipeline.config import code_version
-from pipeline.errors import CheckpointError, PipelineError
-from pipeline.codec.model import QINCo, QincoConfig
+from pipeline.errors import CheckpointError, ConfigError, PipelineError
+from pipeline.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def _state_tensors(model: QINCo) -> dict[str, torch.Tensor]:
 def save_model(model: QINCo, uri: str, metadata: dict[str, Any] | None = None,
                options: storage.StorageOptions | None = None) -> dict[str, Any]:
     """Write ``model`` to directory ``uri`` (each file atomically, config.json last)."""
-    from safetensors.torch import save
-
     tensors = _state_tensors(model)
     # a single metadata key: safetensors writes a map's keys in arbitrary order, and the file's
     # hash is the model's identity, so the bytes must depend on the weights only
@@ -123,8 +122,6 @@ def _parse_info(raw: bytes, path: str) -> dict[str, Any]:
 def load_model(uri: str, device: str | torch.device = "cpu",
                options: storage.StorageOptions | None = None) -> QINCo:
     """Load the model at ``uri`` (see module docstring); ``CheckpointError`` on any problem."""
-    from safetensors.torch import load
-
     info = read_model_info(uri, options)
     wpath = storage.redact(storage.join(uri, WEIGHTS_FILE))
     try:
@@ -139,20 +136,17 @@ def load_model(uri: str, device: str | torch.device = "cpu",
         tensors = load(blob)
     except Exception as e:  # safetensors raises its own error types on malformed headers
         raise CheckpointError(f"{wpath}: cannot parse weights ({e})") from e
-    model = QINCo(cfg)
-    if "centroids_LD" in tensors:
-        c = tensors["centroids_LD"]
-        if c.shape[0] and tuple(c.shape) != (cfg.nlist, cfg.dim):
-            raise CheckpointError(f"{wpath}: centroids_LD has shape {tuple(c.shape)}, config says "
-                                  f"({cfg.nlist}, {cfg.dim})")
-        model.centroids_LD = torch.zeros_like(c)
-    if "additive_MKD" in tensors:
-        a = tensors["additive_MKD"]
-        if a.shape[0] and tuple(a.shape) != (cfg.M, cfg.K, cfg.dim):
-            raise CheckpointError(f"{wpath}: additive_MKD has shape {tuple(a.shape)}, config says "
-                                  f"({cfg.M}, {cfg.K}, {cfg.dim})")
-        model.additive_MKD = torch.zeros_like(a)
-    want = model.state_dict()
+    c, a = tensors.get("centroids_LD"), tensors.get("additive_MKD")
+    if c is not None and c.shape[0] and tuple(c.shape) != (cfg.nlist, cfg.dim):
+        raise CheckpointError(f"{wpath}: centroids_LD has shape {tuple(c.shape)}, config says "
+                              f"({cfg.nlist}, {cfg.dim})")
+    if a is not None and a.shape[0] and tuple(a.shape) != (cfg.M, cfg.K, cfg.dim):
+        raise CheckpointError(f"{wpath}: additive_MKD has shape {tuple(a.shape)}, config says "
+                              f"({cfg.M}, {cfg.K}, {cfg.dim})")
+    want = QINCo(cfg).state_dict()
+    for name in ("centroids_LD", "additive_MKD"):  # sized by the file (empty when not fitted)
+        if name in tensors:
+            want[name] = tensors[name]
     missing = sorted(set(want) - set(tensors))
     extra = sorted(set(tensors) - set(want))
     if missing or extra:
@@ -162,7 +156,7 @@ def load_model(uri: str, device: str | torch.device = "cpu",
         if tuple(v.shape) != tuple(tensors[k].shape):
             raise CheckpointError(f"{wpath}: tensor {k} has shape {tuple(tensors[k].shape)}, "
                                   f"the config implies {tuple(v.shape)}")
-    model.load_state_dict(tensors)
+    model = model_from_state(cfg, tensors)
     return model.to(device).eval()
 
 
@@ -190,3 +184,23 @@ def save_report(uri: str, report: dict[str, Any], options: storage.StorageOption
     storage.write_bytes_atomic(path, json.dumps(body, indent=2, sort_keys=True, default=_json_default).encode(),
                                options)
     return path
+
+
+def check_model_unchanged(manifest_model: dict, version: str, options=None) -> None:
+    """Refuse to search a version whose model was replaced at its URI since it was encoded.
+
+    The codes (and the shards' row scales) mean something only with the model that wrote them;
+    the manifest records its weights' SHA-256 (and its config.json's, for manifests without it).
+    A model retrained into the same URI would decode every code wrongly and silently.
+    """
+    uri = manifest_model["uri"]
+    ident = model_identity(uri, options)
+    if manifest_model.get("weights_sha256") is not None:
+        what, have, want = "weights", ident["weights_sha256"], manifest_model["weights_sha256"]
+    else:
+        what, have, want = "config.json", ident["config_sha256"], str(manifest_model.get("sha256"))
+    if have != want:
+        raise ConfigError(
+            f"the model at {storage.redact(uri)} has changed since index version {version} was encoded "
+            f"({what} sha256 {have[:12]}..., the manifest says {want[:12]}...); re-encode the index with it "
+            f"(qinco reencode --index INDEX --model {storage.redact(uri)}) or restore the model")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 
+import faiss
 import numpy as np
 import torch
 
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 def rq_codebooks(xn_ND: np.ndarray, M: int, K: int, xhat0_ND: np.ndarray | None = None,
                  niter: int = 10, seed: int = 0, beam: int = 0) -> np.ndarray:
     """Residual-quantization codebooks ``(M, K, D)`` (see module docstring)."""
-    import faiss
-
     x = np.ascontiguousarray(xn_ND, dtype=np.float32)
     N, D = x.shape
     r = x - (0 if xhat0_ND is None else np.asarray(xhat0_ND, dtype=np.float32))
@@ -58,7 +57,6 @@ def rq_codebooks(xn_ND: np.ndarray, M: int, K: int, xhat0_ND: np.ndarray | None 
 
 
 def _faiss_rq_codebooks(r_ND: np.ndarray, M: int, K: int, niter: int, seed: int, beam: int) -> np.ndarray:
-    import faiss
     D = r_ND.shape[1]
     rq = faiss.ResidualQuantizer(D, M, int(K).bit_length() - 1)
     rq.max_beam_size = int(beam)

@@ -10,13 +10,13 @@ import logging
 import math
 import os
 
+import ray
+
 log = logging.getLogger(__name__)
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Initialise Ray if needed. Returns True when this call started a local instance."""
-    import ray
-
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -33,8 +33,6 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 def default_cpus_per_worker(workers: int, reserve: float = 0.5) -> float:
     """CPUs each of ``workers`` actors reserves when the user did not say: one, or less so that
     all of them fit on the cluster with ``reserve`` CPUs left for read tasks and the driver."""
-    import ray
-
     return cpus_share(float(ray.cluster_resources().get("CPU", 1.0)), workers, reserve)
 
 

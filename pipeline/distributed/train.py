@@ -27,6 +27,7 @@ Driver (``run_distributed_training``):
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -37,10 +38,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from safetensors.torch import load, save
+import torch
+import torch.distributed as dist
 
-from pipeline.io import storage
+from pipeline.codec.encoder import assign_lists
+from pipeline.codec.model import QINCo, QincoConfig, model_from_state
+from pipeline.codec.model_file import save_model, save_report
 from pipeline.config import JsonConfig, code_version
+from pipeline.distributed.datasource import READ_TASK_CPUS, VectorDatasource, read_source, unwrap_ray_error
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
+from pipeline.io import storage
+from pipeline.io.inputs import RowSample, hash01, plan_inputs
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import Trainer
+from pipeline.train.loss import TrainingLoss
+from pipeline.train.setup import INIT_ROWS, SplitPlan, fit_decoder, init_model, plan_split, read_split_local
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +88,7 @@ class DistTrainConfig(JsonConfig):
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 0      # torch threads per worker; 0: max(1, int(cpus_per_worker))
-    init_rows: int = 100_000
+    init_rows: int = INIT_ROWS
     rows_per_task: int = 65536
     ivf_niter: int = 20
     run_name: str = "train"
@@ -106,8 +123,6 @@ def run_dir(cfg: DistTrainConfig) -> str:
 
 def _save_state(trainer, path: str) -> None:
     """Trainer state as a torch file loadable with ``weights_only=True``."""
-    import torch
-
     state = trainer.state_dict()
     rng = state.get("rng") or {}
     state["rng"] = {"torch": rng["torch"]} if "torch" in rng else {}
@@ -115,8 +130,6 @@ def _save_state(trainer, path: str) -> None:
 
 
 def _load_state(path: str) -> dict:
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types on truncated or foreign files
@@ -124,15 +137,11 @@ def _load_state(path: str) -> dict:
 
 
 def _save_init(model, uri: str, options) -> None:
-    from safetensors.torch import save
-
     blob = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     storage.write_bytes_atomic(uri, blob, options)
 
 
 def _load_init(uri: str, options) -> dict:
-    from safetensors.torch import load
-
     try:
         return load(storage.read_bytes(uri, options))
     except PipelineError:
@@ -141,41 +150,14 @@ def _load_init(uri: str, options) -> dict:
         raise CheckpointError(f"{storage.redact(uri)}: unreadable initial model ({e})") from e
 
 
-def _model_from_state(qcfg, state: dict):
-    """A ``QINCo`` holding ``state`` (buffers such as centroids are resized to fit)."""
-    import torch
-
-    from pipeline.codec.model import QINCo
-
-    model = QINCo(qcfg)
-    state = {k: torch.as_tensor(v) for k, v in state.items()}
-    if "centroids_LD" in state:
-        model.centroids_LD = torch.zeros_like(state["centroids_LD"])
-    if "additive_MKD" in state:
-        model.additive_MKD = torch.zeros_like(state["additive_MKD"])
-    model.load_state_dict(state)
-    return model
-
-
 # ----------------------------------------------------------------------------------------- worker
 
 def _ddp_args() -> set[str]:
-    import inspect
-
-    import torch
-
     return set(inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters)
 
 
 def _train_loop_per_worker(config: dict) -> None:
     """Body of every Ray Train worker (see the module docstring, step 3)."""
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from pipeline.codec.model import QincoConfig
-    from pipeline.train.loop import Trainer, TrainConfig
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -183,22 +165,21 @@ def _train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     qcfg = QincoConfig.from_dict(config["qinco"])
     tcfg = TrainConfig.from_dict(config["train"])
-    budget = tcfg.time_budget_s
     per_worker_batch = max(1, math.ceil(tcfg.batch_size / world))
-    # The budget is enforced here at batch granularity, agreed across ranks; the Trainer's own
-    # check would let ranks stop at different batches and deadlock DDP.
-    tcfg_worker = tcfg.replace(time_budget_s=None)
-    model = _model_from_state(qcfg, _load_init(config["init_uri"], config["options"])).to(device)
+    model = model_from_state(qcfg, _load_init(config["init_uri"], config["options"])).to(device)
     ddp = None
     if world > 1:
         # Buffers (normalisation, centroids) are fixed during training: synced once at init,
         # not broadcast before every forward (centroid tables can be large).
         kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in _ddp_args() else {"broadcast_buffers": False}
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **kw)
-    trainer = Trainer(model, tcfg_worker, device, ddp_model=ddp, total_steps=config["total_steps"])
+            TrainingLoss(model), device_ids=[device.index] if device.type == "cuda" else None, **kw)
+    # The Trainer keeps the time budget, agreed across ranks at every batch (Trainer._agreed).
+    trainer = Trainer(model, tcfg, device, ddp_model=ddp, total_steps=config["total_steps"])
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is None:
+        trainer.time_used_s = config["init_s"]  # the set-up counts against the budget, as in-process
+    else:
         with ckpt.as_directory() as d:
             trainer.load_state_dict(_load_state(os.path.join(d, STATE_FILE)))
         if rank == 0:
@@ -209,7 +190,6 @@ def _train_loop_per_worker(config: dict) -> None:
         lids_val = np.asarray(lids_val)[rank::world]
     n_val_total = len(config["x_val"])
     shard = ray.train.get_dataset_shard("train")
-    t_run = time.time() - trainer.time_used_s
 
     def all_sum(values: list[float]) -> list[float]:
         if world == 1:
@@ -221,24 +201,17 @@ def _train_loop_per_worker(config: dict) -> None:
     def agreed(flag: bool) -> bool:
         return all_sum([1.0 if flag else 0.0])[0] > 0
 
-    stopped_by_budget = False
-
     def batches(epoch: int):
-        nonlocal stopped_by_budget
         it = shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
                                 local_shuffle_buffer_size=min(4 * per_worker_batch, 65536),
                                 local_shuffle_seed=tcfg.seed * 1000 + epoch * 16 + rank)
         for b in it:
-            if budget is not None and agreed(time.time() - t_run >= budget):
-                stopped_by_budget = True
-                return
             yield b["vector"].astype(np.float32, copy=False)
 
     finished = trainer.epoch >= tcfg.max_epochs or bool(trainer.history and trainer.history[-1].get("stop"))
     epochs_this_run = 0
     while not finished:
         stats = trainer.train_epoch(batches(trainer.epoch))
-        stats["stopped_by_budget"] = stopped_by_budget
         sse = trainer.validate(x_val, lids_val) * len(x_val) if len(x_val) else 0.0
         train_sse = stats["train_mse"] * stats["samples"] if stats["samples"] else 0.0
         samples, sse, train_sse, secs = all_sum([float(stats["samples"]), sse, train_sse,
@@ -253,7 +226,7 @@ def _train_loop_per_worker(config: dict) -> None:
         epochs_this_run += 1
         finished = trainer.epoch >= tcfg.max_epochs or bool(rec["stop"])
         pause = config["stop_after"] is not None and epochs_this_run >= config["stop_after"]
-        stop = agreed(finished or stopped_by_budget or pause)
+        stop = agreed(finished or stats["stopped_by_budget"] or pause)
         metrics = {"epoch": rec["epoch"], "train_mse": rec["train_mse"], "val_mse": rec["val_mse"],
                    "samples": int(samples), "samples_per_s": rec["samples_per_s_all_workers"],
                    "epoch_s": secs, "best_val_mse": trainer.best_val, "stop": stop}
@@ -309,28 +282,15 @@ def _check_or_record_run(cfg: DistTrainConfig, inputs_desc: list[dict], options)
                                                 indent=2, sort_keys=True).encode(), options)
 
 
-def _band_fraction(n: int, total: int) -> float:
-    """Hash-band width that holds at least ``n`` of ``total`` rows with high probability."""
-    return min(1.0, (n + 5.0 * math.sqrt(n) + 16.0) / max(total, 1))
-
-
-def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: float, n_init: int | None,
-                  rows_per_task: int, options, local_bytes: int = LOCAL_SAMPLE_BYTES
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Validation rows (the ``n_val`` smallest hashes of ``[0, val_frac)``) and initialisation
-    rows (the ``n_init`` smallest of ``[val_frac, val_frac + init_frac)``; all of them for
-    ``None``), both in global id
-    order, float32. Inputs of more than ``local_bytes`` are read in one parallel byte-range Ray
-    Data pass, smaller ones on the driver; the rows are the same whatever the path or task split."""
-    from pipeline.distributed.datasource import (RowSample, VectorDatasource, hash01, read_source, sample_rows_local,
-                                         unwrap_ray_error)
-
+def draw_samples(inputs, plan: SplitPlan, rows_per_task: int, options,
+                 local_bytes: int = LOCAL_SAMPLE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """The plan's validation and initialisation rows (``pipeline.train.setup``), float32 in global
+    id order. Inputs of more than ``local_bytes`` are read in one parallel byte-range Ray Data
+    pass, smaller ones in this process; the rows are the same whatever the path or task split."""
     if sum(i.size_bytes for i in inputs) <= local_bytes:
-        val_s = RowSample(val_frac, seed, "val", val_frac)
-        init_s = RowSample(init_frac, seed, "train", val_frac)
-        return (sample_rows_local(inputs, n=n_val, sample=val_s, options=options).astype(np.float32),
-                sample_rows_local(inputs, n=n_init, sample=init_s, options=options).astype(np.float32))
-    sample = RowSample(fraction=min(1.0, val_frac + init_frac), seed=seed, split="all")
+        x_val, x_init, _ = read_split_local(inputs, plan, options, train=False)
+        return x_val, x_init
+    sample = RowSample(fraction=min(1.0, plan.val_fraction + plan.init_fraction), seed=plan.seed, split="all")
     ds = read_source(VectorDatasource(inputs, rows_per_task=rows_per_task, options=options, sample=sample))
     ds.context.enable_progress_bars = False
     ids, xs = [], []
@@ -346,7 +306,7 @@ def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: flo
     dim = inputs[0].dim
     ids_N = np.concatenate(ids) if ids else np.empty(0, np.int64)
     x_ND = np.concatenate(xs) if xs else np.empty((0, dim), np.float32)
-    u = hash01(ids_N, seed)
+    u = hash01(ids_N, plan.seed)
 
     def pick(mask: np.ndarray, n: int | None) -> np.ndarray:
         sel = np.nonzero(mask)[0]
@@ -354,29 +314,71 @@ def _draw_samples(inputs, seed: int, val_frac: float, n_val: int, init_frac: flo
         sel = sel[np.argsort(ids_N[sel], kind="stable")]
         return np.ascontiguousarray(x_ND[sel], dtype=np.float32)
 
-    return pick(u < val_frac, n_val), pick(u >= val_frac, n_init)
+    x_val, x_init = pick(u < plan.val_fraction, plan.n_val), pick(u >= plan.val_fraction, plan.n_init)
+    if len(x_val) == 0 or len(x_init) == 0:
+        raise ConfigError(f"too few vectors for a training and a validation sample ({plan.total} in all)")
+    return x_val, x_init
 
 
-def _init_model(qcfg, tcfg, x_init: np.ndarray, ivf_niter: int):
-    """Normalisation, IVF centroids and RQ codebooks from the initialisation sample."""
-    from pipeline.codec.encoder import assign_lists
-    from pipeline.codec.ivf import IVFConfig, train_coarse_quantizer
-    from pipeline.codec.model import QINCo
-    from pipeline.codec.rq_init import init_from_rq
+def _torch_trainer(cfg: DistTrainConfig, qcfg: QincoConfig, tcfg: TrainConfig, inputs, plan: SplitPlan,
+                   x_val: np.ndarray, lids_val, init_uri: str, init_s: float, options) -> TorchTrainer:
+    """The Ray Train run: workers streaming the plan's training band, checkpoints under ``run_dir``."""
+    steps_per_epoch = max(1, math.ceil(plan.n_train_estimate / tcfg.batch_size))
+    ds = read_source(VectorDatasource(inputs, rows_per_task=cfg.rows_per_task, options=options, sample=plan.samples()[0]))
+    ds.context.enable_progress_bars = False  # per-epoch progress is logged by rank 0 instead
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    spare = (ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else math.inf) \
+        - cfg.workers * cfg.cpus_per_worker
+    if spare < READ_TASK_CPUS:
+        log.warning("the %d training workers reserve %.1f CPUs and leave %.1f for the read tasks that "
+                    "stream their data: lower cpus_per_worker (and set threads_per_worker) unless "
+                    "the cluster autoscales", cfg.workers, cfg.workers * cfg.cpus_per_worker, spare)
+    fs, path = storage.get_pyarrow_fs(checkpoint_root(cfg), options)
+    return TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={
+            "qinco": qcfg.to_dict(), "train": tcfg.to_dict(), "init_uri": init_uri, "options": options,
+            "x_val": x_val, "lids_val": lids_val, "total_steps": tcfg.planned_steps(steps_per_epoch),
+            "threads": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)), "use_gpu": use_gpu, "seed": tcfg.seed,
+            "stop_after": cfg.stop_after_epochs, "init_s": init_s,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+    )
 
-    model = QINCo(qcfg)
-    model.set_normalisation(x_init)
-    lids = None
-    if qcfg.nlist:
-        if len(x_init) < qcfg.nlist:
-            raise ConfigError(f"IVF nlist={qcfg.nlist} needs at least that many training vectors; "
-                              f"the initialisation sample has {len(x_init)}")
-        cent = train_coarse_quantizer(x_init, IVFConfig(nlist=qcfg.nlist, niter=ivf_niter, seed=tcfg.seed))
-        model.set_centroids(cent)
-        lids = assign_lists(model, x_init)
-    init_from_rq(model, x_init, lids, max_points=tcfg.rq_max_points, niter=tcfg.rq_iters, seed=tcfg.seed,
-                 beam=tcfg.rq_beam)
-    return model
+
+def _fit(trainer: TorchTrainer, cfg: DistTrainConfig, tcfg: TrainConfig) -> dict:
+    """Run (or resume) the Ray Train run; the trainer state of its last checkpoint."""
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - surface the pipeline error (file, offset) if there is one
+        err = unwrap_ray_error(e)
+        if err is e:
+            raise
+        raise err from None
+    if result.checkpoint is None:
+        raise CheckpointError(f"{storage.redact(run_dir(cfg))}: training produced no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = _load_state(os.path.join(d, STATE_FILE))
+    for rec in state["history"]:
+        log.info("epoch %d/%s: train MSE %.6g, val MSE %.6g%s, %.0f samples/s on %d worker(s), %.1f s",
+                 rec["epoch"], "-" if tcfg.epochs is None else tcfg.epochs, rec["train_mse"], rec["val_mse"], " (best)" if rec.get("best") else "",
+                 rec.get("samples_per_s_all_workers", rec["samples_per_s"]), rec.get("workers", 1),
+                 rec.get("epoch_s_all_workers", rec["seconds"]))
+    return state
+
+
+def initial_model(cfg: DistTrainConfig, qcfg: QincoConfig, options=None) -> QINCo:
+    """The model a run started from (normalisation, centroids, RQ codebooks), as stored in its
+    run directory: a resumed run starts from the same point."""
+    return model_from_state(qcfg, _load_init(storage.join(run_dir(cfg), INIT_FILE), options))
 
 
 def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, Any]:
@@ -388,17 +390,6 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     ``VectorFormatError`` / ``StorageError`` naming the file, ``ConfigError`` for a run directory
     holding another dimension or other hyper-parameters.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.codec.additive import fit_additive_decoder
-    from pipeline.codec.model_file import save_model, save_report
-    from pipeline.codec.encoder import assign_lists, encode
-    from pipeline.codec.model import QincoConfig
-    from pipeline.distributed.datasource import (READ_TASK_CPUS, RowSample, VectorDatasource, plan_inputs, read_source,
-                                         unwrap_ray_error)
-    from pipeline.train.loop import TrainConfig
 
     t0 = time.time()
     if cfg.workers < 1:
@@ -426,89 +417,36 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
                           f"{tcfg.val_size} validation vectors")
     _check_or_record_run(cfg, inputs_desc, options)
 
-    # deterministic disjoint samples: validation band first, training band after it
-    val_frac = _band_fraction(tcfg.val_size, total)
-    want_train = min(tcfg.max_train or total, total)
-    train_frac = min(1.0 - val_frac, _band_fraction(want_train, total) if tcfg.max_train else 1.0)
-    n_init = min(cfg.init_rows, want_train)
-    init_frac = min(train_frac, _band_fraction(n_init, total))
-    if init_frac >= train_frac:
-        n_init = None  # the whole training band
-    train_s, val_s = RowSample.pair(train_frac, val_frac, seed=tcfg.seed)
+    # the split both trainers use (pipeline.train.setup): validation band first, training band after it
+    plan = plan_split(total, tcfg, cfg.init_rows)
+    train_s, val_s = plan.samples()
     t = time.time()
-    x_val, x_init = _draw_samples(inputs, tcfg.seed, val_frac, tcfg.val_size, init_frac, n_init,
-                                  cfg.rows_per_task, options, cfg.local_sample_bytes)
-    if len(x_val) == 0 or len(x_init) == 0:
-        raise ConfigError(f"{storage.redact(inputs[0].uri)}: too few vectors for a training and a "
-                          f"validation sample ({total} in all)")
+    x_val, x_init = draw_samples(inputs, plan, cfg.rows_per_task, options, cfg.local_sample_bytes)
     sample_s = time.time() - t
     log.info("sampled %d validation and %d initialisation vectors from %d in %.1f s",
              len(x_val), len(x_init), total, sample_s)
     init_uri = storage.join(run_dir(cfg), INIT_FILE)
     t = time.time()
     if storage.exists(init_uri, options):
-        model0 = _model_from_state(qcfg, _load_init(init_uri, options))
+        model0 = initial_model(cfg, qcfg, options)
     else:
         log.info("initialising from %d vectors (normalisation, %sRQ codebooks)", len(x_init),
                  f"IVF k-means nlist={qcfg.nlist}, " if qcfg.nlist else "")
-        model0 = _init_model(qcfg, tcfg, x_init, cfg.ivf_niter)
+        model0 = init_model(qcfg, tcfg, x_init, cfg.ivf_niter)
         _save_init(model0, init_uri, options)
     init_s = time.time() - t
     lids_val = assign_lists(model0, x_val) if qcfg.nlist else None
 
-    n_train_est = int(round(train_frac * total))
-    steps_per_epoch = max(1, math.ceil(n_train_est / tcfg.batch_size))
-    ds = read_source(VectorDatasource(inputs, rows_per_task=cfg.rows_per_task, options=options, sample=train_s))
-    ds.context.enable_progress_bars = False  # per-epoch progress is logged by rank 0 instead
-    use_gpu = cfg.gpus_per_worker > 0
-    resources = {"CPU": cfg.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
-    spare = (ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else math.inf) \
-        - cfg.workers * cfg.cpus_per_worker
-    if spare < READ_TASK_CPUS:
-        log.warning("the %d training workers reserve %.1f CPUs and leave %.1f for the read tasks that "
-                    "stream their data: lower cpus_per_worker (and set threads_per_worker) unless "
-                    "the cluster autoscales", cfg.workers, cfg.workers * cfg.cpus_per_worker, spare)
-    fs, path = storage.get_pyarrow_fs(checkpoint_root(cfg), options)
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config={
-            "qinco": qcfg.to_dict(), "train": tcfg.to_dict(), "init_uri": init_uri, "options": options,
-            "x_val": x_val, "lids_val": lids_val, "total_steps": tcfg.planned_steps(steps_per_epoch),
-            "threads": cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)), "use_gpu": use_gpu, "seed": tcfg.seed,
-            "stop_after": cfg.stop_after_epochs,
-        },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds},
-    )
+    n_train_est = plan.n_train_estimate
+    trainer = _torch_trainer(cfg, qcfg, tcfg, inputs, plan, x_val, lids_val, init_uri, init_s, options)
     log.info("training on %d worker(s): ~%d training vectors, %d validation, %s epochs, checkpoints in %s",
              cfg.workers, n_train_est, len(x_val),
              "until the budget or early stopping" if tcfg.epochs is None else tcfg.epochs,
              storage.redact(run_dir(cfg)))
     t = time.time()
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - surface the pipeline error (file, offset) if there is one
-        err = unwrap_ray_error(e)
-        if err is e:
-            raise
-        raise err from None
-    fit_s = time.time() - t
-    if result.checkpoint is None:
-        raise CheckpointError(f"{storage.redact(run_dir(cfg))}: training produced no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = _load_state(os.path.join(d, STATE_FILE))
+    state = _fit(trainer, cfg, tcfg)
     history = state["history"]
-    for rec in history:
-        log.info("epoch %d/%s: train MSE %.6g, val MSE %.6g%s, %.0f samples/s on %d worker(s), %.1f s",
-                 rec["epoch"], "-" if tcfg.epochs is None else tcfg.epochs, rec["train_mse"], rec["val_mse"], " (best)" if rec.get("best") else "",
-                 rec.get("samples_per_s_all_workers", rec["samples_per_s"]), rec.get("workers", 1),
-                 rec.get("epoch_s_all_workers", rec["seconds"]))
+    fit_s = time.time() - t
     finished = state["epoch"] >= tcfg.max_epochs or bool(history and history[-1].get("stop"))
     if not finished:
         log.info("stopped after epoch %d of %s as asked; re-run the same command to continue",
@@ -516,14 +454,10 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
         return {"status": "paused", "epochs_done": state["epoch"], "history": history,
                 "timings_s": {"sample": sample_s, "init": init_s, "fit": fit_s, "total": time.time() - t0}}
 
-    model = _model_from_state(qcfg, state["best_state"] if state.get("best_state") else state["model"])
+    model = model_from_state(qcfg, state["best_state"] if state.get("best_state") else state["model"])
     model.eval()
     t = time.time()
-    if tcfg.fit_additive:
-        xa = x_init[:tcfg.additive_max_rows]
-        codes, la = encode(model, xa, source="training sample")
-        cent = model.centroids_LD.cpu().numpy() if qcfg.nlist else None
-        model.set_additive_codebooks(fit_additive_decoder(codes, xa, qcfg.K, la, cent, ridge=tcfg.ridge))
+    fit_decoder(model, x_init, tcfg)
     decoder_s = time.time() - t
     summary = {
         "status": "trained",
@@ -551,6 +485,3 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     log.info("model saved to %s (best val MSE %.6g at epoch %d)", storage.redact(cfg.out_uri),
              state["best_val"], state["best_epoch"])
     return summary
-
-
-__all__ = ["DistTrainConfig", "checkpoint_root", "run_dir", "run_distributed_training"]

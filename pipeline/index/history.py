@@ -20,8 +20,9 @@ import os
 import uuid
 from typing import Any
 
-from pipeline.io import storage
 from pipeline.errors import PipelineError
+from pipeline.index.manifest import current_version, list_versions, load_manifest, version_dir, version_number
+from pipeline.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,11 @@ def link_evaluation(results_uri: str, groundtruth_uri: str, recall: dict, option
 
 
 def _search_params(params: dict) -> dict:
+    params = params.get("params", params)  # a query job's config holds its SearchParams
     return {k: params[k] for k in ("k", "nprobe", "shortlist", "rerank") if k in params}
 
 
 def _dir_bytes(index_uri: str, version: str, options) -> int | None:
-    from pipeline.index.manifest import version_dir
-
     try:
         return sum(storage.file_size(u, options) for u in
                    storage.list_files(version_dir(index_uri, version), options))
@@ -112,8 +112,6 @@ def index_report(index_uri: str, options=None) -> dict[str, Any]:
     ``deleted``. Each version carries its last evaluated recall (``eval`` events) and the number
     of recorded searches.
     """
-    from pipeline.index.manifest import current_version, list_versions, load_manifest, version_number
-
     current = current_version(index_uri, options)
     events = read_history(index_uri, options)
     rows: dict[str, dict] = {}
@@ -183,6 +181,3 @@ def format_report(rep: dict) -> str:
     lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     lines.extend("  ".join(c.ljust(w) for c, w in zip(t, widths)) for t in table)
     return "\n".join(lines)
-
-
-__all__ = ["record_event", "read_history", "link_evaluation", "index_report", "format_report", "HISTORY_DIR"]

@@ -23,10 +23,12 @@ import re
 import time
 from typing import Any
 
-from pipeline.io import storage
+from pipeline.codec.codes import code_dtype
 from pipeline.config import JsonConfig, code_version
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.index.shards import ShardInfo, code_dtype_for, parse_shard_name, shard_name
+from pipeline.errors import ConfigError, ManifestError
+from pipeline.index.shards import parse_shard_name, shard_name, ShardInfo
+from pipeline.io import storage
+from pipeline.io.inputs import InputEntry
 from pipeline.io.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -36,24 +38,6 @@ CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 VERSIONS_DIR = "versions"
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
-
-
-class ManifestError(PipelineError):
-    """An index has no committed version, or a manifest / CURRENT object cannot be parsed."""
-
-
-@dataclasses.dataclass
-class InputEntry(JsonConfig):
-    """One input vector file; its rows get the global ids ``[id_start, id_stop)``."""
-
-    uri: str
-    fmt: str
-    count: int
-    dim: int
-    dtype: str
-    id_start: int
-    id_stop: int
-    header_sha256: str
 
 
 @dataclasses.dataclass
@@ -127,7 +111,7 @@ def utc_now() -> str:
 
 def code_params(M: int, K: int, nlist: int) -> dict[str, Any]:
     """The manifest's ``code`` dict for ``M`` codes of ``K`` entries and ``nlist`` lists."""
-    dtype = code_dtype_for(K)
+    dtype = code_dtype(K)
     return {"M": int(M), "K": int(K), "code_dtype": dtype.name, "nlist": int(nlist),
             "code_bytes": int(M) * dtype.itemsize}
 
@@ -430,11 +414,3 @@ def garbage_collect(index_uri: str, keep: int, options: StorageOptions | None = 
         storage.remove(version_dir(index_uri, v), options, recursive=True)
         log.info("%s: deleted version %s", storage.redact(index_uri), v)
     return doomed
-
-
-__all__ = [
-    "FORMAT_VERSION", "InputEntry", "ShardEntry", "Manifest", "ManifestError", "version_dir",
-    "next_version", "commit_manifest", "load_manifest", "current_version", "list_versions",
-    "garbage_collect", "validate_manifest", "set_current", "manifest_uri", "shard_uri",
-    "code_params",
-]

@@ -12,7 +12,7 @@ Columns (see ``docs/index-format.md``):
 - ``codes``: ``fixed_size_binary(M * itemsize)``; the ``M`` codes of a row as little-endian
   ``uint8`` (``K <= 256``) or ``uint16`` (``K <= 65536``) packed back to back
 - ``lut_scale`` (optional, format version 2): float16, the row's scale of the lookup-table
-  stage (``additive_decoder.model_row_scales``), finite. A function of the row's codes and list,
+  stage (``pipeline.codec.decoder.model_row_scales``), finite. A function of the row's codes and list,
   stored so a search need not decode every row when it loads the shard.
 
 Readers accept format versions 1 (no ``lut_scale``) and 2.
@@ -36,9 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import storage
+from pipeline.codec.codes import code_dtype
 from pipeline.config import JsonConfig
-from pipeline.errors import ConfigError, PipelineError, StorageError
+from pipeline.errors import ConfigError, CorruptShardError, PipelineError, StorageError
+from pipeline.io import storage
 from pipeline.io.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,6 @@ _META_PREFIX = "qinco."
 _NAME_RE = re.compile(r"^shard-f(\d{5})-r(\d{12})\.parquet$")
 
 
-class CorruptShardError(PipelineError):
-    """A shard file is unreadable, malformed, or differs from its manifest entry."""
-
-    def __init__(self, uri: str, message: str):
-        self.uri = uri
-        super().__init__(f"{storage.redact(uri)}: corrupt shard: {message}")
-
-
 @dataclasses.dataclass
 class ShardInfo(JsonConfig):
     """What a writer learns about a shard it wrote: enough to check it later without parsing it."""
@@ -72,17 +65,6 @@ class ShardInfo(JsonConfig):
     id_min: int
     id_max: int
     lists: int  # number of non-empty inverted lists
-
-
-def code_dtype_for(K: int) -> np.dtype:
-    """Smallest unsigned dtype holding codes in ``[0, K)``: uint8 up to 256, uint16 up to 65536."""
-    if not isinstance(K, (int, np.integer)) or K < 2:
-        raise ConfigError(f"codebook size K must be an integer >= 2, got {K!r}")
-    if K <= 256:
-        return np.dtype(np.uint8)
-    if K <= 65536:
-        return np.dtype(np.uint16)
-    raise ConfigError(f"codebook size K={K} exceeds 65536 (codes are at most 16 bits)")
 
 
 def shard_name(file_index: int, first_row: int) -> str:
@@ -134,7 +116,7 @@ def encode_shard(list_ids_N, ids_N, codes_NM, *, K: int, nlist: int, model_sha: 
     ``lut_scale`` column. Pure function (no I/O) so the format can be produced and tested
     without storage.
     """
-    dtype = code_dtype_for(K)
+    dtype = code_dtype(K)
     if not isinstance(nlist, (int, np.integer)) or nlist < 1:
         raise ConfigError(f"nlist must be a positive integer, got {nlist!r}")
     if not isinstance(model_sha, str) or not model_sha:
@@ -281,16 +263,16 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
     """Parse shard bytes read from ``uri``; any inconsistency raises CorruptShardError."""
     if expected is not None:
         if len(data) != expected.bytes:
-            raise CorruptShardError(uri, f"size {len(data)} bytes, manifest says {expected.bytes}")
+            raise CorruptShardError(storage.redact(uri), f"size {len(data)} bytes, manifest says {expected.bytes}")
         digest = hashlib.sha256(data).hexdigest()
         if digest != expected.sha256:
-            raise CorruptShardError(uri, f"sha256 {digest} differs from manifest {expected.sha256}")
+            raise CorruptShardError(storage.redact(uri), f"sha256 {digest} differs from manifest {expected.sha256}")
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
         raw = pf.schema_arrow.metadata or {}
         table = pf.read()
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise CorruptShardError(uri, f"unreadable parquet: {e}") from None
+        raise CorruptShardError(storage.redact(uri), f"unreadable parquet: {e}") from None
     try:
         meta_s = {k.decode()[len(_META_PREFIX):]: v.decode() for k, v in raw.items()
                   if k.startswith(_META_PREFIX.encode())}
@@ -303,21 +285,21 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
             "model_sha": meta_s["model_sha"],
         }
     except (KeyError, ValueError) as e:
-        raise CorruptShardError(uri, f"missing or bad key-value metadata ({e})") from None
+        raise CorruptShardError(storage.redact(uri), f"missing or bad key-value metadata ({e})") from None
     if meta["M"] < 1 or meta["nlist"] < 1:
-        raise CorruptShardError(uri, f"bad metadata M={meta['M']}, nlist={meta['nlist']}")
+        raise CorruptShardError(storage.redact(uri), f"bad metadata M={meta['M']}, nlist={meta['nlist']}")
     if meta["format_version"] not in READABLE_FORMAT_VERSIONS:
-        raise CorruptShardError(uri, f"shard format version {meta['format_version']} is not "
+        raise CorruptShardError(storage.redact(uri), f"shard format version {meta['format_version']} is not "
                                      f"supported (this code reads "
                                      f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
     try:
-        dtype = code_dtype_for(meta["K"])
+        dtype = code_dtype(meta["K"])
     except ConfigError as e:
-        raise CorruptShardError(uri, str(e)) from None
+        raise CorruptShardError(storage.redact(uri), str(e)) from None
     if meta["code_dtype"] != dtype.name:
-        raise CorruptShardError(uri, f"code dtype {meta['code_dtype']} does not match K={meta['K']}")
+        raise CorruptShardError(storage.redact(uri), f"code dtype {meta['code_dtype']} does not match K={meta['K']}")
     if nlist is not None and meta["nlist"] != nlist:
-        raise CorruptShardError(uri, f"built for nlist={meta['nlist']}, expected {nlist}")
+        raise CorruptShardError(storage.redact(uri), f"built for nlist={meta['nlist']}, expected {nlist}")
     width = meta["M"] * dtype.itemsize
     want = pa.schema([("list_id", pa.int32()), ("id", pa.int64()), ("codes", pa.binary(width))])
     got = pa.schema([(f.name, f.type) for f in table.schema])
@@ -325,11 +307,11 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
     if has_scale:
         want = want.append(pa.field("lut_scale", pa.float16()))
     if not got.equals(want):
-        raise CorruptShardError(uri, f"schema {got} differs from expected {want}")
+        raise CorruptShardError(storage.redact(uri), f"schema {got} differs from expected {want}")
     if table.num_rows == 0 or any(table.column(c).null_count for c in table.column_names):
-        raise CorruptShardError(uri, "empty shard or null values")
+        raise CorruptShardError(storage.redact(uri), "empty shard or null values")
     if expected is not None and table.num_rows != expected.rows:
-        raise CorruptShardError(uri, f"{table.num_rows} rows, manifest says {expected.rows}")
+        raise CorruptShardError(storage.redact(uri), f"{table.num_rows} rows, manifest says {expected.rows}")
 
     N = table.num_rows
     list_ids_N = table.column("list_id").to_numpy().astype(np.int32, copy=False)
@@ -344,17 +326,17 @@ def decode_shard(uri: str, data: bytes, expected: ShardInfo | None = None,
     d_id = np.diff(ids_N)
     if ((d_list < 0) | ((d_list == 0) & (d_id <= 0))).any():
         bad = int(np.flatnonzero((d_list < 0) | ((d_list == 0) & (d_id <= 0)))[0]) + 1
-        raise CorruptShardError(uri, f"rows not sorted by (list_id, id) at row {bad}")
+        raise CorruptShardError(storage.redact(uri), f"rows not sorted by (list_id, id) at row {bad}")
     if list_ids_N[0] < 0 or list_ids_N[-1] >= meta["nlist"]:
-        raise CorruptShardError(uri, f"list ids outside [0, {meta['nlist']})")
+        raise CorruptShardError(storage.redact(uri), f"list ids outside [0, {meta['nlist']})")
     if int(codes_NM.max()) >= meta["K"]:
-        raise CorruptShardError(uri, f"code values >= K={meta['K']}")
+        raise CorruptShardError(storage.redact(uri), f"code values >= K={meta['K']}")
     lut_scale_N = None
     if has_scale:
         lut_scale_N = table.column("lut_scale").to_numpy().astype(np.float16)
         bad = ~np.isfinite(lut_scale_N)
         if bad.any():
-            raise CorruptShardError(uri, f"lut_scale is NaN or infinite at row {int(np.flatnonzero(bad)[0])}")
+            raise CorruptShardError(storage.redact(uri), f"lut_scale is NaN or infinite at row {int(np.flatnonzero(bad)[0])}")
     offsets = np.searchsorted(list_ids_N, np.arange(meta["nlist"] + 1), side="left").astype(np.int64)
     return Shard(list_ids_N=list_ids_N, ids_N=ids_N, codes_NM=codes_NM, list_offsets=offsets,
                  meta=meta, lut_scale_N=lut_scale_N)
@@ -372,7 +354,7 @@ def read_shard(uri: str, expected: ShardInfo | None = None, options: StorageOpti
         data = storage.read_bytes(uri, options=options)
     except StorageError:
         if not storage.exists(uri, options=options):
-            raise CorruptShardError(uri, "file is missing") from None
+            raise CorruptShardError(storage.redact(uri), "file is missing") from None
         raise
     return decode_shard(uri, data, expected=expected, nlist=nlist)
 
@@ -388,3 +370,40 @@ def verify_shard(uri: str, expected: ShardInfo, options: StorageOptions | None =
     if storage.file_size(uri, options=options) != expected.bytes:
         return False
     return hashlib.sha256(storage.read_bytes(uri, options=options)).hexdigest() == expected.sha256
+
+
+def load_shard_rows(version_uri: str, shard_entries: list[dict], nlist: int, M: int, options=None,
+                errors: dict[str, str] | None = None):
+    """Read and verify shards (manifest entries) of one index version and merge them.
+
+    Returns ``(list_ids_N int32, ids_N int64, codes_NM, list_offsets, scale_N float16)`` sorted by
+    (list, id), the layout ``pipeline.search.scan.ShardSearcher`` takes; ``scale_N`` holds the rows' stored
+    ``lut_scale`` and NaN for rows of shards written without that column. A missing or corrupt
+    shard raises ``CorruptShardError`` naming it; when ``errors`` is given such shards are skipped
+    instead and their messages recorded there by shard name.
+    """
+    lists, ids, codes, scales = [], [], [], []
+    for e in shard_entries:
+        info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
+                         id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
+        try:
+            sh = read_shard(storage.join(version_uri, e["name"]), expected=info, options=options, nlist=nlist)
+        except PipelineError as exc:
+            if errors is None:
+                raise
+            errors[e["name"]] = storage.redact(str(exc))
+            log.warning("skipping shard %s: %s", e["name"], errors[e["name"]])
+            continue
+        lists.append(sh.list_ids_N)
+        ids.append(sh.ids_N)
+        codes.append(sh.codes_NM)
+        scales.append(sh.lut_scale_N if sh.lut_scale_N is not None else np.full(len(sh), np.nan, np.float16))
+    list_ids = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
+    ids_N = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+    codes_NM = np.concatenate(codes) if codes else np.zeros((0, M), np.uint8)
+    scale_N = np.concatenate(scales) if scales else np.zeros(0, np.float16)
+    order = np.lexsort((ids_N, list_ids))
+    list_ids, ids_N, codes_NM, scale_N = list_ids[order], ids_N[order], codes_NM[order], scale_N[order]
+    offsets = np.zeros(nlist + 1, np.int64)
+    np.cumsum(np.bincount(list_ids, minlength=nlist), out=offsets[1:])
+    return list_ids, ids_N, codes_NM, offsets, scale_N

@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import storage
+from pipeline.codec.codes import code_dtype
 from pipeline.config import code_version
 from pipeline.errors import ConfigError, VectorFormatError
+from pipeline.io import storage
 
 FORMAT = "qinco-codes"
 FORMAT_VERSION = 1
@@ -57,7 +58,7 @@ def write_codes(uri: str, codes_NM: np.ndarray, K: int, list_ids_N: np.ndarray |
     if codes.ndim != 2:
         raise ConfigError(f"codes must be a 2-d array, got shape {codes.shape}")
     N, M = codes.shape
-    dtype = np.uint8 if K <= 256 else np.uint16
+    dtype = code_dtype(K)
     if codes.size and (codes.min() < 0 or codes.max() >= K):
         raise ConfigError(f"code values must be in [0, {K})")
     codes = np.ascontiguousarray(codes, dtype=dtype)
@@ -113,42 +114,3 @@ def read_codes(uri: str, options: storage.StorageOptions | None = None) -> Codes
         raise VectorFormatError(name, "negative list id mixed with valid ones",
                                 row=int(np.argmax(lids < 0)))
     return CodesData(ids=ids, list_ids=list_ids, codes=codes, meta=meta)
-
-
-def encode_file(model_uri: str, data_uri: str, out_uri: str, B: int | None = None, A: int | None = None,
-                block_rows: int = 65536, device: str = "cpu", options=None,
-                echo=print, lut_weight: float = 0.0, precision: str | None = None,
-                fmt: str | None = None) -> int:
-    """Encode one vector file in this process into a codes file (``qinco encode ... --out X.parquet``).
-
-    Streams the input in blocks; the codes (M bytes per vector) are held until the single atomic
-    write. Returns the number of vectors encoded.
-    """
-    import time
-
-    import numpy as np
-
-    from pipeline.io import storage, vectors
-    from pipeline.codec.model_file import load_model, model_identity
-    from pipeline.codec.encoder import encode
-
-    model = load_model(model_uri, device=device, options=options)
-    total = vectors.info(data_uri, fmt=fmt, options=options).count
-    codes, lids = [], []
-    t0 = time.time()
-    for start, block in vectors.iter_blocks(data_uri, block_rows, fmt=fmt, options=options):
-        c, l = encode(model, block, device=device, B=B, A=A, source=storage.redact(data_uri),
-                      lut_weight=lut_weight, precision=precision)
-        codes.append(c)
-        lids.append(l)
-        done = start + len(block)
-        echo(f"encoded {done}/{total} vectors ({done / max(time.time() - t0, 1e-9):.0f} vec/s)")
-    cfg = model.config
-    all_codes = np.concatenate(codes) if codes else np.zeros((0, cfg.M), np.uint8)
-    all_lids = np.concatenate(lids) if model.ivf and lids else None
-    write_codes(out_uri, all_codes, cfg.K, all_lids, model=model_identity(model_uri, options),
-                extra={"source": storage.redact(data_uri), "B": B or cfg.B, "A": cfg.A if A is None else A,
-                       "lut_weight": lut_weight, "precision": precision},
-                options=options)
-    echo(f"wrote {len(all_codes)} codes ({cfg.code_bytes:g} bytes each) to {storage.redact(out_uri)}")
-    return len(all_codes)

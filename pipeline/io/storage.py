@@ -13,14 +13,17 @@ import io
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import fsspec
+import pyarrow.fs as pafs
+import s3fs
 
 from pipeline.config import JsonConfig
 from pipeline.errors import StorageError
@@ -117,6 +120,13 @@ def _uri_of(protocol: str, path: str) -> str:
     return f"s3://{path}" if protocol == "s3" else path
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a relative local path made absolute (against this process's directory), so
+    that Ray workers, which run elsewhere, reach the same file; other URIs unchanged."""
+    protocol, path = _split(uri)  # local paths come back absolute
+    return path if protocol == "file" else uri
+
+
 def join(uri: str, *parts: str) -> str:
     """Append path components to a local path or URI with ``/`` (no duplicate separators)."""
     out = os.fspath(uri)
@@ -146,8 +156,6 @@ def get_fs(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.Abst
     with _cache_lock:
         fs = _cache.get(key)
         if fs is None:
-            import s3fs
-
             client_kwargs: dict[str, Any] = {}
             if opts.region:
                 client_kwargs["region_name"] = opts.region
@@ -173,8 +181,6 @@ def _endpoint_parts(endpoint_url: str) -> tuple[str, str]:
 
 def get_pyarrow_fs(uri: str, options: StorageOptions | None = None):
     """(pyarrow.fs.FileSystem, path within it): for Ray Data readers/writers and Ray Train."""
-    import pyarrow.fs as pafs
-
     protocol, path = _split(uri)
     if protocol == "file":
         return pafs.LocalFileSystem(), path
@@ -195,26 +201,6 @@ def get_pyarrow_fs(uri: str, options: StorageOptions | None = None):
         kw["scheme"] = scheme
     return pafs.S3FileSystem(**kw), path
 
-
-def ray_storage_uri(uri: str, options: StorageOptions | None = None) -> str:
-    """A URI Ray (pyarrow) accepts as ``storage_path``: local paths become absolute; S3 URIs get
-    ``endpoint_override``/``scheme``/``region`` query parameters. Credentials are never put in
-    the URI: Ray workers read them from the standard environment variables."""
-    protocol, path = _split(uri)
-    if protocol == "file":
-        return path
-    opts = (options or StorageOptions()).resolved()
-    q: dict[str, str] = {}
-    if opts.endpoint_url:
-        scheme, netloc = _endpoint_parts(opts.endpoint_url)
-        q["endpoint_override"] = netloc
-        q["scheme"] = scheme
-    if opts.region:
-        q["region"] = opts.region
-    return f"s3://{path}" + (f"?{urlencode(q, safe=':')}" if q else "")
-
-
-# ----------------------------------------------------------------------------------------- errors
 
 def _error_message(uri: str, exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
@@ -471,7 +457,6 @@ def copy_file(src_uri: str, dst_uri: str, options: StorageOptions | None = None)
             if tmp is not None:
                 os.replace(tmp, dpath)
                 return
-        import shutil
 
         with _errors(src_uri), open(spath, "rb") as g, open_atomic(dst_uri, "wb", options) as f:
             shutil.copyfileobj(g, f, 1 << 22)
@@ -489,7 +474,6 @@ def remove(uri: str, options: StorageOptions | None = None, recursive: bool = Fa
             if os.path.isdir(path):
                 if not recursive:
                     raise IsADirectoryError(path)
-                import shutil
 
                 shutil.rmtree(path)
             elif os.path.lexists(path):
@@ -505,9 +489,3 @@ def _clear_cache() -> None:
     """Drop cached filesystems (tests; credentials changed)."""
     with _cache_lock:
         _cache.clear()
-
-
-__all__ = [
-    "StorageOptions", "get_fs", "get_pyarrow_fs", "ray_storage_uri", "join", "exists", "list_files",
-    "read_bytes", "file_size", "write_bytes_atomic", "open_atomic", "copy_file", "remove", "redact",
-]

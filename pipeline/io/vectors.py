@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.io import storage
 from pipeline.config import JsonConfig
 from pipeline.errors import ConfigError, VectorFormatError
+from pipeline.io import storage
 from pipeline.io.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -193,8 +195,6 @@ def _npy_info(uri: str, name: str, size: int, options) -> VectorFileInfo:
 
 
 def _parquet_file(uri: str, options):
-    import pyarrow.parquet as pq
-
     fs, path = storage.get_fs(uri, options)
     with storage._errors(uri):
         # no read-ahead cache: every pyarrow read (footer, column chunks) is one exact ranged GET
@@ -207,8 +207,6 @@ def _parquet_file(uri: str, options):
 
 
 def _parquet_info(uri: str, name: str, options) -> VectorFileInfo:
-    import pyarrow as pa
-
     size = storage.file_size(uri, options)
     pf, f = _parquet_file(uri, options)
     try:
@@ -286,8 +284,6 @@ def _check_finite(fi: VectorFileInfo, x: np.ndarray, start: int, offset_of) -> N
 
 def _parquet_read(uri: str, fi: VectorFileInfo, start: int, stop: int, options, column: str) -> np.ndarray:
     """Read ``column`` for rows [start, stop) touching only the overlapping row groups."""
-    import pyarrow as pa
-
     pf, f = _parquet_file(uri, options)
     try:
         md = pf.metadata
@@ -422,9 +418,6 @@ def write_vectors(uri: str, x: np.ndarray, fmt: str | None = None, options: Stor
 
 
 def _write_parquet(f, y: np.ndarray, ids, row_group_rows: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     n, d = y.shape
     vec = pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), d)
     cols = {PARQUET_VECTOR_COLUMN: vec}
@@ -436,37 +429,4 @@ def _write_parquet(f, y: np.ndarray, ids, row_group_rows: int) -> None:
     pq.write_table(pa.table(cols), f, row_group_size=max(1, row_group_rows))
 
 
-# ----------------------------------------------------------------------------------------- k-NN results
-
-def read_knn_results(uri: str, options: StorageOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """big-ann-benchmarks results: uint32 n, uint32 k, n*k int32 ids, n*k float32 distances."""
-    name = storage.redact(uri)
-    data = storage.read_bytes(uri, options)
-    if len(data) < 8:
-        raise VectorFormatError(name, f"file of {len(data)} bytes is too small for the 8-byte header", offset=0)
-    n, k = (int(v) for v in np.frombuffer(data[:8], "<u4"))
-    expected = 8 + 8 * n * k
-    if len(data) != expected:
-        raise VectorFormatError(name, f"header says {n} x {k} results ({expected} bytes) but file size is "
-                                f"{len(data)}", offset=min(len(data), expected))
-    ids = np.frombuffer(data, "<i4", n * k, 8).reshape(n, k).astype(np.int64)
-    dist = np.frombuffer(data, "<f4", n * k, 8 + 4 * n * k).reshape(n, k).astype(np.float32)
-    return ids, dist
-
-
-def write_knn_results(uri: str, I: np.ndarray, D: np.ndarray, options: StorageOptions | None = None) -> None:  # noqa: E741
-    """Write k-NN results atomically in the big-ann-benchmarks layout (ids must fit int32)."""
-    I = np.asarray(I)  # noqa: E741
-    D = np.asarray(D)
-    if I.ndim != 2 or I.shape != D.shape:
-        raise ValueError(f"I and D must be 2-D with equal shapes, got {I.shape} and {D.shape}")
-    if I.size and (I.min() < -(2**31) or I.max() > 2**31 - 1):
-        raise ValueError("result ids do not fit in int32")
-    n, k = I.shape
-    storage.write_bytes_atomic(
-        uri, np.array([n, k], "<u4").tobytes() + I.astype("<i4").tobytes() + D.astype("<f4").tobytes(), options)
-
-
-__all__ = ["FORMATS", "VectorFileInfo", "detect_format", "info", "read_rows", "read_ids", "read_vectors",
-           "iter_blocks", "write_vectors", "read_knn_results", "write_knn_results"]
 

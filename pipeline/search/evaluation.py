@@ -1,8 +1,8 @@
 """Exact ground truth and the accuracy measures used to compare quantizers.
 
-Everything here is plain NumPy/Faiss on in-memory arrays, except that the database given to
-``knn_ground_truth`` may be a vector-file URI streamed block by block, so the ground truth of a
-database larger than RAM can be computed with bounded memory.
+Everything here is plain NumPy/Faiss on in-memory arrays; the database given to
+``knn_ground_truth`` may also be a stream of blocks (``pipeline.io.vectors.iter_blocks``), so the
+ground truth of a database larger than RAM is computed with bounded memory.
 
 Definitions follow the QINCo papers: ``recall_at`` (R@k) is the fraction of queries whose true
 nearest neighbour appears among the first k results; ``k_recall_at_k`` is the big-ann measure
@@ -13,10 +13,10 @@ error (not divided by the dimension).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Iterable, Iterator
 
+import faiss
 import numpy as np
 
 from pipeline.errors import ConfigError
@@ -31,10 +31,10 @@ _TILE_ENTRIES = 1 << 23
 
 
 def _base_blocks(base, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    if isinstance(base, (str, os.PathLike)):
-        from pipeline.io import vectors
-
-        yield from vectors.iter_blocks(str(base), block_rows)
+    if isinstance(base, (str, bytes)):
+        raise ConfigError(f"base {base!r}: give an array or blocks (pipeline.io.vectors.iter_blocks), not a file name")
+    if not hasattr(base, "shape"):  # blocks (first row, vectors) streamed by the caller
+        yield from base
     else:
         base = np.asarray(base)
         if base.ndim != 2:
@@ -45,7 +45,8 @@ def _base_blocks(base, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
 
 def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000,
                      metric: str = "L2") -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours of each query in ``base`` (array or vector-file URI).
+    """Exact k nearest neighbours of each query in ``base`` (an array, or an iterable of
+    ``(first_row, block)`` such as ``pipeline.io.vectors.iter_blocks(uri, block_rows)``).
 
     The base is processed ``block_rows`` rows at a time and the per-block results are merged,
     so the answer does not depend on ``block_rows``. Distances are computed in float64 (exact
@@ -137,29 +138,12 @@ def k_recall_at_k(I_QK, gt_QK, k: int) -> float:
     return found / (I_QK.shape[0] * k)
 
 
-def reconstruction_mse(x_ND, xhat_ND, block_rows: int = 65536) -> float:
-    """Mean over vectors of ||x - xhat||^2, accumulated in float64 block by block."""
-    x_ND = np.asarray(x_ND)
-    xhat_ND = np.asarray(xhat_ND)
-    if x_ND.shape != xhat_ND.shape or x_ND.ndim != 2:
-        raise ConfigError(f"shapes differ or are not 2-D: {x_ND.shape} vs {xhat_ND.shape}")
-    if x_ND.shape[0] == 0:
-        raise ConfigError("no vectors to compare")
-    total = 0.0
-    for i0 in range(0, x_ND.shape[0], block_rows):
-        diff = x_ND[i0:i0 + block_rows].astype(np.float64) - xhat_ND[i0:i0 + block_rows]
-        total += float(np.einsum("nd,nd->", diff, diff))
-    return total / x_ND.shape[0]
-
-
 def search_decoded(queries, decoded_base, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive L2 search of ``queries`` over ``decoded_base`` (Faiss flat index).
 
     Returns ``(D_QK, I_QK)`` with squared distances; id -1 pads rows when the base is smaller
     than k.
     """
-    import faiss
-
     xb = np.ascontiguousarray(decoded_base, dtype=np.float32)
     xq = np.ascontiguousarray(queries, dtype=np.float32)
     if xb.ndim != 2 or xq.ndim != 2 or xb.shape[1] != xq.shape[1]:

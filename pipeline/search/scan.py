@@ -42,239 +42,38 @@ So results do not depend on the query batch, the sharding or the threads.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import faiss
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from pipeline.config import JsonConfig
+from pipeline.codec.codes import code_dtype
+from pipeline.codec.decoder import model_centroids, model_codebooks, model_row_scales
+from pipeline.codec.rowwise import matmul_rows
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.search.topk import PAD_ID, merge_topk, topk_smallest
+from pipeline.search.params import SearchParams
+from pipeline.search.pipeline import finish, merge, shortlist
+from pipeline.search.probe import check_queries, coarse_dists, coarse_probe, probe_lists
+from pipeline.search.rerank import DecodeFn
+from pipeline.search.topk import PAD_ID, topk_smallest
 
-__all__ = [
-    "FlatProbe",
-    "SearchParams",
-    "ShardSearcher",
-    "merge_topk",
-    "brute_force_reference",
-    "sqdist_rows",
-    "additive_decode",
-    "append_lut_tail",
-    "coarse_dists",
-    "prune_lists",
-]
 
 log = logging.getLogger(__name__)
 
-DecodeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-# Above this many IVF lists the coarse quantizer is an HNSW graph instead of a flat scan.
-HNSW_MIN_NLIST = 1 << 16
 # Candidate budget of one NumPy scan chunk; ~150 bytes of temporaries per candidate.
 SCAN_BUFFER_ENTRIES = 1 << 20
 # (query, row) pairs per table gather-add: their int32 table indices (4 MB at M = 16) stay in the
-# CPU's cache between being written and being summed (bench/bench_scanner.py, 1 thread: 8-17% more
-# queries/s at nprobe 4-64 than with a scan chunk's 1M pairs at a time).
+# CPU's cache between being written and being summed (bench/bench_scanner.py measures the gain).
 GATHER_BLOCK_PAIRS = 1 << 16
 # Fewest queries worth a scanner thread of their own.
 MIN_QUERIES_PER_THREAD = 16
 # Extra candidates fetched from the Faiss scanner to resolve ties at the shortlist boundary.
 FAISS_TIE_MARGIN = 16
-
-
-@dataclasses.dataclass
-class SearchParams(JsonConfig):
-    """Per-search parameters.
-
-    k: results per query. nprobe: IVF lists visited per query. shortlist: candidates kept by
-    the lookup-table stage. rerank: how many of the shortlist (best first) go to the neural
-    decoder; None means all of it. With ``rerank < k`` the first ``rerank`` results are the
-    re-ranked ones (exact distances) and the rest follow in lookup-table order, with their
-    lookup-table distances: the fast end of the speed/recall trade-off.
-
-    probe_ratio r (None: off): of a query's ``nprobe`` nearest lists, visit only those whose
-    centroid's squared distance to the query is at most r times the nearest one's
-    (``prune_lists``): an adaptive nprobe that spends the scan on queries near several lists.
-    Every list visited with r is one that plain ``nprobe`` visits.
-
-    prefix_steps P (0: off): the lookup-table stage first ranks the probed lists with the tables
-    of the first P codebooks only (``c_l + Σ_{m<P} C_m[code_m]``: P table lookups per code
-    instead of M), keeps the best ``prefix_shortlist`` (default 4 x shortlist) and ranks those with
-    all M tables (and the row scales) down to ``shortlist``. Candidates that the full tables
-    would put in the shortlist but the prefix tables rank below ``prefix_shortlist`` are lost.
-    """
-
-    k: int = 10
-    nprobe: int = 16
-    shortlist: int = 100
-    rerank: int | None = None
-    prefix_steps: int = 0
-    prefix_shortlist: int | None = None
-    probe_ratio: float | None = None
-
-    def validate(self) -> "SearchParams":
-        if self.k < 1:
-            raise ConfigError(f"SearchParams.k must be >= 1, got {self.k}")
-        if self.nprobe < 1:
-            raise ConfigError(f"SearchParams.nprobe must be >= 1, got {self.nprobe}")
-        if self.shortlist < self.k:
-            raise ConfigError(
-                f"SearchParams.shortlist ({self.shortlist}) must be >= k ({self.k})")
-        if self.rerank is not None and not (1 <= self.rerank <= self.shortlist):
-            raise ConfigError(
-                f"SearchParams.rerank ({self.rerank}) must be between 1 and shortlist "
-                f"({self.shortlist})")
-        if self.probe_ratio is not None and not (np.isfinite(self.probe_ratio) and self.probe_ratio >= 1.0):
-            raise ConfigError(f"SearchParams.probe_ratio must be a number >= 1 (or None: off), "
-                              f"got {self.probe_ratio}")
-        if self.prefix_steps < 0:
-            raise ConfigError(f"SearchParams.prefix_steps must be >= 0, got {self.prefix_steps}")
-        if self.prefix_shortlist is not None and self.prefix_shortlist < self.shortlist:
-            raise ConfigError(f"SearchParams.prefix_shortlist ({self.prefix_shortlist}) must be >= "
-                              f"shortlist ({self.shortlist})")
-        return self
-
-    @property
-    def prefix(self) -> tuple[int, int] | None:
-        """``(P, S1)`` of the prefix stage, or None when it is off."""
-        if not self.prefix_steps:
-            return None
-        return self.prefix_steps, (4 * self.shortlist if self.prefix_shortlist is None else self.prefix_shortlist)
-
-
-def sqdist_rows(q_QD: np.ndarray, x_QXD: np.ndarray) -> np.ndarray:
-    """Exact squared L2 distances ``||q_i - x_ij||^2`` -> ``(Q, X)`` float32.
-
-    Computed from explicit differences in float64 (no ``|q|^2 - 2qx + |x|^2`` cancellation), so
-    the value for a (query, vector) pair does not depend on the batch it is computed in: the
-    re-ranker and ``brute_force_reference`` agree bit for bit.
-    """
-    diff_QXD = x_QXD.astype(np.float64) - q_QD.astype(np.float64)[:, None, :]
-    np.multiply(diff_QXD, diff_QXD, out=diff_QXD)
-    return diff_QXD.sum(axis=-1).astype(np.float32)
-
-
-def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.ndarray,
-                          k: int, batch_entries: int = 1 << 22):
-    """Exact k-NN by scanning all vectors; ties broken by smaller id, padding (inf, -1)."""
-    q_QD = np.asarray(q_QD, dtype=np.float32)
-    vectors_ND = np.asarray(vectors_ND, dtype=np.float32)
-    ids_N = np.asarray(ids_N, dtype=np.int64)
-    Q, D = q_QD.shape
-    N = vectors_ND.shape[0]
-    if vectors_ND.shape[1] != D or ids_N.shape != (N,):
-        raise ValueError(f"shape mismatch: queries {q_QD.shape}, vectors {vectors_ND.shape}, "
-                         f"ids {ids_N.shape}")
-    best = (np.full((Q, k), np.inf, np.float32), np.full((Q, k), PAD_ID, np.int64))
-    n_blk = max(1, batch_entries // max(1, Q * D))
-    for a in range(0, N, n_blk):
-        x_QXD = np.broadcast_to(vectors_ND[None, a:a + n_blk], (Q, min(n_blk, N - a), D))
-        D_QX = sqdist_rows(q_QD, x_QXD)
-        I_QX = np.broadcast_to(ids_N[None, a:a + n_blk], D_QX.shape)
-        best = merge_topk([best, (D_QX, I_QX)], k)
-    return best
-
-
-class FlatProbe:
-    """Exact nearest IVF centroids by squared L2, searched like a Faiss index (``.search(q, P)``,
-    ``.ntotal``, ``.d``): ``||c||^2 - 2 <q, c>`` by one batch-invariant product
-    (:func:`pipeline.codec.rowwise.matmul_rows`) per query batch and a sorted top-P in torch, ties broken
-    by the smaller list id. A query's lists therefore do not depend on the batch it is probed in.
-    ``ShardSearcher`` (below ``HNSW_MIN_NLIST`` lists) and the query job's driver both probe with
-    it. Faiss's ``IndexFlatL2`` search spends more on its heap-based selection than on the product
-    (bench/RESULTS.md, "Adaptive nprobe").
-    """
-
-    def __init__(self, centroids_LD: np.ndarray):
-        import torch
-
-        self.c_LD = torch.from_numpy(np.ascontiguousarray(centroids_LD, dtype=np.float32))
-        self.cT_DL = self.c_LD.T.contiguous()
-        self.cnorm_L = (self.c_LD * self.c_LD).sum(1)
-        self.ntotal, self.d = self.c_LD.shape
-
-    def search(self, q_QD: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(D_QP, I_QP)``: squared distances (float32, ascending) and ids (int64) of the ``P``
-        nearest centroids of each query (``P <= ntotal``)."""
-        import torch
-
-        from pipeline.codec.rowwise import matmul_rows
-
-        P = int(P)
-        q = torch.from_numpy(np.ascontiguousarray(q_QD, dtype=np.float32))
-        d_QL = self.cnorm_L - 2.0 * matmul_rows(q, self.cT_DL)
-        # One more than P, to see ties at the boundary; rows with any tie are ranked by (distance, id).
-        P1 = min(P + 1, self.ntotal)
-        v_QP, i_QP = torch.topk(d_QL, P1, dim=1, largest=False, sorted=True)
-        v, i = v_QP.numpy(), i_QP.numpy()
-        tied = np.flatnonzero((v[:, 1:] == v[:, :-1]).any(axis=1)) if P1 > 1 else np.zeros(0, np.int64)
-        if tied.size:
-            d_XL = d_QL.numpy()[tied]
-            order = np.lexsort((np.broadcast_to(np.arange(self.ntotal), d_XL.shape), d_XL), axis=-1)[:, :P1]
-            i[tied] = order
-            v[tied] = np.take_along_axis(d_XL, order, axis=1)
-        qn_Q1 = (q * q).sum(1, keepdim=True).numpy()
-        return v[:, :P] + qn_Q1, np.ascontiguousarray(i[:, :P])
-
-
-def coarse_dists(q_QD: np.ndarray, lists_QP: np.ndarray, centroids_LD: np.ndarray) -> np.ndarray:
-    """``||q - c_l||^2`` for each probed list (inf for -1), computed in float64 and rounded to
-    float32, so that the value does not depend on the batch it is computed in."""
-    c_QPD = np.asarray(centroids_LD)[np.maximum(lists_QP, 0)].astype(np.float64)
-    diff = c_QPD - np.asarray(q_QD).astype(np.float64)[:, None, :]
-    Dc_QP = np.einsum("qpd,qpd->qp", diff, diff)
-    Dc_QP[lists_QP < 0] = np.inf
-    return Dc_QP.astype(np.float32)
-
-
-def prune_lists(q_QD: np.ndarray, lists_QP: np.ndarray, centroids_LD: np.ndarray,
-                probe_ratio: float | None) -> np.ndarray:
-    """The probed lists a query visits with ``SearchParams.probe_ratio`` r: a list stays if
-    ``||q - c_l||^2 <= r * min_j ||q - c_j||^2`` over the query's probed lists, and becomes -1
-    (not visited) otherwise; the nearest list always stays. ``None`` keeps every list. The
-    distances are ``coarse_dists``', so the choice depends only on the query and the lists, not on
-    the batch or the shard."""
-    if probe_ratio is None:
-        return lists_QP
-    Dc_QP = coarse_dists(q_QD, lists_QP, centroids_LD)
-    nearest_Q = Dc_QP.min(axis=1, initial=np.inf).astype(np.float64)
-    keep = Dc_QP.astype(np.float64) <= float(probe_ratio) * nearest_Q[:, None]
-    return np.where(keep & (lists_QP >= 0), lists_QP, -1)
-
-
-def additive_decode(codes_NM: np.ndarray, list_ids_N: np.ndarray, centroids_LD: np.ndarray,
-                    codebooks_MKD: np.ndarray) -> np.ndarray:
-    """Additive reconstruction ``c_l + Σ_m C_m[code_m]`` (float32)."""
-    codes_NM = np.asarray(codes_NM)
-    x_ND = centroids_LD[np.asarray(list_ids_N, dtype=np.int64)].astype(np.float32)
-    for m in range(codes_NM.shape[1]):
-        x_ND += codebooks_MKD[m][codes_NM[:, m].astype(np.intp)]
-    return x_ND
-
-
-def append_lut_tail(D_QR: np.ndarray, I_QR: np.ndarray, D_QS: np.ndarray, I_QS: np.ndarray,
-                    k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Results ``R..k-1`` from the lookup-table shortlist after the ``R`` re-ranked ones.
-
-    The re-ranked results are the shortlist's first ``R`` entries, so the tail (shortlist entries
-    ``R..k-1``, with their lookup-table distances) holds no duplicate.
-    """
-    R = D_QR.shape[1]
-    return (np.concatenate([D_QR, D_QS[:, R:k]], axis=1),
-            np.concatenate([I_QR, I_QS[:, R:k]], axis=1))
-
-
-def _check_queries(q_QD: np.ndarray, D: int) -> np.ndarray:
-    q_QD = np.ascontiguousarray(q_QD, dtype=np.float32)
-    if q_QD.ndim != 2 or q_QD.shape[1] != D:
-        raise ConfigError(f"queries must have shape (Q, {D}), got {q_QD.shape}")
-    bad = ~np.isfinite(q_QD).all(axis=1)
-    if bad.any():
-        raise ConfigError(f"query row {int(np.flatnonzero(bad)[0])} contains NaN or Inf")
-    return q_QD
 
 
 class ShardSearcher:
@@ -296,7 +95,7 @@ class ShardSearcher:
     norms so that the lookup-table scan runs in C++ (needs K a power of two); by default the
     NumPy scanner is used, on ``num_threads`` threads (query chunks; ``search`` runs each chunk
     through the re-rank on its thread too). Extra threads for the scan alone pay off only
-    for large nprobe (bench/bench_scanner.py: 1.1x at nprobe 64, slower at 4-16 on 2 cores), so
+    for large nprobe (bench/bench_scanner.py), so
     the search job keeps one per actor and scales with actors. ``coarse_index`` may be a prebuilt Faiss index over the centroids
     (e.g. HNSW); ``source`` names the shard in error messages.
     """
@@ -317,8 +116,6 @@ class ShardSearcher:
         self.M, self.K, D_cb = self.codebooks_MKD.shape
         if D_cb != self.D:
             raise ConfigError(f"{source}: codebook dim {D_cb} != centroid dim {self.D}")
-        import torch
-
         # (D, M K): the right-hand side of the lookup tables' product (``_luts``)
         self._codebooks_DMK = torch.from_numpy(
             np.ascontiguousarray(self.codebooks_MKD.reshape(self.M * self.K, self.D).T))
@@ -330,16 +127,14 @@ class ShardSearcher:
         if not np.issubdtype(codes_NM.dtype, np.integer):
             raise VectorFormatError(source, f"codes must be integers, got {codes_NM.dtype}")
         self.N = codes_NM.shape[0]
-        code_dtype = np.uint8 if self.K <= 256 else np.uint16
-        if self.K > 65536:
-            raise ConfigError(f"{source}: K={self.K} codewords per codebook is not supported")
+        dtype = code_dtype(self.K)
         if self.N:
             bad = (codes_NM < 0) | (codes_NM >= self.K)
             if bad.any():
                 row = int(np.flatnonzero(bad.any(axis=1))[0])
                 raise VectorFormatError(source, f"code out of range [0, {self.K}): "
                                                 f"{codes_NM[row].tolist()}", row=row)
-        self.codes_NM = np.ascontiguousarray(codes_NM, dtype=code_dtype)
+        self.codes_NM = np.ascontiguousarray(codes_NM, dtype=dtype)
         self.ids_N = np.ascontiguousarray(ids_N, dtype=np.int64)
         self.list_ids_N = np.ascontiguousarray(list_ids_N, dtype=np.int32)
         self.list_offsets = np.ascontiguousarray(list_offsets, dtype=np.int64)
@@ -424,8 +219,6 @@ class ShardSearcher:
         Faiss stores the shard row index as the label, so results map back to rows (and from
         there to global ids) without a search over ids.
         """
-        import faiss
-
         t0 = time.perf_counter()
         nbits = int(self.K).bit_length() - 1
         quantizer = faiss.IndexFlatL2(self.D)
@@ -462,31 +255,20 @@ class ShardSearcher:
         return self._faiss_ivf is not None
 
     # ------------------------------------------------------------------ stage 1: probe
-    def _coarse(self, nprobe: int):
+    def _probe(self):
         if self._coarse_index is None:
-            if self.nlist >= HNSW_MIN_NLIST:
-                import faiss
-
-                idx = faiss.IndexHNSWFlat(self.D, 32)
-                idx.hnsw.efConstruction = 80
-                idx.add(self.centroids_LD)
-            else:
-                idx = FlatProbe(self.centroids_LD)
-            self._coarse_index = idx
-        idx = self._coarse_index
-        if hasattr(idx, "hnsw"):
-            idx.hnsw.efSearch = max(idx.hnsw.efSearch, 2 * nprobe)
-        return idx
+            self._coarse_index = coarse_probe(self.centroids_LD)
+        return self._coarse_index
 
     def probe(self, q_QD, nprobe: int):
         """Nearest ``nprobe`` IVF lists per query -> ``(Dc_QP float32, lists_QP int64)``.
 
         ``nprobe`` is capped at nlist; missing entries (from approximate coarse indexes) are -1.
         """
-        q_QD = _check_queries(q_QD, self.D)
+        q_QD = check_queries(q_QD, self.D)
         P = max(1, min(int(nprobe), self.nlist))
-        Dc_QP, lists_QP = self._coarse(P).search(q_QD, P)
-        return Dc_QP.astype(np.float32, copy=False), lists_QP.astype(np.int64, copy=False)
+        lists_QP = probe_lists(self._probe(), self.centroids_LD, q_QD, SearchParams(k=1, nprobe=P, shortlist=1))
+        return coarse_dists(q_QD, lists_QP, self.centroids_LD), lists_QP
 
     # ------------------------------------------------------------------ stage 2: LUT shortlist
     def _coarse_dists(self, q_QD: np.ndarray, lists_QP: np.ndarray) -> np.ndarray:
@@ -497,10 +279,6 @@ class ShardSearcher:
         (``pipeline.codec.rowwise``) over the query batch, so a query's tables are the same in any batch,
         shard or thread. The factor -2 is applied to the queries: scaling by a power of two
         commutes with float32 rounding, so each entry is exactly -2 times the plain inner product."""
-        import torch
-
-        from pipeline.codec.rowwise import matmul_rows
-
         M, K = self.M, self.K
         # torch's GEMM runs on the same thread pool as the re-rank's decoder; NumPy's BLAS pool
         # busy-waits after a call and halves the speed of a decode that follows.
@@ -530,9 +308,6 @@ class ShardSearcher:
         pair: a C++ gather-add with no intermediate arrays); this is the canonical arithmetic of a
         lookup-table distance, shared by both scanners.
         """
-        import torch
-        import torch.nn.functional as F
-
         M, K = self.M, self.K
         P = M if steps is None else steps
         Q = lut_QMK.shape[0]
@@ -564,7 +339,7 @@ class ShardSearcher:
             return acc_T
         if self.scale_N is not None:
             # torch gathers the float16 scales and widens them with vector instructions (exact);
-            # NumPy's float16 conversion is element by element, 2-3x slower.
+            # NumPy's float16 conversion is element by element, several times slower.
             acc_T *= torch.from_numpy(self.scale_N).index_select(0, rows_t).float().numpy()
         acc_T += np.take(self.bias_N, rows_T)
         return acc_T
@@ -604,7 +379,7 @@ class ShardSearcher:
         if prefix is not None:
             _, I_QX, rows_QX, D_QX = self.prefix_search(q_QD, lists_QP, *prefix, threads=threads)
             return topk_smallest(D_QX, I_QX, S, payload_QC=rows_QX)
-        q_QD = _check_queries(q_QD, self.D)
+        q_QD = check_queries(q_QD, self.D)
         lists_QP = self._check_lists(lists_QP, q_QD.shape[0])
         if lists_QP.shape[0] == 0:
             return self._empty(0, S)
@@ -623,7 +398,7 @@ class ShardSearcher:
         The selection depends only on the (query, row) pairs, so the best S1 of several shards'
         results is the best S1 of their union: a search merges shards on the prefix distance first.
         """
-        q_QD = _check_queries(q_QD, self.D)
+        q_QD = check_queries(q_QD, self.D)
         lists_QP = self._check_lists(lists_QP, q_QD.shape[0])
         if S1 < 1:
             raise ConfigError(f"prefix shortlist size must be >= 1, got {S1}")
@@ -745,9 +520,7 @@ class ShardSearcher:
         if C <= S:
             cols_QX = np.broadcast_to(np.arange(C), (Q, C))
         else:
-            import torch
-
-            # The S + 1 smallest (unsorted; sorting them costs more than the selection at large S):
+                # The S + 1 smallest (unsorted; sorting them costs more than the selection at large S):
             # more than S candidates are at most the S-th distance exactly when the (S + 1)-th, their
             # largest, equals the S-th, their second largest. The S are the others.
             vals, cols = torch.topk(torch.from_numpy(buf_D), S + 1, dim=1, largest=False,
@@ -765,67 +538,22 @@ class ShardSearcher:
         D_QX = np.take_along_axis(buf_D, cols_QX, axis=1)
         return topk_smallest(D_QX, ids_of(rows_QX), S, payload_QC=rows_QX)
 
-    # ------------------------------------------------------------------ stage 3: re-rank
-    def decode_rows(self, rows_U: np.ndarray) -> np.ndarray:
-        """Exact decoder output for shard rows (batched through ``decode_fn``)."""
-        if self.decode_fn is None:
-            raise ConfigError(f"{self.source}: re-ranking needs a decode_fn")
-        x_UD = np.empty((rows_U.size, self.D), np.float32)
-        for a in range(0, rows_U.size, self.decode_batch_size):
-            r = rows_U[a:a + self.decode_batch_size]
-            x = self.decode_fn(self.codes_NM[r], self.list_ids_N[r])
-            if hasattr(x, "detach"):
-                x = x.detach().cpu().numpy()
-            x = np.asarray(x, dtype=np.float32)
-            if x.shape != (r.size, self.D):
-                raise ConfigError(f"decode_fn returned shape {x.shape}, expected "
-                                  f"{(r.size, self.D)}")
-            x_UD[a:a + r.size] = x
-        return x_UD
-
-    def rerank(self, q_QD, rows_QS, k: int):
-        """Top-k by exact squared distance to ``decode_fn`` of the candidate rows.
-
-        Rows shared by several queries of the batch are decoded once. Rows -1 are padding.
-        """
-        q_QD = _check_queries(q_QD, self.D)
-        rows_QS = np.asarray(rows_QS, dtype=np.int64)
-        if rows_QS.ndim != 2 or rows_QS.shape[0] != q_QD.shape[0]:
-            raise ConfigError(f"rows must have shape ({q_QD.shape[0]}, S), got {rows_QS.shape}")
-        if rows_QS.size and rows_QS.max() >= self.N:
-            raise ConfigError(f"{self.source}: row {int(rows_QS.max())} >= N={self.N}")
-        valid = rows_QS >= 0
-        rows_U, inv = np.unique(rows_QS[valid], return_inverse=True)
-        x_UD = self.decode_rows(rows_U)
-        uidx_QS = np.zeros(rows_QS.shape, np.int64)
-        uidx_QS[valid] = inv
-        Q, S = rows_QS.shape
-        D_QS = np.empty((Q, S), np.float32)
-        step = max(1, (1 << 22) // max(1, S * self.D))
-        for a in range(0, Q, step):
-            x_QSD = x_UD[uidx_QS[a:a + step]] if rows_U.size else \
-                np.zeros((min(step, Q - a), S, self.D), np.float32)
-            D_QS[a:a + step] = sqdist_rows(q_QD[a:a + step], x_QSD)
-        D_QS[~valid] = np.inf
-        I_QS = np.where(valid, self.ids_N[np.maximum(rows_QS, 0)], PAD_ID)
-        return topk_smallest(D_QS, I_QS, k)
-
-    # ------------------------------------------------------------------ full search
+    # ------------------------------------------------------------------ the whole search
     def search(self, q_QD, params: SearchParams, timings: dict | None = None):
-        """probe -> LUT shortlist -> re-rank (skipped without decode_fn) -> ``(D_QK, I_QK)``.
+        """probe -> LUT shortlist -> re-rank (skipped without decode_fn) -> ``(D_QK, I_QK)``: the
+        stages of :mod:`pipeline.search.pipeline`, which the query job's actors run too.
 
         ``timings`` (if given) accumulates seconds per stage under "probe", "lut", "rerank".
         With several threads each takes a part of the queries through the shortlist and the
         re-rank (torch on one thread in each): a decode of a few thousand rows uses two cores
-        less well than two decodes of half as many, one per core (1.3x against 1.7x on
-        2 cores). A stage's seconds are then those of its slowest thread.
+        less well than two decodes of half as many, one per core. A stage's seconds are then
+        those of its slowest thread.
         """
         params.validate()
-        q_QD = _check_queries(q_QD, self.D)
+        q_QD = check_queries(q_QD, self.D)
         t = timings if timings is not None else {}
         t0 = time.perf_counter()
-        _, lists_QP = self.probe(q_QD, params.nprobe)
-        lists_QP = prune_lists(q_QD, lists_QP, self.centroids_LD, params.probe_ratio)
+        lists_QP = probe_lists(self._probe(), self.centroids_LD, q_QD, params)
         t["probe"] = t.get("probe", 0.0) + (time.perf_counter() - t0)
         Q = q_QD.shape[0]
         T = self._threads_for(Q)
@@ -844,23 +572,38 @@ class ShardSearcher:
         return D_QK, I_QK
 
     def _search_part(self, q_QD, lists_QP, params: SearchParams, t: dict, threads: int):
-        """LUT shortlist and re-rank of probed queries, the scan on ``threads`` threads."""
+        """Shortlist and re-rank of probed queries, the scan on ``threads`` threads."""
         t1 = time.perf_counter()
-        if self.decode_fn is None:
-            D_QK, I_QK, _ = self.lut_search(q_QD, lists_QP, params.k, params.prefix, threads)
-            t["lut"] = t.get("lut", 0.0) + (time.perf_counter() - t1)
-            return D_QK, I_QK
-        D_QS, I_QS, rows_QS = self.lut_search(q_QD, lists_QP, params.shortlist, params.prefix, threads)
+        merged = merge(params, [shortlist(self, q_QD, lists_QP, params, threads)])
         t2 = time.perf_counter()
         t["lut"] = t.get("lut", 0.0) + (t2 - t1)
-        R = params.shortlist if params.rerank is None else params.rerank
-        D_QK, I_QK = self.rerank(q_QD, rows_QS[:, :R], min(params.k, R))
-        if R < params.k:
-            D_QK, I_QK = append_lut_tail(D_QK, I_QK, D_QS, I_QS, params.k)
-        t["rerank"] = t.get("rerank", 0.0) + (time.perf_counter() - t2)
-        log.debug("%s: %d queries lut %.4fs rerank %.4fs", self.source, q_QD.shape[0], t2 - t1,
-                  time.perf_counter() - t2)
+        D_QK, I_QK = finish(self.decode_fn, q_QD, merged, params)
+        if self.decode_fn is not None:
+            t["rerank"] = t.get("rerank", 0.0) + (time.perf_counter() - t2)
         return D_QK, I_QK
+
+
+def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=None, lut_scales: bool = True,
+                   decode_fn=None, source: str = "<shard>", num_threads: int = 1):
+    """``ShardSearcher`` over loaded shard rows of an index built with ``model`` (its centroids and
+    additive codebooks), with the row scales of the lookup-table stage unless ``lut_scales`` is off.
+
+    ``scale_N`` holds the rows' stored scales (``pipeline.index.shards.load_shard_rows``; NaN where a shard has none); the
+    scales of rows without one are computed here from the model (``model_row_scales``)."""
+    if not lut_scales:
+        scale_N = None
+    elif len(ids_N):
+        scale_N = np.full(len(ids_N), np.nan, np.float16) if scale_N is None else np.array(scale_N, np.float16)
+        if scale_N.shape != (len(ids_N),):
+            raise ConfigError(f"{source}: row scales have shape {scale_N.shape}, expected ({len(ids_N)},)")
+        todo = np.flatnonzero(np.isnan(scale_N))
+        if todo.size:
+            t = time.perf_counter()
+            scale_N[todo] = model_row_scales(model, codes_NM[todo], list_ids_N[todo])
+            log.info("%s: row scales of %d rows (shards without a lut_scale column) in %.1f s", source,
+                     todo.size, time.perf_counter() - t)
+    return ShardSearcher(list_ids_N, ids_N, codes_NM, list_offsets, model_centroids(model), model_codebooks(model),
+                         decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N)
 
 
 def _in_query_parts(fn, Q: int, T: int):
@@ -868,10 +611,6 @@ def _in_query_parts(fn, Q: int, T: int):
     (tuples of arrays with one row per query) concatenated. The threads fill the cores; torch's own
     threads inside each would oversubscribe them, so torch runs on one thread meanwhile (its thread
     count is process-wide: it is restored after)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
     bounds = np.linspace(0, Q, T + 1).astype(int)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -12,14 +12,23 @@ seconds per training.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
+import faiss
 import numpy as np
 
+from pipeline.codec.decoder import reconstruction_mse
+from pipeline.config import JsonConfig, code_version
 from pipeline.errors import ConfigError
-from pipeline.search.evaluation import reconstruction_mse, recall_at, search_decoded
+from pipeline.io import storage, vectors
+from pipeline.search.evaluation import recall_at, search_decoded
+from pipeline.search.evaluation import knn_ground_truth
+from pipeline.stages.datasets import resolve_dataset
+from pipeline.sysinfo import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +66,6 @@ def factory_string(method: str, code_bytes: int, d: int | None = None) -> str:
 
 def make_quantizer(method: str, code_bytes: int, d: int, seed: int = 1234):
     """An untrained Faiss index whose ``sa_encode``/``sa_decode`` implement the quantizer."""
-    import faiss
-
     fs = factory_string(method, code_bytes, d)
     if fs.startswith("Pad"):
         d_pad = _padded_dim(d, code_bytes)
@@ -184,31 +191,11 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     return "\n".join([line(columns), sep] + [line(r) for r in cells])
 
 
-def machine_info() -> dict:
-    """Platform, CPU model and core count, stored with every benchmark result."""
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu_model": cpu, "cpu_count": os.cpu_count()}
-
-
 def load_inputs(learn: str, base: str, queries: str, groundtruth: str | None = None, *,
                 max_learn: int | None = None, max_base: int | None = None,
                 max_queries: int | None = None, k: int = 100):
     """Read the four inputs of a baseline run, computing the ground truth when it is absent
     or when the base is truncated (the shipped ground truth then no longer applies)."""
-    from pipeline.io import vectors
-    from pipeline.search.evaluation import knn_ground_truth
-
     xt = vectors.read_vectors(learn, max_rows=max_learn)
     xb = vectors.read_vectors(base, max_rows=max_base)
     xq = vectors.read_vectors(queries, max_rows=max_queries)
@@ -224,36 +211,48 @@ def load_inputs(learn: str, base: str, queries: str, groundtruth: str | None = N
     return xt, xb, xq, gt
 
 
-def baselines_command(a) -> int:
-    """``qinco baselines``: run, print the table, write the JSON report atomically."""
-    import json
+@dataclass
+class BaselinesConfig(JsonConfig):
+    """``qinco baselines``: the Faiss quantizers on four vector files, or on a named dataset."""
 
-    from pipeline.io import storage
-    from pipeline.config import code_version
+    out: str
+    learn: str | None = None
+    base: str | None = None
+    queries: str | None = None
+    groundtruth: str | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+    bytes: list[int] = field(default_factory=lambda: [8, 16])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    max_learn: int | None = None
+    max_base: int | None = None
+    max_queries: int | None = None
+    k: int = 100
+    seed: int = 1234
 
-    uris = {"learn": a.learn, "base": a.base, "queries": a.queries, "groundtruth": a.groundtruth}
-    if a.dataset:
-        from pipeline.stages.datasets import resolve_dataset
 
-        ds = resolve_dataset(a.dataset, a.data_dir)
+def run_baselines_job(cfg: BaselinesConfig, echo=print) -> dict:
+    """Run the baselines, print their table, write the JSON report atomically; returns it."""
+    uris = {"learn": cfg.learn, "base": cfg.base, "queries": cfg.queries, "groundtruth": cfg.groundtruth}
+    if cfg.dataset:
+        ds = resolve_dataset(cfg.dataset, cfg.data_dir)
         defaults = {"learn": ds.learn, "base": ds.base, "queries": ds.query, "groundtruth": ds.groundtruth}
         uris = {key: uris[key] or defaults[key] for key in uris}
     missing = [f"--{key}" for key in ("learn", "base", "queries") if not uris[key]]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (or give --dataset)")
     xt, xb, xq, gt = load_inputs(uris["learn"], uris["base"], uris["queries"], uris["groundtruth"],
-                                 max_learn=a.max_learn, max_base=a.max_base,
-                                 max_queries=a.max_queries, k=a.k)
-    rows = run_baselines(xt, xb, xq, gt, code_bytes=a.bytes, methods=a.methods, k=a.k, seed=a.seed)
-    print(format_table(rows))
+                                 max_learn=cfg.max_learn, max_base=cfg.max_base,
+                                 max_queries=cfg.max_queries, k=cfg.k)
+    rows = run_baselines(xt, xb, xq, gt, code_bytes=cfg.bytes, methods=cfg.methods, k=cfg.k, seed=cfg.seed)
+    echo(format_table(rows))
     report = {
         "rows": rows,
-        "arguments": {key: storage.redact(v) if isinstance(v, str) else v
-                      for key, v in vars(a).items() if key != "func"},
+        "arguments": {key: storage.redact(v) if isinstance(v, str) else v for key, v in cfg.to_dict().items()},
         "inputs": {key: storage.redact(v) if v else v for key, v in uris.items()},
         "code_version": code_version(),
         "machine": machine_info(),
     }
-    storage.write_bytes_atomic(a.out, json.dumps(report, indent=2, sort_keys=True).encode())
-    print(f"wrote {storage.redact(a.out)}")
-    return 0
+    storage.write_bytes_atomic(cfg.out, json.dumps(report, indent=2, sort_keys=True).encode())
+    echo(f"wrote {storage.redact(cfg.out)}")
+    return report

@@ -17,6 +17,8 @@ import numpy as np
 
 from pipeline.config import JsonConfig
 from pipeline.errors import PipelineError
+from pipeline.io import storage, vectors
+from pipeline.search.evaluation import knn_ground_truth
 
 DATASETS = ("dwsift", "glove50")
 
@@ -100,9 +102,6 @@ def clustered_vectors(n: int, d: int, n_clusters: int = 32, seed: int = 0, strea
 def make_synthetic(out: str, n_learn: int = 5000, n_base: int = 10000, n_query: int = 200,
                    d: int = 32, k: int = 100, seed: int = 0) -> Dataset:
     """Write a small clustered dataset (``.fvecs`` + exact ``groundtruth.ivecs``) under ``out``."""
-    from pipeline.io import storage, vectors
-    from pipeline.search.evaluation import knn_ground_truth
-
     splits = {"learn": n_learn, "base": n_base, "query": n_query}
     uris = {}
     for stream, (split, n) in enumerate(splits.items()):
@@ -110,7 +109,7 @@ def make_synthetic(out: str, n_learn: int = 5000, n_base: int = 10000, n_query: 
         uris[split] = storage.join(out, f"{split}.fvecs")
         vectors.write_vectors(uris[split], x)
     queries = vectors.read_vectors(uris["query"])
-    _, gt = knn_ground_truth(queries, uris["base"], k=min(k, n_base))
+    _, gt = knn_ground_truth(queries, vectors.iter_blocks(uris["base"], 1_000_000), k=min(k, n_base))
     uris["groundtruth"] = storage.join(out, "groundtruth.ivecs")
     vectors.write_vectors(uris["groundtruth"], gt.astype(np.int32))
     return Dataset(name="synthetic", **uris)

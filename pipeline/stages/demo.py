@@ -18,9 +18,25 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+import ray
 
+from pipeline.codec.model import config_from_preset
+from pipeline.codec.model_file import save_model
 from pipeline.config import JsonConfig, code_version
+from pipeline.distributed.cluster import ensure_ray
 from pipeline.errors import PipelineError
+from pipeline.index.history import format_report, index_report
+from pipeline.index.manifest import garbage_collect
+from pipeline.io import storage, vectors
+from pipeline.search.evaluation import knn_ground_truth
+from pipeline.search.params import SearchParams
+from pipeline.stages.baselines import format_table, run_baselines
+from pipeline.stages.datasets import make_synthetic, resolve_dataset
+from pipeline.stages.encode import EncodeJobConfig, run_encode
+from pipeline.stages.search import evaluate_results, run_search, SearchJobConfig
+from pipeline.sysinfo import machine_info
+from pipeline.train.config import default_lr, TrainConfig
+from pipeline.train.loop import train_model
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +95,6 @@ Stage = tuple[str, Callable[[DemoState], None]]
 
 def stage_dataset(s: DemoState) -> None:
     """Resolve dwsift, or write a synthetic clustered dataset into ``out`` when it is absent."""
-    from pipeline.io import storage, vectors
-    from pipeline.stages.datasets import make_synthetic, resolve_dataset
-
     c = s.config
     try:
         s.dataset = resolve_dataset("dwsift", s.data_dir)
@@ -100,14 +113,11 @@ def stage_dataset(s: DemoState) -> None:
 
 def stage_ground_truth(s: DemoState) -> None:
     """Check the shipped ground truth on a few queries, then compute it for the subsampled base."""
-    from pipeline.io import vectors
-    from pipeline.search.evaluation import knn_ground_truth
-
     c = s.config
     ds = s.dataset
     n_check = min(c.n_check, len(s.queries))
     shipped = vectors.read_vectors(ds.groundtruth, max_rows=n_check)
-    _, recomputed = knn_ground_truth(s.queries[:n_check], ds.base, k=min(10, shipped.shape[1]))
+    _, recomputed = knn_ground_truth(s.queries[:n_check], vectors.iter_blocks(ds.base, 1_000_000), k=min(10, shipped.shape[1]))
     cols = recomputed.shape[1]
     agree = float((recomputed == shipped[:, :cols]).all(axis=1).mean())
     s.report["ground_truth_check"] = {"queries": n_check, "columns": cols, "rows_identical": agree}
@@ -124,8 +134,6 @@ def stage_ground_truth(s: DemoState) -> None:
 
 def stage_baselines(s: DemoState) -> None:
     """Faiss PQ/RQ baselines on the demo data."""
-    from pipeline.stages.baselines import format_table, run_baselines
-
     c = s.config
     rows = run_baselines(s.learn, s.base, s.queries, s.gt, code_bytes=(c.code_bytes,),
                          methods=c.methods, k=c.k, seed=c.seed)
@@ -135,11 +143,6 @@ def stage_baselines(s: DemoState) -> None:
 
 def stage_train(s: DemoState) -> None:
     """Train an IVF-QINCo2 model (``cpu`` preset, 8-byte codes) in this process, time-boxed."""
-    from pipeline.io import storage
-    from pipeline.codec.model_file import save_model
-    from pipeline.codec.model import config_from_preset
-    from pipeline.train.loop import TrainConfig, default_lr, train_model
-
     c = s.config
     x = np.asarray(s.learn, dtype=np.float32)
     n_val = min(c.n_val, len(x) // 5)
@@ -160,8 +163,6 @@ def stage_train(s: DemoState) -> None:
 
 def _store_inputs(s: DemoState) -> None:
     """Put the demo's base, queries and ground truth into the object store (a local folder)."""
-    from pipeline.io import storage, vectors
-
     data = storage.join(s.out, "store")
     ext = "bvecs" if s.base.dtype == np.uint8 else "fvecs"
     s.files = {"base": storage.join(data, f"base.{ext}"), "query": storage.join(data, "query.fvecs"),
@@ -173,10 +174,6 @@ def _store_inputs(s: DemoState) -> None:
 
 def stage_encode(s: DemoState) -> None:
     """Encode the base into IVF shards with the Ray encode job (byte-range reads, actor pool)."""
-    from pipeline.io import storage
-    from pipeline.stages.encode import EncodeJobConfig, run_encode
-    from pipeline.index.manifest import garbage_collect
-
     c = s.config
     _store_inputs(s)
     s.index_uri = storage.join(s.out, "index")
@@ -193,24 +190,18 @@ def stage_encode(s: DemoState) -> None:
 
 def stage_search(s: DemoState) -> None:
     """Answer the queries with the Ray search job (shard actors, LUT shortlist, QINCo re-rank)."""
-    from pipeline.io import storage
-    from pipeline.stages.search import SearchJobConfig, run_search
-
     c = s.config
     s.results_uri = storage.join(s.out, "results", "qinco.bin")
     k = min(c.k, len(s.base))
+    params = SearchParams(k=k, nprobe=min(c.nprobe, c.nlist), shortlist=max(c.shortlist, k))
     rep = run_search(SearchJobConfig(index_uri=s.index_uri, queries_uri=s.files["query"], out_uri=s.results_uri,
-                                     k=k, nprobe=min(c.nprobe, c.nlist), shortlist=max(c.shortlist, k),
-                                     workers=c.workers, cpus_per_worker=0.5))
+                                     params=params, workers=c.workers, cpus_per_worker=0.5))
     s.report["search"] = {k_: rep[k_] for k_ in ("version", "queries", "queries_per_s", "search_s")}
     print(f"  {rep['queries']} queries against {rep['version']}: {rep['queries_per_s']:,.0f} queries/s")
 
 
 def stage_evaluate(s: DemoState) -> None:
     """Recall of the QINCo index against exact ground truth, next to the Faiss baselines."""
-    from pipeline.stages.baselines import format_table
-    from pipeline.stages.search import evaluate_results
-
     c = s.config
     recall = evaluate_results(s.results_uri, s.files["groundtruth"])  # also recorded in the index history
     row = {"method": "QINCo2", "factory": f"IVF{c.nlist},QINCo2-cpu,{c.code_bytes}x8", "bytes": c.code_bytes,
@@ -225,8 +216,6 @@ def stage_evaluate(s: DemoState) -> None:
 
 def stage_history(s: DemoState) -> None:
     """``qinco report`` for the demo index: versions, model, sizes, recall."""
-    from pipeline.index.history import format_report, index_report
-
     print(format_report(index_report(s.index_uri)))
 
 
@@ -246,11 +235,6 @@ def demo_stages() -> list[Stage]:
 
 def run_demo(data_dir: str | None = None, out: str = "demo-out", quick: bool = False) -> dict:
     """Run every demo stage, print a timing per stage, write ``<out>/demo_report.json``."""
-    from pipeline.io import storage
-    from pipeline.stages.baselines import machine_info
-
-    from pipeline.distributed.cluster import ensure_ray
-
     config = DemoConfig.for_mode(quick)
     state = DemoState(config=config, out=str(out), data_dir=data_dir)
     timings: list[dict] = []
@@ -266,8 +250,6 @@ def run_demo(data_dir: str | None = None, out: str = "demo-out", quick: bool = F
             print(f"[{name}] done in {dt:.1f} s", flush=True)
     finally:
         if started_ray:
-            import ray
-
             ray.shutdown()
     total = time.perf_counter() - t_all
     report = {**state.report, "config": config.to_dict(), "quick": quick,

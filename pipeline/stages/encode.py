@@ -9,12 +9,12 @@ workers build shards, the driver commits a manifest atomically.
 2. Ranges whose shard already exists and verifies (size + sha256 from its sidecar) are skipped:
    a killed job re-run with the same arguments encodes only what is missing.
 3. Ray Data reads the pending ranges with byte-range read tasks (``VectorDatasource``, a quarter
-   CPU each, ``ray_datasource.READ_TASK_CPUS``, so they run beside actors holding most CPUs), an actor
+   CPU each, ``pipeline.distributed.datasource.READ_TASK_CPUS``, so they run beside actors holding most CPUs), an actor
    pool (model loaded once per actor, CPU or GPU) assigns IVF lists and computes QINCo codes with
    the same ``encoder.encode`` as single-process ``qinco encode`` (``lut_weight``: the lookup-table-
-   aware choice among the final beam, ``encoder.LutChoice``; ``precision``: the network's
+   aware choice among the final beam, ``pipeline.codec.beam_search.LutChoice``; ``precision``: the network's
    arithmetic, bfloat16 for faster CPU encoding), and the rows' lookup-table
-   scales (``additive_decoder.model_row_scales``: one float32 decode of the codes, far cheaper
+   scales (``pipeline.codec.decoder.model_row_scales``: one float32 decode of the codes, far cheaper
    than the beam search), and writes each range's shard atomically, followed by its sidecar.
 4. When every range has a shard, the driver writes the manifest (the commit point), switches the
    index's ``CURRENT`` pointer, and saves a run report beside the manifest (and a copy in the
@@ -31,19 +31,36 @@ a half-built index. No stage holds the whole collection: each actor holds one ra
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ray.data import ActorPoolStrategy, DataContext
 
-from pipeline.io import storage
+from pipeline.codec.beam_search import LutChoice
+from pipeline.codec.encoder import encode
+from pipeline.codec.model import QincoConfig
+from pipeline.codec.model_file import load_model, model_identity, read_model_info
+from pipeline.codec.precision import resolve_precision
 from pipeline.config import JsonConfig, code_version
+from pipeline.distributed.datasource import read_source, VectorDatasource
+from pipeline.distributed.datasource import unwrap_ray_error
+from pipeline.distributed.encode import EncodeActor, shard_is_done, sidecar
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.index.history import record_event
+from pipeline.index.manifest import (
+    code_params, commit_manifest, current_version, InputEntry, list_versions, load_manifest,
+    Manifest, next_version, shard_uri, ShardEntry, version_dir,
+)
+from pipeline.index.manifest import validate_manifest
+from pipeline.index.shards import shard_name, ShardInfo
+from pipeline.io import storage
+from pipeline.io import vectors
+from pipeline.io.codes import write_codes
+from pipeline.io.inputs import plan_inputs
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +85,9 @@ class EncodeJobConfig(JsonConfig):
     overwrite: bool = False
     skip_bad_ranges: bool = False
     parent_version: str | None = None  # committed version this one derives from (shards reused)
-    # > 0: lookup-table-aware choice of each vector's codes among the final beam (encoder.LutChoice)
+    # > 0: lookup-table-aware choice of each vector's codes among the final beam (pipeline.codec.beam_search.LutChoice)
     lut_weight: float = 0.0
-    # the encoder network's arithmetic (encoder.PRECISIONS); None: float16 on a GPU, float32 on CPU
+    # the encoder network's arithmetic (pipeline.codec.precision.PRECISIONS); None: float16 on a GPU, float32 on CPU
     precision: str | None = None
 
     def identity(self) -> dict[str, Any]:
@@ -112,8 +129,6 @@ class RangeTask(JsonConfig):
 
 def plan_ranges(inputs: list, shard_rows: int) -> list[RangeTask]:
     """Cut every input file into consecutive ranges of at most ``shard_rows`` rows."""
-    from pipeline.index.shards import shard_name
-
     if shard_rows <= 0:
         raise ConfigError(f"shard_rows must be positive, got {shard_rows}")
     tasks = []
@@ -122,106 +137,6 @@ def plan_ranges(inputs: list, shard_rows: int) -> list[RangeTask]:
             stop = min(inp.count, start + shard_rows)
             tasks.append(RangeTask(fi, start, stop, f"shards/{shard_name(fi, start)}"))
     return tasks
-
-
-def _sidecar(shard_uri: str) -> str:
-    return shard_uri + ".json"
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (``VmHWM``), in bytes; 0 when unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except (ImportError, OSError):
-        return 0
-
-
-def _shard_is_done(version_uri: str, task: RangeTask, options=None) -> bool:
-    """True when the shard and its sidecar exist and the shard matches the sidecar."""
-    from pipeline.index.shards import ShardInfo, verify_shard
-
-    uri = storage.join(version_uri, task.shard)
-    side = _sidecar(uri)
-    if not storage.exists(side, options):
-        return False
-    try:
-        info = ShardInfo.from_dict(json.loads(storage.read_bytes(side, options)))
-    except (ValueError, TypeError, KeyError):
-        return False
-    return verify_shard(uri, info, options)
-
-
-class EncodeActor:
-    """Ray Data actor: loads the model once, encodes one range per call and writes its shard.
-
-    Each output row also carries the actor's process id and peak resident memory, so the job
-    report can show that memory per actor does not grow with the collection.
-    """
-
-    def __init__(self, model_uri: str, version_uri: str, inputs: list, batch_size: int,
-                 threads: int, options=None, lut_weight: float = 0.0, precision: str | None = None):
-        import torch
-
-        from pipeline.codec.model_file import load_model, model_identity
-
-        torch.set_num_threads(max(1, threads))
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_uri, device=self.device, options=options)
-        self.model_sha = model_identity(model_uri, options)["config_sha256"]
-        self.version_uri = version_uri
-        self.inputs = inputs
-        self.batch_size = batch_size
-        self.options = options
-        self.lut_weight = lut_weight
-        self.precision = precision
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.codec import encoder
-        from pipeline.codec.additive import model_row_scales
-        from pipeline.index.shards import shard_name, write_shard
-
-        ids = np.asarray(batch["id"], dtype=np.int64)
-        if len(ids) == 0:
-            return {"shard": np.array([], dtype=object), "info": np.array([], dtype=object),
-                    "encode_s": np.array([], dtype=np.float64), "pid": np.array([], dtype=np.int64),
-                    "peak_rss": np.array([], dtype=np.int64)}
-        file_index = int(batch["file_index"][0])
-        rows = np.asarray(batch["row"], dtype=np.int64)
-        first = int(rows[0])
-        if not (np.all(batch["file_index"] == file_index) and np.array_equal(rows, np.arange(first, first + len(rows)))):
-            raise PipelineError(
-                f"encode actor received a batch that is not one contiguous range "
-                f"(file {file_index}, rows {rows[0]}..{rows[-1]}); check shard_rows vs block size")
-        x = np.asarray(batch["vector"], dtype=np.float32)
-        t0 = time.perf_counter()
-        codes, list_ids = encoder.encode(self.model, x, batch_size=self.batch_size or None, device=self.device,
-                                         lut_weight=self.lut_weight, precision=self.precision)
-        scale_N = None
-        if self.model.additive_MKD.shape[0]:
-            # the lookup-table stage's row scales, stored so searches need not decode every row
-            scale_N = model_row_scales(self.model, codes, list_ids, device=self.device)
-        if list_ids is None:
-            list_ids = np.zeros(len(ids), dtype=np.int64)
-        encode_s = time.perf_counter() - t0
-        rel = f"shards/{shard_name(file_index, first)}"
-        uri = storage.join(self.version_uri, rel)
-        cfg = self.model.config
-        info = write_shard(uri, list_ids.astype(np.int32), ids, codes, K=cfg.K,
-                           nlist=max(1, cfg.nlist), model_sha=self.model_sha, options=self.options,
-                           lut_scale_N=scale_N)
-        storage.write_bytes_atomic(_sidecar(uri), info.to_json().encode(), self.options)
-        return {"shard": np.array([rel], dtype=object), "info": np.array([info.to_json()], dtype=object),
-                "encode_s": np.array([encode_s]), "pid": np.array([os.getpid()], dtype=np.int64),
-                "peak_rss": np.array([peak_rss_bytes()], dtype=np.int64)}
 
 
 def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict], model_id: dict,
@@ -234,8 +149,6 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     followed by its sidecar, so an interrupted copy is simply redone by the next run. Returns the
     number of shards copied.
     """
-    from pipeline.index.manifest import load_manifest, shard_uri
-
     parent = load_manifest(cfg.index_uri, version=cfg.parent_version, options=options)
     if (parent.model.get("sha256"), parent.model.get("weights_sha256")) != (
             model_id["config_sha256"], model_id["weights_sha256"]):
@@ -256,7 +169,7 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
             continue
         dst = storage.join(vuri, tk.shard)
         storage.copy_file(shard_uri(cfg.index_uri, parent.version, entry), dst, options)
-        storage.write_bytes_atomic(_sidecar(dst), entry.info().to_json().encode(), options)
+        storage.write_bytes_atomic(sidecar(dst), entry.info().to_json().encode(), options)
         copied += 1
     if copied:
         log.info("reused %d shards of version %s (same model and inputs)", copied, parent.version)
@@ -268,8 +181,6 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
 
     Raise ConfigError if the prefix holds a different index and ``overwrite`` is not set.
     """
-    from pipeline.index.manifest import current_version, load_manifest
-
     cur = current_version(cfg.index_uri, options)
     if cur is None:
         return None
@@ -294,8 +205,6 @@ def _pick_version(cfg: EncodeJobConfig, options, model_sha: str) -> str:
     The same job means the same identity and the same model content (``model_sha``): shards
     left by a run whose model was since replaced at the same URI are never reused.
     """
-    from pipeline.index.manifest import list_versions, next_version, version_dir
-
     committed = set(list_versions(cfg.index_uri, options))
     candidates = []
     for uri in storage.list_files(storage.join(cfg.index_uri, "versions"), options):
@@ -315,27 +224,47 @@ def _pick_version(cfg: EncodeJobConfig, options, model_sha: str) -> str:
 
 def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the encode job; returns the run report (also saved beside the manifest)."""
-    import ray
-
-    from pipeline.codec.model_file import load_model, model_identity
-    from pipeline.index.manifest import InputEntry, Manifest, ShardEntry, code_params, commit_manifest, version_dir
-    from pipeline.distributed.datasource import VectorDatasource, plan_inputs, read_source
-
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
-
-    # -- plan: headers only, everything validated before work starts
     t = time.perf_counter()
+    plan = _plan(cfg, options)
+    if plan is None or isinstance(plan, dict):
+        return plan
+    stages["plan_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    done_now, actor_peak_rss = _encode_pending(cfg, plan, progress, options) if plan.pending else ([], {})
+    stages["encode_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    manifest, bad_ranges = _commit(cfg, plan, options)
+    stages["commit_s"] = time.perf_counter() - t
+    return _report(cfg, plan, manifest, done_now, actor_peak_rss, bad_ranges, stages,
+                   time.perf_counter() - t_start, options)
+
+
+@dataclass
+class _EncodePlan:
+    """What the driver settles before any work: the model's identity and config, the inputs,
+    the version, its ranges and those still to encode."""
+
+    model_id: dict
+    model_config: QincoConfig
+    inputs: list
+    version: str
+    version_uri: str
+    tasks: list[RangeTask]
+    pending: list[RangeTask]
+    reused: int
+
+
+def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
+    """Headers only, everything validated; the report of an up-to-date index when nothing is to do.
+
+    The driver reads the model's config file, not its weights: the actors load the model."""
     model_id = model_identity(cfg.model_uri, options)
-    model = load_model(cfg.model_uri, options=options)
-    mcfg = model.config
-    if cfg.lut_weight:
-        from pipeline.codec.encoder import LutChoice
-
-        LutChoice(model, cfg.lut_weight)  # a bad weight, or a model without additive codebooks, fails here
+    info = read_model_info(cfg.model_uri, options)
+    mcfg = QincoConfig.from_dict(info["config"])
+    LutChoice.check(cfg.lut_weight, bool(info.get("has_additive")))
     if cfg.precision is not None:  # checked for the actors' device before any work
-        from pipeline.codec.encoder import resolve_precision
-
         resolve_precision(cfg.precision, "cuda" if cfg.gpus_per_worker else "cpu")
     inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
     for inp in inputs:
@@ -343,7 +272,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
             raise ConfigError(
                 f"{storage.redact(inp.uri)}: vectors have dimension {inp.dim} but the model "
                 f"{storage.redact(cfg.model_uri)} expects {mcfg.dim}")
-    inputs_desc = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else dict(i) for i in inputs]
+    inputs_desc = [i.to_dict() for i in inputs]
     done_version = _existing_index_check(cfg, model_id, inputs_desc, options)
     if done_version is not None:
         log.info("index %s already holds this job's result (version %s): nothing to do",
@@ -354,151 +283,136 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     job_uri = storage.join(vuri, JOB_FILE)
     stale = storage.remove_stale_temporaries(vuri, STALE_TEMP_S)
     if stale:
-        log.info("removed %d temporary file(s) left by killed writers in %s", stale,
-                 storage.redact(vuri))
+        log.info("removed %d temporary file(s) left by killed writers in %s", stale, storage.redact(vuri))
     if not storage.exists(job_uri, options):
         storage.write_bytes_atomic(job_uri, json.dumps(
             {"identity": cfg.identity(), "model_sha256": model_id["config_sha256"], "config": cfg.to_dict(),
              "code_version": code_version()},
             indent=2, sort_keys=True).encode(), options)
     tasks = plan_ranges(inputs, cfg.shard_rows)
-    pending = [tk for tk in tasks if not _shard_is_done(vuri, tk, options)]
+    pending = [tk for tk in tasks if not shard_is_done(vuri, tk, options)]
     reused = 0
     if cfg.parent_version is not None and pending:
         reused = _reuse_parent_shards(cfg, vuri, inputs_desc, model_id, pending, options)
         if reused:
-            pending = [tk for tk in pending if not _shard_is_done(vuri, tk, options)]
-    stages["plan_s"] = time.perf_counter() - t
-    total_rows = sum(i.count for i in inputs)
-    log.info("encode %s -> %s (%s): %d vectors in %d shards, %d to do",
-             len(inputs), storage.redact(cfg.index_uri), version, total_rows, len(tasks), len(pending))
+            pending = [tk for tk in pending if not shard_is_done(vuri, tk, options)]
+    log.info("encode %s -> %s (%s): %d vectors in %d shards, %d to do", len(inputs),
+             storage.redact(cfg.index_uri), version, sum(i.count for i in inputs), len(tasks), len(pending))
+    return _EncodePlan(model_id, mcfg, inputs, version, vuri, tasks, pending, reused)
 
-    # -- encode pending ranges on an actor pool
+
+def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, options) -> tuple[list[dict], dict]:
+    """The pending ranges through the actor pool; the written shards' infos and each actor's peak RSS."""
     t = time.perf_counter()
+    ctx = DataContext.get_current()
+    rec_bytes = max(i.record_bytes or (i.dim * 4) for i in plan.inputs)
+    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 4 * cfg.shard_rows * rec_bytes)
+    ranges = [(tk.file_index, tk.start, tk.stop) for tk in plan.pending]
+    source = VectorDatasource(plan.inputs, rows_per_task=cfg.shard_rows, options=options, ranges=ranges,
+                              on_error="skip" if cfg.skip_bad_ranges else "raise")
+    # one block per range: with fewer tasks than Ray's default parallelism it would split blocks
+    ds = read_source(source, override_num_blocks=len(plan.pending))
+    ds = ds.map_batches(
+        EncodeActor,
+        batch_size=None,
+        compute=ActorPoolStrategy(size=max(1, cfg.workers)),
+        fn_constructor_kwargs=dict(model_uri=cfg.model_uri, version_uri=plan.version_uri, inputs=plan.inputs,
+                                   batch_size=cfg.batch_size,
+                                   threads=max(1, int(cfg.cpus_per_worker)), options=options,
+                                   lut_weight=cfg.lut_weight, precision=cfg.precision),
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker or None,
+    )
     done_now: list[dict] = []
-    bad_ranges: list[dict] = []
     actor_peak_rss: dict[int, int] = {}
-    if pending:
-        from ray.data import ActorPoolStrategy, DataContext
+    encoded_rows = 0
+    last_log = time.perf_counter()
+    try:
+        for row in ds.iter_rows():
+            info = json.loads(row["info"])
+            done_now.append(info)
+            pid = int(row["pid"])
+            actor_peak_rss[pid] = max(actor_peak_rss.get(pid, 0), int(row["peak_rss"]))
+            encoded_rows += info["rows"]
+            now = time.perf_counter()
+            if progress and (now - last_log > 5 or len(done_now) == len(plan.pending)):
+                log.info("encoded %d/%d shards, %d vectors, %.0f vectors/s", len(done_now), len(plan.pending),
+                         encoded_rows, encoded_rows / max(now - t, 1e-9))
+                last_log = now
+    except Exception as e:  # noqa: BLE001 - surface the original pipeline error
+        err = unwrap_ray_error(e)
+        if err is e:
+            raise
+        raise err from None
+    return done_now, actor_peak_rss
 
-        ctx = DataContext.get_current()
-        rec_bytes = max(i.record_bytes or (i.dim * 4) for i in inputs)
-        ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 4 * cfg.shard_rows * rec_bytes)
-        ranges = [(tk.file_index, tk.start, tk.stop) for tk in pending]
-        source = VectorDatasource(inputs, rows_per_task=cfg.shard_rows, options=options, ranges=ranges,
-                                  on_error="skip" if cfg.skip_bad_ranges else "raise")
-        # one block per range: with fewer tasks than Ray's default parallelism it would split blocks
-        ds = read_source(source, override_num_blocks=len(pending))
-        ds = ds.map_batches(
-            EncodeActor,
-            batch_size=None,
-            compute=ActorPoolStrategy(size=max(1, cfg.workers)),
-            fn_constructor_kwargs=dict(model_uri=cfg.model_uri, version_uri=vuri, inputs=inputs,
-                                       batch_size=cfg.batch_size,
-                                       threads=max(1, int(cfg.cpus_per_worker)), options=options,
-                                       lut_weight=cfg.lut_weight, precision=cfg.precision),
-            num_cpus=cfg.cpus_per_worker,
-            num_gpus=cfg.gpus_per_worker or None,
-        )
-        encoded_rows = 0
-        last_log = time.perf_counter()
-        from pipeline.distributed.datasource import unwrap_ray_error
 
-        try:
-            for row in ds.iter_rows():
-                info = json.loads(row["info"])
-                done_now.append(info)
-                pid = int(row["pid"])
-                actor_peak_rss[pid] = max(actor_peak_rss.get(pid, 0), int(row["peak_rss"]))
-                encoded_rows += info["rows"]
-                now = time.perf_counter()
-                if progress and (now - last_log > 5 or len(done_now) == len(pending)):
-                    el = now - t
-                    log.info("encoded %d/%d shards, %d vectors, %.0f vectors/s",
-                             len(done_now), len(pending), encoded_rows, encoded_rows / max(el, 1e-9))
-                    last_log = now
-        except Exception as e:  # noqa: BLE001 - surface the original pipeline error
-            raise unwrap_ray_error(e) from None
-    stages["encode_s"] = time.perf_counter() - t
-
-    # -- verify all shards, collect entries; skipped bad ranges are reported, never silently dropped
-    t = time.perf_counter()
-    from pipeline.index.shards import ShardInfo
-
-    shard_entries = []
-    for tk in tasks:
-        uri = storage.join(vuri, tk.shard)
-        if not _shard_is_done(vuri, tk, options):
+def _commit(cfg: EncodeJobConfig, plan: _EncodePlan, options) -> tuple[Manifest, list[dict]]:
+    """Verify every shard and commit the manifest; skipped bad ranges are reported, never
+    silently dropped."""
+    shard_entries, bad_ranges = [], []
+    for tk in plan.tasks:
+        uri = storage.join(plan.version_uri, tk.shard)
+        if not shard_is_done(plan.version_uri, tk, options):
             if cfg.skip_bad_ranges:
-                bad_ranges.append(_describe_bad_range(inputs[tk.file_index], tk, options))
+                bad_ranges.append(_describe_bad_range(plan.inputs[tk.file_index], tk, options))
                 continue
             raise PipelineError(f"shard {storage.redact(uri)} is missing after encoding; re-run the job")
-        info = ShardInfo.from_dict(json.loads(storage.read_bytes(_sidecar(uri), options)))
-        shard_entries.append(ShardEntry(name=tk.shard, rows=info.rows, bytes=info.bytes, sha256=info.sha256,
-                                        file_index=tk.file_index, first_row=tk.start,
-                                        id_min=info.id_min, id_max=info.id_max, lists=info.lists))
-    manifest = Manifest(
-        format_version=1,
-        version=version,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        model={"uri": cfg.model_uri, "sha256": model_id["config_sha256"],
-               "weights_sha256": model_id["weights_sha256"], "config": mcfg.to_dict()},
+        info = ShardInfo.from_dict(json.loads(storage.read_bytes(sidecar(uri), options)))
+        shard_entries.append(ShardEntry.from_info(info, tk.file_index, tk.start))
+    mcfg = plan.model_config
+    manifest = Manifest.create(
+        plan.version,
+        model={"uri": cfg.model_uri, "sha256": plan.model_id["config_sha256"],
+               "weights_sha256": plan.model_id["weights_sha256"], "config": mcfg.to_dict()},
         code=code_params(mcfg.M, mcfg.K, mcfg.nlist),
-        inputs=[InputEntry(**{k: d[k] for k in ("uri", "fmt", "count", "dim", "dtype", "id_start",
-                                                  "id_stop", "header_sha256")}) for d in inputs_desc],
-        shards=shard_entries,
-        total_rows=sum(s.rows for s in shard_entries),
-        job_config=cfg.to_dict(),
-        code_version=code_version(),
-        parent_version=cfg.parent_version,
-    )
+        inputs=[InputEntry.from_input(i) for i in plan.inputs],
+        shards=shard_entries, job_config=cfg.to_dict(), parent_version=cfg.parent_version)
     if not bad_ranges:
-        from pipeline.index.manifest import validate_manifest
-
         validate_manifest(manifest)
     commit_manifest(cfg.index_uri, manifest, options=options)
-    stages["commit_s"] = time.perf_counter() - t
+    return manifest, bad_ranges
 
-    wall = time.perf_counter() - t_start
-    bytes_in = sum((i.record_bytes or 0) * i.count for i in inputs)
-    bytes_out = sum(s.bytes for s in shard_entries)
+
+def _report(cfg: EncodeJobConfig, plan: _EncodePlan, manifest: Manifest, done_now: list[dict],
+            actor_peak_rss: dict, bad_ranges: list[dict], stages: dict, wall: float, options) -> dict[str, Any]:
+    """The run report, written beside the manifest and into the index's history."""
+    bytes_in = sum((i.record_bytes or 0) * i.count for i in plan.inputs)
+    bytes_out = sum(s.bytes for s in manifest.shards)
+    encoded = int(sum(d["rows"] for d in done_now))
     report = {
         "job": "encode",
         "status": "committed",
-        "version": version,
+        "version": plan.version,
         "vectors": manifest.total_rows,
-        "shards": len(shard_entries),
+        "shards": len(manifest.shards),
         "shards_encoded_this_run": len(done_now),
-        "shards_reused_this_run": reused,
+        "shards_reused_this_run": plan.reused,
         "parent_version": cfg.parent_version,
         "model_uri": storage.redact(cfg.model_uri),
         "index_uri": storage.redact(cfg.index_uri),
-        "vectors_encoded_this_run": int(sum(d["rows"] for d in done_now)),
+        "vectors_encoded_this_run": encoded,
         "bytes_in": int(bytes_in),
         "bytes_out": int(bytes_out),
         "wall_s": wall,
-        "vectors_per_s": (sum(d["rows"] for d in done_now) / stages["encode_s"]) if done_now else None,
+        "vectors_per_s": (encoded / stages["encode_s"]) if done_now else None,
         "stages": stages,
         "bad_ranges": bad_ranges,
         "actor_peak_rss_bytes": {str(k): v for k, v in sorted(actor_peak_rss.items())},
         "config": cfg.to_dict(),
         "code_version": code_version(),
     }
-    storage.write_bytes_atomic(storage.join(vuri, "report.json"),
+    storage.write_bytes_atomic(storage.join(plan.version_uri, "report.json"),
                                json.dumps(report, indent=2, sort_keys=True).encode(), options)
-    from pipeline.index.history import record_event
-
-    record_event(cfg.index_uri, "encode", report, version=version, options=options)
+    record_event(cfg.index_uri, "encode", report, version=plan.version, options=options)
     log.info("committed %s version %s: %d vectors, %d shards, %.1f MB out, %.1f s",
-             storage.redact(cfg.index_uri), version, manifest.total_rows, len(shard_entries),
+             storage.redact(cfg.index_uri), plan.version, manifest.total_rows, len(manifest.shards),
              bytes_out / 1e6, wall)
     return report
 
 
 def _describe_bad_range(inp, tk: RangeTask, options) -> dict:
     """Re-read a range that produced no shard to name its error in the report."""
-    from pipeline.io import vectors
-
     try:
         vectors.read_rows(inp.uri, tk.start, tk.stop, fmt=inp.fmt, options=options)
         err = "range produced no shard"
@@ -508,4 +422,32 @@ def _describe_bad_range(inp, tk: RangeTask, options) -> dict:
             "stop": tk.stop, "error": storage.redact(err)}
 
 
-__all__ = ["EncodeJobConfig", "RangeTask", "plan_ranges", "run_encode", "EncodeActor", "peak_rss_bytes"]
+def encode_file(model_uri: str, data_uri: str, out_uri: str, B: int | None = None, A: int | None = None,
+                block_rows: int = 65536, device: str = "cpu", options=None,
+                echo=print, lut_weight: float = 0.0, precision: str | None = None,
+                fmt: str | None = None) -> int:
+    """Encode one vector file in this process into a codes file (``qinco encode ... --out X.parquet``).
+
+    Streams the input in blocks; the codes (M bytes per vector) are held until the single atomic
+    write. Returns the number of vectors encoded.
+    """
+    model = load_model(model_uri, device=device, options=options)
+    total = vectors.info(data_uri, fmt=fmt, options=options).count
+    codes, lids = [], []
+    t0 = time.time()
+    for start, block in vectors.iter_blocks(data_uri, block_rows, fmt=fmt, options=options):
+        c, l = encode(model, block, device=device, B=B, A=A, source=storage.redact(data_uri),
+                      lut_weight=lut_weight, precision=precision)
+        codes.append(c)
+        lids.append(l)
+        done = start + len(block)
+        echo(f"encoded {done}/{total} vectors ({done / max(time.time() - t0, 1e-9):.0f} vec/s)")
+    cfg = model.config
+    all_codes = np.concatenate(codes) if codes else np.zeros((0, cfg.M), np.uint8)
+    all_lids = np.concatenate(lids) if model.ivf and lids else None
+    write_codes(out_uri, all_codes, cfg.K, all_lids, model=model_identity(model_uri, options),
+                extra={"source": storage.redact(data_uri), "B": B or cfg.B, "A": cfg.A if A is None else A,
+                       "lut_weight": lut_weight, "precision": precision},
+                options=options)
+    echo(f"wrote {len(all_codes)} codes ({cfg.code_bytes:g} bytes each) to {storage.redact(out_uri)}")
+    return len(all_codes)

@@ -27,9 +27,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.io import storage
+from pipeline.codec.model_file import model_identity
 from pipeline.config import JsonConfig, code_version
 from pipeline.errors import ConfigError
+from pipeline.index.history import record_event
+from pipeline.index.manifest import (
+    current_version, garbage_collect, list_versions, load_manifest, version_dir, version_number,
+)
+from pipeline.index.manifest import set_current
+from pipeline.io import storage
+from pipeline.io.inputs import plan_inputs
+from pipeline.stages.encode import EncodeJobConfig, job_code_choice, run_encode
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +71,6 @@ class ReencodeConfig(JsonConfig):
 
 def _check_inputs_unchanged(parent, options) -> None:
     """The files a version was built from must still hold the same vectors (ids depend on it)."""
-    from pipeline.distributed.datasource import plan_inputs
-
     planned = plan_inputs([i.uri for i in parent.inputs], fmt=parent.job_config.get("fmt"), options=options)
     for old, new in zip(parent.inputs, planned):
         if (old.count, old.header_sha256, old.dim) != (new.count, new.header_sha256, new.dim):
@@ -82,10 +88,6 @@ def _finished_add(parent, add_uris: list[str]) -> bool:
 
 def _committed_not_current(cfg, enc, parent_v: str, options) -> str | None:
     """A version this job already committed whose ``CURRENT`` switch was interrupted, if any."""
-    from pipeline.codec.model_file import model_identity
-    from pipeline.stages.encode import EncodeJobConfig
-    from pipeline.index.manifest import list_versions, load_manifest, version_number
-
     model_sha = None
     for v in reversed(list_versions(cfg.index_uri, options)):
         if version_number(v) <= version_number(parent_v):
@@ -105,10 +107,6 @@ def _committed_not_current(cfg, enc, parent_v: str, options) -> str | None:
 
 def run_reencode(cfg: ReencodeConfig, options=None, progress: bool = True) -> dict[str, Any]:
     """Build (or resume) the new version, switch ``CURRENT``, collect garbage; returns the report."""
-    from pipeline.stages.encode import EncodeJobConfig, job_code_choice, run_encode
-    from pipeline.index.history import record_event
-    from pipeline.index.manifest import current_version, garbage_collect, load_manifest, version_dir
-
     cfg.validate()
     t0 = time.perf_counter()
     parent_v = current_version(cfg.index_uri, options)
@@ -149,9 +147,6 @@ def run_reencode(cfg: ReencodeConfig, options=None, progress: bool = True) -> di
             parent_version=parent_v, lut_weight=lut_weight, precision=precision)
         done = _committed_not_current(cfg, enc, parent_v, options)
         if done is not None:
-            from pipeline.index.history import record_event
-            from pipeline.index.manifest import set_current
-
             m = load_manifest(cfg.index_uri, version=done, options=options)
             log.info("%s: version %s was committed by an earlier run; switching CURRENT to it",
                      storage.redact(cfg.index_uri), done)
@@ -197,6 +192,3 @@ def _finish(cfg: ReencodeConfig, mode: str, parent, result: dict, t0: float, opt
         "config": cfg.to_dict(),
         "code_version": code_version(),
     }
-
-
-__all__ = ["ReencodeConfig", "run_reencode", "REPORT_FILE"]

@@ -1,7 +1,8 @@
 """Training loop for QINCo (single process; the same ``Trainer`` runs under Ray Train DDP).
 
 Loss: per-step MSE of the partial reconstructions in normalised space plus the pre-selectors'
-own losses (see :meth:`QINCo.forward`); codes are found without gradient and decoded with it.
+own losses (:class:`pipeline.train.loss.TrainingLoss`); codes are found without gradient and
+decoded with it.
 AdamW, linear warm-up then cosine decay (over the planned steps, or with
 ``lr_schedule="time"`` over the wall-time budget), gradient clipping by value, reset of codewords unused
 during an epoch (to a random training residual + noise), validation MSE in raw space (the Faiss
@@ -10,7 +11,6 @@ stopping and a wall-time budget.
 
 Public API:
 
-- ``TrainConfig`` (JsonConfig dataclass)
 - ``Trainer(model, cfg, device="cpu", ddp_model=None, total_steps=None)`` with
   ``train_epoch(batches) -> dict``, ``validate(x_val_ND, list_ids_N=None) -> float``,
   ``end_epoch(stats, val_mse) -> dict`` (history record, ``record["stop"]``),
@@ -35,95 +35,21 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.config import JsonConfig
-from pipeline.errors import ConfigError
+from pipeline.codec.decoder import decode, reconstruction_mse
+from pipeline.codec.encoder import assign_lists, encode
 from pipeline.codec.model import QINCo, QincoConfig, validate_vectors
+from pipeline.errors import ConfigError
+from pipeline.train.config import TrainConfig
+from pipeline.train.loss import TrainingLoss
+from pipeline.train.setup import fit_decoder, init_model
 
 log = logging.getLogger(__name__)
-
-
-# Epochs of a run given neither an epoch count nor a time budget.
-DEFAULT_EPOCHS = 10
-
-
-@dataclass
-class TrainConfig(JsonConfig):
-    """Training hyper-parameters (stored with the model).
-
-    ``epochs`` caps the passes over the training set; ``None`` trains until early stopping
-    (``patience`` epochs without a better validation MSE) or the ``time_budget_s`` ends it, and
-    needs a budget.
-    """
-
-    epochs: int | None = DEFAULT_EPOCHS
-    batch_size: int = 1024
-    lr: float = 8e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    grad_clip: float = 0.1
-    patience: int = 10
-    time_budget_s: float | None = None
-    seed: int = 0
-    B_train: int = 0          # 0: the model's config.train_beam
-    B_val: int = 0            # 0: the model's config.B
-    max_train: int | None = None
-    val_size: int = 2000
-    reset_unused: bool = True
-    reset_noise: float = 0.01
-    rq_iters: int = 10
-    rq_max_points: int = 65536
-    rq_beam: int = 5          # beam of the Faiss RQ that initialises the codebooks; 0: greedy k-means
-    fit_additive: bool = True
-    additive_max_rows: int = 50000
-    ridge: float = 1e-6
-    log_every_s: float = 10.0
-    num_threads: int = 0      # 0: leave torch's default
-    lr_schedule: str = "steps"  # "steps": cosine over epochs; "time": cosine over time_budget_s
-    diverge_ratio: float = 1.5  # val MSE above this x the best (or not finite): back to the best
-                                # weights, fresh optimizer state, half the learning rate
-
-    def __post_init__(self) -> None:
-        if self.epochs is None and self.time_budget_s is None:
-            raise ConfigError("epochs=None (train until early stopping or the time budget) needs time_budget_s")
-        if (self.epochs is not None and self.epochs < 0) or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
-            raise ConfigError("epochs >= 0, batch_size >= 1, lr > 0 and patience >= 1 are required")
-        if self.diverge_ratio <= 1:
-            raise ConfigError(f"diverge_ratio must be > 1, got {self.diverge_ratio}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ConfigError(f"time_budget_s must be positive, got {self.time_budget_s}")
-        if self.lr_schedule not in ("steps", "time"):
-            raise ConfigError(f"lr_schedule must be 'steps' or 'time', got {self.lr_schedule!r}")
-        if self.lr_schedule == "time" and self.time_budget_s is None:
-            raise ConfigError("lr_schedule='time' needs time_budget_s")
-
-    @property
-    def max_epochs(self) -> float:
-        """The epoch cap: ``epochs``, or infinity when the budget and early stopping end training."""
-        return math.inf if self.epochs is None else self.epochs
-
-    def planned_steps(self, steps_per_epoch: int) -> int | None:
-        """Optimizer steps of the whole run for the ``"steps"`` schedule (None when unbounded)."""
-        return None if self.epochs is None else self.epochs * steps_per_epoch
-
-
-# Peak learning rates per architecture preset. The papers' 8e-4 suits long GPU runs of the
-# large presets; the small `cpu` preset, trained for minutes, learns several times faster at
-# 1e-2 (measured on dwsift 8 bytes: val MSE 17.5k after 200 s at 1e-2, 19.7k at 3e-3, 22.8k at
-# 8e-4; 2e-2 diverges).
-PRESET_LR = {"cpu": 1e-2}
-DEFAULT_LR = 8e-4
-
-
-def default_lr(preset: str | None) -> float:
-    """Peak learning rate for ``preset`` when the user gives none."""
-    return PRESET_LR.get(preset or "", DEFAULT_LR)
 
 
 class WarmupCosine:
@@ -172,7 +98,8 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.ddp_model = ddp_model
+        self.loss = TrainingLoss(self.model)
+        self.ddp_model = ddp_model  # a DistributedDataParallel around a TrainingLoss of the model
         torch.manual_seed(cfg.seed)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -193,6 +120,15 @@ class Trainer:
         b = self.cfg.time_budget_s
         return b is not None and self.time_used_s >= b
 
+    def _agreed(self, flag: bool) -> bool:
+        """``flag`` on any replica (under ``torch.distributed``; else ``flag``): replicas stop at
+        the same batch, as DDP needs, although each measures its own time."""
+        if not _dist_ready():
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -208,7 +144,7 @@ class Trainer:
             lids = torch.as_tensor(np.asarray(lids) if not isinstance(lids, Tensor) else lids).to(self.device).long()
         return x, lids
 
-    def _lr(self) -> float:
+    def learning_rate(self) -> float:
         """Learning rate of the next step: warm-up by steps, then cosine decay over the steps
         (``lr_schedule="steps"``) or over the wall-time budget (``"time"``), which ends the
         decay when the budget runs out whatever the throughput."""
@@ -232,7 +168,7 @@ class Trainer:
         last lr, number of reset codewords and ``stopped_by_budget``."""
         cfg, model = self.cfg, self.model
         M, K = model.config.M, model.config.K
-        fwd = self.ddp_model if self.ddp_model is not None else model
+        fwd = self.ddp_model if self.ddp_model is not None else self.loss
         model.train()
         usage = torch.zeros(M, K, dtype=torch.long, device=self.device)
         resid_MBD = None
@@ -241,10 +177,10 @@ class Trainer:
         t0 = last = time.time()
         used0 = self.time_used_s
         stopped = False
-        lr = self._lr()
+        lr = self.learning_rate()
         for b in batches:
             x, lids = self._batch(b)
-            lr = self._lr()
+            lr = self.learning_rate()
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             with self._autocast():
@@ -270,7 +206,7 @@ class Trainer:
                 log.info("epoch %d: %d samples, %.0f samples/s, train MSE %.5g", self.epoch + 1, n,
                          n / (now - t0), self._raw_mse(sum_mse / n))
                 last = now
-            if self.budget_exhausted:
+            if self._agreed(self.budget_exhausted):
                 stopped = True
                 break
         n_reset = 0
@@ -324,9 +260,6 @@ class Trainer:
 
     def validate(self, x_val_ND: np.ndarray | Tensor, list_ids_N: np.ndarray | None = None) -> float:
         """Raw-space reconstruction MSE (mean squared L2 error per vector) with beam ``B_val``."""
-        from pipeline.codec.decoder import decode, reconstruction_mse
-        from pipeline.codec.encoder import encode
-
         t0 = time.time()
         B = self.cfg.B_val or self.model.config.B
         codes, lids = encode(self.model, x_val_ND, list_ids_N, device=self.device, B=B,
@@ -416,23 +349,13 @@ class Trainer:
             random.setstate(rng["python"])
 
 
-def train_ivf_centroids(x_ND: np.ndarray, nlist: int, seed: int = 0, niter: int = 20) -> np.ndarray:
-    """IVF centroids ``(nlist, D)`` on raw vectors (``pipeline.codec.ivf``: flat or two-level k-means)."""
-    from pipeline.codec.ivf import IVFConfig, train_coarse_quantizer
-
-    return train_coarse_quantizer(np.asarray(x_ND, dtype=np.float32),
-                                  IVFConfig(nlist=nlist, niter=niter, seed=seed), progress=False)
-
-
 def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig, tcfg: TrainConfig,
                 device: str | torch.device = "cpu", centroids: np.ndarray | None = None,
-                on_epoch_end: Callable[[dict, Trainer], None] | None = None) -> tuple[QINCo, list[dict]]:
+                on_epoch_end: Callable[[dict, Trainer], None] | None = None,
+                x_init_ND: np.ndarray | None = None) -> tuple[QINCo, list[dict]]:
     """Train a QINCo model end to end (see module docstring); returns the best model by
-    validation MSE and the per-epoch history."""
-    from pipeline.codec.additive import fit_additive_decoder
-    from pipeline.codec.encoder import assign_lists, encode
-    from pipeline.codec.rq_init import init_from_rq
-
+    validation MSE and the per-epoch history. ``x_init_ND`` (default: the training set) sets up
+    the model and fits its additive decoder (:mod:`pipeline.train.setup`)."""
     validate_vectors(x_train_ND, qcfg.dim, "training data")
     validate_vectors(x_val_ND, qcfg.dim, "validation data")
     if len(x_train_ND) == 0 or len(x_val_ND) == 0:
@@ -447,18 +370,13 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
     if tcfg.max_train and len(x_train) > tcfg.max_train:
         sel = np.sort(np.random.default_rng(tcfg.seed).choice(len(x_train), tcfg.max_train, replace=False))
         x_train = x_train[sel]
+    x_init = x_train if x_init_ND is None else np.asarray(x_init_ND, dtype=np.float32)
     t_start = time.time()
-    model = QINCo(qcfg).to(device)
-    model.set_normalisation(x_train)
+    model = init_model(qcfg, tcfg, x_init, centroids_LD=centroids, device=device)
     lids_train = lids_val = None
     if qcfg.nlist:
-        if centroids is None:
-            centroids = train_ivf_centroids(x_train, qcfg.nlist, tcfg.seed)
-        model.set_centroids(centroids)
         lids_train = assign_lists(model, x_train)
         lids_val = assign_lists(model, x_val)
-    init_from_rq(model, x_train, lids_train, max_points=tcfg.rq_max_points, niter=tcfg.rq_iters,
-                 seed=tcfg.seed, beam=tcfg.rq_beam)
     steps_per_epoch = math.ceil(len(x_train) / tcfg.batch_size)
     trainer = Trainer(model, tcfg, device, total_steps=tcfg.planned_steps(steps_per_epoch))
     trainer.time_used_s = time.time() - t_start
@@ -483,10 +401,5 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
             break
     trainer.restore_best()
     model.eval()
-    if tcfg.fit_additive:
-        xa = x_train[:tcfg.additive_max_rows]
-        la = None if lids_train is None else lids_train[:tcfg.additive_max_rows]
-        codes, la = encode(model, xa, la, device=device, source="training data")
-        cent = model.centroids_LD.cpu().numpy() if model.ivf else None
-        model.set_additive_codebooks(fit_additive_decoder(codes, xa, qcfg.K, la, cent, ridge=tcfg.ridge))
+    fit_decoder(model, x_init, tcfg, device)
     return model, trainer.history

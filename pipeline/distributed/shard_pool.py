@@ -1,0 +1,198 @@
+"""The query job's shard actors: each holds some shards of one index version and runs the
+shortlist and re-rank stages of :mod:`pipeline.search.pipeline` over them; the driver-side
+``ShardPool`` probes, fans the shortlists out, merges them exactly and sends the re-rank back.
+
+Shard actors load only shards named in the committed manifest, verify their checksums, and are
+restarted by Ray when they die (the batch is retried). With ``allow_partial``, shards whose actor
+fails for good are skipped and listed; otherwise the job fails naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.codec.decoder import Decoder, model_centroids
+from pipeline.codec.model_file import check_model_unchanged, load_model
+from pipeline.errors import PipelineError
+from pipeline.index.manifest import load_manifest, version_dir
+from pipeline.index.shards import load_shard_rows
+from pipeline.io import storage
+from pipeline.search.params import SearchParams
+from pipeline.search.pipeline import finish, merge, shortlist
+from pipeline.search.probe import check_queries, coarse_probe, probe_lists
+from pipeline.search.scan import build_searcher
+
+log = logging.getLogger(__name__)
+
+
+class ShardActor:
+    """Holds one or more shards in memory; answers shortlist and re-rank requests.
+
+    With ``allow_partial`` a shard that fails to load (missing, corrupt) is left out and reported
+    by :meth:`bad_shards`; otherwise the actor fails to start, naming it.
+    """
+
+    def __init__(self, index_uri: str, version: str, shard_entries: list[dict], model_uri: str,
+                 threads: int = 1, options=None, allow_partial: bool = False, lut_scales: bool = True):
+        torch.set_num_threads(max(1, threads))
+        self.model = load_model(model_uri, options=options)
+        self.decoders = {}  # decoder.Decoder by re-rank precision, built on first use
+        nlist = max(1, self.model.config.nlist)
+        self.bad: dict[str, str] = {}
+        list_ids, ids_N, codes_NM, offsets, scale_N = load_shard_rows(
+            version_dir(index_uri, version), shard_entries, nlist, self.model.config.M, options,
+            errors=self.bad if allow_partial else None)
+        self.searcher = build_searcher(self.model, list_ids, ids_N, codes_NM, offsets, scale_N=scale_N,
+                                       lut_scales=lut_scales, source=", ".join(e["name"] for e in shard_entries))
+        self.names = [e["name"] for e in shard_entries]
+
+    def rows(self) -> int:
+        return int(len(self.searcher.ids_N))
+
+    def shortlist(self, q_QD: np.ndarray, lists_QP: np.ndarray, params: SearchParams):
+        """Stage 2 over this actor's shards (:func:`pipeline.search.pipeline.shortlist`), and its seconds."""
+        t = time.perf_counter()
+        return shortlist(self.searcher, q_QD, lists_QP, params) + (time.perf_counter() - t,)
+
+    def finish(self, q_QD: np.ndarray, merged: tuple, params: SearchParams, precision: str = "float32"):
+        """Stage 4 for some queries of the merged shortlist (:func:`pipeline.search.pipeline.finish`)
+        with the QINCo decoder in ``precision``, and its seconds."""
+        t = time.perf_counter()
+        if precision not in self.decoders:
+            self.decoders[precision] = Decoder(self.model, precision)
+        D, I = finish(self.decoders[precision], q_QD, merged, params)
+        return D, I, time.perf_counter() - t
+
+    def bad_shards(self) -> dict[str, str]:
+        """Shards left out at load time (``allow_partial``), with their errors."""
+        return dict(self.bad)
+
+
+def _assign_shards(entries: list[dict], workers: int) -> list[list[dict]]:
+    """Greedy balance of shards over actors by row count (largest first)."""
+    groups: list[list[dict]] = [[] for _ in range(max(1, min(workers, len(entries))))]
+    load = [0] * len(groups)
+    for e in sorted(entries, key=lambda e: (-e["rows"], e["name"])):
+        j = int(np.argmin(load))
+        groups[j].append(e)
+        load[j] += e["rows"]
+    return groups
+
+
+class ShardPool:
+    """Shard actors over the shards of one committed index version, plus the driver-side probe.
+
+    Actors are restarted by Ray when they die (``max_restarts``) and the interrupted call is
+    retried (``max_task_retries``); a restarted actor reloads and re-verifies its shards.
+    A shard that is missing or corrupt, or whose actor fails for good, raises ``PipelineError``
+    naming it; with ``allow_partial`` it is left out instead and listed by :meth:`failed_shards`.
+    """
+
+    def __init__(self, index_uri: str, version: str | None = None, workers: int = 2,
+                 cpus_per_worker: float = 1.0, allow_partial: bool = False, options=None,
+                 lut_scales: bool = True):
+        # the actors run in other directories: relative local paths (the index's, and the model's
+        # as the manifest records it) are resolved here, as the driver reads them
+        index_uri = storage.absolute(index_uri)
+        self.manifest = m = load_manifest(index_uri, version=version, options=options)
+        vuri = version_dir(index_uri, m.version)
+        self.shard_errors: dict[str, str] = {}
+        for s in m.shards:
+            if not storage.exists(storage.join(vuri, s.name), options):
+                msg = (f"shard {storage.redact(storage.join(vuri, s.name))} named in the manifest of "
+                       f"version {m.version} is missing")
+                if not allow_partial:
+                    raise PipelineError(msg)
+                log.warning("%s; searching the other shards", msg)
+                self.shard_errors[s.name] = msg
+        model_uri = storage.absolute(m.model["uri"])
+        check_model_unchanged(m.model, m.version, options)
+        self.model = load_model(model_uri, options=options)
+        self.dim = self.model.config.dim
+        self.nlist = max(1, self.model.config.nlist)
+        self.allow_partial = allow_partial
+        self.centroids_LD = model_centroids(self.model)
+        self.probe_index = coarse_probe(self.centroids_LD)  # the in-process searcher's probe
+        present = [s.to_dict() for s in m.shards if s.name not in self.shard_errors]
+        if not present:
+            raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "
+                                + "; ".join(self.shard_errors.values()))
+        self.groups = _assign_shards(present, workers)
+        Actor = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3)
+        self.actors = [Actor.remote(index_uri, m.version, g, model_uri, max(1, int(cpus_per_worker)),
+                                    options, allow_partial, lut_scales) for g in self.groups]
+        self.failed: dict[int, str] = {}
+        for j, a in enumerate(self.actors):
+            try:
+                self.shard_errors.update(ray.get(a.bad_shards.remote()))
+            except Exception as e:  # noqa: BLE001
+                self.failed[j] = _actor_error(e, self.groups[j])
+        if self.failed and not allow_partial:
+            raise PipelineError("shard actors failed to load: " + "; ".join(self.failed.values()))
+
+    def failed_shards(self) -> list[str]:
+        """Names of the shards whose vectors are not searched (only with ``allow_partial``)."""
+        names = set(self.shard_errors)
+        names.update(e["name"] for j in self.failed for e in self.groups[j])
+        return sorted(names)
+
+    def failures(self) -> dict[str, str]:
+        """Error per failed shard (shard name -> message)."""
+        out = dict(self.shard_errors)
+        for j, msg in self.failed.items():
+            out.update({e["name"]: msg for e in self.groups[j]})
+        return out
+
+    def search_batch(self, q_QD: np.ndarray, params: SearchParams, stages: dict[str, float] | None = None,
+                     precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+        """The stages of :mod:`pipeline.search.pipeline` over every shard: probe here, shortlists in
+        the actors, the exact merge here, the re-rank in the actors (queries split between them);
+        returns ``(D_QK, I_QK)``. ``stages`` accumulates seconds per stage."""
+        stages = stages if stages is not None else {}
+        q_QD = check_queries(q_QD, self.dim)
+        t = time.perf_counter()
+        lists = probe_lists(self.probe_index, self.centroids_LD, q_QD, params)
+        stages["probe_s"] = stages.get("probe_s", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        qref, lref = ray.put(q_QD), ray.put(lists)
+        futs = {j: a.shortlist.remote(qref, lref, params) for j, a in enumerate(self.actors) if j not in self.failed}
+        parts = []
+        for j, f in futs.items():
+            try:
+                parts.append(ray.get(f)[:-1])
+            except Exception as e:  # noqa: BLE001
+                self.failed[j] = _actor_error(e, self.groups[j])
+                if not self.allow_partial:
+                    raise PipelineError("shard search failed: " + self.failed[j]) from e
+        stages["shortlist_s"] = stages.get("shortlist_s", 0.0) + time.perf_counter() - t
+        if not parts:
+            raise PipelineError("no shard answered: " + "; ".join(self.failed.values()))
+        t = time.perf_counter()
+        merged = merge(params, parts)
+        stages["merge_s"] = stages.get("merge_s", 0.0) + time.perf_counter() - t
+        if not params.reranked:
+            return finish(None, q_QD, merged, params)
+        t = time.perf_counter()
+        R = params.reranked
+        live = [a for j, a in enumerate(self.actors) if j not in self.failed]
+        chunks = [c for c in np.array_split(np.arange(len(q_QD)), len(live)) if len(c)]
+        res = ray.get([a.finish.remote(q_QD[c], tuple(x[c, :max(R, params.k)] for x in merged), params, precision)
+                       for a, c in zip(live, chunks)])
+        stages["rerank_s"] = stages.get("rerank_s", 0.0) + time.perf_counter() - t
+        return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def _actor_error(exc: Exception, group: list[dict]) -> str:
+    names = ", ".join(e["name"] for e in group)
+    cause = getattr(exc, "cause", None) or exc
+    return f"shards [{names}]: {storage.redact(str(cause).splitlines()[-1] if str(cause) else type(cause).__name__)}"

@@ -1,0 +1,57 @@
+"""Search results: the big-ann k-NN binary format (``read_knn_results`` / ``write_knn_results``)
+and, beside it, the same results as Parquet (``write_results``)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import VectorFormatError
+from pipeline.io import storage
+from pipeline.io.storage import StorageOptions
+
+
+def read_knn_results(uri: str, options: StorageOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """big-ann-benchmarks results: uint32 n, uint32 k, n*k int32 ids, n*k float32 distances."""
+    name = storage.redact(uri)
+    data = storage.read_bytes(uri, options)
+    if len(data) < 8:
+        raise VectorFormatError(name, f"file of {len(data)} bytes is too small for the 8-byte header", offset=0)
+    n, k = (int(v) for v in np.frombuffer(data[:8], "<u4"))
+    expected = 8 + 8 * n * k
+    if len(data) != expected:
+        raise VectorFormatError(name, f"header says {n} x {k} results ({expected} bytes) but file size is "
+                                f"{len(data)}", offset=min(len(data), expected))
+    ids = np.frombuffer(data, "<i4", n * k, 8).reshape(n, k).astype(np.int64)
+    dist = np.frombuffer(data, "<f4", n * k, 8 + 4 * n * k).reshape(n, k).astype(np.float32)
+    return ids, dist
+
+
+def write_knn_results(uri: str, I: np.ndarray, D: np.ndarray, options: StorageOptions | None = None) -> None:  # noqa: E741
+    """Write k-NN results atomically in the big-ann-benchmarks layout (ids must fit int32)."""
+    I = np.asarray(I)  # noqa: E741
+    D = np.asarray(D)
+    if I.ndim != 2 or I.shape != D.shape:
+        raise ValueError(f"I and D must be 2-D with equal shapes, got {I.shape} and {D.shape}")
+    if I.size and (I.min() < -(2**31) or I.max() > 2**31 - 1):
+        raise ValueError("result ids do not fit in int32")
+    n, k = I.shape
+    storage.write_bytes_atomic(
+        uri, np.array([n, k], "<u4").tobytes() + I.astype("<i4").tobytes() + D.astype("<f4").tobytes(), options)
+
+
+def write_results(out_uri: str, I: np.ndarray, D: np.ndarray, options=None) -> None:
+    """Write results in the big-ann k-NN format at ``out_uri`` and as parquet at ``out_uri + '.parquet'``."""
+    write_knn_results(out_uri, I, D, options=options)
+    k = I.shape[1]
+    table = pa.table({
+        "query": pa.array(np.arange(len(I), dtype=np.int64)),
+        "ids": pa.FixedSizeListArray.from_arrays(pa.array(I.ravel().astype(np.int64)), k),
+        "distances": pa.FixedSizeListArray.from_arrays(pa.array(D.ravel().astype(np.float32)), k),
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(out_uri + ".parquet", buf.getvalue(), options)

@@ -1,0 +1,109 @@
+"""Stage 1 of a search: the IVF lists each query visits.
+
+``coarse_probe`` gives the probe of an index: an exact, batch-invariant ``FlatProbe`` over the
+centroids, or an HNSW graph from ``pipeline.codec.ivf.HNSW_MIN_NLIST`` lists on.
+``probe_lists`` asks it for the ``nprobe`` nearest lists of each query and applies the adaptive
+``probe_ratio`` (``prune_lists``). Distances to the centroids are recomputed in float64
+(``coarse_dists``), so a list's distance does not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.codec.ivf import HNSW_MIN_NLIST, hnsw_index
+from pipeline.codec.rowwise import matmul_rows
+from pipeline.errors import ConfigError
+from pipeline.search.params import SearchParams
+
+
+class FlatProbe:
+    """Exact nearest IVF centroids by squared L2, searched like a Faiss index (``.search(q, P)``,
+    ``.ntotal``, ``.d``): ``||c||^2 - 2 <q, c>`` by one batch-invariant product
+    (:func:`pipeline.codec.rowwise.matmul_rows`) per query batch and a sorted top-P in torch, ties broken
+    by the smaller list id. A query's lists therefore do not depend on the batch it is probed in.
+    Every search probes with it below ``HNSW_MIN_NLIST`` lists (:func:`coarse_probe`).
+    """
+
+    def __init__(self, centroids_LD: np.ndarray):
+        self.c_LD = torch.from_numpy(np.ascontiguousarray(centroids_LD, dtype=np.float32))
+        self.cT_DL = self.c_LD.T.contiguous()
+        self.cnorm_L = (self.c_LD * self.c_LD).sum(1)
+        self.ntotal, self.d = self.c_LD.shape
+
+    def search(self, q_QD: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(D_QP, I_QP)``: squared distances (float32, ascending) and ids (int64) of the ``P``
+        nearest centroids of each query (``P <= ntotal``)."""
+        P = int(P)
+        q = torch.from_numpy(np.ascontiguousarray(q_QD, dtype=np.float32))
+        d_QL = self.cnorm_L - 2.0 * matmul_rows(q, self.cT_DL)
+        # One more than P, to see ties at the boundary; rows with any tie are ranked by (distance, id).
+        P1 = min(P + 1, self.ntotal)
+        v_QP, i_QP = torch.topk(d_QL, P1, dim=1, largest=False, sorted=True)
+        v, i = v_QP.numpy(), i_QP.numpy()
+        tied = np.flatnonzero((v[:, 1:] == v[:, :-1]).any(axis=1)) if P1 > 1 else np.zeros(0, np.int64)
+        if tied.size:
+            d_XL = d_QL.numpy()[tied]
+            order = np.lexsort((np.broadcast_to(np.arange(self.ntotal), d_XL.shape), d_XL), axis=-1)[:, :P1]
+            i[tied] = order
+            v[tied] = np.take_along_axis(d_XL, order, axis=1)
+        qn_Q1 = (q * q).sum(1, keepdim=True).numpy()
+        return v[:, :P] + qn_Q1, np.ascontiguousarray(i[:, :P])
+
+
+def coarse_dists(q_QD: np.ndarray, lists_QP: np.ndarray, centroids_LD: np.ndarray) -> np.ndarray:
+    """``||q - c_l||^2`` for each probed list (inf for -1), computed in float64 and rounded to
+    float32, so that the value does not depend on the batch it is computed in."""
+    c_QPD = np.asarray(centroids_LD)[np.maximum(lists_QP, 0)].astype(np.float64)
+    diff = c_QPD - np.asarray(q_QD).astype(np.float64)[:, None, :]
+    Dc_QP = np.einsum("qpd,qpd->qp", diff, diff)
+    Dc_QP[lists_QP < 0] = np.inf
+    return Dc_QP.astype(np.float32)
+
+
+def prune_lists(q_QD: np.ndarray, lists_QP: np.ndarray, centroids_LD: np.ndarray,
+                probe_ratio: float | None) -> np.ndarray:
+    """The probed lists a query visits with ``SearchParams.probe_ratio`` r: a list stays if
+    ``||q - c_l||^2 <= r * min_j ||q - c_j||^2`` over the query's probed lists, and becomes -1
+    (not visited) otherwise; the nearest list always stays. ``None`` keeps every list. The
+    distances are ``coarse_dists``', so the choice depends only on the query and the lists, not on
+    the batch or the shard."""
+    if probe_ratio is None:
+        return lists_QP
+    Dc_QP = coarse_dists(q_QD, lists_QP, centroids_LD)
+    nearest_Q = Dc_QP.min(axis=1, initial=np.inf).astype(np.float64)
+    keep = Dc_QP.astype(np.float64) <= float(probe_ratio) * nearest_Q[:, None]
+    return np.where(keep & (lists_QP >= 0), lists_QP, -1)
+
+
+
+def coarse_probe(centroids_LD: np.ndarray):
+    """The probe of an index with these centroids: ``FlatProbe``, or HNSW for many lists."""
+    centroids_LD = np.ascontiguousarray(centroids_LD, dtype=np.float32)
+    if centroids_LD.shape[0] >= HNSW_MIN_NLIST:
+        return hnsw_index(centroids_LD)
+    return FlatProbe(centroids_LD)
+
+
+def check_queries(q_QD: np.ndarray, D: int) -> np.ndarray:
+    """Queries as contiguous float32 ``(Q, D)``; ConfigError naming the first NaN/Inf row."""
+    q_QD = np.ascontiguousarray(q_QD, dtype=np.float32)
+    if q_QD.ndim != 2 or q_QD.shape[1] != D:
+        raise ConfigError(f"queries must have shape (Q, {D}), got {q_QD.shape}")
+    bad = ~np.isfinite(q_QD).all(axis=1)
+    if bad.any():
+        raise ConfigError(f"query row {int(np.flatnonzero(bad)[0])} contains NaN or Inf")
+    return q_QD
+
+
+def probe_lists(probe, centroids_LD: np.ndarray, q_QD: np.ndarray, params: SearchParams) -> np.ndarray:
+    """The lists each query visits (int64 ``(Q, P)``, -1 where none): its ``nprobe`` nearest
+    (capped at nlist), pruned by ``params.probe_ratio``."""
+    nlist = centroids_LD.shape[0]
+    P = max(1, min(int(params.nprobe), nlist))
+    if hasattr(probe, "hnsw"):
+        probe.hnsw.efSearch = max(probe.hnsw.efSearch, 2 * P)
+    _, lists_QP = probe.search(q_QD, P)
+    lists_QP = np.asarray(lists_QP, dtype=np.int64)
+    return prune_lists(q_QD, lists_QP, centroids_LD, params.probe_ratio)

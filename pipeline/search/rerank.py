@@ -1,0 +1,96 @@
+"""Stage 4 of a search: exact distances to the neural decoder's reconstruction of the shortlist.
+
+``rerank`` decodes each distinct (codes, list) of the candidates once, computes squared L2
+distances from explicit float64 differences (``sqdist_rows``) and keeps the best ``k``, ties by
+id. Every value it ranks depends only on the (query, candidate) pair, given a decoder that
+decodes a row the same whatever rows come with it (``pipeline.codec.decoder.Decoder``).
+After ``R < k`` re-ranked results the rest follow in lookup-table order (``append_lut_tail``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+from pipeline.search.topk import PAD_ID, merge_topk, topk_smallest
+
+DecodeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def sqdist_rows(q_QD: np.ndarray, x_QXD: np.ndarray) -> np.ndarray:
+    """Exact squared L2 distances ``||q_i - x_ij||^2`` -> ``(Q, X)`` float32.
+
+    Computed from explicit differences in float64 (no ``|q|^2 - 2qx + |x|^2`` cancellation), so
+    the value for a (query, vector) pair does not depend on the batch it is computed in: the
+    re-ranker and ``brute_force_reference`` agree bit for bit.
+    """
+    diff_QXD = x_QXD.astype(np.float64) - q_QD.astype(np.float64)[:, None, :]
+    np.multiply(diff_QXD, diff_QXD, out=diff_QXD)
+    return diff_QXD.sum(axis=-1).astype(np.float32)
+
+
+def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.ndarray,
+                          k: int, batch_entries: int = 1 << 22):
+    """Exact k-NN by scanning all vectors; ties broken by smaller id, padding (inf, -1)."""
+    q_QD = np.asarray(q_QD, dtype=np.float32)
+    vectors_ND = np.asarray(vectors_ND, dtype=np.float32)
+    ids_N = np.asarray(ids_N, dtype=np.int64)
+    Q, D = q_QD.shape
+    N = vectors_ND.shape[0]
+    if vectors_ND.shape[1] != D or ids_N.shape != (N,):
+        raise ValueError(f"shape mismatch: queries {q_QD.shape}, vectors {vectors_ND.shape}, "
+                         f"ids {ids_N.shape}")
+    best = (np.full((Q, k), np.inf, np.float32), np.full((Q, k), PAD_ID, np.int64))
+    n_blk = max(1, batch_entries // max(1, Q * D))
+    for a in range(0, N, n_blk):
+        x_QXD = np.broadcast_to(vectors_ND[None, a:a + n_blk], (Q, min(n_blk, N - a), D))
+        D_QX = sqdist_rows(q_QD, x_QXD)
+        I_QX = np.broadcast_to(ids_N[None, a:a + n_blk], D_QX.shape)
+        best = merge_topk([best, (D_QX, I_QX)], k)
+    return best
+
+
+
+def rerank(decode_fn: DecodeFn, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: np.ndarray,
+           lists_QS: np.ndarray, k: int, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of the candidates ``(I_QS, codes_QSM, lists_QS)`` by exact squared distance to
+    ``decode_fn(codes_NM, list_ids_N)``; padding candidates have id -1.
+
+    Candidates with the same codes and list (one row shortlisted by several queries) are decoded
+    once, ``batch_rows`` at a time.
+    """
+    Q, S = I_QS.shape
+    D = q_QD.shape[1]
+    valid = I_QS >= 0
+    x_QSD = np.zeros((Q, S, D), np.float32)
+    if valid.any():
+        key_UM1 = np.concatenate([codes_QSM[valid].astype(np.int64), lists_QS[valid].astype(np.int64)[:, None]], 1)
+        key_UM1, inv = np.unique(key_UM1, axis=0, return_inverse=True)
+        x_UD = np.empty((len(key_UM1), D), np.float32)
+        for a in range(0, len(key_UM1), batch_rows):
+            kb = key_UM1[a:a + batch_rows]
+            x = np.asarray(decode_fn(kb[:, :-1], kb[:, -1]), dtype=np.float32)
+            if x.shape != (len(kb), D):
+                raise ConfigError(f"the decoder returned shape {x.shape}, expected {(len(kb), D)}")
+            x_UD[a:a + len(kb)] = x
+        x_QSD[valid] = x_UD[inv.ravel()]
+    d_QS = np.empty((Q, S), np.float32)
+    step = max(1, (1 << 22) // max(1, S * D))
+    for a in range(0, Q, step):
+        d_QS[a:a + step] = sqdist_rows(q_QD[a:a + step], x_QSD[a:a + step])
+    d_QS[~valid] = np.inf
+    return topk_smallest(d_QS, np.where(valid, I_QS, PAD_ID), k)
+
+
+def append_lut_tail(D_QR: np.ndarray, I_QR: np.ndarray, D_QS: np.ndarray, I_QS: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Results ``R..k-1`` from the lookup-table shortlist after the ``R`` re-ranked ones.
+
+    The re-ranked results are the shortlist's first ``R`` entries, so the tail (shortlist entries
+    ``R..k-1``, with their lookup-table distances) holds no duplicate.
+    """
+    R = D_QR.shape[1]
+    return (np.concatenate([D_QR, D_QS[:, R:k]], axis=1),
+            np.concatenate([I_QR, I_QS[:, R:k]], axis=1))
