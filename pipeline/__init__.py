@@ -1,7 +1,9 @@
 """QINCo pipeline: neural vector compression at billion scale on Ray.
 
-The math (model, encoder, decoders, search kernels) is plain PyTorch/NumPy in this package and
-runs without Ray; the Ray layers only move data and call it.
+Subpackages by layer (docs/architecture.md): ``codec`` and ``search`` hold the math in plain
+PyTorch/NumPy and run without Ray or storage; ``io`` and ``index`` the files; ``train`` the
+training loop; ``distributed`` the Ray layer, which only moves data and calls the math; ``stages``
+what the CLI (``cli``) runs.
 """
 
 import os as _os

@@ -22,6 +22,11 @@ Public API:
 - ``read_model_info(uri, options=None) -> dict``: the parsed config.json
 - ``model_identity(uri, options=None) -> dict``: ``{"model_uri", "format_version",
   "config_sha256", "weights_sha256"}`` for manifests and codes files.
+- ``save_report(uri, report, options=None)``: a training run's report beside the model files.
+- ``check_model_unchanged(manifest_model, version, options=None)``: refuse an index version
+  whose model was replaced at its URI since it was encoded.
+
+This is the codec's only module that touches storage (``pipeline.io.storage``).
 """
 
 from __future__ import annotations

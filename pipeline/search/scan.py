@@ -1,14 +1,11 @@
-"""Search kernels for one IVF-QINCo shard: IVF probe, LUT shortlist, neural re-rank.
+"""The lookup-table stage over one IVF-QINCo shard: ``ShardSearcher``.
 
-The search follows the QINCo paper's pipeline. For a query batch ``q_QD``:
-
-1. ``probe``: the ``nprobe`` IVF lists whose coarse centroids are nearest to each query
-   (with ``SearchParams.probe_ratio``, only those nearly as near as the nearest: ``prune_lists``).
-2. ``lut_search``: approximate squared L2 distances from each query to every code of its probed
-   lists, using the least-squares additive decoder ``x ≈ c_l + Σ_m C_m[code_m]`` through
-   per-query lookup tables ``<q, C_m[k]>``; keeps a shortlist of ``S`` candidates per query.
-3. ``rerank``: decodes the shortlisted codes with the exact (neural) decoder and ranks them by
-   exact squared L2 distance.
+A ``ShardSearcher`` holds one shard's rows (sorted by IVF list) and scores the codes of the lists
+each query visits: approximate squared L2 distances from the least-squares additive decoder
+``x ≈ c_l + a_n Σ_m C_m[code_m]`` through per-query lookup tables ``<q, C_m[k]>``, and keeps the
+best ``S`` (``lut_search``). ``search`` runs the whole pipeline of :mod:`pipeline.search.pipeline`
+over the shard (probe, this stage, the re-rank by ``decode_fn``); the query job's actors run
+the same functions over theirs.
 
 Optionally (``SearchParams.prefix_steps`` P) stage 2 starts with a prefix stage
 (``prefix_search``): the probed lists are ranked with the first P tables only (the unscaled

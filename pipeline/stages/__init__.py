@@ -1,1 +1,1 @@
-"""stages"""
+"""What the CLI and jobs/ run: train, encode, re-encode, search, baselines, demo, datasets."""
