@@ -1,9 +1,10 @@
 """Lookup-table shortlist scanners of one IVF shard: ours (one table per query) vs Faiss IVF-RQ.
 
-Both scanners rank the same codes with the same additive codebooks and return the same
-shortlist (tests/test_search_kernels.py checks the agreement); this measures their speed on a
-shard shaped like the dwsift index (224k codes of 16 bytes, IVF1024, D=128). Faiss's scanner
-builds an M x K table per (query, probed list); ours (the "table scanner") one per query. The
+Both scanners rank the same codes with the same additive codebooks (Faiss's
+``IndexIVFResidualQuantizer`` is built here over the shard's codes, codebooks and norms, and fed
+the same probed lists); this measures their speed on a shard shaped like the dwsift index (224k
+codes of 16 bytes, IVF1024, D=128). Faiss's scanner builds an M x K table per (query, probed
+list); ours (the "table scanner") one per query. The
 table scanner is also timed with row scales (``ShardSearcher(scale_N=...)``, the search's
 default), which cost one gather and multiply per code; Faiss has no per-row factor.
 
@@ -48,6 +49,35 @@ def synthetic_shard(n: int, nlist: int, M: int, K: int, D: int, seed: int = 0) -
                 codebooks_MKD=rng.normal(0, 1, (M, K, D)).astype(np.float32))
 
 
+def faiss_ivf_rq(s: ShardSearcher):
+    """A Faiss IVF-RQ index whose codebooks, inverted lists and norms are the shard's (labels are
+    shard rows), so that its scan ranks exactly the codes ours does."""
+    import faiss
+
+    nbits = int(s.K).bit_length() - 1
+    quantizer = faiss.IndexFlatL2(s.D)
+    quantizer.add(s.centroids_LD)
+    index = faiss.IndexIVFResidualQuantizer(quantizer, s.D, s.nlist, s.M, nbits, faiss.METRIC_L2,
+                                            faiss.AdditiveQuantizer.ST_norm_float)
+    index.own_fields = False
+    index.quantizer_ref = quantizer  # keep alive: the index does not own it
+    rq = index.rq
+    faiss.copy_array_to_vector(s.codebooks_MKD.ravel(), rq.codebooks)
+    rq.is_trained = index.is_trained = index.by_residual = True
+    for lst in range(s.nlist):
+        a, b = int(s.list_offsets[lst]), int(s.list_offsets[lst + 1])
+        if b == a:
+            continue
+        codes32 = np.ascontiguousarray(s.codes_NM[a:b], dtype=np.int32)
+        norms = np.ascontiguousarray(s.norms_N[a:b])
+        packed = np.empty((b - a, index.code_size), np.uint8)
+        rq.pack_codes(b - a, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1, faiss.swig_ptr(norms), None)
+        rows = np.arange(a, b, dtype=np.int64)
+        index.invlists.add_entries(lst, b - a, faiss.swig_ptr(rows), faiss.swig_ptr(packed))
+    index.ntotal = s.N
+    return index
+
+
 def best_time(fn, repeats: int) -> float:
     best = np.inf
     for _ in range(repeats):
@@ -81,13 +111,17 @@ def main(argv=None) -> int:
         faiss.omp_set_num_threads(T)
         torch.set_num_threads(T)  # the table scanner's gather-add runs on torch threads
         scale_N = np.random.default_rng(2).uniform(0.5, 1.5, a.n).astype(np.float16)
-        searchers = {"Faiss IVF-RQ scanner": ShardSearcher(**shard, use_faiss_scanner=True),
-                     "table scanner": ShardSearcher(**shard, num_threads=T),
+        plain = ShardSearcher(**shard, num_threads=T)
+        ivf_rq = faiss_ivf_rq(plain)
+        searchers = {"table scanner": plain,
                      "table scanner, row scales": ShardSearcher(**shard, num_threads=T, scale_N=scale_N)}
         for P in a.nprobe:
-            _, lists = searchers["table scanner"].probe(q, P)
-            for name, s in searchers.items():
-                dt = best_time(lambda: s.lut_search(q, lists, a.shortlist), a.repeats)
+            Dc, lists = plain.probe(q, P)
+            ivf_rq.nprobe = P
+            scans = {"Faiss IVF-RQ scanner": lambda: ivf_rq.search_preassigned(q, a.shortlist, lists, Dc)}
+            scans.update({name: (lambda s=s: s.lut_search(q, lists, a.shortlist)) for name, s in searchers.items()})
+            for name, fn in scans.items():
+                dt = best_time(fn, a.repeats)
                 rows.append({"scanner": name, "threads": T, "nprobe": P, "queries_per_s": a.queries / dt})
                 print(f"{name:22s} threads {T} nprobe {P:3d}: {a.queries / dt:9,.0f} queries/s", flush=True)
     report = {"command": "python bench/bench_scanner.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),

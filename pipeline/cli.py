@@ -1,8 +1,9 @@
 """The ``qinco`` command line (also ``python -m pipeline``).
 
-This module only parses arguments and calls into ``pipeline``. Each sub-command has one
-``_add_<name>`` function that declares its arguments and a handler that imports what it needs
-lazily, so ``qinco --help`` stays fast.
+This module only parses arguments and calls the stages (``pipeline.stages``). Each sub-command has
+one ``_add_<name>`` function that declares its arguments and a handler that imports its stage when
+it runs: the only function-local imports of the package, so that ``qinco --help`` and commands that
+need neither torch nor Ray start without loading them.
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shortlist", type=int, default=100,
                    help="candidates kept by the lookup-table stage for QINCo re-ranking (default 100)")
     p.add_argument("--rerank", type=int, default=None, metavar="R",
-                   help="decode only the best R of the shortlist (default: all of it); with R < k the "
-                        "results after the first R keep the lookup-table order and distances")
+                   help="decode only the best R of the shortlist (default: all of it; 0: none, as --no-rerank); "
+                        "with R < k the results after the first R keep the lookup-table order and distances")
     p.add_argument("--no-rerank", action="store_true", help="return the lookup-table ranking (no QINCo decode)")
     p.add_argument("--rerank-precision", choices=["float32", "bfloat16"], default="float32",
                    help="arithmetic of the QINCo decoder in the re-rank; bfloat16 is faster on CPUs "

@@ -51,9 +51,6 @@ class ShardActor:
                                        lut_scales=lut_scales, source=", ".join(e["name"] for e in shard_entries))
         self.names = [e["name"] for e in shard_entries]
 
-    def rows(self) -> int:
-        return int(len(self.searcher.ids_N))
-
     def shortlist(self, q_QD: np.ndarray, lists_QP: np.ndarray, params: SearchParams):
         """Stage 2 over this actor's shards (:func:`pipeline.search.pipeline.shortlist`), and its seconds."""
         t = time.perf_counter()

@@ -21,16 +21,13 @@ The last term depends only on the row, so it is precomputed once per row (``bias
 floats); the per-list terms ``<c_l, C_m[k]>`` are folded into it. A query then needs one
 ``M x K`` table and the scan is ``M`` table gathers per code. With row scales ``a_n``
 (``pipeline.codec.additive.row_scales``) the reconstruction is ``c_l + a_n r_n``: the table sum
-is multiplied by ``a_n`` and the bias is ``a_n² ||r_n||² + 2 a_n <c_l, r_n>`` (the Faiss scanner,
-which has no per-row factor, is then not used). Two scanners implement this:
-the default one lays every (query, candidate row) pair of a chunk of queries out flat and sums
-the ``M`` table entries of each pair with torch's ``embedding_bag`` (a C++ gather-add, one bag
-per pair), and Faiss's C++ ``IndexIVFResidualQuantizer`` scanner fed with the same codebooks,
-codes and norms. Faiss rebuilds an ``M x K`` table for every (query, probed list) pair
-(``M K D`` multiply-adds each), so the default scanner is several times faster at D=128, M=16
-(``bench/bench_scanner.py``).
+is multiplied by ``a_n`` and the bias is ``a_n² ||r_n||² + 2 a_n <c_l, r_n>``. The scanner lays
+every (query, candidate row) pair of a chunk of queries out flat and sums the ``M`` table entries
+of each pair with torch's ``embedding_bag`` (a C++ gather-add, one bag per pair).
+``bench/bench_scanner.py`` compares it with Faiss's ``IndexIVFResidualQuantizer`` scan of the same
+codes, which rebuilds an ``M x K`` table for every (query, probed list) pair.
 
-Everything is plain NumPy/torch/Faiss; rankings are exact and break ties by the smaller global
+Everything is plain NumPy/torch; rankings are exact and break ties by the smaller global
 id (see ``pipeline.search.topk``), and every value they rank is computed the same way whatever batch,
 shard or thread it is computed in: the tables and the probe by ``pipeline.codec.rowwise``'s products,
 the coarse and exact distances in float64 from explicit differences, the table sums pair by pair.
@@ -44,7 +41,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,8 +65,6 @@ SCAN_BUFFER_ENTRIES = 1 << 20
 GATHER_BLOCK_PAIRS = 1 << 16
 # Fewest queries worth a scanner thread of their own.
 MIN_QUERIES_PER_THREAD = 16
-# Extra candidates fetched from the Faiss scanner to resolve ties at the shortlist boundary.
-FAISS_TIE_MARGIN = 16
 
 
 class ShardSearcher:
@@ -88,17 +82,15 @@ class ShardSearcher:
     ``scale_N`` (optional, ``(N,)``, stored as float16): per-row scales of the additive residual
     (see the module docstring); without them every row's scale is 1.
 
-    ``use_faiss_scanner`` builds a Faiss ``IndexIVFResidualQuantizer`` holding the same codes and
-    norms so that the lookup-table scan runs in C++ (needs K a power of two); by default the
-    NumPy scanner is used, on ``num_threads`` threads (query chunks; ``search`` runs each chunk
-    through the re-rank on its thread too). Extra threads for the scan alone pay off only
-    for large nprobe (bench/bench_scanner.py), so
-    the search job keeps one per actor and scales with actors. ``coarse_index`` may be a prebuilt Faiss index over the centroids
-    (e.g. HNSW); ``source`` names the shard in error messages.
+    The scan runs on ``num_threads`` threads (query chunks; ``search`` runs each chunk through the
+    re-rank on its thread too). Extra threads for the scan alone pay off only for large nprobe
+    (bench/bench_scanner.py), so the search job keeps one per actor and scales with actors.
+    ``coarse_index`` may be a prebuilt probe over the centroids (e.g. HNSW); ``source`` names the
+    shard in error messages.
     """
 
     def __init__(self, list_ids_N, ids_N, codes_NM, list_offsets, centroids_LD, codebooks_MKD,
-                 decode_fn: DecodeFn | None = None, use_faiss_scanner: bool = False, *,
+                 decode_fn: DecodeFn | None = None, *,
                  coarse_index=None, source: str = "<shard>", decode_batch_size: int = 65536,
                  scan_buffer_entries: int = SCAN_BUFFER_ENTRIES, num_threads: int = 1,
                  scale_N: np.ndarray | None = None):
@@ -158,15 +150,7 @@ class ShardSearcher:
                                          or coarse_index.d != self.D):
             raise ConfigError(f"{source}: coarse index has {coarse_index.ntotal} vectors of dim "
                               f"{coarse_index.d}, expected {self.nlist} of dim {self.D}")
-        self._faiss_ivf = None
-        if use_faiss_scanner:
-            if self.scale_N is not None:
-                log.info("%s: row scales given; using the NumPy scanner", source)
-            elif self.K & (self.K - 1) == 0 and self.K >= 2:
-                self._faiss_ivf = self._build_faiss_ivf()
-            else:
-                log.info("%s: K=%d is not a power of two; using the NumPy scanner",
-                         source, self.K)
+
 
     # ------------------------------------------------------------------ construction
     def _check_layout(self) -> None:
@@ -209,47 +193,6 @@ class ShardSearcher:
             norms_N[a:a + chunk] = nrm
             bias_N[a:a + chunk] = nrm + 2.0 * np.einsum("nd,nd->n", c_ND, r_ND)
         return norms_N, bias_N
-
-    def _build_faiss_ivf(self):
-        """Faiss IVF-RQ index whose codebooks, inverted lists and norms are this shard's.
-
-        Faiss stores the shard row index as the label, so results map back to rows (and from
-        there to global ids) without a search over ids.
-        """
-        t0 = time.perf_counter()
-        nbits = int(self.K).bit_length() - 1
-        quantizer = faiss.IndexFlatL2(self.D)
-        quantizer.add(self.centroids_LD)
-        index = faiss.IndexIVFResidualQuantizer(
-            quantizer, self.D, self.nlist, self.M, nbits, faiss.METRIC_L2,
-            faiss.AdditiveQuantizer.ST_norm_float)
-        index.own_fields = False
-        self._faiss_quantizer = quantizer  # keep alive: the index does not own it
-        rq = index.rq
-        faiss.copy_array_to_vector(self.codebooks_MKD.ravel(), rq.codebooks)
-        rq.is_trained = True
-        index.is_trained = True
-        index.by_residual = True
-        code_size = index.code_size
-        for l in range(self.nlist):
-            a, b = int(self.list_offsets[l]), int(self.list_offsets[l + 1])
-            if b == a:
-                continue
-            codes32 = np.ascontiguousarray(self.codes_NM[a:b], dtype=np.int32)
-            norms = np.ascontiguousarray(self.norms_N[a:b])
-            packed = np.empty((b - a, code_size), np.uint8)
-            rq.pack_codes(b - a, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1,
-                          faiss.swig_ptr(norms), None)
-            rows = np.arange(a, b, dtype=np.int64)
-            index.invlists.add_entries(l, b - a, faiss.swig_ptr(rows), faiss.swig_ptr(packed))
-        index.ntotal = self.N
-        log.debug("%s: built Faiss IVF-RQ scanner over %d codes in %.2fs",
-                  self.source, self.N, time.perf_counter() - t0)
-        return index
-
-    @property
-    def uses_faiss_scanner(self) -> bool:
-        return self._faiss_ivf is not None
 
     # ------------------------------------------------------------------ stage 1: probe
     def _probe(self):
@@ -382,8 +325,6 @@ class ShardSearcher:
             return self._empty(0, S)
         lut_QMK = self._luts(q_QD)
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
-        if self._faiss_ivf is not None:
-            return self._lut_search_faiss(q_QD, lut_QMK, Dc_QP, lists_QP, S)
         return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S, threads=threads)
 
     def prefix_search(self, q_QD, lists_QP, steps: int, S1: int, threads: int | None = None):
@@ -405,30 +346,6 @@ class ShardSearcher:
         lut_QMK = self._luts(q_QD)
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
         return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S1, steps, threads)
-
-    def _lut_search_faiss(self, q_QD, lut_QMK, Dc_QP, lists_QP, S):
-        Q, P = lists_QP.shape
-        index = self._faiss_ivf
-        index.nprobe = P
-        # Faiss keeps an arbitrary subset of candidates tied at the S-th distance (identical
-        # codes in one list tie exactly), and its float32 rounding differs from the NumPy
-        # scanner's by an ulp. Fetch a margin, recompute the candidates' distances with the
-        # NumPy scanner's arithmetic, rank by (distance, id), and rescan with the NumPy kernel
-        # any query whose near-tie runs past the margin. Distances are then the same whichever
-        # scanner or shard produced them, which keeps merged results shard-invariant.
-        S_ext = S + FAISS_TIE_MARGIN
-        D_QX, rows_QX = index.search_preassigned(q_QD, S_ext, lists_QP, Dc_QP)
-        rows_QX = np.where(np.isfinite(D_QX), rows_QX, PAD_ID)
-        I_QX = np.where(rows_QX >= 0, self.ids_N[np.maximum(rows_QX, 0)], PAD_ID)
-        faiss_last_Q = np.max(np.where(rows_QX >= 0, D_QX, -np.inf), axis=1)
-        D_QX = self._lut_dists(lut_QMK, rows_QX, lists_QP, Dc_QP)
-        D_QS, I_QS, rows_QS = topk_smallest(D_QX, I_QX, S, payload_QC=rows_QX)
-        tol_Q = 1e-4 * np.maximum(np.abs(D_QS[:, -1]), 1.0)
-        redo = np.flatnonzero((rows_QX[:, -1] >= 0) & (faiss_last_Q <= D_QS[:, -1] + tol_Q))
-        if redo.size:
-            D_QS[redo], I_QS[redo], rows_QS[redo] = self._lut_search_numpy(
-                lut_QMK[redo], Dc_QP[redo], lists_QP[redo], S)
-        return D_QS, I_QS, rows_QS
 
     def _empty(self, Q: int, S: int):
         return (np.full((Q, S), np.inf, np.float32), np.full((Q, S), PAD_ID, np.int64),
@@ -554,7 +471,7 @@ class ShardSearcher:
         t["probe"] = t.get("probe", 0.0) + (time.perf_counter() - t0)
         Q = q_QD.shape[0]
         T = self._threads_for(Q)
-        if self.decode_fn is None or T <= 1 or self._faiss_ivf is not None:
+        if self.decode_fn is None or T <= 1:
             return self._search_part(q_QD, lists_QP, params, t, T)
         part_t: list[dict] = []
 

@@ -9,7 +9,6 @@ from pipeline.search import scan as search_kernels
 from pipeline.errors import ConfigError, VectorFormatError
 from pipeline.search.params import SearchParams
 from pipeline.search.scan import ShardSearcher
-from pipeline.codec.additive import decode_additive
 from pipeline.search.rerank import brute_force_reference
 from pipeline.search.rerank import rerank
 from pipeline.search.topk import merge_topk
@@ -75,11 +74,9 @@ def data():
     return shard, q, make_decode(shard)
 
 
-@pytest.mark.parametrize("faiss_scan", [False, True])
-def test_lut_distances_equal_additive_bruteforce(data, faiss_scan):
+def test_lut_distances_equal_additive_bruteforce(data):
     shard, q, _ = data
-    s = ShardSearcher(**shard, use_faiss_scanner=faiss_scan)
-    assert s.uses_faiss_scanner == faiss_scan
+    s = ShardSearcher(**shard)
     x = additive_decode(shard["codes_NM"], shard["list_ids_N"], shard["centroids_LD"],
                         shard["codebooks_MKD"]).astype(np.float64)
     exact_QN = ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
@@ -99,8 +96,7 @@ def test_row_scaled_lut_distances_equal_bruteforce_of_scaled_reconstruction(data
     """With row scales the LUT distance is the exact distance to ``c_l + a_n r_n``."""
     shard, q, _ = data
     a_N = np.random.default_rng(5).uniform(0.5, 1.5, N).astype(np.float16)
-    s = ShardSearcher(**shard, use_faiss_scanner=True, scale_N=a_N)
-    assert not s.uses_faiss_scanner  # Faiss has no per-row factor
+    s = ShardSearcher(**shard, scale_N=a_N)
     cent, lids = shard["centroids_LD"], shard["list_ids_N"]
     r = additive_decode(shard["codes_NM"], lids, np.zeros_like(cent), shard["codebooks_MKD"])
     x = cent[lids].astype(np.float64) + a_N.astype(np.float64)[:, None] * r
@@ -121,10 +117,9 @@ def test_row_scaled_lut_distances_equal_bruteforce_of_scaled_reconstruction(data
         ShardSearcher(**shard, scale_N=bad)
 
 
-@pytest.mark.parametrize("faiss_scan", [False, True])
-def test_search_all_lists_equals_bruteforce_of_decoder(data, faiss_scan):
+def test_search_all_lists_equals_bruteforce_of_decoder(data):
     shard, q, decode_fn = data
-    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=faiss_scan)
+    s = ShardSearcher(**shard, decode_fn=decode_fn)
     params = SearchParams(k=20, nprobe=NLIST, shortlist=N)
     timings = {}
     D_, I_ = s.search(q, params, timings)
@@ -135,13 +130,13 @@ def test_search_all_lists_equals_bruteforce_of_decoder(data, faiss_scan):
     assert D_.dtype == np.float32 and I_.dtype == np.int64
     assert set(timings) == {"probe", "lut", "rerank"}
     # the exact decoder really changes the ranking compared with the additive one
-    _, I_lut = ShardSearcher(**shard, use_faiss_scanner=faiss_scan).search(q, params)
+    _, I_lut = ShardSearcher(**shard).search(q, params)
     assert (I_lut != I_).any()
 
 
 def test_duplicates_break_ties_by_id(data):
     shard, q, decode_fn = data
-    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
+    s = ShardSearcher(**shard, decode_fn=decode_fn)
     # query exactly at a duplicated vector: both copies at distance 0, smaller id first
     codes, lists = shard["codes_NM"], shard["list_ids_N"]
     r = next(i for i in range(1, N) if (codes[i] == codes[i - 1]).all()
@@ -154,7 +149,7 @@ def test_duplicates_break_ties_by_id(data):
 
 def test_small_nprobe_equals_bruteforce_over_probed_lists(data):
     shard, _, decode_fn = data
-    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
+    s = ShardSearcher(**shard, decode_fn=decode_fn)
     nprobe, k = 2, 10
     # queries between clusters, so that the probed lists miss true neighbours
     rng = np.random.default_rng(5)
@@ -258,7 +253,7 @@ def test_probe_ratio_visits_only_the_lists_near_the_nearest(data):
 
 def test_rerank_subset_and_dedup(data):
     shard, q, decode_fn = data
-    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
+    s = ShardSearcher(**shard, decode_fn=decode_fn)
     params = SearchParams(k=5, nprobe=4, shortlist=60, rerank=30)
     _, lists = s.probe(q, params.nprobe)
     _, _, rows = s.lut_search(q, lists, params.shortlist)
@@ -312,15 +307,14 @@ def _split(shard, n_shards, seed=7):
     return parts
 
 
-@pytest.mark.parametrize("faiss_scan", [False, True])
-def test_three_shards_merged_equal_one_shard(data, faiss_scan):
+def test_three_shards_merged_equal_one_shard(data):
     shard, q, decode_fn = data
     parts = _split(shard, 3)
     for with_decoder, params in [(True, SearchParams(k=15, nprobe=3, shortlist=N)),
                                  (False, SearchParams(k=15, nprobe=3))]:
         fn = decode_fn if with_decoder else None
-        one = ShardSearcher(**shard, decode_fn=fn, use_faiss_scanner=faiss_scan).search(q, params)
-        many = [ShardSearcher(**p, decode_fn=fn, use_faiss_scanner=faiss_scan).search(q, params)
+        one = ShardSearcher(**shard, decode_fn=fn).search(q, params)
+        many = [ShardSearcher(**p, decode_fn=fn).search(q, params)
                 for p in parts]
         merged = merge_topk(many, params.k)
         np.testing.assert_array_equal(merged[1], one[1])
@@ -328,51 +322,25 @@ def test_three_shards_merged_equal_one_shard(data, faiss_scan):
         assert (merged[1] >= 0).all()
 
 
-def test_faiss_scanner_agrees_with_numpy(data, monkeypatch):
-    shard, q, _ = data
-    s_np = ShardSearcher(**shard, use_faiss_scanner=False)
-    s_fs = ShardSearcher(**shard, use_faiss_scanner=True)
-    _, lists = s_np.probe(q, 3)
-    a, b = s_np.lut_search(q, lists, 100), s_fs.lut_search(q, lists, 100)
-    np.testing.assert_allclose(b[0], a[0], rtol=1e-3, atol=1e-4)
-    same = a[1] == b[1]
-    # ids may only differ where distances are (near-)tied
-    assert same.mean() > 0.99
-    assert np.allclose(a[0][~same], b[0][~same], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(shard["ids_N"][b[2]], b[1])
-    # ties at the shortlist boundary (duplicate codes) resolve by id with any margin
-    _, lists8 = s_np.probe(q, NLIST)
-    ref = s_np.lut_search(q, lists8, 50)
-    for margin in (0, 1, 16):
-        monkeypatch.setattr(search_kernels, "FAISS_TIE_MARGIN", margin)
-        got = s_fs.lut_search(q, lists8, 50)
-        np.testing.assert_array_equal(got[2], ref[2])
-        np.testing.assert_array_equal(got[1], ref[1])
-
-
 def test_large_k_uint16_codes_and_non_power_of_two():
     for k_codes in (300, 512):
         shard, q = make_shard(seed=3, n=600, k_codes=k_codes, n_dup=0)
         assert shard["codes_NM"].dtype == np.uint16
-        s_np = ShardSearcher(**shard, use_faiss_scanner=False)
-        s_fs = ShardSearcher(**shard, use_faiss_scanner=True)
-        assert s_fs.uses_faiss_scanner == (k_codes == 512)
+        s_np = ShardSearcher(**shard)
         x = additive_decode(shard["codes_NM"], shard["list_ids_N"], shard["centroids_LD"],
                             shard["codebooks_MKD"])
         Dr, Ir = brute_force_reference(q, x, shard["ids_N"], 10)
-        for s in (s_np, s_fs):
-            D_, I_ = s.search(q, SearchParams(k=10, nprobe=NLIST))
-            assert (I_ == Ir).mean() > 0.99
-            np.testing.assert_allclose(D_, Dr, rtol=1e-4, atol=1e-3)
+        D_, I_ = s_np.search(q, SearchParams(k=10, nprobe=NLIST))
+        assert (I_ == Ir).mean() > 0.99
+        np.testing.assert_allclose(D_, Dr, rtol=1e-4, atol=1e-3)
 
 
 def test_padding_when_lists_are_small(data):
     shard, q, decode_fn = data
-    s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=False)
+    s = ShardSearcher(**shard, decode_fn=decode_fn)
     _, lists = s.probe(q[:2], 1)
     n_avail = np.diff(shard["list_offsets"])[lists[:, 0]]
-    for fs in (False, True):
-        s = ShardSearcher(**shard, decode_fn=decode_fn, use_faiss_scanner=fs)
+    for s in (ShardSearcher(**shard, decode_fn=decode_fn),):
         big = int(n_avail.max()) + 5
         D_, I_, rows = s.lut_search(q[:2], lists, big)
         for i in range(2):
@@ -416,7 +384,7 @@ def test_bad_inputs_raise_clear_errors(data):
         ShardSearcher(**dict(shard, list_ids_N=lids))
     with pytest.raises(VectorFormatError, match="list_offsets"):
         ShardSearcher(**dict(shard, list_offsets=shard["list_offsets"][:-1]))
-    s = ShardSearcher(**shard, use_faiss_scanner=False)
+    s = ShardSearcher(**shard)
     bad_q = q.copy()
     bad_q[4, 0] = np.nan
     with pytest.raises(ConfigError, match="query row 4"):
