@@ -27,7 +27,7 @@ def test_data_dir_precedence(monkeypatch, tmp_path):
     assert datasets.data_dir() == tmp_path / "env"
     assert datasets.data_dir(tmp_path / "explicit") == tmp_path / "explicit"
     monkeypatch.delenv("QINCO_DATA_DIR")
-    repo = pathlib.Path(datasets.__file__).resolve().parents[1]
+    repo = pathlib.Path(__file__).resolve().parents[1]  # the repository holding tests/
     assert datasets.data_dir() == repo.parent / "shared" / "data"
 
 

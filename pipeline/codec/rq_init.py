@@ -62,7 +62,9 @@ def _faiss_rq_codebooks(r_ND: np.ndarray, M: int, K: int, niter: int, seed: int,
     rq.max_beam_size = int(beam)
     rq.cp.niter = int(niter)
     rq.cp.seed = int(seed)
-    rq.cp.max_points_per_centroid = max(1, len(r_ND) // K + 1)  # use every point, no warning
+    # Each step's k-means runs on the residuals of every beam entry (N x beam points): use them all
+    # (a cap of N / K per centroid would train on 1 / beam of them, and worse codebooks).
+    rq.cp.max_points_per_centroid = max(256, -(-len(r_ND) * max(1, int(beam)) // K) + 1)
     rq.cp.verbose = False
     rq.train(r_ND)
     cbs = faiss.vector_to_array(rq.codebooks).reshape(M, K, D).astype(np.float32)

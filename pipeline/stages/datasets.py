@@ -20,10 +20,10 @@ from pipeline.errors import PipelineError
 from pipeline.io import storage, vectors
 from pipeline.search.evaluation import knn_ground_truth
 
-DATASETS = ("dwsift", "glove50")
+DATASETS = ("dwsift", "glove50", "debdesc384")
 
 _ENV = "QINCO_DATA_DIR"
-_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]  # pipeline/stages/datasets.py -> the repository
 _VECTOR_SUFFIXES = (".fvecs", ".bvecs", ".npy")
 
 
