@@ -64,7 +64,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, nargs="+",
                    help="training vectors: one or more files (fvecs/bvecs/fbin/u8bin/npy/parquet/..., local or s3://)")
     p.add_argument("--out", required=True, help="model directory (local or s3:// prefix)")
-    p.add_argument("--preset", default="cpu", help="architecture preset: cpu, qinco1, qinco2-S/M/L (default cpu)")
+    p.add_argument("--preset", default="auto",
+                   help="auto (default): the model size, beam, learning rate and batch chosen from the number "
+                        "and dimension of the training vectors, recorded with the model; or an expert preset: "
+                        "cpu, qinco1, qinco2-S/M/L")
+    p.add_argument("--bytes", type=int, default=None,
+                   help="code size in bytes per vector (M = bytes with the default K=256)")
+    p.add_argument("--sample-from", nargs="+", default=None, metavar="URI",
+                   help="also train on vectors of these files, e.g. the files to be indexed (the production "
+                        "default): streamed, never a row equal to a validation row")
+    p.add_argument("--sample-size", type=int, default=1_000_000,
+                   help="rows drawn from --sample-from (default 1,000,000; 0: all)")
     for name, typ in (("M", int), ("K", int), ("L", int), ("h", int), ("de", int), ("dh", int),
                       ("A", int), ("B", int), ("B-train", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help=f"override the preset's {name}")
@@ -77,10 +87,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", type=int, default=2000, help="held-out validation vectors (default 2000)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="train for S seconds (initialisation included); the learning rate anneals over them")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch (default: the recipe's, 1024 for the presets)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 1e-2 for the cpu preset, else 8e-4); with "
-                        "--time-budget the cosine decay follows the budget")
+                   help="peak learning rate (default: the recipe's; 1e-2 for the cpu preset, else 8e-4); "
+                        "with --time-budget the cosine decay follows the budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (in-process training)")
     p.add_argument("--ivf", type=int, default=0, metavar="NLIST",
@@ -100,30 +111,54 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         _check_out(a.out, "a model directory")
+        _code_size(a)
         if a.workers > 0:
             return _train_distributed(a)
         from pipeline.stages.train import run_train
 
-        tcfg = _train_config(a)
-        run_train(a.data, a.out, dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B,
-                                      B_train=a.B_train, nlist=a.ivf),
-                  a.preset, tcfg, device=a.device, echo=lambda m: print(m, flush=True))
+        tcfg, explicit = _train_config(a)
+        run_train(a.data, a.out, _model_overrides(a), a.preset, tcfg, device=a.device,
+                  echo=lambda m: print(m, flush=True), explicit_train=explicit,
+                  sample_from=a.sample_from, sample_size=a.sample_size or None)
         return 0
 
     p.set_defaults(func=run)
 
 
+def _code_size(a: argparse.Namespace) -> None:
+    """``--bytes`` as ``--M`` (8-bit codes unless ``--K`` says otherwise); both must agree."""
+    from pipeline.errors import ConfigError
+
+    if a.bytes is None:
+        return
+    bits = (a.K or 256).bit_length() - 1
+    if a.bytes < 1 or (a.bytes * 8) % bits or (a.K or 256) != 1 << bits:
+        raise ConfigError(f"--bytes {a.bytes} is not a whole number of {bits}-bit codes")
+    M = a.bytes * 8 // bits
+    if a.M is not None and a.M != M:
+        raise ConfigError(f"--bytes {a.bytes} means --M {M}, not --M {a.M}")
+    a.M = M
+
+
+def _model_overrides(a: argparse.Namespace) -> dict:
+    return dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf)
+
+
 def _train_config(a: argparse.Namespace):
+    """The training config of the command line, and the names of the fields the user gave
+    (which the recipe of ``--preset auto`` leaves as given)."""
     from pipeline.train.config import DEFAULT_EPOCHS, default_lr, TrainConfig
 
     # Without --epochs a budget alone ends training (or early stopping): a cap of 10 epochs would
     # stop a 30-minute run after minutes, before the rate, annealed over the budget, had come down.
     epochs = a.epochs if a.epochs is not None else (None if a.time_budget else DEFAULT_EPOCHS)
     extra = {} if a.patience is None else {"patience": a.patience}
-    return TrainConfig(epochs=epochs, batch_size=a.batch_size, **extra,
+    explicit = frozenset(k for k, v in (("lr", a.lr), ("batch_size", a.batch_size)) if v is not None)
+    tcfg = TrainConfig(epochs=epochs, batch_size=a.batch_size or 1024, **extra,
                        lr=a.lr if a.lr is not None else default_lr(a.preset), seed=a.seed,
                        max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget,
                        lr_schedule="time" if a.time_budget else "steps")
+    return tcfg, explicit
 
 
 def _train_distributed(a: argparse.Namespace) -> int:
@@ -133,15 +168,24 @@ def _train_distributed(a: argparse.Namespace) -> int:
     from pipeline.distributed.train import DistTrainConfig, run_distributed_training
     from pipeline.codec.model import config_from_preset
     from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
+    from pipeline.errors import ConfigError
+    from pipeline.train.recipe import AUTO
 
-    # the dimension comes from the data headers, checked by the job before anything else
-    qd = config_from_preset(a.preset, 1, M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
-                            A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf).to_dict()
+    if a.sample_from:
+        raise ConfigError("--sample-from trains in this process; with --workers give those files to --data "
+                          "(the validation rows are then held out of all of them)")
+    if a.preset == AUTO:
+        # the recipe needs the number of training vectors: the job chooses it after planning
+        qd = {k: v for k, v in _model_overrides(a).items() if v is not None}
+    else:
+        # the dimension comes from the data headers, checked by the job before anything else
+        qd = config_from_preset(a.preset, 1, **_model_overrides(a)).to_dict()
     qd["dim"] = None
-    tcfg = _train_config(a)
+    tcfg, explicit = _train_config(a)
     ensure_ray()
     summary = run_distributed_training(DistTrainConfig(
-        data_uris=list(a.data), out_uri=a.out, qinco=qd, train=tcfg.to_dict(),
+        data_uris=list(a.data), out_uri=a.out, qinco=qd, train=tcfg.to_dict(), preset=a.preset,
+        explicit_train=sorted(explicit),
         workers=a.workers, cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker,
         threads_per_worker=a.threads_per_worker, fresh=a.fresh, stop_after_epochs=a.stop_after_epochs))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))

@@ -236,3 +236,26 @@ def test_both_trainers_train_validate_and_initialise_on_the_same_rows(ray_sessio
     assert len(x_val) == 300 and len(x_init) == 1000 and len(x_train) > total - 2 * 300
     rows = {r.tobytes() for r in x_val}
     assert not any(r.tobytes() in rows for r in x_train)
+
+
+def test_the_default_recipe_is_chosen_from_the_planned_rows(ray_session, data):
+    """`qinco train --workers N` without --preset: the job picks the recipe once it knows the
+    training rows, trains that model and records the choice; the user's options win."""
+    from pipeline.train.recipe import AUTO, choose_recipe
+    from pipeline.train.setup import plan_split
+
+    cfg = _cfg([data["local"]], str(data["dir"] / "model_auto"), workers=1)
+    t = TrainConfig.from_dict(cfg.train).replace(epochs=1)
+    cfg = cfg.replace(qinco={"M": 4, "K": 16, "de": 16, "dim": None}, preset=AUTO, train=t.to_dict(),
+                      explicit_train=["batch_size"])
+    summary = run_distributed_training(cfg)
+    assert summary["status"] == "trained"
+    info = read_model_info(cfg.out_uri)
+    rec = info["metadata"]["recipe"]
+    n_train = plan_split(len(data["x"]), t, cfg.init_rows).n_train_estimate
+    expected = choose_recipe(n_train, data["x"].shape[1], 4, 16)
+    assert rec["n_train"] == n_train and rec["model"] == expected.model and rec["overridden"] == {"de": 16, "batch_size": 256}
+    assert info["config"]["de"] == 16 and info["config"]["dh"] == expected.model["dh"]
+    assert info["config"]["B"] == expected.model["B"]
+    assert info["metadata"]["train_config"]["batch_size"] == 256
+    assert info["metadata"]["train_config"]["lr"] == expected.train["lr"]

@@ -57,6 +57,7 @@ from pipeline.io.inputs import RowSample, hash01, plan_inputs
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import Trainer
 from pipeline.train.loss import TrainingLoss
+from pipeline.train.recipe import AUTO, resolve_model
 from pipeline.train.setup import INIT_ROWS, SplitPlan, fit_decoder, init_model, plan_split, read_split_local
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class DistTrainConfig(JsonConfig):
     max_failures: int = 2
     stop_after_epochs: int | None = None
     local_sample_bytes: int = LOCAL_SAMPLE_BYTES
+    preset: str | None = None        # "auto": ``qinco`` holds only the user's options, the recipe the rest
+    explicit_train: list[str] = field(default_factory=list)  # ``train`` fields the recipe leaves as given
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, inputs_desc: list[dict]) -> dict[str, Any]:
@@ -404,9 +407,6 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     if qd.get("dim") not in (None, dim):
         raise ConfigError(f"{storage.redact(inputs[0].uri)}: data has dimension {dim}, the model "
                           f"config says {qd['dim']}")
-    qd["dim"] = dim
-    cfg = cfg.replace(qinco=qd)
-    qcfg = QincoConfig.from_dict(qd)
     tcfg = TrainConfig.from_dict(cfg.train)
     inputs_desc = [i.to_dict() for i in inputs]
     for d in inputs_desc:
@@ -415,10 +415,19 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     if total <= tcfg.val_size:
         raise ConfigError(f"{storage.redact(inputs[0].uri)}: {total} vectors in all; need more than the "
                           f"{tcfg.val_size} validation vectors")
-    _check_or_record_run(cfg, inputs_desc, options)
-
     # the split both trainers use (pipeline.train.setup): validation band first, training band after it
     plan = plan_split(total, tcfg, cfg.init_rows)
+    recipe = None
+    if cfg.preset == AUTO:
+        qd.pop("dim", None)
+        qcfg, tcfg, recipe = resolve_model(AUTO, dim, plan.n_train_estimate, qd, tcfg,
+                                           frozenset(cfg.explicit_train), "cuda" if cfg.gpus_per_worker else "cpu")
+        cfg = cfg.replace(qinco=qcfg.to_dict(), train=tcfg.to_dict())
+    else:
+        qd["dim"] = dim
+        cfg = cfg.replace(qinco=qd)
+        qcfg = QincoConfig.from_dict(qd)
+    _check_or_record_run(cfg, inputs_desc, options)
     train_s, val_s = plan.samples()
     t = time.time()
     x_val, x_init = draw_samples(inputs, plan, cfg.rows_per_task, options, cfg.local_sample_bytes)
@@ -479,6 +488,7 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
                        "n_train_estimate": n_train_est, "n_val": int(len(x_val)),
                        "n_init": int(len(x_init))},
         "metrics": summary,
+        "recipe": recipe.to_dict() if recipe is not None else None,
     }, options=options)
     save_report(cfg.out_uri, {"job": "train", "mode": "ray-train", "config": cfg.to_dict(),
                               "train_config": tcfg.to_dict(), **summary}, options)

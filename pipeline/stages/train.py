@@ -14,20 +14,29 @@ import logging
 import time
 from typing import Any, Callable
 
-from pipeline.codec.model import config_from_preset
+import numpy as np
+
 from pipeline.codec.model_file import save_model, save_report
 from pipeline.errors import ConfigError
 from pipeline.io import storage
 from pipeline.io.inputs import plan_inputs
 from pipeline.train.loop import train_model
-from pipeline.train.setup import plan_split, read_split_local
+from pipeline.train.recipe import resolve_model
+from pipeline.train.setup import INIT_ROWS, plan_split, read_split_local, sample_extra_rows
 
 log = logging.getLogger(__name__)
 
 
 def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any], preset: str, tcfg,
-              device: str = "cpu", options=None, echo: Callable[[str], None] = print) -> list[dict]:
-    """Train and save a model; returns the per-epoch history (epoch 0 = RQ initialisation)."""
+              device: str = "cpu", options=None, echo: Callable[[str], None] = print,
+              explicit_train: frozenset[str] = frozenset(), sample_from: list[str] | None = None,
+              sample_size: int | None = None) -> list[dict]:
+    """Train and save a model; returns the per-epoch history (epoch 0 = RQ initialisation).
+
+    ``preset="auto"`` trains the recipe :func:`pipeline.train.recipe.choose_recipe` picks from
+    the data (the fields of ``tcfg`` named in ``explicit_train`` and the non-None
+    ``qcfg_overrides`` win over it). ``sample_from`` adds up to ``sample_size`` rows of those
+    files (all when None) to the training rows, never a row equal to a validation row."""
     t0 = time.time()
     inputs = plan_inputs(data_uris, options=options)
     total = sum(i.count for i in inputs)
@@ -37,9 +46,32 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
     # the rows `--workers N` trains on (pipeline.train.setup)
     plan = plan_split(total, tcfg)
     x_val, x_init, x_train = read_split_local(inputs, plan, options)
-    qcfg = config_from_preset(preset, inputs[0].dim, **qcfg_overrides)
-    echo(f"training {preset} ({qcfg.code_bytes:g} bytes/vector) on {len(x_train)} vectors, "
+    data = {"uris": [storage.redact(u) for u in data_uris], "rows": int(total),
+            "train_rows": int(min(len(x_train), tcfg.max_train or len(x_train))),
+            "val_rows": int(len(x_val)), "split": plan.to_dict()}
+    if sample_from:
+        extra_inputs = plan_inputs(sample_from, options=options)
+        if extra_inputs[0].dim != inputs[0].dim:
+            raise ConfigError(f"{storage.redact(sample_from[0])}: vectors of dimension {extra_inputs[0].dim}, "
+                              f"the training data has {inputs[0].dim}")
+        x_extra, drawn = sample_extra_rows(extra_inputs, x_val, sample_size, tcfg.seed, options)
+        x_train = np.concatenate([x_train, x_extra])
+        # the set-up sample (normalisation, k-means, RQ) draws from both, in proportion
+        room = max(0, INIT_ROWS - len(x_init))
+        pick = np.random.default_rng(tcfg.seed).permutation(len(x_extra))[:room]
+        x_init = np.concatenate([x_init, x_extra[np.sort(pick)]])
+        data["sample_from"] = {"uris": [storage.redact(u) for u in sample_from], "rows": len(x_extra), **drawn}
+        data["train_rows"] += len(x_extra)
+    data["init_rows"] = int(len(x_init))
+    qcfg, tcfg, recipe = resolve_model(preset, inputs[0].dim, data["train_rows"], qcfg_overrides, tcfg,
+                                       explicit_train, device)
+    echo(f"training {preset} ({qcfg.code_bytes:g} bytes/vector) on {data['train_rows']} vectors, "
          f"validating on {len(x_val)}")
+    if recipe is not None:
+        for what, why in recipe.reasons.items():
+            echo(f"  {what}: {why}")
+        if recipe.overridden:
+            echo(f"  given instead of the recipe's: {recipe.overridden}")
 
     def progress(rec: dict, trainer) -> None:
         if rec.get("rq_init"):
@@ -53,14 +85,12 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
     model, history = train_model(x_train, x_val, qcfg, tcfg.replace(max_train=None), device=device,
                                  on_epoch_end=progress, x_init_ND=x_init)
     train_s = time.time() - t0 - read_s
-    meta = {"train_config": tcfg.to_dict(), "preset": preset, "history": history,
-            "data": {"uris": [storage.redact(u) for u in data_uris], "rows": int(total),
-                     "train_rows": int(min(len(x_train), tcfg.max_train or len(x_train))),
-                     "val_rows": int(len(x_val)), "init_rows": int(len(x_init)), "split": plan.to_dict()}}
+    meta = {"train_config": tcfg.to_dict(), "preset": preset, "history": history, "data": data,
+            "recipe": recipe.to_dict() if recipe is not None else None}
     save_model(model, out_uri, metadata=meta, options=options)
     best = min(history, key=lambda h: h["val_mse"])
     save_report(out_uri, {"job": "train", "mode": "in-process", "preset": preset, "config": qcfg.to_dict(),
-                          "train_config": tcfg.to_dict(), "data": meta["data"],
+                          "train_config": tcfg.to_dict(), "data": data, "recipe": meta["recipe"],
                           "best_val_mse": best["val_mse"], "best_epoch": best.get("epoch", 0),
                           "epochs_done": max(h.get("epoch", 0) for h in history),
                           "timings_s": {"read": read_s, "train": train_s, "total": time.time() - t0},

@@ -89,6 +89,30 @@ def read_split_local(inputs: list[InputFile], plan: SplitPlan, options=None,
     return x_val, x_init, x_train
 
 
+def rows_not_in(x_ND: np.ndarray, x_ref_RD: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows of ``x_ND`` that equal no row of ``x_ref_RD`` (bit for bit, as
+    float32), e.g. training rows from the files being indexed that repeat a validation row."""
+    x = np.ascontiguousarray(x_ND, dtype=np.float32)
+    ref = {r.tobytes() for r in np.ascontiguousarray(x_ref_RD, dtype=np.float32)}
+    return np.fromiter((r.tobytes() not in ref for r in x), dtype=bool, count=len(x))
+
+
+def sample_extra_rows(inputs: list[InputFile], x_val_VD: np.ndarray, n: int | None, seed: int,
+                      options=None) -> tuple[np.ndarray, dict]:
+    """Training rows drawn from other files (``qinco train --sample-from``, e.g. the files to be
+    indexed): the ``n`` rows of smallest hash (all rows when ``n`` is None), streamed, without the
+    rows equal to a validation row. Returns the rows (float32) and what was drawn."""
+    total = sum(i.count for i in inputs)
+    x = sample_rows_local(inputs, n=n if n is not None and n < total else None,
+                          sample=RowSample(1.0, seed, "all"), options=options)
+    keep = rows_not_in(x, x_val_VD)
+    info = {"rows_in_files": int(total), "sampled": int(len(x)),
+            "dropped_equal_to_validation": int((~keep).sum())}
+    if not keep.all():
+        log.info("dropped %d sampled rows equal to a validation row", info["dropped_equal_to_validation"])
+    return np.ascontiguousarray(x[keep], dtype=np.float32), info
+
+
 def init_model(qcfg: QincoConfig, tcfg: TrainConfig, x_init_ND: np.ndarray, ivf_niter: int = 20,
                centroids_LD: np.ndarray | None = None, device: str | torch.device = "cpu") -> QINCo:
     """A model ready for the loop: normalisation, IVF centroids (k-means on ``x_init`` unless

@@ -1,0 +1,118 @@
+"""The default training recipe (``qinco train`` without ``--preset``) and ``--sample-from``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.codec.model_file import read_model_info
+from pipeline.errors import ConfigError
+from pipeline.io import vectors
+from pipeline.stages import train as train_stage
+from pipeline.stages.datasets import clustered_vectors
+from pipeline.train.config import TrainConfig
+from pipeline.train.recipe import apply_recipe, choose_recipe, network_weights, resolve_model
+from pipeline.train.setup import rows_not_in
+
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
+
+def _weights(r) -> int:
+    return network_weights(r.dim, r.M, r.model["de"], r.model["dh"], r.model["L"])
+
+
+def test_a_tiny_learn_set_gets_a_smaller_model_than_a_large_one():
+    small, large = choose_recipe(5_000, 384, 8), choose_recipe(2_000_000, 384, 8)
+    assert _weights(small) < _weights(large)
+    for r in (small, large):
+        assert f"{r.n_train:,}" in r.reasons["network"]
+    # wider still on a GPU, never wider on the CPU than it trains in a budget
+    assert _weights(choose_recipe(2_000_000, 384, 8, device="cuda")) > _weights(large)
+    assert choose_recipe(10**9, 384, 8).model == large.model
+    # the choice follows the data per weight: the widest rung that the data allow
+    assert _weights(large) <= 2_000_000 * 384 / 8
+
+
+def test_the_users_options_win_over_the_recipe_and_are_recorded():
+    tcfg = TrainConfig(lr=5e-3, batch_size=256)
+    qcfg, tcfg2, rec = apply_recipe(choose_recipe(50_000, 64, 4), {"de": 16, "A": None}, tcfg,
+                                    explicit_train={"lr"})
+    assert qcfg.de == 16 and qcfg.A == 8 and qcfg.M == 4
+    assert tcfg2.lr == 5e-3 and tcfg2.batch_size == 1024  # batch: the recipe's; lr: given
+    assert rec.overridden == {"de": 16, "lr": 5e-3}
+    # an expert preset is taken as it is
+    qcfg, tcfg3, rec = resolve_model("cpu", 64, 50_000, {"M": 4}, tcfg)
+    assert rec is None and qcfg.de == 64 and qcfg.B == 4 and tcfg3 == tcfg
+
+
+def test_rows_equal_to_a_validation_row_are_found_bit_for_bit():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    ref = np.stack([x[1], x[3] + 1e-6])
+    assert rows_not_in(x, ref).tolist() == [True, False, True, True]
+
+
+@pytest.fixture
+def learn_and_base(tmp_path):
+    learn = clustered_vectors(1500, 8, seed=5, stream=0)
+    fresh = clustered_vectors(900, 8, seed=5, stream=1)
+    # the base repeats every learn vector (some are validation rows) and holds new ones
+    base = np.concatenate([fresh[:500], learn, fresh[500:]])
+    uris = {"learn": str(tmp_path / "learn.fvecs"), "base": str(tmp_path / "base.npy")}
+    vectors.write_vectors(uris["learn"], learn)
+    vectors.write_vectors(uris["base"], base)
+    return uris, learn, base
+
+
+def test_training_on_learn_and_base_never_uses_the_validation_rows(learn_and_base, tmp_path, monkeypatch, capsys):
+    uris, learn, base = learn_and_base
+    seen = {}
+    real = train_stage.train_model
+
+    def spy(x_train, x_val, *args, **kw):
+        seen["train"], seen["val"], seen["init"] = x_train.copy(), x_val.copy(), kw["x_init_ND"].copy()
+        return real(x_train, x_val, *args, **kw)
+
+    monkeypatch.setattr(train_stage, "train_model", spy)
+    out = tmp_path / "model"
+    assert main(["train", "--data", uris["learn"], "--sample-from", uris["base"], "--out", str(out),
+                 "--bytes", "1", "--K", "16", "--val", "200", "--epochs", "1"]) == 0
+    x_train, x_val = seen["train"], seen["val"]
+    assert len(x_val) == 200
+    # no training or set-up row equals a validation row, although the base holds them all
+    assert rows_not_in(x_train, x_val).all() and rows_not_in(seen["init"], x_val).all()
+    # the learn rows of the training band, and the whole base but its copies of validation rows
+    data = read_model_info(str(out))["metadata"]["data"]
+    assert data["sample_from"]["dropped_equal_to_validation"] == 200
+    assert data["sample_from"]["rows"] == len(base) - 200 and data["train_rows"] == len(x_train)
+    assert 1200 <= len(x_train) - (len(base) - 200) <= len(learn) - 200
+    # the recipe was chosen from all of those rows, and says so
+    rec = read_model_info(str(out))["metadata"]["recipe"]
+    assert rec["n_train"] == len(x_train) and rec["M"] == 2 and f"{len(x_train):,}" in rec["reasons"]["network"]
+    assert "network:" in capsys.readouterr().out
+
+
+def test_train_without_a_preset_records_the_recipe_it_chose(learn_and_base, tmp_path):
+    uris, _, _ = learn_and_base
+    out = tmp_path / "m"
+    assert main(["train", "--data", uris["learn"], "--out", str(out), "--M", "2", "--K", "16", "--val", "200",
+                 "--epochs", "1", "--de", "16"]) == 0
+    info = read_model_info(str(out))
+    rec = info["metadata"]["recipe"]
+    cfg = info["config"]
+    assert info["metadata"]["preset"] == "auto"
+    assert cfg["de"] == 16 and rec["overridden"] == {"de": 16}
+    assert {k: cfg[k] for k in ("dh", "L", "A", "B", "B_train")} == {k: rec["model"][k] for k in ("dh", "L", "A", "B", "B_train")}
+    assert info["metadata"]["train_config"]["lr"] == rec["train"]["lr"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"] == rec
+
+
+def test_bytes_and_m_must_agree(learn_and_base, tmp_path, capsys):
+    uris, _, _ = learn_and_base
+    assert main(["train", "--data", uris["learn"], "--out", str(tmp_path / "m"), "--bytes", "8", "--M", "4"]) == 2
+    assert "--bytes 8 means --M 8" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        resolve_model("nope", 8, 10, {}, TrainConfig())
