@@ -126,9 +126,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _code_size(a: argparse.Namespace) -> None:
-    """``--bytes`` as ``--M`` (8-bit codes unless ``--K`` says otherwise); both must agree."""
+    """``--bytes`` as ``--M`` (8-bit codes unless ``--K`` says otherwise); both must agree. An
+    unknown ``--preset`` is refused here too, before any data is read."""
+    from pipeline.codec.model import PRESETS
     from pipeline.errors import ConfigError
+    from pipeline.train.recipe import AUTO
 
+    if a.preset != AUTO and a.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {a.preset!r}; choose from {', '.join([AUTO, *sorted(PRESETS)])}")
     if a.bytes is None:
         return
     bits = (a.K or 256).bit_length() - 1
