@@ -246,7 +246,7 @@ def render(rows: list[dict], work: str) -> str:
         "",
         f"- machine: {m['cpu_model']}, {m['cpu_count']} cores; each row one process of one thread, two rows"
         " side by side",
-        f"- rows run {min((p['started'] for p in parts), default='-')} to {max((p['started'] for p in parts), default='-')};"
+        f"- rows started {min((p['started'] for p in parts), default='-')} to {max((p['started'] for p in parts), default='-')};"
         f" commands: " + "; ".join(sorted({f'`{p["command"]}`' for p in parts})),
         f"- QINCo2: the default recipe, trained {', '.join(f'{b:.0f} s' for b in budgets) or '-'} (wall time,"
         " initialisation included) on the training set less 2,000 validation vectors, base encoded with"
