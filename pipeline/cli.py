@@ -111,7 +111,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> int:
         _check_out(a.out, "a model directory")
-        _code_size(a)
+        _check_model_args(a)
         if a.workers > 0:
             return _train_distributed(a)
         from pipeline.stages.train import run_train
@@ -125,7 +125,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _code_size(a: argparse.Namespace) -> None:
+def _check_model_args(a: argparse.Namespace) -> None:
     """``--bytes`` as ``--M`` (8-bit codes unless ``--K`` says otherwise); both must agree. An
     unknown ``--preset`` is refused here too, before any data is read."""
     from pipeline.codec.model import PRESETS

@@ -56,7 +56,7 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
                               f"the training data has {inputs[0].dim}")
         x_extra, drawn = sample_extra_rows(extra_inputs, x_val, sample_size, tcfg.seed, options)
         x_train = np.concatenate([x_train, x_extra])
-        # the set-up sample (normalisation, k-means, RQ) draws from both, in proportion
+        # the set-up sample (normalisation, k-means, RQ) is topped up with sampled rows, to INIT_ROWS in all
         room = max(0, INIT_ROWS - len(x_init))
         pick = np.random.default_rng(tcfg.seed).permutation(len(x_extra))[:room]
         x_init = np.concatenate([x_init, x_extra[np.sort(pick)]])
