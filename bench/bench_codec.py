@@ -133,6 +133,10 @@ def run_row(name: str, nbytes: int, train_set: str, a) -> dict:
         "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(), "code_version": code_version(), "threads": a.threads,
         "command": "python bench/bench_codec.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])}
+    if a.redo and any(r["method"] in a.redo for r in part["rows"]):
+        # a method measured again (after a recipe change): its old row goes, the others stay
+        part["rows"] = [r for r in part["rows"] if r["method"] not in a.redo]
+        part["command"] += "; then python bench/bench_codec.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     done = {r["method"] for r in part["rows"]}
     todo = [m for m in ["QINCo2", *a.baselines] if m not in done]
     if not todo:
@@ -296,6 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", nargs="*", default=["PQ", "RQ", "LSQ"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch and Faiss threads per row")
     ap.add_argument("--jobs", type=int, default=1, help="rows run side by side (one thread each)")
+    ap.add_argument("--redo", nargs="+", default=[], metavar="METHOD",
+                    help="measure these methods again in rows that have them (e.g. QINCo2 after a recipe change)")
     ap.add_argument("--max-base", type=int, default=None, help="smoke runs: fewer base vectors")
     ap.add_argument("--max-queries", type=int, default=None, help="smoke runs: fewer queries")
     ap.add_argument("--data-dir", default=None)

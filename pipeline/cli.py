@@ -10,13 +10,67 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Callable, Sequence
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import find_pipeline_error
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+class Number:
+    """An argparse ``type`` for an int or float option in ``[lo, hi]`` (``lo`` excluded with
+    ``lo_open``): a value outside, NaN or inf stops the command in the parser with one line and
+    exit status 2, before any work. Every numeric option of the CLI uses one."""
+
+    def __init__(self, kind: type, lo: float, hi: float, lo_open: bool = False):
+        self.kind, self.lo, self.hi, self.lo_open = kind, lo, hi, lo_open
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        return f"{what} {'>' if self.lo_open else '>='} {self.lo:,} and <= {self.hi:,}"
+
+    def __call__(self, text: str):
+        try:
+            v = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
+        if not math.isfinite(v) or v < self.lo or (self.lo_open and v == self.lo) or v > self.hi:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+        return v
+
+
+def count(lo: int, hi: int) -> Number:
+    return Number(int, lo, hi)
+
+
+def real(lo: float, hi: float, lo_open: bool = False) -> Number:
+    return Number(float, lo, hi, lo_open)
+
+
+# Bounds shared by several commands. Upper bounds are far above any sensible value; they stop a
+# typo from asking for terabytes before anything checks it.
+ROWS = count(1, 2**40)                 # a number of vectors
+WORKERS = count(1, 4096)
+CPUS = real(0, 1024, lo_open=True)
+GPUS = real(0, 64)
+BATCH = count(1, 2**24)
+SEED = count(0, 2**32 - 1)
+CODE_BYTES = count(1, 1024)
+BEAM = count(1, 4096)
+LISTS = count(0, 2**24)                # 0: no IVF
+NEIGHBOURS = count(1, 100_000)
+CANDIDATES = count(1, 10_000_000)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit status 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _check_out(uri: str, what: str, files: Sequence[str] = ()) -> None:
@@ -68,45 +122,49 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): the model size, beam, learning rate and batch chosen from the number "
                         "and dimension of the training vectors, recorded with the model; or an expert preset: "
                         "cpu, qinco1, qinco2-S/M/L")
-    p.add_argument("--bytes", type=int, default=None,
+    p.add_argument("--bytes", type=CODE_BYTES, default=None,
                    help="code size in bytes per vector (M = bytes with the default K=256)")
     p.add_argument("--sample-from", nargs="+", default=None, metavar="URI",
                    help="also train on vectors of these files, e.g. the files to be indexed (the production "
                         "default): streamed, never a row equal to a validation row")
-    p.add_argument("--sample-size", type=int, default=1_000_000,
+    p.add_argument("--sample-size", type=count(0, 2**40), default=1_000_000,
                    help="rows drawn from --sample-from (default 1,000,000; 0: all)")
-    for name, typ in (("M", int), ("K", int), ("L", int), ("h", int), ("de", int), ("dh", int),
-                      ("A", int), ("B", int), ("B-train", int)):
+    for name, typ in (("M", CODE_BYTES), ("K", count(2, 65536)), ("L", count(0, 64)), ("h", count(1, 65536)),
+                      ("de", count(1, 65536)), ("dh", count(1, 65536)), ("A", count(1, 65536)),
+                      ("B", BEAM), ("B-train", BEAM)):
         p.add_argument(f"--{name}", type=typ, default=None, help=f"override the preset's {name}")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=count(0, 10**6), default=None,
                    help="at most N passes over the training set (default: 10, or with --time-budget until "
                         "the budget or early stopping ends training)")
-    p.add_argument("--patience", type=int, default=None,
+    p.add_argument("--patience", type=count(1, 10**6), default=None,
                    help="stop after N epochs without a better validation MSE (default 10)")
-    p.add_argument("--max-train", type=int, default=None, help="use at most N training vectors")
-    p.add_argument("--val", type=int, default=2000, help="held-out validation vectors (default 2000)")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--max-train", type=ROWS, default=None, help="use at most N training vectors")
+    p.add_argument("--val", type=count(1, 10**8), default=2000, help="held-out validation vectors (default 2000)")
+    p.add_argument("--time-budget", type=real(0, 10**8, lo_open=True), default=None,
                    help="train for S seconds (initialisation included); the learning rate anneals over them")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=BATCH, default=None,
                    help="training batch (default: the recipe's, 1024 for the presets)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=real(0, 10, lo_open=True), default=None,
                    help="peak learning rate (default: the recipe's; 1e-2 for the cpu preset, else 8e-4); "
                         "with --time-budget the cosine decay follows the budget")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-noise", type=real(0, 10), default=None, metavar="S",
+                   help="Gaussian noise on the training vectors, std S x the RMS quantization error per "
+                        "dimension (default: the recipe's, from the training vectors per codeword; 0: none)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (in-process training)")
-    p.add_argument("--ivf", type=int, default=0, metavar="NLIST",
+    p.add_argument("--ivf", type=LISTS, default=0, metavar="NLIST",
                    help="train an IVF coarse quantizer with NLIST lists first (IVF-QINCo)")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=count(0, 4096), default=0,
                    help="Ray Train workers (DDP); 0 trains in this process without Ray (default 0)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--cpus-per-worker", type=float, default=None,
+    p.add_argument("--gpus-per-worker", type=GPUS, default=0.0)
+    p.add_argument("--cpus-per-worker", type=CPUS, default=None,
                    help="CPUs each Ray Train worker reserves (default: 1, or less so that all workers fit "
                         "with half a CPU left for the data reads)")
-    p.add_argument("--threads-per-worker", type=int, default=0,
+    p.add_argument("--threads-per-worker", type=count(0, 1024), default=0,
                    help="torch threads per worker (default: the reserved CPUs, at least 1)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the checkpoints of an earlier run at --out instead of resuming it")
-    p.add_argument("--stop-after-epochs", type=int, default=None,
+    p.add_argument("--stop-after-epochs", type=count(1, 10**6), default=None,
                    help="end this invocation after N epochs; re-running the command resumes (Ray Train only)")
 
     def run(a: argparse.Namespace) -> int:
@@ -158,7 +216,10 @@ def _train_config(a: argparse.Namespace):
     # stop a 30-minute run after minutes, before the rate, annealed over the budget, had come down.
     epochs = a.epochs if a.epochs is not None else (None if a.time_budget else DEFAULT_EPOCHS)
     extra = {} if a.patience is None else {"patience": a.patience}
-    explicit = frozenset(k for k, v in (("lr", a.lr), ("batch_size", a.batch_size)) if v is not None)
+    explicit = frozenset(k for k, v in (("lr", a.lr), ("batch_size", a.batch_size),
+                                        ("input_noise", a.input_noise)) if v is not None)
+    if a.input_noise is not None:
+        extra["input_noise"] = a.input_noise
     tcfg = TrainConfig(epochs=epochs, batch_size=a.batch_size or 1024, **extra,
                        lr=a.lr if a.lr is not None else default_lr(a.preset), seed=a.seed,
                        max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget,
@@ -208,19 +269,19 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory (local or s3://)")
     p.add_argument("--data", required=True, nargs="+", help="vector files to encode (ids follow their order)")
     p.add_argument("--out", required=True, help="index URI, or a codes file ending in .parquet")
-    p.add_argument("--workers", type=int, default=2, help="encoder actors (index mode, default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
+    p.add_argument("--workers", type=WORKERS, default=2, help="encoder actors (index mode, default 2)")
+    p.add_argument("--cpus-per-worker", type=CPUS, default=None,
                    help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--shard-rows", type=int, default=65536, help="vectors per read task and shard (default 65536)")
-    p.add_argument("--batch-size", type=int, default=None, help="encoder batch size (default: sized from B and A)")
+    p.add_argument("--gpus-per-worker", type=GPUS, default=0.0)
+    p.add_argument("--shard-rows", type=count(1, 2**31 - 1), default=65536, help="vectors per read task and shard (default 65536)")
+    p.add_argument("--batch-size", type=BATCH, default=None, help="encoder batch size (default: sized from B and A)")
     p.add_argument("--fmt", default=None, help="input format when the extension does not tell")
     p.add_argument("--overwrite", action="store_true", help="build a new version over a different index")
     p.add_argument("--skip-bad-ranges", action="store_true",
                    help="skip unreadable row ranges (listed in the report) instead of failing")
-    p.add_argument("--B", type=int, default=None, help="beam size (default: the model's)")
-    p.add_argument("--A", type=int, default=None, help="pre-selected candidates (default: the model's)")
-    p.add_argument("--lut-weight", type=float, default=0.0,
+    p.add_argument("--B", type=BEAM, default=None, help="beam size (default: the model's)")
+    p.add_argument("--A", type=count(1, 65536), default=None, help="pre-selected candidates (default: the model's)")
+    p.add_argument("--lut-weight", type=real(0, 1e6), default=0.0,
                    help="choose each vector's codes among the final beam by neural error + this "
                         "weight x lookup-table error, so the search's lookup-table stage ranks them better "
                         "(default 0: the neural best)")
@@ -228,7 +289,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                    help="the encoder network's arithmetic (default: float16 on a GPU, float32 on CPU); "
                         "bfloat16 encodes faster on CPUs with bfloat16 instructions, with a "
                         "slightly higher error (bench/RESULTS.md)")
-    p.add_argument("--block-rows", type=int, default=65536, help="vectors read per block")
+    p.add_argument("--block-rows", type=count(1, 2**28), default=65536, help="vectors read per block")
     p.add_argument("--device", default="cpu")
 
     def run(a: argparse.Namespace) -> int:
@@ -272,7 +333,7 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory (local or s3://)")
     p.add_argument("--codes", required=True, help="codes file written by `qinco encode`")
     p.add_argument("--out", required=True, help="vector file to write (format from the extension)")
-    p.add_argument("--prefix", type=int, default=None, help="decode only the first m codes")
+    p.add_argument("--prefix", type=CODE_BYTES, default=None, help="decode only the first m codes")
     p.add_argument("--device", default="cpu")
 
     def run(a: argparse.Namespace) -> int:
@@ -310,15 +371,15 @@ def _add_baselines(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="database vectors")
     p.add_argument("--queries", help="query vectors")
     p.add_argument("--groundtruth", help="exact neighbours of the queries in the base (.ivecs); computed if omitted")
-    p.add_argument("--bytes", type=int, nargs="+", default=[8, 16], help="code sizes in bytes")
+    p.add_argument("--bytes", type=CODE_BYTES, nargs="+", default=[8, 16], help="code sizes in bytes")
     p.add_argument("--methods", nargs="+", default=["PQ", "OPQ", "RQ", "LSQ"],
                    choices=["PQ", "OPQ", "RQ", "LSQ"])
-    p.add_argument("--max-learn", type=int, default=None, help="use only the first N training vectors")
-    p.add_argument("--max-base", type=int, default=None,
+    p.add_argument("--max-learn", type=ROWS, default=None, help="use only the first N training vectors")
+    p.add_argument("--max-base", type=ROWS, default=None,
                    help="use only the first N base vectors (the ground truth is then recomputed)")
-    p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
-    p.add_argument("--k", type=int, default=100, help="results per query")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--max-queries", type=ROWS, default=None, help="use only the first N queries")
+    p.add_argument("--k", type=NEIGHBOURS, default=100, help="results per query")
+    p.add_argument("--seed", type=SEED, default=1234)
     p.add_argument("--out", required=True, help="JSON results file (written atomically)")
 
     def run(a: argparse.Namespace) -> int:
@@ -339,14 +400,14 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="answer k-NN queries against an index on a Ray cluster (shard actors)")
     p.add_argument("--index", required=True, help="index URI (written by `qinco encode`)")
     p.add_argument("--queries", required=True, help="query vectors file URI")
-    p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query (default 16)")
-    p.add_argument("--probe-ratio", type=float, default=None, metavar="R",
+    p.add_argument("--k", type=NEIGHBOURS, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--nprobe", type=count(1, 2**24), default=16, help="IVF lists probed per query (default 16)")
+    p.add_argument("--probe-ratio", type=real(1, 1e6), default=None, metavar="R",
                    help="adaptive nprobe: of the --nprobe nearest lists, visit only those whose centroid's squared "
                         "distance is at most R times the nearest one's (R >= 1; default: all --nprobe lists)")
-    p.add_argument("--shortlist", type=int, default=100,
+    p.add_argument("--shortlist", type=CANDIDATES, default=100,
                    help="candidates kept by the lookup-table stage for QINCo re-ranking (default 100)")
-    p.add_argument("--rerank", type=int, default=None, metavar="R",
+    p.add_argument("--rerank", type=count(0, 10_000_000), default=None, metavar="R",
                    help="decode only the best R of the shortlist (default: all of it; 0: none, as --no-rerank); "
                         "with R < k the results after the first R keep the lookup-table order and distances")
     p.add_argument("--no-rerank", action="store_true", help="return the lookup-table ranking (no QINCo decode)")
@@ -357,16 +418,16 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="rank the shortlist with the plain additive decoder; by default each row's additive "
                         "residual is scaled towards its QINCo reconstruction (a better shortlist; the scales "
                         "are stored in the shards, or computed when the actors load shards written without them)")
-    p.add_argument("--prefix-steps", type=int, default=0, metavar="P",
+    p.add_argument("--prefix-steps", type=count(0, 1024), default=0, metavar="P",
                    help="scan the probed lists with the lookup tables of the first P codebooks only, keep the "
                         "best --prefix-shortlist and rank those with all of them: a faster scan (default 0: off)")
-    p.add_argument("--prefix-shortlist", type=int, default=None, metavar="S1",
+    p.add_argument("--prefix-shortlist", type=CANDIDATES, default=None, metavar="S1",
                    help="candidates kept by the --prefix-steps scan (default 4 x shortlist)")
-    p.add_argument("--workers", type=int, default=2, help="shard actors (default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
+    p.add_argument("--workers", type=WORKERS, default=2, help="shard actors (default 2)")
+    p.add_argument("--cpus-per-worker", type=CPUS, default=None,
                    help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
-    p.add_argument("--query-batch", type=int, default=2048)
-    p.add_argument("--max-queries", type=int, default=None)
+    p.add_argument("--query-batch", type=count(1, 2**20), default=2048)
+    p.add_argument("--max-queries", type=ROWS, default=None)
     p.add_argument("--version", default=None, help="index version (default: CURRENT)")
     p.add_argument("--allow-partial", action="store_true",
                    help="return results from the shards that answered and report those that did not")
@@ -426,13 +487,13 @@ def _add_reencode(sub: argparse._SubParsersAction) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", default=None, help="new model directory (local or s3://)")
     what.add_argument("--add", nargs="+", default=None, metavar="URI", help="vector files to add to the index")
-    p.add_argument("--keep", type=int, default=None, help="keep the last N versions, delete older ones")
-    p.add_argument("--workers", type=int, default=2, help="encoder actors (default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
+    p.add_argument("--keep", type=count(1, 10**6), default=None, help="keep the last N versions, delete older ones")
+    p.add_argument("--workers", type=WORKERS, default=2, help="encoder actors (default 2)")
+    p.add_argument("--cpus-per-worker", type=CPUS, default=None,
                    help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=None, help="encoder batch size (default: sized from B and A)")
-    p.add_argument("--shard-rows", type=int, default=None,
+    p.add_argument("--gpus-per-worker", type=GPUS, default=0.0)
+    p.add_argument("--batch-size", type=BATCH, default=None, help="encoder batch size (default: sized from B and A)")
+    p.add_argument("--shard-rows", type=count(1, 2**31 - 1), default=None,
                    help="vectors per shard with --model (default: the current version's)")
     p.add_argument("--fmt", default=None, help="format of the added files when the extension does not tell")
 
@@ -476,9 +537,69 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --------------------------------------------------------------------------- maintenance
+@command
+def _add_rollback(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rollback", help="point CURRENT at another committed version (e.g. past a damaged one)")
+    p.add_argument("index", help="index URI")
+    p.add_argument("--to", required=True, metavar="VERSION", help="committed version, e.g. v000003")
+
+    def run(a: argparse.Namespace) -> int:
+        from pipeline.stages.maintain import rollback
+
+        r = rollback(a.index, a.to)
+        print(f"CURRENT: {r['from'] or '(unreadable)'} -> {r['to']}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command
+def _add_gc(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gc", help="delete all but the last N committed versions (CURRENT is always kept)")
+    p.add_argument("index", help="index URI")
+    p.add_argument("--keep", type=count(1, 10**6), required=True, help="versions to keep, CURRENT included")
+
+    def run(a: argparse.Namespace) -> int:
+        from pipeline.stages.maintain import collect_garbage
+
+        r = collect_garbage(a.index, a.keep)
+        print(f"deleted: {', '.join(r['deleted']) or '(none)'}; kept: {', '.join(r['kept'])}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="read every shard of a version and check it against the manifest "
+                                      "(exit status 2 if any is damaged)")
+    p.add_argument("index", help="index URI")
+    p.add_argument("--version", default=None, help="version to check (default: CURRENT)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from pipeline.stages.maintain import verify
+
+        r = verify(a.index, a.version)
+        if a.json:
+            print(json.dumps(r, indent=2))
+        else:
+            for s in r["shards"]:
+                if not s["ok"]:
+                    print(f"DAMAGED {s['name']}: {s['problem']}")
+            print(f"{r['index']} {r['version']}: {len(r['shards']) - r['damaged']} of {len(r['shards'])} "
+                  f"shards intact, {r['rows']:,} vectors")
+        return 2 if r["damaged"] else 0
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qinco",
         description="QINCo neural vector compression pipeline: train, encode, search.",
     )
@@ -497,13 +618,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from pipeline.io.storage import redact_log_handlers
+
+    redact_log_handlers()  # debug lines of botocore and others carry signed request headers
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
-    except PipelineError as e:
-        print(f"qinco {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a PipelineError inside anything is the user's error
+        err = find_pipeline_error(e)
+        if err is None:
+            raise
+        logging.getLogger("pipeline.cli").debug("where the error was raised", exc_info=True)
+        one_line = " ".join(str(err).split())
+        print(f"qinco {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"qinco {args.command}: interrupted", file=sys.stderr)

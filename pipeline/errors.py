@@ -54,6 +54,11 @@ class ManifestError(PipelineError):
     """An index has no committed version, or a manifest / CURRENT object cannot be parsed."""
 
 
+class ConcurrentWriterError(PipelineError):
+    """Another job wrote to the same index first (a version claimed or committed, ``CURRENT``
+    moved past this job's version)."""
+
+
 class CorruptShardError(PipelineError):
     """A shard file is unreadable, malformed, or differs from its manifest entry. ``where`` names
     the file (credentials already redacted)."""
@@ -65,3 +70,26 @@ class CorruptShardError(PipelineError):
 
     def __reduce__(self):  # keeps its type when raised inside a Ray task or actor
         return (type(self), (self.uri, self.detail))
+
+
+def find_pipeline_error(exc: BaseException) -> PipelineError | None:
+    """The :class:`PipelineError` behind ``exc`` (``exc`` itself, or one it wraps), or None.
+
+    Ray hands back an error raised in a task or actor wrapped: ``RayTaskError`` keeps it as
+    ``.cause`` (and, raised as a subclass of the original type, carries the remote traceback in
+    its text), Ray Data's ``UserCodeException`` as ``__cause__``. The original is what the user
+    should see.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        inner = inner if isinstance(inner, BaseException) else None
+        if isinstance(e, PipelineError) and inner is None:
+            return e
+        todo += [inner, e.__cause__, e.__context__]
+    return None

@@ -146,3 +146,59 @@ def test_time_budget_without_epochs_trains_until_the_budget(tiny_files, tmp_path
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "m3"), "--time-budget", "8", "--epochs", "3"]) == 0
     assert json.loads((tmp_path / "m3" / "report.json").read_text())["epochs_done"] == 3
+
+
+# Numeric options for which 0 is a documented setting (off, none, all, in-process, ...).
+ZERO_ALLOWED = {"--sample-size", "--input-noise", "--L", "--epochs", "--ivf", "--workers@train", "--threads-per-worker",
+                "--gpus-per-worker", "--lut-weight", "--rerank", "--prefix-steps", "--seed"}
+
+
+def _numeric_options():
+    """(command, its parser, option) for every option of every sub-command that takes a number."""
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for act in p._actions:
+            if act.option_strings and act.type not in (None, str) and not act.choices:
+                yield name, p, act
+
+
+def _required_args(p) -> list[str]:
+    acts = [a for a in p._actions if a.required] + [g._group_actions[0] for g in p._mutually_exclusive_groups
+                                                    if g.required]
+    value = {id(a): "1" if a.type not in (None, str) else "x" for a in acts}
+    return [x for a in acts for x in ((a.option_strings[0], value[id(a)]) if a.option_strings else ("x",))]
+
+
+def test_every_numeric_option_refuses_zero_negative_and_huge_values_in_one_line(capsys):
+    """0 (where it means nothing), -1, a huge value, NaN and a word stop the command in the
+    parser: exit status 2 and one line naming the option, never a traceback, a silent empty
+    result or a run that asks for terabytes."""
+    from pipeline.cli import Number
+
+    walked = set()
+    for cmd, p, act in _numeric_options():
+        opt = act.option_strings[0]
+        walked.add(f"{cmd} {opt}")
+        assert isinstance(act.type, Number), f"qinco {cmd} {opt} is not range-checked"
+        zero_ok = opt in ZERO_ALLOWED or f"{opt}@{cmd}" in ZERO_ALLOWED
+        bad = ["-1", "10000000000000", "nan", "inf", "many"] + ([] if zero_ok else ["0"])
+        for value in bad:
+            with pytest.raises(SystemExit) as e:
+                p.parse_args(_required_args(p) + [opt, value])
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and len(err.splitlines()) == 1, (cmd, opt, value, err)
+            assert err.startswith(f"qinco {cmd}: error: argument {opt}") and value in err, err
+        good = ["1"] + (["0"] if zero_ok else [])
+        for value in good:
+            if act.type.lo <= float(value) <= act.type.hi and not (act.type.lo_open and float(value) == act.type.lo):
+                ns = p.parse_args(_required_args(p) + [opt, value])
+                got = getattr(ns, act.dest)
+                assert (got[0] if isinstance(got, list) else got) == act.type.kind(value)
+    # the options the defects were found with are among those walked
+    for name in ("search --query-batch", "search --k", "search --shortlist", "search --max-queries",
+                 "search --cpus-per-worker", "encode --batch-size", "train --workers", "reencode --keep"):
+        assert name in walked

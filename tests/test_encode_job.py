@@ -377,3 +377,45 @@ def test_resume_never_reuses_shards_of_a_replaced_model(ray_session, tiny_index_
     _, ids, codes, _ = _read_index(index)
     np.testing.assert_array_equal(ids, np.arange(4000))
     np.testing.assert_array_equal(codes, new_codes)
+
+
+def _two_jobs_race(inp, index, other_uri, options=None) -> None:
+    """Job A claims v000001 and encodes; job B, started later on other data, commits first."""
+    from pipeline.errors import ConcurrentWriterError
+    from pipeline.stages import encode as stage
+
+    cfg_a = _job(inp, index, shard_rows=2000)
+    plan_a = stage._plan(cfg_a, options)
+    assert plan_a.version == "v000001"
+    rep_b = run_encode(_job(inp, index, data_uris=[other_uri], shard_rows=2000), options=options)
+    assert rep_b["version"] == "v000002" and current_version(index, options) == "v000002"
+    stage._encode_pending(cfg_a, plan_a, False, options)
+    with pytest.raises(ConcurrentWriterError, match="CURRENT names v000002, newer than this job's v000001"):
+        stage._commit(cfg_a, plan_a, options)
+    assert current_version(index, options) == "v000002" and load_manifest(index, options=options).total_rows == 1000
+    # B's index is there now: A's re-run must say --overwrite, and then builds after it, from
+    # the shards it had finished
+    with pytest.raises(ConfigError, match="different index"):
+        run_encode(cfg_a, options=options)
+    rep = run_encode(_job(inp, index, shard_rows=2000, overwrite=True), options=options)
+    assert rep["version"] == "v000003" and current_version(index, options) == "v000003"
+    assert rep["shards_encoded_this_run"] == 0 and rep["shards_reused_this_run"] == 2
+    assert load_manifest(index, options=options).total_rows == 4000
+
+
+def test_two_jobs_into_one_index_the_later_commit_wins_cleanly(ray_session, tiny_index_inputs, tmp_path):
+    other = tmp_path / "other.fvecs"
+    vectors.write_vectors(str(other), tiny_index_inputs["x"][:1000])
+    _two_jobs_race(tiny_index_inputs, str(tmp_path / "index"), str(other))
+
+
+@pytest.mark.s3
+def test_two_jobs_into_one_index_on_s3(ray_session, tiny_index_inputs, s3, tmp_path):
+    bucket, opts = s3.bucket("two-jobs"), s3.options()
+    local_other = tmp_path / "other.fvecs"
+    vectors.write_vectors(str(local_other), tiny_index_inputs["x"][:1000])
+    uris = {}
+    for name, path in (("other", str(local_other)), ("base", tiny_index_inputs["base"])):
+        uris[name] = storage.join(bucket, f"{name}.fvecs")
+        storage.write_bytes_atomic(uris[name], open(path, "rb").read(), opts)
+    _two_jobs_race({**tiny_index_inputs, "base": uris["base"]}, storage.join(bucket, "index"), uris["other"], opts)

@@ -11,10 +11,10 @@ from pipeline.io import storage
 from pipeline.errors import ConfigError
 from pipeline.index.manifest import (
     code_params, commit_manifest, current_version, garbage_collect, InputEntry, list_versions,
-    load_manifest, Manifest, next_version, shard_uri, ShardEntry, validate_manifest, version_dir,
+    load_manifest, Manifest, manifest_uri, next_version, shard_uri, ShardEntry, validate_manifest, version_dir,
 )
-from pipeline.errors import ManifestError
-from pipeline.index.shards import read_shard, shard_name, write_shard
+from pipeline.errors import CorruptShardError, ManifestError
+from pipeline.index.shards import load_shard_rows, read_shard, shard_name, write_shard
 
 M, K, NLIST = 4, 256, 8
 
@@ -119,7 +119,7 @@ def test_gc_keeps_n_and_never_current(tmp_path):
     storage.write_bytes_atomic(storage.join(idx, "versions/notes.txt"), b"not a version")
     from pipeline.index.manifest import set_current
 
-    set_current(idx, "v000002")  # rolled back: CURRENT is old
+    set_current(idx, "v000002", allow_older=True)  # rolled back: CURRENT is old
     deleted = garbage_collect(idx, keep=3)
     assert deleted == ["v000001", "v000003"]
     assert list_versions(idx) == ["v000002", "v000004", "v000005"]
@@ -192,3 +192,141 @@ def test_s3_round_trip_commit_read_gc(s3):
     assert garbage_collect(idx, keep=1, options=opts) == ["v000001"]
     assert list_versions(idx, opts) == ["v000002"]
     assert storage.list_files(version_dir(idx, "v000001"), opts) == []
+
+
+def _escape(idx: str, options=None) -> str:
+    """Commit a version, then rewrite its manifest so a shard's name leaves the version
+    directory toward a real file; returns the hostile name."""
+    m = _build(idx, "v000001", counts=(12,), shard_rows=5, options=options)
+    commit_manifest(idx, m, options=options)
+    outside = storage.join(idx, "outside.parquet")
+    storage.copy_file(shard_uri(idx, "v000001", m.shards[0]), outside, options)
+    d = m.to_dict()
+    d["shards"][0]["name"] = "../../outside.parquet"
+    storage.write_bytes_atomic(storage.join(version_dir(idx, "v000001"), "manifest.json"),
+                               json.dumps(d).encode(), options)
+    return d["shards"][0]["name"]
+
+
+def _refuses_escape(idx: str, name: str, options=None) -> None:
+    with pytest.raises(ManifestError, match=r"manifest.json: invalid manifest: shard .../../outside.parquet.: the name must be shards/shard-f00000"):
+        load_manifest(idx, options=options)
+    entry = {**_build(idx, "v000009", counts=(5,), options=options).shards[0].to_dict(), "name": name}
+    with pytest.raises(CorruptShardError, match="outside.parquet"):
+        load_shard_rows(version_dir(idx, "v000001"), [entry], NLIST, M, options=options)
+    errors: dict = {}  # the tolerant loader records it and still never opens the file
+    load_shard_rows(version_dir(idx, "v000001"), [entry], NLIST, M, options=options, errors=errors)
+    assert "not of the form" in errors[name]
+
+
+def test_manifest_naming_a_path_outside_the_version_is_refused(tmp_path):
+    idx = str(tmp_path / "idx")
+    _refuses_escape(idx, _escape(idx))
+
+
+@pytest.mark.s3
+def test_manifest_path_escape_refused_on_s3(s3):
+    idx = storage.join(s3.bucket("index-escape"), "idx")
+    opts = s3.options()
+    _refuses_escape(idx, _escape(idx, opts), opts)
+
+
+def test_verify_gc_rollback_and_report_from_the_cli(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.index.history import read_history
+
+    idx = str(tmp_path / "idx")
+    assert main(["report", idx]) == 2  # no index there: an error, not an empty table
+    assert "no index there" in capsys.readouterr().err
+    for v in ("v000001", "v000002", "v000003"):
+        commit_manifest(idx, _build(idx, v, seed=int(v[-1])))
+    assert main(["verify", idx]) == 0
+    assert "4 of 4 shards intact, 35 vectors" in capsys.readouterr().out
+    m = load_manifest(idx)
+    bad = tmp_path / "idx/versions/v000003" / m.shards[1].name
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 1
+    bad.write_bytes(bytes(data))
+    assert main(["verify", idx]) == 2
+    out = capsys.readouterr().out
+    assert f"DAMAGED {m.shards[1].name}" in out and "3 of 4 shards intact" in out
+    assert main(["verify", idx, "--version", "v000002"]) == 0
+
+    assert main(["rollback", idx, "--to", "v000009"]) == 2
+    assert "not committed" in capsys.readouterr().err
+    assert main(["rollback", idx, "--to", "v000002"]) == 0
+    assert current_version(idx) == "v000002"
+    assert [e["body"] for e in read_history(idx) if e["kind"] == "rollback"] == [
+        {"from": "v000003", "to": "v000002", "vectors": 35}]
+    assert main(["gc", idx, "--keep", "1"]) == 0  # CURRENT (v000002) is the one kept
+    assert list_versions(idx) == ["v000002"] and "deleted: v000001, v000003" in capsys.readouterr().out
+
+
+def test_a_damaged_current_version_is_shown_and_rolled_back_past(tmp_path, capsys):
+    from pipeline.cli import main
+
+    idx = str(tmp_path / "idx")
+    commit_manifest(idx, _build(idx, "v000001"))
+    commit_manifest(idx, _build(idx, "v000002", seed=2))
+    muri = tmp_path / "idx/versions/v000002/manifest.json"
+    muri.write_bytes(muri.read_bytes()[:300])  # truncated
+    with pytest.raises(ManifestError, match="v000002/manifest.json: not valid JSON"):
+        load_manifest(idx)
+    assert main(["report", idx]) == 0
+    assert "v000002 is damaged" in capsys.readouterr().out
+    assert main(["rollback", idx, "--to", "v000002"]) == 2  # a damaged target is refused
+    assert main(["rollback", idx, "--to", "v000001"]) == 0
+    assert current_version(idx) == "v000001" and load_manifest(idx).version == "v000001"
+    (tmp_path / "idx/CURRENT").write_text("{trunc")  # even a damaged CURRENT can be rolled back
+    assert main(["rollback", idx, "--to", "v000001"]) == 0
+    assert "(unreadable) -> v000001" in capsys.readouterr().out and current_version(idx) == "v000001"
+
+
+@pytest.mark.s3
+def test_debug_logging_never_shows_the_credentials(s3, tmp_path):
+    """`qinco -v` turns on botocore's debug lines, which print each request's signed headers."""
+    import os
+    import subprocess
+    import sys
+
+    idx = storage.join(s3.bucket("index-logs"), "idx")
+    commit_manifest(idx, _build(idx, "v000001", counts=(6,), options=s3.options()), options=s3.options())
+    env = dict(os.environ)  # the fixture points the AWS_* variables at the server
+    out = subprocess.run([sys.executable, "-m", "pipeline", "-v", "report", idx], capture_output=True,
+                         text=True, timeout=120, env=env)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-2000:]
+    assert "Credential=***" in text  # the signed headers were logged, redacted
+    assert env["AWS_ACCESS_KEY_ID"] not in text and env["AWS_SECRET_ACCESS_KEY"] not in text
+
+
+def _two_writers(idx: str, options=None) -> None:
+    from pipeline.errors import ConcurrentWriterError
+    from pipeline.index.manifest import set_current
+
+    first = _build(idx, "v000001", counts=(12,), shard_rows=5, options=options)
+    second = _build(idx, "v000002", counts=(7,), shard_rows=5, seed=2, options=options)
+    commit_manifest(idx, second, options=options)  # the later job finishes first
+    with pytest.raises(ConcurrentWriterError, match="CURRENT names v000002, newer than this job's v000001"):
+        commit_manifest(idx, first, options=options)
+    assert current_version(idx, options) == "v000002" and list_versions(idx, options) == ["v000002"]
+    commit_manifest(idx, first, switch_current=False, options=options)
+    with pytest.raises(ConcurrentWriterError, match="newer"):  # CURRENT never moves back by itself
+        set_current(idx, "v000001", options)
+    assert current_version(idx, options) == "v000002"
+    set_current(idx, "v000001", options, allow_older=True)  # what `qinco rollback` does
+    assert current_version(idx, options) == "v000001"
+    # the same version committed by another job with other content is refused
+    other = _build(idx, "v000003", counts=(7,), shard_rows=5, seed=3, options=options)
+    storage.write_bytes_atomic(manifest_uri(idx, "v000003"), (other.to_json() + "\n").encode(), options)
+    with pytest.raises(ConfigError, match="different content"):
+        commit_manifest(idx, other.replace(job_config={"shard_rows": 6}), options=options)
+
+
+def test_two_writers_never_move_current_back(tmp_path):
+    _two_writers(str(tmp_path / "idx"))
+
+
+@pytest.mark.s3
+def test_two_writers_never_move_current_back_on_s3(s3):
+    _two_writers(storage.join(s3.bucket("two-writers"), "idx"), s3.options())

@@ -118,3 +118,15 @@ def test_bytes_and_m_must_agree_and_presets_are_known(learn_and_base, tmp_path, 
     assert "unknown preset 'big'" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         resolve_model("nope", 8, 10, {}, TrainConfig())
+
+
+def test_input_noise_where_the_training_set_is_small_for_the_codebooks():
+    noise = {n: choose_recipe(n, 384, 8).train["input_noise"] for n in (5_000, 20_000, 30_000, 60_000, 10**6)}
+    assert noise[5_000] == noise[20_000] == 1.0 and noise[60_000] == noise[10**6] == 0.0
+    assert 0 < noise[30_000] < 1
+    assert choose_recipe(30_000, 384, 16).train["input_noise"] == 1.0  # more codewords, fewer rows each
+    assert "per codeword" in choose_recipe(30_000, 384, 8).reasons["input_noise"]
+    # the user's value wins and is recorded
+    _, tcfg, rec = apply_recipe(choose_recipe(5_000, 384, 8), {}, TrainConfig(input_noise=0.0),
+                                explicit_train={"input_noise"})
+    assert tcfg.input_noise == 0.0 and rec.overridden == {"input_noise": 0.0}

@@ -257,3 +257,46 @@ def test_s3_from_ray_worker(s3, ray_session):
     head, rows = ray_session.get(work.remote(fs, path, uri, s3.options()), timeout=120)
     assert head == np.array([5], "<i4").tobytes()
     np.testing.assert_array_equal(rows, x[2:5])
+
+
+def _conditional_writes(root: str, options=None) -> None:
+    from pipeline.io.storage import create_exclusive, read_tagged, replace_if_unchanged
+
+    uri = storage.join(root, "claims", "v000001")
+    assert read_tagged(uri, options) == (None, None)
+    assert create_exclusive(uri, b"first", options) is True
+    assert create_exclusive(uri, b"second", options) is False  # already claimed: left unchanged
+    data, tag = read_tagged(uri, options)
+    assert data == b"first" and tag
+    assert replace_if_unchanged(uri, b"next", tag, options) is True
+    assert replace_if_unchanged(uri, b"stale", tag, options) is False  # changed since the read
+    assert storage.read_bytes(uri, options) == b"next"
+    other = storage.join(root, "claims", "absent")
+    assert replace_if_unchanged(other, b"x", "some-tag", options) is False
+    assert replace_if_unchanged(other, b"x", None, options) is True
+    assert replace_if_unchanged(other, b"y", None, options) is False
+    assert storage.read_bytes(other, options) == b"x"
+
+
+def test_conditional_writes_locally(tmp_path):
+    _conditional_writes(str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir() if not p.name.endswith(".lock")) == \
+        ["absent", "v000001"]  # no temporaries left
+
+
+def test_concurrent_local_replace_lets_exactly_one_writer_win(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.io.storage import read_tagged, replace_if_unchanged
+
+    uri = str(tmp_path / "CURRENT")
+    storage.write_bytes_atomic(uri, b"v0")
+    _, tag = read_tagged(uri)
+    with ThreadPoolExecutor(8) as ex:
+        won = list(ex.map(lambda i: replace_if_unchanged(uri, f"w{i}".encode(), tag), range(8)))
+    assert sum(won) == 1 and storage.read_bytes(uri) == f"w{won.index(True)}".encode()
+
+
+@pytest.mark.s3
+def test_conditional_writes_on_s3(s3):
+    _conditional_writes(s3.bucket("conditional"), s3.options())

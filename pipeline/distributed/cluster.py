@@ -11,12 +11,36 @@ import math
 import os
 
 import ray
+import ray.data
+
+from pipeline.io.storage import RedactingFilter
 
 log = logging.getLogger(__name__)
 
 
+class _NoErrorsUnlessVerbose(logging.Filter):
+    """On Ray Data's console handler: a failed task's error and traceback are not printed, since
+    the command reports the error itself (one line, exit status 2; a bug still propagates with
+    its traceback). With debug logging (``qinco -v``) everything passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def quiet_ray_data_console() -> None:
+    """Install :class:`_NoErrorsUnlessVerbose` and credential redaction on the handlers of Ray
+    Data's logger, which does not propagate to the root logger's (its log file keeps all)."""
+    for h in logging.getLogger("ray.data").handlers:
+        if any(isinstance(f, _NoErrorsUnlessVerbose) for f in h.filters):
+            continue
+        h.addFilter(RedactingFilter())
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.addFilter(_NoErrorsUnlessVerbose())
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Initialise Ray if needed. Returns True when this call started a local instance."""
+    quiet_ray_data_console()
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

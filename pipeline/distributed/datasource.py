@@ -28,9 +28,8 @@ from ray.data import Datasource as _Datasource
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 from ray.data.extensions import ArrowTensorArray
-from ray.exceptions import RayError
 
-from pipeline.errors import ConfigError, PipelineError, VectorFormatError
+from pipeline.errors import ConfigError, find_pipeline_error, PipelineError, VectorFormatError
 from pipeline.io import storage, vectors
 from pipeline.io.inputs import InputFile, RowSample, common_dtype, ids_for
 
@@ -180,20 +179,8 @@ def read_source(source: "VectorDatasource", **read_kwargs) -> "ray.data.Dataset"
 # ----------------------------------------------------------------------------------------- errors
 
 def unwrap_ray_error(exc: BaseException) -> BaseException:
-    """The pipeline exception inside Ray's wrappers (``RayTaskError(...)``, ``cause``,
-    ``__cause__`` chains), so callers can raise/catch the original type and message; ``exc``
-    itself when none is found."""
-    stack: list[BaseException] = [exc]
-    seen: set[int] = set()
-    while stack:
-        e = stack.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, PipelineError) and not isinstance(e, RayError):
-            return e
-        stack.extend(c for c in (getattr(e, "cause", None), e.__cause__, e.__context__)
-                     if isinstance(c, BaseException))
-    return exc
+    """The pipeline exception inside Ray's wrappers (see :func:`find_pipeline_error`), so
+    callers can raise/catch the original type and message; ``exc`` itself when none is found."""
+    return find_pipeline_error(exc) or exc
 
 

@@ -20,7 +20,7 @@ from pipeline.codec.decoder import Decoder, model_centroids
 from pipeline.codec.model_file import check_model_unchanged, load_model
 from pipeline.errors import PipelineError
 from pipeline.index.manifest import load_manifest, version_dir
-from pipeline.index.shards import load_shard_rows
+from pipeline.index.shards import load_shard_rows, shard_file_uri
 from pipeline.io import storage
 from pipeline.search.params import SearchParams
 from pipeline.search.pipeline import finish, merge, shortlist
@@ -100,8 +100,8 @@ class ShardPool:
         vuri = version_dir(index_uri, m.version)
         self.shard_errors: dict[str, str] = {}
         for s in m.shards:
-            if not storage.exists(storage.join(vuri, s.name), options):
-                msg = (f"shard {storage.redact(storage.join(vuri, s.name))} named in the manifest of "
+            if not storage.exists(shard_file_uri(vuri, s.name), options):
+                msg = (f"shard {storage.redact(shard_file_uri(vuri, s.name))} named in the manifest of "
                        f"version {m.version} is missing")
                 if not allow_partial:
                     raise PipelineError(msg)

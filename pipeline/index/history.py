@@ -5,8 +5,8 @@ Every job that changes or measures an index leaves an event under ``INDEX_URI/hi
     history/20261124T055210.123456Z-encode-v000002-1a2b3c.json   {"kind", "version", "time", "body"}
 
 ``encode`` (a committed version, with the job's report), ``gc`` (versions deleted), ``search``
-(a query run against a version) and ``eval`` (recall of a search's results against ground
-truth). Events are separate objects written once, never appended to, because object stores
+(a query run against a version), ``eval`` (recall of a search's results against ground
+truth) and ``rollback`` (``CURRENT`` moved by hand). Events are separate objects written once, never appended to, because object stores
 cannot append; names sort by time. They outlive garbage collection, so ``qinco report`` can
 show versions that no longer exist next to the live ones read from their manifests.
 """
@@ -20,14 +20,14 @@ import os
 import uuid
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ManifestError, PipelineError
 from pipeline.index.manifest import current_version, list_versions, load_manifest, version_dir, version_number
 from pipeline.io import storage
 
 log = logging.getLogger(__name__)
 
 HISTORY_DIR = "history"
-KINDS = ("encode", "gc", "search", "eval")
+KINDS = ("encode", "gc", "search", "eval", "rollback")
 
 
 def record_event(index_uri: str, kind: str, body: dict, *, version: str | None = None, options=None,
@@ -112,11 +112,24 @@ def index_report(index_uri: str, options=None) -> dict[str, Any]:
     ``deleted``. Each version carries its last evaluated recall (``eval`` events) and the number
     of recorded searches.
     """
-    current = current_version(index_uri, options)
+    try:
+        current = current_version(index_uri, options)
+    except ManifestError as e:
+        current, current_error = None, str(e)
+    else:
+        current_error = None
     events = read_history(index_uri, options)
+    versions_found = list_versions(index_uri, options)
+    if current is None and current_error is None and not versions_found and not events:
+        raise ManifestError(f"{storage.redact(index_uri)}: no index there (no CURRENT, no version, "
+                            f"no history)")
     rows: dict[str, dict] = {}
-    for v in list_versions(index_uri, options):
-        m = load_manifest(index_uri, version=v, options=options)
+    for v in versions_found:
+        try:
+            m = load_manifest(index_uri, version=v, options=options)
+        except ManifestError as e:  # shown, so that the user can roll back past it
+            rows[v] = {"version": v, "state": "damaged", "problem": str(e)}
+            continue
         rows[v] = {
             "version": v, "state": "current" if v == current else "kept", "created": m.created,
             "parent": m.parent_version, "model": storage.redact(m.model.get("uri", "")),
@@ -160,8 +173,11 @@ def index_report(index_uri: str, options=None) -> dict[str, Any]:
     for r in versions:
         if r["state"] != "deleted":
             r["stored_bytes"] = _dir_bytes(index_uri, r["version"], options)
-    return {"index": storage.redact(index_uri), "current": current, "versions": versions,
-            "events": len(events)}
+    out = {"index": storage.redact(index_uri), "current": current, "versions": versions,
+           "events": len(events)}
+    if current_error:
+        out["current_error"] = current_error
+    return out
 
 
 def format_report(rep: dict) -> str:
@@ -180,4 +196,7 @@ def format_report(rep: dict) -> str:
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     lines.extend("  ".join(c.ljust(w) for c, w in zip(t, widths)) for t in table)
+    lines.extend(f"{r['version']} is damaged: {r['problem']}" for r in rep["versions"] if r.get("problem"))
+    if rep.get("current_error"):
+        lines.append(f"CURRENT is damaged: {rep['current_error']}")
     return "\n".join(lines)

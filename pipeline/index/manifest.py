@@ -9,8 +9,10 @@ Layout under an index URI (see ``docs/index-format.md``)::
 A version exists for readers only once its ``manifest.json`` is written; shards not named in a
 committed manifest are never read. ``CURRENT`` names the version readers use by default and is
 switched only after the manifest is in place, so a reader following it always finds a complete
-version. One driver at a time commits to a given index (object stores offer no compare-and-swap
-for the pointer).
+version. Several jobs may write to one index: a version directory is claimed, and a manifest
+created, only if absent (S3 ``If-None-Match: *``, locally an exclusive create), and ``CURRENT``
+is replaced by compare-and-swap (S3 ``If-Match``, locally under a lock) and never moves back
+to an older version except by rollback.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Any
 
 from pipeline.codec.codes import code_dtype
 from pipeline.config import JsonConfig, code_version
-from pipeline.errors import ConfigError, ManifestError
-from pipeline.index.shards import parse_shard_name, shard_name, ShardInfo
+from pipeline.errors import ConcurrentWriterError, ConfigError, ManifestError
+from pipeline.index.shards import parse_shard_name, shard_file_uri, shard_name, ShardInfo
 from pipeline.io import storage
 from pipeline.io.inputs import InputEntry
 from pipeline.io.storage import StorageOptions
@@ -142,8 +144,8 @@ def manifest_uri(index_uri: str, version: str) -> str:
 
 
 def shard_uri(index_uri: str, version: str, entry: ShardEntry) -> str:
-    """URI of a shard named in a manifest."""
-    return storage.join(version_dir(index_uri, version), entry.name)
+    """URI of a shard named in a manifest (never outside the version directory)."""
+    return shard_file_uri(version_dir(index_uri, version), entry.name)
 
 
 def _listing_prefix(uri: str) -> str:
@@ -233,9 +235,10 @@ def validate_manifest(m: Manifest, *, require_complete: bool = True) -> None:
         names.add(s.name)
         if not 0 <= s.file_index < len(m.inputs):
             _fail(f"shard {s.name}: file_index {s.file_index} but {len(m.inputs)} inputs")
-        if s.name != f"shards/{shard_name(s.file_index, s.first_row)}":
-            _fail(f"shard {s.name}: name does not match file_index {s.file_index}, "
-                  f"first_row {s.first_row}")
+        want_name = f"shards/{shard_name(s.file_index, s.first_row)}"
+        if s.name != want_name:
+            _fail(f"shard {s.name!r}: the name must be {want_name} (from its file_index "
+                  f"{s.file_index} and first_row {s.first_row})")
         parse_shard_name(s.name)
         if s.rows < 1 or s.id_max - s.id_min + 1 != s.rows:
             _fail(f"shard {s.name}: {s.rows} rows but ids [{s.id_min}, {s.id_max}] "
@@ -323,6 +326,10 @@ def load_manifest(index_uri: str, version: str | None = None,
     if m.version != version:
         raise ManifestError(f"{storage.redact(uri)}: manifest says version {m.version}, "
                             f"stored as {version}")
+    try:  # every read, not only the commit: readers build paths from the shard names
+        validate_manifest(m, require_complete=False)
+    except ConfigError as e:
+        raise ManifestError(f"{storage.redact(uri)}: {e}") from None
     return m
 
 
@@ -340,16 +347,56 @@ def _check_shards_present(index_uri: str, m: Manifest, options: StorageOptions |
             raise ConfigError(f"cannot commit {m.version}: shard {storage.redact(uri)} is missing")
 
 
-def set_current(index_uri: str, version: str, options: StorageOptions | None = None) -> None:
-    """Point ``CURRENT`` at an already committed version (also used to roll back)."""
+def set_current(index_uri: str, version: str, options: StorageOptions | None = None, *,
+                allow_older: bool = False) -> None:
+    """Point ``CURRENT`` at an already committed version.
+
+    A compare-and-swap (S3 ``If-Match`` on the ETag; locally a lock and a content compare), so
+    two writers never both think they moved it. It never moves to an older version than the one
+    it names unless ``allow_older`` (``qinco rollback``): a job that committed ``v3`` after
+    another job's ``v4`` raises :class:`ConcurrentWriterError` and leaves ``CURRENT`` at ``v4``.
+    A ``CURRENT`` that cannot be parsed is replaced.
+    """
     muri = manifest_uri(index_uri, version)
     if not storage.exists(muri, options):
         raise ConfigError(f"{storage.redact(index_uri)}: cannot switch to {version}: not committed")
-    body = {"version": version, "manifest": f"{VERSIONS_DIR}/{version}/{MANIFEST_FILE}",
-            "updated": utc_now()}
-    storage.write_bytes_atomic(storage.join(index_uri, CURRENT_FILE),
-                               (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), options)
-    log.info("%s: CURRENT -> %s", storage.redact(index_uri), version)
+    uri = storage.join(index_uri, CURRENT_FILE)
+    body = {"version": version, "manifest": f"{VERSIONS_DIR}/{version}/{MANIFEST_FILE}"}
+    for _attempt in range(100):
+        data, tag = _refuse_if_current_is_newer(index_uri, version, options, allow_older)
+        if _version_named(data) == version:
+            return
+        text = json.dumps({**body, "updated": utc_now()}, indent=2, sort_keys=True) + "\n"
+        if storage.replace_if_unchanged(uri, text.encode(), tag, options):
+            log.info("%s: CURRENT -> %s", storage.redact(index_uri), version)
+            return
+        time.sleep(0.05)  # another writer moved it between our read and write: decide again
+    raise ConcurrentWriterError(f"{storage.redact(uri)}: kept changing while switching to {version}")
+
+
+def _refuse_if_current_is_newer(index_uri: str, version: str, options: StorageOptions | None,
+                                allow_older: bool = False) -> tuple[bytes | None, str | None]:
+    """``CURRENT``'s bytes and tag; :class:`ConcurrentWriterError` when it names a version newer
+    than ``version`` (unless ``allow_older``)."""
+    data, tag = storage.read_tagged(storage.join(index_uri, CURRENT_FILE), options)
+    named = _version_named(data)
+    if named is not None and version_number(named) > version_number(version) and not allow_older:
+        raise ConcurrentWriterError(
+            f"{storage.redact(index_uri)}: CURRENT names {named}, newer than this job's {version}: another "
+            f"job committed to this index meanwhile. CURRENT stays at {named}; re-run the command "
+            f"(with --overwrite to replace that index) to build a version after it")
+    return data, tag
+
+
+def _version_named(data: bytes | None) -> str | None:
+    """The version a ``CURRENT`` object's bytes name; None when absent or unparsable."""
+    if data is None:
+        return None
+    try:
+        v = json.loads(data).get("version")
+    except (ValueError, AttributeError):
+        return None
+    return v if isinstance(v, str) and _VERSION_RE.match(v) else None
 
 
 def commit_manifest(index_uri: str, manifest: Manifest, *, switch_current: bool = True,
@@ -363,6 +410,8 @@ def commit_manifest(index_uri: str, manifest: Manifest, *, switch_current: bool 
     version raises ConfigError. Returns the manifest URI.
     """
     validate_manifest(manifest, require_complete=False)
+    if switch_current:  # a version CURRENT can never name is not committed at all
+        _refuse_if_current_is_newer(index_uri, manifest.version, options)
     uri = manifest_uri(index_uri, manifest.version)
     new = manifest.to_dict()
     if storage.exists(uri, options):
@@ -374,7 +423,11 @@ def commit_manifest(index_uri: str, manifest: Manifest, *, switch_current: bool 
     else:
         if check_shards:
             _check_shards_present(index_uri, manifest, options)
-        storage.write_bytes_atomic(uri, (manifest.to_json() + "\n").encode(), options)
+        if not storage.create_exclusive(uri, (manifest.to_json() + "\n").encode(), options):
+            old = _read_json(uri, options)  # another writer committed this version just now
+            if _comparable(old) != _comparable(json.loads(json.dumps(new))):
+                raise ConcurrentWriterError(f"{storage.redact(uri)}: version {manifest.version} was committed "
+                                            f"by another job with different content")
         log.info("%s: committed version %s (%d shards, %d rows)", storage.redact(index_uri),
                  manifest.version, len(manifest.shards), manifest.total_rows)
     if switch_current:

@@ -52,6 +52,7 @@ MAX_FIRST_ROW = 999_999_999_999
 
 _META_PREFIX = "qinco."
 _NAME_RE = re.compile(r"^shard-f(\d{5})-r(\d{12})\.parquet$")
+SHARDS_DIR = "shards"  # shards live in this folder of their version directory
 
 
 @dataclasses.dataclass
@@ -85,6 +86,17 @@ def parse_shard_name(name: str) -> tuple[int, int]:
     if not m:
         raise ConfigError(f"not a shard file name: {name!r}")
     return int(m.group(1)), int(m.group(2))
+
+
+def shard_file_uri(version_uri: str, name: str) -> str:
+    """URI of the shard a manifest names ``name`` under ``version_uri``. Only the form the format
+    allows (``shards/`` + :func:`shard_name`) is accepted, so a damaged or hostile manifest can
+    never make a reader open a file outside the version directory."""
+    if not isinstance(name, str) or not name.startswith(SHARDS_DIR + "/") \
+            or not _NAME_RE.fullmatch(name[len(SHARDS_DIR) + 1:]):
+        raise CorruptShardError(storage.redact(version_uri),
+                                f"manifest names shard {name!r}, not of the form {SHARDS_DIR}/shard-fNNNNN-rNNNNNNNNNNNN.parquet")
+    return storage.join(version_uri, name)
 
 
 def _require_int_array(name: str, a: Any, ndim: int) -> np.ndarray:
@@ -387,7 +399,7 @@ def load_shard_rows(version_uri: str, shard_entries: list[dict], nlist: int, M: 
         info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
                          id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
         try:
-            sh = read_shard(storage.join(version_uri, e["name"]), expected=info, options=options, nlist=nlist)
+            sh = read_shard(shard_file_uri(version_uri, e["name"]), expected=info, options=options, nlist=nlist)
         except PipelineError as exc:
             if errors is None:
                 raise

@@ -9,6 +9,8 @@ s3fs or botocore become :class:`~pipeline.errors.StorageError` naming the URI.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -80,6 +82,10 @@ class StorageOptions(JsonConfig):
 _QS_SECRET = re.compile(
     r"(?i)((?:aws_)?(?:access_key(?:_id)?|secret_key|secret_access_key|session_token|secret|password|token"
     r"|x-amz-credential|x-amz-signature|x-amz-security-token)=)([^&\s'\"]+)")
+# signed request headers as botocore logs them: "Credential=AKID/date/region/s3/aws4_request",
+# "Signature=hex", "'X-Amz-Security-Token': b'...'"
+_HEADER_SECRET = re.compile(
+    r"(?i)((?:\bCredential|\bSignature)=|x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)([^,\s'\"/&]+)")
 
 
 def redact(text: str) -> str:
@@ -95,7 +101,34 @@ def redact(text: str) -> str:
     for s in sorted(secrets, key=len, reverse=True):
         if len(s) >= 4:
             text = text.replace(s, "***")
-    return _QS_SECRET.sub(r"\1***", text)
+    return _HEADER_SECRET.sub(r"\1***", _QS_SECRET.sub(r"\1***", text))
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that passes every record with its message run through :func:`redact`:
+    on a handler, it covers the records of every library (botocore's debug lines print signed
+    request headers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a malformed record is left for the handler to report
+            return True
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def redact_log_handlers(logger: logging.Logger | None = None) -> None:
+    """Install :class:`RedactingFilter` on every handler of ``logger`` (default: the root)."""
+    for h in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactingFilter) for f in h.filters):
+            h.addFilter(RedactingFilter())
 
 
 # ----------------------------------------------------------------------------------------- URIs
@@ -426,6 +459,126 @@ def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = Non
         if mode == "w":
             f.flush()
         raw.close()
+
+
+# ----------------------------------------------------------------------------------------- conditional writes
+#
+# What lets several jobs share one index safely: an object created only if absent (S3
+# ``If-None-Match: *``; locally a hard link, which fails when the name exists), and an object
+# replaced only if unchanged since it was read (S3 ``If-Match: <ETag>``; locally under an
+# exclusive ``flock`` of a lock file beside it, comparing content).
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """True when an S3 call was refused because its If-None-Match / If-Match did not hold."""
+    if isinstance(exc, FileExistsError):
+        return True
+    chain: BaseException | None = exc
+    while chain is not None:
+        r = getattr(chain, "response", None)
+        if isinstance(r, dict):
+            code = str(r.get("Error", {}).get("Code", ""))
+            status = r.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412):
+                return True
+        chain = chain.__cause__ or chain.__context__
+    return "precondition" in str(exc).lower()
+
+
+def create_exclusive(uri: str, data: bytes, options: StorageOptions | None = None) -> bool:
+    """Create ``uri`` holding ``data`` unless it exists: True when this call created it, False
+    when something was there already (left unchanged). Readers never see a partial file."""
+    fs, path = get_fs(uri, options)
+    protocol, _ = _split(uri)
+    if protocol == "file":
+        parent = os.path.dirname(path) or "."
+        with _errors(uri):
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".",
+                                       suffix=_TEMP_SUFFIX)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)  # atomic, and fails if the name exists
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except Exception as e:  # noqa: BLE001 - sorted below
+        if _precondition_failed(e):
+            return False
+        with _errors(uri):
+            raise
+    return True
+
+
+def read_tagged(uri: str, options: StorageOptions | None = None) -> tuple[bytes | None, str | None]:
+    """``(content, tag)`` of a small object, ``(None, None)`` when it does not exist. Pass the tag
+    to :func:`replace_if_unchanged`. On S3 the tag is the ETag, taken before the read: a change
+    in between makes the later conditional write fail, never succeed on stale content."""
+    fs, path = get_fs(uri, options)
+    protocol, _ = _split(uri)
+    if protocol == "file":
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            raise StorageError(_error_message(uri, e)) from None
+        return data, hashlib.sha256(data).hexdigest()
+    with _errors(uri):
+        try:
+            etag = fs.info(path).get("ETag")
+        except FileNotFoundError:
+            return None, None
+        try:
+            return fs.cat_file(path), etag
+        except FileNotFoundError:
+            return None, None
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    with open(path + ".lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def replace_if_unchanged(uri: str, data: bytes, tag: str | None, options: StorageOptions | None = None) -> bool:
+    """Write ``data`` to ``uri`` only if it still has the ``tag`` :func:`read_tagged` gave (None:
+    only if it still does not exist). True when written, False when another writer changed it
+    first (read again and decide again)."""
+    fs, path = get_fs(uri, options)
+    protocol, _ = _split(uri)
+    if protocol == "file":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with _errors(uri), _local_lock(path):
+            now, now_tag = read_tagged(uri, options)
+            if now_tag != tag:
+                return False
+            write_bytes_atomic(uri, data, options)
+            return True
+    if tag is None:
+        return create_exclusive(uri, data, options)
+    try:
+        fs.pipe_file(path, data, IfMatch=tag)
+    except Exception as e:  # noqa: BLE001 - sorted below
+        if _precondition_failed(e) or isinstance(e, FileNotFoundError):
+            return False
+        with _errors(uri):
+            raise
+    return True
 
 
 def copy_file(src_uri: str, dst_uri: str, options: StorageOptions | None = None) -> None:

@@ -49,11 +49,11 @@ from pipeline.config import JsonConfig, code_version
 from pipeline.distributed.datasource import read_source, VectorDatasource
 from pipeline.distributed.datasource import unwrap_ray_error
 from pipeline.distributed.encode import EncodeActor, shard_is_done, sidecar
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConcurrentWriterError, ConfigError, ManifestError, PipelineError
 from pipeline.index.history import record_event
 from pipeline.index.manifest import (
     code_params, commit_manifest, current_version, InputEntry, list_versions, load_manifest,
-    Manifest, next_version, shard_uri, ShardEntry, version_dir,
+    Manifest, next_version, shard_uri, ShardEntry, version_dir, version_number,
 )
 from pipeline.index.manifest import validate_manifest
 from pipeline.index.shards import shard_name, ShardInfo
@@ -184,7 +184,14 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
     cur = current_version(cfg.index_uri, options)
     if cur is None:
         return None
-    m = load_manifest(cfg.index_uri, options=options)
+    try:
+        m = load_manifest(cfg.index_uri, options=options)
+    except ManifestError as e:
+        if cfg.overwrite:
+            log.warning("%s; building a new version beside it (--overwrite)", e)
+            return None
+        raise ManifestError(f"{e}; `qinco rollback {storage.redact(cfg.index_uri)} --to VERSION` returns to "
+                            f"an earlier version, --overwrite builds a new one") from None
     same_model = m.model.get("sha256") == model_id["config_sha256"]
     same_inputs = [(i.uri, i.count, i.header_sha256) for i in m.inputs] == [
         (d["uri"], d["count"], d["header_sha256"]) for d in inputs_desc]
@@ -199,27 +206,64 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
     return None
 
 
-def _pick_version(cfg: EncodeJobConfig, options, model_sha: str) -> str:
-    """Reuse an unfinished version directory of the same job, else take the next number.
+def _pick_version(cfg: EncodeJobConfig, options, model_sha: str) -> tuple[str, str | None]:
+    """``(version, donor)``: an unfinished version directory of the same job to resume, else a
+    newly claimed number.
 
     The same job means the same identity and the same model content (``model_sha``): shards
-    left by a run whose model was since replaced at the same URI are never reused.
+    left by a run whose model was since replaced at the same URI are never reused. An unfinished
+    directory numbered below the newest committed version could never become ``CURRENT``
+    (another job committed past it), so the job claims a new number and copies that
+    directory's finished shards (``donor``) instead of re-encoding them.
     """
     committed = set(list_versions(cfg.index_uri, options))
+    newest = max((version_number(v) for v in committed), default=0)
     candidates = []
     for uri in storage.list_files(storage.join(cfg.index_uri, "versions"), options):
         if uri.endswith("/" + JOB_FILE):
             v = uri.rstrip("/").split("/")[-2]
             if v not in committed:
                 candidates.append(v)
-    for v in sorted(candidates, reverse=True):
+    donor = None
+    for v in sorted(candidates, key=version_number, reverse=True):
         try:
             job = json.loads(storage.read_bytes(storage.join(version_dir(cfg.index_uri, v), JOB_FILE), options))
         except (ValueError, PipelineError):
             continue
         if job.get("identity") == cfg.identity() and job.get("model_sha256") == model_sha:
-            return v
-    return next_version(cfg.index_uri, options)
+            if version_number(v) > newest:
+                return v, None
+            donor = v
+            break
+    # claim a new number: the job file is created only if absent, so of two jobs starting at
+    # once one gets vN and the other moves on to vN+1
+    body = json.dumps(_job_record(cfg, model_sha), indent=2, sort_keys=True).encode()
+    for _attempt in range(1000):
+        v = next_version(cfg.index_uri, options)
+        if storage.create_exclusive(storage.join(version_dir(cfg.index_uri, v), JOB_FILE), body, options):
+            return v, donor
+    raise ConcurrentWriterError(f"{storage.redact(cfg.index_uri)}: could not claim a new version number")
+
+
+def _take_donor_shards(cfg: EncodeJobConfig, donor: str, vuri: str, pending: list[RangeTask], options) -> int:
+    """Copy the finished shards (with their sidecars) of an abandoned run of this job."""
+    duri = version_dir(cfg.index_uri, donor)
+    copied = 0
+    for tk in pending:
+        if shard_is_done(duri, tk, options):
+            dst = storage.join(vuri, tk.shard)
+            storage.copy_file(storage.join(duri, tk.shard), dst, options)
+            storage.copy_file(sidecar(storage.join(duri, tk.shard)), sidecar(dst), options)
+            copied += 1
+    if copied:
+        log.info("took %d finished shards of the unfinished %s (another job committed past it)", copied, donor)
+    return copied
+
+
+def _job_record(cfg: EncodeJobConfig, model_sha: str) -> dict:
+    """What ``job.json`` holds: the identity a resumed run is matched by."""
+    return {"identity": cfg.identity(), "model_sha256": model_sha, "config": cfg.to_dict(),
+            "code_version": code_version()}
 
 
 def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dict[str, Any]:
@@ -278,20 +322,17 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
         log.info("index %s already holds this job's result (version %s): nothing to do",
                  storage.redact(cfg.index_uri), done_version)
         return {"status": "up-to-date", "version": done_version}
-    version = _pick_version(cfg, options, model_id["config_sha256"])
+    version, donor = _pick_version(cfg, options, model_id["config_sha256"])
     vuri = version_dir(cfg.index_uri, version)
-    job_uri = storage.join(vuri, JOB_FILE)
     stale = storage.remove_stale_temporaries(vuri, STALE_TEMP_S)
     if stale:
         log.info("removed %d temporary file(s) left by killed writers in %s", stale, storage.redact(vuri))
-    if not storage.exists(job_uri, options):
-        storage.write_bytes_atomic(job_uri, json.dumps(
-            {"identity": cfg.identity(), "model_sha256": model_id["config_sha256"], "config": cfg.to_dict(),
-             "code_version": code_version()},
-            indent=2, sort_keys=True).encode(), options)
     tasks = plan_ranges(inputs, cfg.shard_rows)
     pending = [tk for tk in tasks if not shard_is_done(vuri, tk, options)]
     reused = 0
+    if donor is not None and pending:
+        reused = _take_donor_shards(cfg, donor, vuri, pending, options)
+        pending = [tk for tk in pending if not shard_is_done(vuri, tk, options)]
     if cfg.parent_version is not None and pending:
         reused = _reuse_parent_shards(cfg, vuri, inputs_desc, model_id, pending, options)
         if reused:

@@ -45,6 +45,8 @@ class TrainConfig(JsonConfig):
     log_every_s: float = 10.0
     num_threads: int = 0      # 0: leave torch's default
     lr_schedule: str = "steps"  # "steps": cosine over epochs; "time": cosine over time_budget_s
+    input_noise: float = 0.0  # Gaussian noise added to each training batch, std = this x the
+                              # per-dimension RMS quantization error of the best model so far
     diverge_ratio: float = 1.5  # val MSE above this x the best (or not finite): back to the best
                                 # weights, fresh optimizer state, half the learning rate
 
@@ -53,6 +55,8 @@ class TrainConfig(JsonConfig):
             raise ConfigError("epochs=None (train until early stopping or the time budget) needs time_budget_s")
         if (self.epochs is not None and self.epochs < 0) or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
             raise ConfigError("epochs >= 0, batch_size >= 1, lr > 0 and patience >= 1 are required")
+        if not (math.isfinite(self.input_noise) and self.input_noise >= 0):
+            raise ConfigError(f"input_noise must be a finite number >= 0, got {self.input_noise}")
         if self.diverge_ratio <= 1:
             raise ConfigError(f"diverge_ratio must be > 1, got {self.diverge_ratio}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:

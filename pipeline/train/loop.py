@@ -178,8 +178,13 @@ class Trainer:
         used0 = self.time_used_s
         stopped = False
         lr = self.learning_rate()
+        noise_std = 0.0
+        if cfg.input_noise and math.isfinite(self.best_val):
+            noise_std = cfg.input_noise * math.sqrt(self.best_val / model.config.dim)
         for b in batches:
             x, lids = self._batch(b)
+            if noise_std:
+                x = x + torch.randn_like(x) * noise_std
             lr = self.learning_rate()
             for g in self.optimizer.param_groups:
                 g["lr"] = lr

@@ -16,6 +16,12 @@ The rules:
 - **Beam**: ``A=8`` pre-selected candidates per beam entry (``A`` is used in training too, whose
   cost grows with it), beam ``B=8`` to encode and validate, ``B_train=2`` to train (what trains
   fast: the codes it finds are nearly as good).
+- **Input noise** where the training set is small for the codebooks: with few training vectors
+  per codeword (``N / (M·K)``) the quantizer fits its sample rather than the distribution.
+  Gaussian noise on each training batch (``TrainConfig.input_noise``: std = that factor x the
+  RMS quantization error per dimension) regularises it: factor 1 up to
+  :data:`NOISE_FULL_ROWS` vectors per codeword, falling linearly to 0 at :data:`NOISE_OFF_ROWS`
+  (bench/RESULTS.md, "Input noise where the learn set is small").
 - **Learning rate**: ``1e-2`` for the CPU-sized networks (the rungs up to ``de=64``), the papers'
   ``8e-4`` for the wider ones, which only a GPU trains; batch 1,024 on the CPU, 8,192 on a GPU (a
   GPU step costs about the same for both, bench/RESULTS.md "Training on a GPU").
@@ -39,6 +45,10 @@ WIDTHS: tuple[tuple[int, int, int], ...] = ((32, 64, 1), (64, 128, 2), (128, 256
 DATA_PER_WEIGHT = 8.0
 # The widest rung each device trains within a budget of minutes to an hour.
 MAX_WIDTH = {"cpu": 1, "cuda": 3}
+# Training vectors per codeword up to which the input noise is full (factor 1), and from which
+# there is none.
+NOISE_FULL_ROWS = 10.0
+NOISE_OFF_ROWS = 20.0
 
 
 @dataclass
@@ -93,7 +103,12 @@ def choose_recipe(n_train: int, dim: int, M: int, K: int = 256, device: str = "c
                                               if rung <= 1 else "wider networks need a lower rate"))
     reasons["batch_size"] = (f"batch {batch}: " + ("a GPU step costs about the same up to 8,192 rows"
                                                    if kind == "cuda" else "the CPU default"))
-    train: dict[str, Any] = dict(lr=lr, batch_size=batch)
+    per_codeword = int(n_train) / (int(M) * int(K))
+    noise = min(1.0, max(0.0, (NOISE_OFF_ROWS - per_codeword) / (NOISE_OFF_ROWS - NOISE_FULL_ROWS)))
+    reasons["input_noise"] = (f"{n_train:,} vectors for {M} x {K} codewords = {per_codeword:.1f} per codeword: "
+                              + (f"noise {noise:.2g} x the quantization error on the training vectors"
+                                 if noise else f"no input noise (from {NOISE_OFF_ROWS:g} per codeword)"))
+    train: dict[str, Any] = dict(lr=lr, batch_size=batch, input_noise=round(noise, 3))
     return Recipe(n_train=int(n_train), dim=int(dim), M=int(M), K=int(K), device=kind,
                   model=model, train=train, reasons=reasons)
 
