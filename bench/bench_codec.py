@@ -234,10 +234,12 @@ def _recipes(rows: list[dict]) -> list[str]:
         m = r["model_config"]
         out.append(f"{r['dataset']} {r['bytes']} B {r['train_set']} ({r['n_train']:,} vectors): de={m['de']}, "
                    f"dh={m['dh']}, L={m['L']}, A={m['A']}, B={m['B']}, B_train={m['B_train']}, lr "
-                   f"{r['train_config']['lr']:g}, batch {r['train_config']['batch_size']}; "
+                   f"{r['train_config']['lr']:g}, batch {r['train_config']['batch_size']}, input noise "
+                   f"{r['train_config'].get('input_noise', 0):g}; "
                    f"{r['epochs_run']} epochs (best {r['best_epoch']}), validation MSE {r['val_mse_rq_init']:.4g} "
                    f"at the RQ initialisation, {r['val_mse_best']:.4g} at the best epoch "
-                   f"(last epoch's training MSE {r['train_mse_last']:.4g})")
+                   f"(last epoch's training MSE {r['train_mse_last']:.4g}"
+                   + (", on the noisy inputs)" if r['train_config'].get('input_noise') else ")"))
     return out
 
 
