@@ -408,6 +408,14 @@ class _StorageErrorsOnWrite:
         return getattr(self._f, name)
 
 
+def _temp_beside(path: str) -> tuple[int, str]:
+    """A new temporary file in ``path``'s directory (created if needed), named so that
+    :func:`remove_stale_temporaries` recognises it: ``(fd, its path)``."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=_TEMP_SUFFIX)
+
+
 @contextlib.contextmanager
 def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = None):
     """Yield a writable file; the content becomes visible at ``uri`` only if the block succeeds.
@@ -424,11 +432,8 @@ def open_atomic(uri: str, mode: str = "wb", options: StorageOptions | None = Non
     fs, path = get_fs(uri, options)
     protocol, _ = _split(uri)
     if protocol == "file":
-        parent = os.path.dirname(path) or "."
         with _errors(uri):
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".",
-                                       suffix=_TEMP_SUFFIX)
+            fd, tmp = _temp_beside(path)
         raw = os.fdopen(fd, "wb")
         try:
             f = io.TextIOWrapper(raw, encoding="utf-8") if mode == "w" else raw
@@ -491,11 +496,8 @@ def create_exclusive(uri: str, data: bytes, options: StorageOptions | None = Non
     fs, path = get_fs(uri, options)
     protocol, _ = _split(uri)
     if protocol == "file":
-        parent = os.path.dirname(path) or "."
         with _errors(uri):
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".",
-                                       suffix=_TEMP_SUFFIX)
+            fd, tmp = _temp_beside(path)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
