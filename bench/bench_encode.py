@@ -122,7 +122,7 @@ def run_job(model_uri: str, data: str, index: str, workers: int, shard_rows: int
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # one logical CPU per actor plus one for the byte-range read tasks (light: I/O and a copy)
-    ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=workers + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         load0 = load_avg()
         t0 = time.perf_counter()

@@ -600,7 +600,7 @@ def main(argv=None) -> int:
             if not qpath.exists():
                 vectors.write_vectors(str(qpath), xq)
             out = str(wdir / "ray_results.bin")
-            ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
             for P in a.ray_prefix:
                 S1 = a.prefix_factor * a.ray_shortlist if P else None
                 params = SearchParams(k=10, nprobe=a.ray_nprobe, shortlist=a.ray_shortlist, prefix_steps=P,

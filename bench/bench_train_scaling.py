@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     import ray
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     load_start = _loadavg()
     qd = config_from_preset(a.preset, 1, M=a.M, K=a.K).to_dict()
     qd["dim"] = None

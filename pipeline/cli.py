@@ -431,7 +431,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default=None, help="index version (default: CURRENT)")
     p.add_argument("--allow-partial", action="store_true",
                    help="return results from the shards that answered and report those that did not")
-    p.add_argument("--out", required=True, help="results URI (big-ann k-NN format; also OUT.parquet and OUT.report.json)")
+    p.add_argument("--out", required=True, help="results URI (big-ann k-NN format; also OUT.parquet and OUT.report.json; "
+                        "ids beyond int32 only in OUT.parquet)")
 
     def run(a: argparse.Namespace) -> int:
         import json
@@ -460,7 +461,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 @command
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="recall@1/10/100 of a results file against ground truth")
-    p.add_argument("--results", required=True, help="results URI (big-ann k-NN format)")
+    p.add_argument("--results", required=True, help="results URI (big-ann k-NN format, or its .parquet copy)")
     p.add_argument("--groundtruth", required=True, help="ground truth (ivecs or big-ann format)")
 
     def run(a: argparse.Namespace) -> int:

@@ -196,7 +196,8 @@ def test_s3_wrong_secret_is_storage_error_without_secret(s3):
 
 
 @pytest.mark.s3
-def test_s3_missing_bucket_and_unreachable_endpoint(s3):
+def test_s3_missing_bucket_and_unreachable_endpoint(s3, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the unreachable endpoint fails after one retry
     for op in (lambda: storage.read_bytes("s3://no-such-bucket-xyz/k"),
                lambda: storage.list_files("s3://no-such-bucket-xyz"),
                lambda: storage.exists("s3://no-such-bucket-xyz/k"),
@@ -300,3 +301,108 @@ def test_concurrent_local_replace_lets_exactly_one_writer_win(tmp_path):
 @pytest.mark.s3
 def test_conditional_writes_on_s3(s3):
     _conditional_writes(s3.bucket("conditional"), s3.options())
+
+
+class _FlakyS3Proxy:
+    """An HTTP proxy in front of the S3 server that answers requests ``fail_from`` to ``fail_to``
+    (counted from 0) with ``503 SlowDown``, or drops their connection, and forwards the others
+    unchanged (the Host header too, so the request signatures still hold)."""
+
+    def __init__(self, upstream: str, fail_from: int = 0, fail_to: int = 0, drop: bool = False):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+        proxy = self
+        self.requests = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    n = proxy.requests
+                    proxy.requests += 1
+                    fail = fail_from <= n < fail_to
+                    proxy.failed += fail
+                if fail and drop:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fail:
+                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("drop", [False, True], ids=["503-slowdown", "connection-dropped"])
+def test_s3_transient_errors_are_retried(s3, drop):
+    """Throttling answers and dropped connections are retried with backoff; the reads and writes
+    in between succeed as if nothing happened."""
+    base = s3.bucket("stor-flaky")
+    storage.write_bytes_atomic(base + "/k.bin", b"x" * 5000)
+    proxy = _FlakyS3Proxy(s3.endpoint_url, fail_from=0, fail_to=5, drop=drop)
+    try:
+        opts = s3.options().replace(endpoint_url=proxy.url)
+        assert storage.read_bytes(base + "/k.bin", opts, 10, 20) == b"x" * 10
+        assert proxy.failed == 5 and proxy.requests >= 6
+        proxy.requests, proxy.failed = 0, 0
+        storage.write_bytes_atomic(base + "/w.bin", b"written through faults", opts)
+        assert storage.read_bytes(base + "/w.bin") == b"written through faults"
+        assert proxy.failed == 5
+    finally:
+        proxy.close()
+
+
+@pytest.mark.s3
+def test_s3_errors_that_persist_fail_in_bounded_time_with_one_line(s3, monkeypatch):
+    import time
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    base = s3.bucket("stor-flaky")
+    proxy = _FlakyS3Proxy(s3.endpoint_url, fail_from=0, fail_to=10**9)
+    try:
+        t0 = time.time()
+        with pytest.raises(StorageError) as err:
+            storage.read_bytes(base + "/k.bin", s3.options().replace(endpoint_url=proxy.url))
+        assert time.time() - t0 < 60
+        assert "stor-flaky/k.bin" in str(err.value) and "\n" not in str(err.value)
+        assert proxy.requests >= 3  # every attempt was made
+    finally:
+        proxy.close()

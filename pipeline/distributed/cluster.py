@@ -50,7 +50,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     log.info("no RAY_ADDRESS: starting a local Ray")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # address="local": this process's own instance, never a cluster someone started with `ray start`
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 
 

@@ -5,7 +5,7 @@ Ray's built-in readers make one task per file, which serialises a single billion
 (``rows_per_task`` rows each, never spanning two files) and each read task fetches its range with
 one ranged request (``vectors.read_rows``). Every block carries:
 
-- ``id``         int64, global id: the file's ``id_start`` + row (or the parquet ``id`` column)
+- ``id``         int64, the vector's id (:mod:`pipeline.io.ids`)
 - ``vector``     (n, d) tensor column
 - ``file_index`` int32, position of the file in the input list
 - ``row``        int64, row within the file
@@ -31,7 +31,8 @@ from ray.data.extensions import ArrowTensorArray
 
 from pipeline.errors import ConfigError, find_pipeline_error, PipelineError, VectorFormatError
 from pipeline.io import storage, vectors
-from pipeline.io.inputs import InputFile, RowSample, common_dtype, ids_for
+from pipeline.io import ids as ids_mod
+from pipeline.io.inputs import InputFile, RowSample, common_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _read_range(inp: InputFile, file_index: int, start: int, stop: int, options,
         if x.shape != (stop - start, inp.dim):
             raise VectorFormatError(fi.uri, f"read {x.shape} for rows [{start}, {stop}), expected "
                                     f"({stop - start}, {inp.dim})", row=start)
-        ids = ids_for(inp, start, stop, options, fi)
+        ids = ids_mod.read(inp, start, stop, options, fi)
     except PipelineError as exc:
         if on_error != "skip":
             raise

@@ -2,9 +2,11 @@
 shortlist and re-rank stages of :mod:`pipeline.search.pipeline` over them; the driver-side
 ``ShardPool`` probes, fans the shortlists out, merges them exactly and sends the re-rank back.
 
-Shard actors load only shards named in the committed manifest, verify their checksums, and are
-restarted by Ray when they die (the batch is retried). With ``allow_partial``, shards whose actor
-fails for good are skipped and listed; otherwise the job fails naming them.
+Shard actors load only shards named in the committed manifest and verify their checksums. An
+actor lost with its node is restarted by Ray, or started again by the pool, and the call is
+repeated (the calls are pure functions of their arguments, so the results do not change). With
+``allow_partial``, shards whose actor fails for good are skipped and listed; otherwise the job
+fails naming them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pipeline.search.probe import check_queries, coarse_probe, probe_lists
 from pipeline.search.scan import build_searcher
 
 log = logging.getLogger(__name__)
+
+CALL_ATTEMPTS = 4   # tries of one actor call when its actor or node is lost
+RETRY_WAIT_S = 2.0  # first wait before a retry; doubles each time
 
 
 class ShardActor:
@@ -84,8 +89,9 @@ def _assign_shards(entries: list[dict], workers: int) -> list[list[dict]]:
 class ShardPool:
     """Shard actors over the shards of one committed index version, plus the driver-side probe.
 
-    Actors are restarted by Ray when they die (``max_restarts``) and the interrupted call is
-    retried (``max_task_retries``); a restarted actor reloads and re-verifies its shards.
+    An actor that dies (its node lost) is restarted by Ray (``max_restarts``), or by the pool once
+    Ray gives up on it, and the interrupted call is repeated, ``CALL_ATTEMPTS`` tries in all; a
+    restarted actor reloads and re-verifies its shards.
     A shard that is missing or corrupt, or whose actor fails for good, raises ``PipelineError``
     naming it; with ``allow_partial`` it is left out instead and listed by :meth:`failed_shards`.
     """
@@ -120,17 +126,38 @@ class ShardPool:
             raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "
                                 + "; ".join(self.shard_errors.values()))
         self.groups = _assign_shards(present, workers)
-        Actor = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3)
-        self.actors = [Actor.remote(index_uri, m.version, g, model_uri, max(1, int(cpus_per_worker)),
-                                    options, allow_partial, lut_scales) for g in self.groups]
+        actor_cls = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3)
+        self._spawn = lambda g: actor_cls.remote(index_uri, m.version, g, model_uri, max(1, int(cpus_per_worker)),
+                                                 options, allow_partial, lut_scales)
+        self.actors = [self._spawn(g) for g in self.groups]
         self.failed: dict[int, str] = {}
-        for j, a in enumerate(self.actors):
+        refs = [a.bad_shards.remote() for a in self.actors]
+        for j, ref in enumerate(refs):
             try:
-                self.shard_errors.update(ray.get(a.bad_shards.remote()))
+                self.shard_errors.update(self._get(j, ref, "bad_shards"))
             except Exception as e:  # noqa: BLE001
                 self.failed[j] = _actor_error(e, self.groups[j])
         if self.failed and not allow_partial:
             raise PipelineError("shard actors failed to load: " + "; ".join(self.failed.values()))
+
+    def _get(self, j: int, ref, method: str, *args):
+        """``ray.get(ref)`` of a call to actor ``j``; when the actor or its node was lost, the call
+        is made again (on the actor Ray restarted, or on a new one) up to ``CALL_ATTEMPTS`` tries."""
+        wait = RETRY_WAIT_S
+        for attempt in range(1, CALL_ATTEMPTS + 1):
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if attempt == CALL_ATTEMPTS:
+                    raise
+                if isinstance(e, ray.exceptions.ActorDiedError):  # Ray gave up on it: start another
+                    log.warning("shard actor %d died (%s); starting a new one", j, _first_line(e))
+                    self.actors[j] = self._spawn(self.groups[j])
+                else:  # restarting, or its node lost: Ray restarts it elsewhere
+                    log.warning("shard actor %d is unavailable (%s); retrying in %.0f s", j, _first_line(e), wait)
+                    time.sleep(wait)
+                    wait *= 2
+                ref = getattr(self.actors[j], method).remote(*args)
 
     def failed_shards(self) -> list[str]:
         """Names of the shards whose vectors are not searched (only with ``allow_partial``)."""
@@ -161,7 +188,7 @@ class ShardPool:
         parts = []
         for j, f in futs.items():
             try:
-                parts.append(ray.get(f)[:-1])
+                parts.append(self._get(j, f, "shortlist", qref, lref, params)[:-1])
             except Exception as e:  # noqa: BLE001
                 self.failed[j] = _actor_error(e, self.groups[j])
                 if not self.allow_partial:
@@ -176,10 +203,12 @@ class ShardPool:
             return finish(None, q_QD, merged, params)
         t = time.perf_counter()
         R = params.reranked
-        live = [a for j, a in enumerate(self.actors) if j not in self.failed]
+        live = [j for j in range(len(self.actors)) if j not in self.failed]
         chunks = [c for c in np.array_split(np.arange(len(q_QD)), len(live)) if len(c)]
-        res = ray.get([a.finish.remote(q_QD[c], tuple(x[c, :max(R, params.k)] for x in merged), params, precision)
-                       for a, c in zip(live, chunks)])
+        calls = [(j, (q_QD[c], tuple(x[c, :max(R, params.k)] for x in merged), params, precision))
+                 for j, c in zip(live, chunks)]
+        refs = [self.actors[j].finish.remote(*args) for j, args in calls]
+        res = [self._get(j, ref, "finish", *args) for (j, args), ref in zip(calls, refs)]
         stages["rerank_s"] = stages.get("rerank_s", 0.0) + time.perf_counter() - t
         return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
 
@@ -187,6 +216,11 @@ class ShardPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _actor_error(exc: Exception, group: list[dict]) -> str:

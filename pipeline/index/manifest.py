@@ -29,17 +29,19 @@ from pipeline.codec.codes import code_dtype
 from pipeline.config import JsonConfig, code_version
 from pipeline.errors import ConcurrentWriterError, ConfigError, ManifestError
 from pipeline.index.shards import parse_shard_name, shard_file_uri, shard_name, ShardInfo
-from pipeline.io import storage
+from pipeline.io import ids as ids_mod, storage
 from pipeline.io.inputs import InputEntry
 from pipeline.io.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: inputs may bring their own ids (InputEntry.ids); version 1 is still read
+READABLE_FORMAT_VERSIONS = (1, 2)
 CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 VERSIONS_DIR = "versions"
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
+UNFINISHED_IDLE_S = 3600.0  # garbage collection spares an uncommitted version written to this recently
 
 
 @dataclasses.dataclass
@@ -89,9 +91,9 @@ class Manifest(JsonConfig):
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         d = dict(d)
         fv = d.get("format_version")
-        if not isinstance(fv, int) or fv > FORMAT_VERSION or fv < 1:
+        if not isinstance(fv, int) or isinstance(fv, bool) or fv not in READABLE_FORMAT_VERSIONS:
             raise ConfigError(f"manifest format_version {fv!r} is not supported "
-                              f"(this code reads 1..{FORMAT_VERSION})")
+                              f"(this code reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
         d["inputs"] = [InputEntry.from_dict(e) for e in d.get("inputs", [])]
         d["shards"] = [ShardEntry.from_dict(e) for e in d.get("shards", [])]
         return super().from_dict(d)
@@ -194,13 +196,23 @@ def _fail(msg: str) -> None:
 def validate_manifest(m: Manifest, *, require_complete: bool = True) -> None:
     """Check a manifest's internal consistency; raise ConfigError naming the first problem.
 
-    Inputs' id ranges must match their counts and not overlap; every shard must lie inside its
-    input file's id range with contiguous ids starting at ``id_start + first_row``; shards must
-    not overlap; ``total_rows`` must equal the shards' rows. With ``require_complete`` the shards
-    must also cover every input's ``[id_start, id_stop)`` with no gap.
+    Inputs' row ranges ``[id_start, id_stop)`` must match their counts and not overlap; a shard
+    holds the rows ``[first_row, first_row + rows)`` of one input and shards of an input do not
+    overlap; where the input's ids are its row positions a shard's ids are exactly
+    ``id_start + first_row ...``, otherwise ``[id_min, id_max]`` only bounds them (uniqueness of
+    user ids is checked before encoding). ``total_rows`` must equal the shards' rows. With
+    ``require_complete`` the shards must also cover every input's rows with no gap.
     """
-    if m.format_version != FORMAT_VERSION:
-        _fail(f"format_version {m.format_version} != {FORMAT_VERSION}")
+    if m.format_version not in READABLE_FORMAT_VERSIONS:
+        _fail(f"format_version {m.format_version} is not one of {READABLE_FORMAT_VERSIONS}")
+    user_ids = [inp.ids != ids_mod.ROWS for inp in m.inputs]
+    for i, inp in enumerate(m.inputs):
+        if inp.ids not in ids_mod.SOURCES or (inp.ids == ids_mod.FILE) != bool(inp.ids_uri):
+            _fail(f"input {i} ({storage.redact(inp.uri)}): bad id source {inp.ids!r} (ids_uri {inp.ids_uri!r})")
+        if user_ids[i] and m.format_version < 2:
+            _fail(f"input {i}: user ids need manifest format_version 2")
+    if any(user_ids) and not all(user_ids):
+        _fail("some inputs bring their own ids and others use row numbers")
     version_number(m.version)
     if m.parent_version is not None:
         version_number(m.parent_version)
@@ -240,23 +252,23 @@ def validate_manifest(m: Manifest, *, require_complete: bool = True) -> None:
             _fail(f"shard {s.name!r}: the name must be {want_name} (from its file_index "
                   f"{s.file_index} and first_row {s.first_row})")
         parse_shard_name(s.name)
-        if s.rows < 1 or s.id_max - s.id_min + 1 != s.rows:
-            _fail(f"shard {s.name}: {s.rows} rows but ids [{s.id_min}, {s.id_max}] "
-                  f"(a shard holds one contiguous id range)")
+        inp = m.inputs[s.file_index]
+        if s.rows < 1 or s.first_row < 0 or s.first_row + s.rows > inp.count:
+            _fail(f"shard {s.name}: rows [{s.first_row}, {s.first_row + s.rows}) outside input "
+                  f"{s.file_index}'s {inp.count} rows")
         if not 1 <= s.lists <= s.rows:
             _fail(f"shard {s.name}: {s.lists} non-empty lists for {s.rows} rows")
-        inp = m.inputs[s.file_index]
-        if s.id_min != inp.id_start + s.first_row:
-            _fail(f"shard {s.name}: first id {s.id_min} != input id_start {inp.id_start} "
-                  f"+ first_row {s.first_row}")
-        if s.id_max >= inp.id_stop:
-            _fail(f"shard {s.name}: ids [{s.id_min}, {s.id_max}] run past input "
-                  f"{s.file_index}'s id_stop {inp.id_stop}")
-    ordered = sorted(m.shards, key=lambda s: s.id_min)
+        if user_ids[s.file_index]:
+            if not 0 <= s.id_min <= s.id_max or s.id_max - s.id_min + 1 < s.rows:
+                _fail(f"shard {s.name}: {s.rows} distinct ids cannot lie in [{s.id_min}, {s.id_max}]")
+        elif (s.id_min, s.id_max) != (inp.id_start + s.first_row, inp.id_start + s.first_row + s.rows - 1):
+            _fail(f"shard {s.name}: ids [{s.id_min}, {s.id_max}] != input id_start {inp.id_start} "
+                  f"+ rows [{s.first_row}, {s.first_row + s.rows}) (a shard holds one contiguous id range)")
+    ordered = sorted(m.shards, key=lambda s: (s.file_index, s.first_row))
     for a, b in zip(ordered, ordered[1:]):
-        if b.id_min <= a.id_max:
-            _fail(f"shards {a.name} and {b.name} have overlapping ids "
-                  f"[{a.id_min}, {a.id_max}] and [{b.id_min}, {b.id_max}]")
+        if a.file_index == b.file_index and b.first_row < a.first_row + a.rows:
+            _fail(f"shards {a.name} and {b.name} overlap: rows [{a.first_row}, {a.first_row + a.rows}) "
+                  f"and [{b.first_row}, {b.first_row + b.rows}) of input {a.file_index}")
     rows = sum(s.rows for s in m.shards)
     if m.total_rows != rows:
         _fail(f"total_rows {m.total_rows} != sum of shard rows {rows}")
@@ -264,14 +276,14 @@ def validate_manifest(m: Manifest, *, require_complete: bool = True) -> None:
         for i, inp in enumerate(m.inputs):
             covered = sum(s.rows for s in m.shards if s.file_index == i)
             if covered != inp.count:
-                nxt = inp.id_start
+                nxt = 0
                 for s in ordered:
                     if s.file_index == i:
-                        if s.id_min != nxt:
+                        if s.first_row != nxt:
                             break
-                        nxt = s.id_max + 1
+                        nxt = s.first_row + s.rows
                 _fail(f"input {i} ({storage.redact(inp.uri)}): shards cover {covered} of "
-                      f"{inp.count} rows; first missing id {nxt}")
+                      f"{inp.count} rows; first missing row {nxt}")
 
 
 # ----------------------------------------------------------------------------------------- read / commit
@@ -437,15 +449,18 @@ def commit_manifest(index_uri: str, manifest: Manifest, *, switch_current: bool 
 
 # ----------------------------------------------------------------------------------------- GC
 
-def garbage_collect(index_uri: str, keep: int, options: StorageOptions | None = None) -> list[str]:
+def garbage_collect(index_uri: str, keep: int, options: StorageOptions | None = None,
+                    idle_s: float = UNFINISHED_IDLE_S) -> list[str]:
     """Delete old versions, keeping ``keep`` committed versions including ``CURRENT``.
 
     Kept: the version ``CURRENT`` names plus the newest other committed versions up to ``keep``
-    in all. Deleted: every other committed version, and uncommitted version directories older
-    than the newest committed version (abandoned runs). Uncommitted directories newer than that
-    may belong to a running or resumable job and are left alone. A committed version loses its
-    manifest first, so a concurrent reader never sees a manifest whose shards are half deleted.
-    Returns the deleted versions, oldest first.
+    in all. Deleted: every other committed version, and the uncommitted version directories of
+    abandoned runs: numbered below the newest committed version and untouched for ``idle_s``
+    seconds (a job that lost the race to another writer may still be writing there, and its
+    re-run reuses those shards). Newer uncommitted directories may belong to a running or
+    resumable job and are left alone. A committed version loses its manifest first, so a
+    concurrent reader never sees a manifest whose shards are half deleted. Returns the deleted
+    versions, oldest first.
     """
     if not isinstance(keep, int) or keep < 1:
         raise ConfigError(f"garbage_collect: keep must be an integer >= 1, got {keep!r}")
@@ -459,7 +474,16 @@ def garbage_collect(index_uri: str, keep: int, options: StorageOptions | None = 
         kept.add(v)
     newest = max((version_number(v) for v in committed), default=0)
     doomed = [v for v in committed if v not in kept]
-    doomed += [v for v in dirs if v not in committed and version_number(v) < newest]
+    now = time.time()
+    for v in dirs:
+        if v in committed or version_number(v) >= newest:
+            continue
+        changed = storage.newest_change(version_dir(index_uri, v), options)
+        if changed is not None and now - changed < idle_s:
+            log.info("%s: version %s is not committed but was written %.0f s ago: left alone",
+                     storage.redact(index_uri), v, now - changed)
+            continue
+        doomed.append(v)
     doomed.sort(key=version_number)
     for v in doomed:
         if v in committed:

@@ -1,7 +1,7 @@
 """The input files of a job, and deterministic row sampling over them.
 
-``plan_inputs`` reads only headers and gives every file a consecutive range of global ids (the
-parquet ``id`` column, where a file has one, overrides them). ``RowSample`` selects rows by a hash
+``plan_inputs`` reads only headers and gives every file a consecutive range of row positions,
+which are its vectors' ids unless the files bring their own (:mod:`pipeline.io.ids`). ``RowSample`` selects rows by a hash
 of (global id, seed), so train / validation splits are disjoint and identical whatever reads them:
 the Ray Data read tasks (:mod:`pipeline.distributed.datasource`) or ``sample_rows_local`` in this
 process. Both trainers split their data with it.
@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.config import JsonConfig
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.io import storage, vectors
+from pipeline.io import ids as ids_mod, storage, vectors
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,13 @@ class VectorSource(JsonConfig):
 
 @dataclass
 class InputEntry(JsonConfig):
-    """One input vector file as an index manifest records it: its rows get the global ids
-    ``[id_start, id_stop)``.
+    """One input vector file as an index manifest records it: its rows hold the positions
+    ``[id_start, id_stop)`` among all inputs' rows, which are their ids when ``ids`` is ``rows``;
+    with ``column`` or ``file`` the ids are the parquet ``id`` column or the ids file ``ids_uri``.
 
     ``header_sha256`` hashes the file size and its first and last ``PROVENANCE_BYTES`` bytes
-    (headers, parquet footer), so a replaced or truncated file is detected cheaply.
+    (headers, parquet footer), so a replaced or truncated file is detected cheaply; ``ids_sha256``
+    does the same for an ids file.
     """
 
     uri: str
@@ -58,11 +60,24 @@ class InputEntry(JsonConfig):
     id_start: int
     id_stop: int
     header_sha256: str
+    ids: str = ids_mod.ROWS
+    ids_uri: str | None = None
+    ids_sha256: str | None = None
+
+    def key(self) -> tuple:
+        """What must match for two records to describe the same vectors with the same ids."""
+        return input_key(self.to_dict())
 
     @classmethod
     def from_input(cls, inp: "InputEntry") -> "InputEntry":
         """Only the recorded fields of a planned input (an :class:`InputFile`)."""
         return cls(**{f.name: getattr(inp, f.name) for f in dataclasses.fields(cls)})
+
+
+def input_key(d: dict) -> tuple:
+    """``InputEntry.key`` of an input's dict (a manifest's or a planned ``InputFile``'s)."""
+    return (d["uri"], d["count"], d["header_sha256"], d["id_start"], d["id_stop"],
+            d.get("ids", ids_mod.ROWS), d.get("ids_sha256"))
 
 
 @dataclass
@@ -90,15 +105,18 @@ def _provenance_hash(uri: str, size: int, options) -> str:
     return h.hexdigest()
 
 
-def _plan_one(uri: str, fmt: str | None, options) -> tuple[vectors.VectorFileInfo, str]:
+def _plan_one(uri: str, fmt: str | None, options):
     fi = vectors.info(uri, fmt, options)
-    return fi, _provenance_hash(uri, fi.size_bytes, options)
+    source, ids_uri = ids_mod.detect(uri, fi.fmt, fi.count, options)
+    ids_sha = None if ids_uri is None else _provenance_hash(ids_uri, storage.file_size(ids_uri, options), options)
+    return fi, _provenance_hash(uri, fi.size_bytes, options), (source, ids_uri, ids_sha)
 
 
 def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, options=None) -> list[InputFile]:
-    """Read every file's header (in parallel threads) and assign consecutive global id ranges.
+    """Read every file's header (in parallel threads) and assign consecutive row positions.
 
-    All files must be non-empty and share one dimension; otherwise the error names the file.
+    All files must be non-empty and share one dimension, and either all bring their own ids or
+    none; otherwise the error names the file. User ids are read only by ``ids.check_unique``.
     """
     if isinstance(uris, VectorSource):
         fmt = fmt or uris.fmt
@@ -119,7 +137,7 @@ def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, opti
     inputs: list[InputFile] = []
     id_start = 0
     first = planned[0][0]
-    for uri, (fi, digest) in zip(uris, planned):
+    for uri, (fi, digest, (source, ids_uri, ids_sha)) in zip(uris, planned):
         name = storage.redact(uri)
         if fi.count <= 0:
             raise VectorFormatError(name, "file holds no vectors", offset=0, row=0)
@@ -128,9 +146,11 @@ def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, opti
                               f"has {first.dim}; all input files must share one dimension")
         inputs.append(InputFile(uri=uri, fmt=fi.fmt, count=fi.count, dim=fi.dim, dtype=fi.dtype,
                                 id_start=id_start, id_stop=id_start + fi.count, header_sha256=digest,
+                                ids=source, ids_uri=ids_uri, ids_sha256=ids_sha,
                                 header_bytes=fi.header_bytes, record_bytes=fi.record_bytes,
                                 size_bytes=fi.size_bytes))
         id_start += fi.count
+    ids_mod.check_same_kind(inputs)
     log.info("planned %d input files: %d vectors of dimension %d (%.1f s)",
              len(inputs), id_start, first.dim, time.time() - t0)
     return inputs
@@ -208,16 +228,6 @@ class RowSample(JsonConfig):
         return (u >= lo) & (u < hi)
 
 
-def ids_for(inp: InputFile, start: int, stop: int, options, fi) -> np.ndarray:
-    ids = vectors.read_ids(inp.uri, start, stop, options=options, file_info=fi) if inp.fmt == "parquet" else None
-    if ids is None:
-        return np.arange(inp.id_start + start, inp.id_start + stop, dtype=np.int64)
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.shape != (stop - start,):
-        raise VectorFormatError(fi.uri, f"id column has {ids.shape[0]} values for {stop - start} rows", row=start)
-    return ids
-
-
 def sample_rows_local(inputs: Sequence[InputFile], n: int | None = None, seed: int = 0,
                       sample: RowSample | None = None, options=None, block_rows: int = 65536,
                       check_finite: bool = True, return_ids: bool = False):
@@ -247,7 +257,7 @@ def sample_rows_local(inputs: Sequence[InputFile], n: int | None = None, seed: i
         for s in range(0, inp.count, block_rows):
             e = min(inp.count, s + block_rows)
             x = vectors.read_rows(inp.uri, s, e, options=options, file_info=fi, check_finite=check_finite)
-            ids = ids_for(inp, s, e, options, fi)
+            ids = ids_mod.read(inp, s, e, options, fi)
             u = hash01(ids, sample.seed)
             m = (u >= lo) & (u < hi)
             keep_u.append(u[m])

@@ -4,6 +4,7 @@ and, beside it, the same results as Parquet (``write_results``)."""
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,8 @@ import pyarrow.parquet as pq
 from pipeline.errors import VectorFormatError
 from pipeline.io import storage
 from pipeline.io.storage import StorageOptions
+
+log = logging.getLogger(__name__)
 
 
 def read_knn_results(uri: str, options: StorageOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -43,9 +46,23 @@ def write_knn_results(uri: str, I: np.ndarray, D: np.ndarray, options: StorageOp
         uri, np.array([n, k], "<u4").tobytes() + I.astype("<i4").tobytes() + D.astype("<f4").tobytes(), options)
 
 
-def write_results(out_uri: str, I: np.ndarray, D: np.ndarray, options=None) -> None:
-    """Write results in the big-ann k-NN format at ``out_uri`` and as parquet at ``out_uri + '.parquet'``."""
-    write_knn_results(out_uri, I, D, options=options)
+def _fits_int32(I: np.ndarray) -> bool:
+    return not I.size or (int(I.min()) >= -(2**31) and int(I.max()) <= 2**31 - 1)
+
+
+def write_results(out_uri: str, I: np.ndarray, D: np.ndarray, options=None) -> list[str]:
+    """Write results in the big-ann k-NN format at ``out_uri`` and as parquet at
+    ``out_uri + '.parquet'``; returns the URIs written.
+
+    Ids beyond int32 (user ids) do not fit the big-ann layout: then only the parquet file is
+    written (``read_results`` finds it)."""
+    written = []
+    if _fits_int32(I):
+        write_knn_results(out_uri, I, D, options=options)
+        written.append(out_uri)
+    else:
+        log.warning("result ids exceed int32, which the big-ann results format holds: results are in %s only",
+                    storage.redact(out_uri + ".parquet"))
     k = I.shape[1]
     table = pa.table({
         "query": pa.array(np.arange(len(I), dtype=np.int64)),
@@ -55,3 +72,23 @@ def write_results(out_uri: str, I: np.ndarray, D: np.ndarray, options=None) -> N
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes_atomic(out_uri + ".parquet", buf.getvalue(), options)
+    return written + [out_uri + ".parquet"]
+
+
+def read_results(uri: str, options=None) -> tuple[np.ndarray, np.ndarray]:
+    """Results written by ``write_results``: the big-ann file, or its parquet copy where only that
+    exists (ids beyond int32) or ``uri`` names it."""
+    if not uri.endswith(".parquet") and storage.exists(uri, options):
+        return read_knn_results(uri, options)
+    pq_uri = uri if uri.endswith(".parquet") else uri + ".parquet"
+    if not storage.exists(pq_uri, options):
+        raise VectorFormatError(storage.redact(uri), "no such results file", offset=0)
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(pq_uri, options)))
+        n, ids, dist = table.num_rows, table.column("ids").combine_chunks(), table.column("distances").combine_chunks()
+        k = ids.type.list_size
+        I = ids.flatten().to_numpy().astype(np.int64).reshape(n, k)  # noqa: E741
+        D = dist.flatten().to_numpy().astype(np.float32).reshape(n, k)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise VectorFormatError(storage.redact(pq_uri), f"unreadable results file ({exc})", offset=0) from None
+    return I, D

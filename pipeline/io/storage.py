@@ -185,7 +185,8 @@ def get_fs(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.Abst
     if protocol == "file":
         return fsspec.filesystem("file"), path
     opts = (options or StorageOptions()).resolved()
-    key = (os.getpid(), "s3", opts.endpoint_url, opts.region, opts.access_key, opts.secret_key, opts.anon)
+    attempts = s3_max_attempts()
+    key = (os.getpid(), "s3", opts.endpoint_url, opts.region, opts.access_key, opts.secret_key, opts.anon, attempts)
     with _cache_lock:
         fs = _cache.get(key)
         if fs is None:
@@ -199,12 +200,29 @@ def get_fs(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.Abst
                 endpoint_url=opts.endpoint_url,
                 client_kwargs=client_kwargs,
                 config_kwargs={"connect_timeout": 10, "read_timeout": 120,
-                               "retries": {"max_attempts": 3, "mode": "standard"}},
+                               "retries": {"max_attempts": attempts, "mode": "standard"}},
                 use_listings_cache=False,
                 skip_instance_cache=True,
             )
             _cache[key] = fs
     return fs, path
+
+
+DEFAULT_S3_ATTEMPTS = 8
+
+
+def s3_max_attempts() -> int:
+    """Tries per S3 request (``AWS_MAX_ATTEMPTS``, default 8): botocore's standard retry mode
+    repeats connection errors, 5xx answers and throttling with jittered exponential backoff
+    (at most 20 s apart), so a request gives up after about a minute at worst."""
+    raw = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    try:
+        n = int(raw) if raw else DEFAULT_S3_ATTEMPTS
+    except ValueError:
+        raise StorageError(f"AWS_MAX_ATTEMPTS must be an integer, got {raw!r}") from None
+    if not 1 <= n <= 50:
+        raise StorageError(f"AWS_MAX_ATTEMPTS must be in 1..50, got {n}")
+    return n
 
 
 def _endpoint_parts(endpoint_url: str) -> tuple[str, str]:
@@ -232,6 +250,7 @@ def get_pyarrow_fs(uri: str, options: StorageOptions | None = None):
         scheme, netloc = _endpoint_parts(opts.endpoint_url)
         kw["endpoint_override"] = netloc
         kw["scheme"] = scheme
+    kw["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts())
     return pafs.S3FileSystem(**kw), path
 
 
@@ -328,6 +347,22 @@ def list_files(uri_prefix: str, options: StorageOptions | None = None) -> list[s
             return []
         files = [p for p, d in found.items() if d.get("type", "file") == "file" and not p.endswith("/")]
         return sorted(_uri_of(protocol, p) for p in files)
+
+
+def newest_change(uri_prefix: str, options: StorageOptions | None = None) -> float | None:
+    """Unix time of the newest modification of any file under a prefix; None when it holds none."""
+    fs, path = get_fs(uri_prefix, options)
+    protocol, _ = _split(uri_prefix)
+    with _errors(uri_prefix):
+        if protocol == "file":
+            times = [os.stat(u).st_mtime for u in list_files(uri_prefix, options)]
+            return max(times, default=None)
+        try:
+            found = fs.find(path, withdirs=False, detail=True)
+        except FileNotFoundError:
+            return None
+        times = [d["LastModified"].timestamp() for d in found.values() if d.get("LastModified") is not None]
+        return max(times, default=None)
 
 
 # Writers on local disk write ``.NAME.<random>`` + this beside their target, then rename it.

@@ -153,7 +153,8 @@ def _check_dim(name: str, d: int, offset: int) -> None:
         raise VectorFormatError(name, f"invalid dimension {d} in header (expected 1..{MAX_DIM})", offset=offset)
 
 
-def _npy_info(uri: str, name: str, size: int, options) -> VectorFileInfo:
+def _npy_header(uri: str, name: str, size: int, options) -> tuple[int, int, np.dtype, tuple, bool]:
+    """(header bytes, offset of the header dict, dtype, shape, fortran order) of a ``.npy`` file."""
     head = storage.read_bytes(uri, options, 0, min(size, 4096))
     if len(head) < 10 or head[:6] != b"\x93NUMPY":
         raise VectorFormatError(name, "not a .npy file (bad magic)", offset=0)
@@ -172,10 +173,15 @@ def _npy_info(uri: str, name: str, size: int, options) -> VectorFileInfo:
     try:
         meta = ast.literal_eval(head[pre:header_bytes].decode("latin1"))
         dt = np.dtype(meta["descr"])
-        shape = tuple(meta["shape"])
+        shape = tuple(int(v) for v in meta["shape"])
         fortran = bool(meta["fortran_order"])
     except (ValueError, SyntaxError, KeyError, TypeError) as exc:
         raise VectorFormatError(name, f"unreadable .npy header ({exc})", offset=pre) from None
+    return header_bytes, pre, dt, shape, fortran
+
+
+def _npy_info(uri: str, name: str, size: int, options) -> VectorFileInfo:
+    header_bytes, pre, dt, shape, fortran = _npy_header(uri, name, size, options)
     if fortran or len(shape) != 2:
         raise VectorFormatError(name, f"expected a 2-D C-ordered array, got shape {shape} "
                                 f"{'Fortran' if fortran else 'C'} order", offset=pre)
@@ -317,17 +323,57 @@ def _parquet_read(uri: str, fi: VectorFileInfo, start: int, stop: int, options, 
             col = col.combine_chunks()
         flat = col.flatten().to_numpy(zero_copy_only=False)
         return np.ascontiguousarray(flat.reshape(stop - start, fi.dim).astype(fi.dtype, copy=False))
-    return col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if col.null_count:
+        i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise VectorFormatError(fi.uri, f"null {column!r} value", row=start + i)
+    return col.to_numpy(zero_copy_only=False)
 
 
 def read_ids(uri: str, start: int, stop: int, fmt: str | None = None, options: StorageOptions | None = None,
              file_info: VectorFileInfo | None = None) -> np.ndarray | None:
-    """The int64 ``id`` column for rows [start, stop) of a parquet file; None for other formats."""
+    """The ``id`` column for rows [start, stop) of a parquet file, in its stored type (checking it
+    is :mod:`pipeline.io.ids`' job); None for other formats and parquet files without one."""
     fi = file_info or info(uri, fmt, options)
     _check_range(fi, start, stop)
-    if fi.fmt != "parquet":
+    if fi.fmt != "parquet" or not parquet_has_ids(uri, options):
         return None
     return _parquet_read(uri, fi, start, stop, options, PARQUET_ID_COLUMN)
+
+
+def parquet_has_ids(uri: str, options: StorageOptions | None = None) -> bool:
+    """Whether a parquet vector file has an ``id`` column (its footer only)."""
+    pf, f = _parquet_file(uri, options)
+    try:
+        return PARQUET_ID_COLUMN in pf.schema_arrow.names
+    finally:
+        f.close()
+
+
+def id_file_info(uri: str, options: StorageOptions | None = None) -> VectorFileInfo:
+    """Layout of an ids file: a 1-D ``.npy`` array of integers, one per vector of the file beside it."""
+    name = storage.redact(str(uri))
+    size = storage.file_size(uri, options)
+    header_bytes, pre, dt, shape, fortran = _npy_header(uri, name, size, options)
+    if len(shape) != 1:
+        raise VectorFormatError(name, f"an ids file holds a 1-D array, got shape {shape}", offset=pre)
+    if dt.kind not in "iu" or dt.byteorder == ">":
+        raise VectorFormatError(name, f"ids must be little-endian integers, got dtype {dt.str}", offset=pre, row=0)
+    expected = header_bytes + shape[0] * dt.itemsize
+    if size != expected:
+        raise VectorFormatError(name, f"header says {shape[0]} ids of {dt.name} ({expected} bytes) but the "
+                                f"file size is {size}", offset=min(size, expected))
+    return VectorFileInfo(name, "npy", shape[0], 1, dt.newbyteorder("=").name, header_bytes, dt.itemsize, size)
+
+
+def read_id_file(uri: str, start: int, stop: int, options: StorageOptions | None = None,
+                 file_info: VectorFileInfo | None = None) -> np.ndarray:
+    """Ids ``[start, stop)`` of an ids file (see :func:`id_file_info`), in its stored dtype."""
+    fi = file_info or id_file_info(uri, options)
+    off, length = fi.byte_range(start, stop)
+    data = storage.read_bytes(uri, options, off, off + length)
+    if len(data) != length:
+        raise VectorFormatError(fi.uri, f"short read: {len(data)} of {length} bytes", offset=off + len(data))
+    return np.frombuffer(data, dtype=np.dtype(fi.dtype).newbyteorder("<")).astype(fi.dtype)
 
 
 def read_vectors(uri: str, fmt: str | None = None, options: StorageOptions | None = None,

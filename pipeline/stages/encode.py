@@ -58,9 +58,10 @@ from pipeline.index.manifest import (
 from pipeline.index.manifest import validate_manifest
 from pipeline.index.shards import shard_name, ShardInfo
 from pipeline.io import storage
+from pipeline.io import ids as ids_mod
 from pipeline.io import vectors
 from pipeline.io.codes import write_codes
-from pipeline.io.inputs import plan_inputs
+from pipeline.io.inputs import input_key, plan_inputs
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
 
     A parent shard qualifies when the parent was encoded by the same model (config and weights
     hashes) with the same ``lut_weight`` and ``precision``, its input at that file index is the
-    same file (URI, count, header hash, id range) and the shard covers the same rows. Each copy is
+    same file (URI, count, header hash, id range, id source) and the shard covers the same rows. Each copy is
     followed by its sidecar, so an interrupted copy is simply redone by the next run. Returns the
     number of shards copied.
     """
@@ -156,11 +157,8 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     if job_code_choice(parent.job_config) != cfg.code_choice():
         return 0  # the parent's codes were chosen differently
 
-    def key(d: dict) -> tuple:
-        return (d["uri"], d["count"], d["header_sha256"], d["id_start"], d["id_stop"])
-
     same_input = {i for i, e in enumerate(parent.inputs)
-                  if i < len(inputs_desc) and key(e.to_dict()) == key(inputs_desc[i])}
+                  if i < len(inputs_desc) and e.key() == input_key(inputs_desc[i])}
     by_name = {s.name: s for s in parent.shards if s.file_index in same_input}
     copied = 0
     for tk in pending:
@@ -193,8 +191,7 @@ def _existing_index_check(cfg: EncodeJobConfig, model_id: dict, inputs_desc: lis
         raise ManifestError(f"{e}; `qinco rollback {storage.redact(cfg.index_uri)} --to VERSION` returns to "
                             f"an earlier version, --overwrite builds a new one") from None
     same_model = m.model.get("sha256") == model_id["config_sha256"]
-    same_inputs = [(i.uri, i.count, i.header_sha256) for i in m.inputs] == [
-        (d["uri"], d["count"], d["header_sha256"]) for d in inputs_desc]
+    same_inputs = [i.key() for i in m.inputs] == [input_key(d) for d in inputs_desc]
     same_rows = m.job_config.get("shard_rows") == cfg.shard_rows
     same_choice = job_code_choice(m.job_config) == cfg.code_choice()
     if same_model and same_inputs and same_rows and same_choice:
@@ -322,6 +319,7 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
         log.info("index %s already holds this job's result (version %s): nothing to do",
                  storage.redact(cfg.index_uri), done_version)
         return {"status": "up-to-date", "version": done_version}
+    ids_mod.check_unique(inputs, options)  # user ids: every one read and checked before any encoding
     version, donor = _pick_version(cfg, options, model_id["config_sha256"])
     vuri = version_dir(cfg.index_uri, version)
     stale = storage.remove_stale_temporaries(vuri, STALE_TEMP_S)

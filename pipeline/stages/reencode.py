@@ -73,6 +73,11 @@ def _check_inputs_unchanged(parent, options) -> None:
     """The files a version was built from must still hold the same vectors (ids depend on it)."""
     planned = plan_inputs([i.uri for i in parent.inputs], fmt=parent.job_config.get("fmt"), options=options)
     for old, new in zip(parent.inputs, planned):
+        if old.ids != new.ids or old.ids_sha256 != new.ids_sha256:
+            raise ConfigError(
+                f"{storage.redact(old.uri)}: its ids changed since version {parent.version} was built "
+                f"({old.ids} -> {new.ids}{'' if new.ids_uri is None else ' ' + storage.redact(new.ids_uri)}); "
+                f"build a fresh index instead")
         if (old.count, old.header_sha256, old.dim) != (new.count, new.header_sha256, new.dim):
             raise ConfigError(
                 f"{storage.redact(old.uri)} changed since version {parent.version} was built "

@@ -91,7 +91,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         n_shards = len(pool.manifest.shards)
     finally:
         pool.close()
-    write_results(cfg.out_uri, I_all, D_all, options)
+    written = write_results(cfg.out_uri, I_all, D_all, options)
     report = {
         "job": "search",
         "index_uri": storage.redact(cfg.index_uri),
@@ -106,6 +106,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         "failed_shards": failed,
         "failures": failures,
         "code_version": code_version(),
+        "files": [storage.redact(u) for u in written],
     }
     storage.write_bytes_atomic(cfg.out_uri + ".report.json",
                                json.dumps(report, indent=2, sort_keys=True).encode(), options)
@@ -118,7 +119,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
 
 def evaluate_results(results_uri: str, groundtruth_uri: str, options=None) -> dict[str, float]:
     """Recall@1/10/100 (QINCo definition) and k-recall@k of a results file against ground truth."""
-    I, _ = results.read_knn_results(results_uri, options=options)
+    I, _ = results.read_results(results_uri, options=options)
     if vectors.detect_format(groundtruth_uri) == "ivecs":
         gt = vectors.read_vectors(groundtruth_uri, options=options).astype(np.int64)
     else:
