@@ -43,6 +43,30 @@ class Number:
         return v
 
 
+class ByteSize(Number):
+    """A size in bytes, plain or with a binary suffix (``512M``, ``4G``, ``1.5T``), range-checked
+    like every number."""
+
+    _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+    def __init__(self, lo: int, hi: int):
+        super().__init__(int, lo, hi)
+
+    def describe(self) -> str:
+        return f"a size from {self.lo:,} to {self.hi:,} bytes (suffixes K, M, G, T allowed)"
+
+    def __call__(self, text: str):
+        t = text.strip().upper().removesuffix("IB").removesuffix("B")
+        unit = t[-1:] if t[-1:] in "KMGT" and t[-1:] else ""
+        try:
+            v = float(t[:-1] if unit else t) * self._UNITS[unit]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
+        if not math.isfinite(v) or v < self.lo or v > self.hi:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+        return int(v)
+
+
 def count(lo: int, hi: int) -> Number:
     return Number(int, lo, hi)
 
@@ -431,6 +455,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default=None, help="index version (default: CURRENT)")
     p.add_argument("--allow-partial", action="store_true",
                    help="return results from the shards that answered and report those that did not")
+    p.add_argument("--memory-per-actor", type=ByteSize(64 << 20, 1 << 42), default=None,
+                   help="memory each shard actor may use (e.g. 8G): shards are placed to fit it, Ray "
+                        "places the actors where it is free, and an index that cannot fit is refused")
     p.add_argument("--out", required=True, help="results URI (big-ann k-NN format; also OUT.parquet and OUT.report.json; "
                         "ids beyond int32 only in OUT.parquet)")
 
@@ -450,7 +477,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
             rerank_precision=a.rerank_precision, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
             allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, max_queries=a.max_queries,
-            version=a.version))
+            version=a.version, memory_per_actor=a.memory_per_actor))
         print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
         return 0
 

@@ -389,9 +389,9 @@ def _two_jobs_race(inp, index, other_uri, options=None) -> None:
     assert plan_a.version == "v000001"
     rep_b = run_encode(_job(inp, index, data_uris=[other_uri], shard_rows=2000), options=options)
     assert rep_b["version"] == "v000002" and current_version(index, options) == "v000002"
-    stage._encode_pending(cfg_a, plan_a, False, options)
+    done_a, _ = stage._encode_pending(cfg_a, plan_a, False, options)
     with pytest.raises(ConcurrentWriterError, match="CURRENT names v000002, newer than this job's v000001"):
-        stage._commit(cfg_a, plan_a, options)
+        stage._commit(cfg_a, plan_a, done_a, options)
     assert current_version(index, options) == "v000002" and load_manifest(index, options=options).total_rows == 1000
     # B's index is there now: A's re-run must say --overwrite, and then builds after it, from
     # the shards it had finished
@@ -419,3 +419,51 @@ def test_two_jobs_into_one_index_on_s3(ray_session, tiny_index_inputs, s3, tmp_p
         uris[name] = storage.join(bucket, f"{name}.fvecs")
         storage.write_bytes_atomic(uris[name], open(path, "rb").read(), opts)
     _two_jobs_race({**tiny_index_inputs, "base": uris["base"]}, storage.join(bucket, "index"), uris["other"], opts)
+
+
+def test_what_reaches_the_driver_does_not_grow_with_the_rows(tiny_index_inputs, tmp_path):
+    """An encode actor writes its shard itself and returns one small row of metadata per range,
+    whatever the range's size: the driver never holds codes or ids."""
+    inp = tiny_index_inputs
+    from pipeline.io.inputs import plan_inputs
+
+    inputs = plan_inputs([inp["base"]])
+    actor = EncodeActor(inp["model"], str(tmp_path / "v"), inputs, batch_size=256, threads=1)
+    sizes = {}
+    for n in (100, 4000):
+        x = vectors.read_rows(inp["base"], 0, n)
+        out = actor({"id": np.arange(n), "file_index": np.zeros(n, np.int32), "row": np.arange(n), "vector": x})
+        assert all(len(v) == 1 for v in out.values())
+        sizes[n] = sum(len(str(v[0])) for v in out.values())
+    assert sizes[4000] <= sizes[100] + 16 and sizes[4000] < 1024, sizes  # a few digits more, no rows
+
+
+def test_finding_done_shards_costs_one_listing_for_a_new_version(tiny_index_inputs, tmp_path, monkeypatch):
+    """Planning (and resuming) looks for finished shards with one listing; only shards found
+    there are read, so 20,000 ranges of a new version cost one request, not 20,000."""
+    from pipeline.distributed import encode as dist
+    from pipeline.index.shards import shard_name
+    from pipeline.io.inputs import plan_inputs
+    from pipeline.stages.encode import RangeTask
+
+    calls = {"exists": 0, "read_bytes": 0, "list_files": 0}
+    for name in calls:
+        real = getattr(storage, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(storage, name, counted)
+    tasks = [RangeTask(0, i * 10, i * 10 + 10, f"shards/{shard_name(0, i * 10)}") for i in range(20000)]
+    vuri = str(tmp_path / "versions" / "v000001")
+    assert dist.shards_done(vuri, tasks) == set()
+    assert calls == {"exists": 0, "read_bytes": 0, "list_files": 1}
+    # a shard written earlier is found and verified; the others still cost nothing
+    inputs = plan_inputs([tiny_index_inputs["base"]])
+    actor = EncodeActor(tiny_index_inputs["model"], vuri, inputs, batch_size=256, threads=1)
+    x = vectors.read_rows(tiny_index_inputs["base"], 10, 20)
+    actor({"id": np.arange(10, 20), "file_index": np.zeros(10, np.int32), "row": np.arange(10, 20), "vector": x})
+    calls.update({k: 0 for k in calls})
+    assert dist.shards_done(vuri, tasks) == {tasks[1].shard}
+    assert calls["list_files"] == 1 and calls["exists"] <= 3 and calls["read_bytes"] <= 3

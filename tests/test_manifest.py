@@ -337,3 +337,50 @@ def test_two_writers_never_move_current_back(tmp_path):
 @pytest.mark.s3
 def test_two_writers_never_move_current_back_on_s3(s3):
     _two_writers(storage.join(s3.bucket("two-writers"), "idx"), s3.options())
+
+
+def _synthetic_version(idx: str, version: str, n_shards: int, rows: int = 1000) -> Manifest:
+    """A manifest of ``n_shards`` shards over one input, with empty files in their place
+    (commit checks that shards exist by one listing; readers check their contents)."""
+    inputs = [InputEntry("s3://data/big.u8bin", "u8bin", n_shards * rows, 128, "uint8", 0, n_shards * rows,
+                         "0" * 64)]
+    shards = []
+    shard_dir = os.path.join(idx, "versions", version, "shards")
+    os.makedirs(shard_dir, exist_ok=True)
+    for i in range(n_shards):
+        name = shard_name(0, i * rows)
+        open(os.path.join(shard_dir, name), "wb").close()
+        shards.append(ShardEntry(f"shards/{name}", rows, 20000, f"{i:064x}", 0, i * rows, i * rows,
+                                 i * rows + rows - 1, 64))
+    return Manifest.create(version, model={"uri": "m", "sha256": "s", "config": {}},
+                           code=code_params(16, 256, 65536), inputs=inputs, shards=shards, job_config={})
+
+
+def test_commit_and_load_cost_grows_linearly_with_shards(tmp_path, monkeypatch):
+    """20,000 shards: the same number of storage requests as 2,000 (none per shard), and time
+    within a generous multiple of linear."""
+    import time
+
+    calls = {"n": 0}
+    for name in ("exists", "read_bytes", "list_files", "file_size", "create_exclusive", "read_tagged",
+                 "replace_if_unchanged", "write_bytes_atomic"):
+        real = getattr(storage, name)
+
+        def counted(*a, _real=real, **kw):
+            calls["n"] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(storage, name, counted)
+    seconds, requests = {}, {}
+    for n in (2000, 20000):
+        idx = str(tmp_path / f"idx{n}")
+        m = _synthetic_version(idx, "v000001", n)
+        calls["n"] = 0
+        t0 = time.perf_counter()
+        commit_manifest(idx, m)
+        back = load_manifest(idx)
+        seconds[n] = time.perf_counter() - t0
+        requests[n] = calls["n"]
+        assert len(back.shards) == n and back.total_rows == n * 1000
+    assert requests[20000] == requests[2000], requests
+    assert seconds[20000] <= 30 * max(seconds[2000], 0.05), seconds

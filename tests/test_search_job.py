@@ -399,3 +399,31 @@ def test_recall_on_dwsift_subset(ray_session, dwsift_dir, tmp_path):
     # measured: R@1 0.33, R@10 0.77; shuffled ids or a wrong LUT / centroid give ~0.
     assert rec["R@10"] > 0.6, rec
     assert rec["R@1"] > 0.25, rec
+
+
+def test_shards_are_placed_within_the_memory_per_actor():
+    from pipeline.distributed.shard_pool import _assign_shards, actor_bytes
+
+    shards = [{"name": f"shards/s{i}", "rows": 10_000_000} for i in range(10)]  # 100M vectors
+    groups = _assign_shards(shards, 4, code_bytes=16, memory_per_actor=4 << 30)
+    assert sorted(len(g) for g in groups) == [2, 2, 3, 3]
+    assert max(actor_bytes(sum(e["rows"] for e in g), 16) for g in groups) <= 4 << 30
+    with pytest.raises(ConfigError, match=r"100,000,000 vectors of 16 bytes; 2 shard actors of 4.00 GiB cannot "
+                                          r"hold them .* use --workers 3 or more"):
+        _assign_shards(shards, 2, code_bytes=16, memory_per_actor=4 << 30)
+    with pytest.raises(ConfigError, match=r"its largest shard \(shards/s0, 10,000,000 rows\) alone needs 1.3"):
+        _assign_shards(shards, 20, code_bytes=16, memory_per_actor=1 << 30)
+
+
+def test_search_refuses_an_index_larger_than_the_actors_memory_and_reports_it(indexes, tiny_index_inputs, tmp_path):
+    params = SearchParams(k=10, nprobe=3, shortlist=40)
+    cfg = SearchJobConfig(index_uri=indexes["three"], queries_uri=tiny_index_inputs["query"],
+                          out_uri=str(tmp_path / "res"), params=params, workers=2, cpus_per_worker=0.5,
+                          memory_per_actor=256 << 20)
+    with pytest.raises(ConfigError, match="2 shard actors of 0.25 GiB cannot hold them"):
+        run_search(cfg)
+    assert not os.path.exists(tmp_path / "res")
+    report = run_search(cfg.replace(memory_per_actor=1 << 30))
+    actors = report["actors"]
+    assert len(actors) == 2 and sum(a["rows"] for a in actors) == 4000 and sum(a["shards"] for a in actors) == 3
+    assert all(a["shard_bytes"] >= a["rows"] * 14 and a["peak_rss_bytes"] > a["shard_bytes"] for a in actors)

@@ -37,6 +37,15 @@ def shard_is_done(version_uri: str, task, options=None) -> bool:
     return verify_shard(uri, info, options)
 
 
+def shards_done(version_uri: str, tasks, options=None) -> set[str]:
+    """The ``task.shard`` names of ``tasks`` that are done (``shard_is_done``), with one listing
+    of the version's shards: only shards found there are read, so a new version costs one request
+    however many shards it will have."""
+    listed = {"shards/" + u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(version_uri, "shards"), options)}
+    return {tk.shard for tk in tasks
+            if tk.shard in listed and sidecar(tk.shard) in listed and shard_is_done(version_uri, tk, options)}
+
+
 class EncodeActor:
     """Ray Data actor: loads the model once, encodes one range per call and writes its shard.
 

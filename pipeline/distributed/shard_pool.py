@@ -12,6 +12,7 @@ fails naming them.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from pipeline.codec.decoder import Decoder, model_centroids
 from pipeline.codec.model_file import check_model_unchanged, load_model
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.index.manifest import load_manifest, version_dir
 from pipeline.index.shards import load_shard_rows, shard_file_uri
 from pipeline.io import storage
@@ -74,15 +75,63 @@ class ShardActor:
         """Shards left out at load time (``allow_partial``), with their errors."""
         return dict(self.bad)
 
+    def memory(self) -> dict:
+        """What this actor holds: rows, the bytes of its shard arrays, its process's peak resident
+        memory (Linux reports ``ru_maxrss`` in KiB)."""
+        sr = self.searcher
+        arrays = sum(a.nbytes for a in (sr.codes_NM, sr.ids_N, sr.list_ids_N, sr.list_offsets)
+                     if a is not None) + (sr.scale_N.nbytes if sr.scale_N is not None else 0)
+        return {"shards": len(self.names), "rows": int(sr.N), "shard_bytes": int(arrays),
+                "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
 
-def _assign_shards(entries: list[dict], workers: int) -> list[list[dict]]:
-    """Greedy balance of shards over actors by row count (largest first)."""
+
+# What a shard actor holds per row: codes, the int64 id, the int32 list id, the float16 scale.
+ROW_OVERHEAD_BYTES = 8 + 4 + 2
+# Loading concatenates and then sorts the shards' rows: at its peak an actor holds about this
+# many copies of them (the budget must hold the peak, not only what stays).
+LOAD_PEAK_COPIES = 3
+ACTOR_BASE_BYTES = 512 << 20  # the process itself: Python, torch, the model
+
+
+def actor_bytes(rows: int, code_bytes: int) -> int:
+    """Memory an actor needs at its peak to hold ``rows`` rows of ``code_bytes``-byte codes."""
+    return ACTOR_BASE_BYTES + LOAD_PEAK_COPIES * rows * (code_bytes + ROW_OVERHEAD_BYTES)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _assign_shards(entries: list[dict], workers: int, code_bytes: int = 0,
+                   memory_per_actor: int | None = None) -> list[list[dict]]:
+    """Greedy balance of shards over actors by row count (largest first).
+
+    With ``memory_per_actor`` (bytes) every actor's shards must fit it (``actor_bytes``);
+    otherwise ConfigError says how many actors, or how much memory each, the index needs."""
     groups: list[list[dict]] = [[] for _ in range(max(1, min(workers, len(entries))))]
     load = [0] * len(groups)
     for e in sorted(entries, key=lambda e: (-e["rows"], e["name"])):
         j = int(np.argmin(load))
         groups[j].append(e)
         load[j] += e["rows"]
+    if memory_per_actor is not None:
+        need = max(actor_bytes(n, code_bytes) for n in load)
+        if need > memory_per_actor:
+            rows = sum(load)
+            per_row = LOAD_PEAK_COPIES * (code_bytes + ROW_OVERHEAD_BYTES)
+            room = (memory_per_actor - ACTOR_BASE_BYTES) // per_row
+            biggest = max(entries, key=lambda e: e["rows"])
+            if room < biggest["rows"]:
+                hint = (f"its largest shard ({biggest['name']}, {biggest['rows']:,} rows) alone needs "
+                        f"{_gib(actor_bytes(biggest['rows'], code_bytes))}: give each actor at least that")
+            else:
+                hint = (f"use --workers {-(-rows // room)} or more, or a larger --memory-per-actor "
+                        f"(at least {_gib(need)} for {len(groups)} actors)")
+            raise ConfigError(
+                f"the index holds {rows:,} vectors of {code_bytes} bytes; {len(groups)} shard actors of "
+                f"{_gib(memory_per_actor)} cannot hold them (the busiest needs {_gib(need)}: codes, ids "
+                f"and list ids, {LOAD_PEAK_COPIES}x while loading, plus {_gib(ACTOR_BASE_BYTES)} for the "
+                f"process); {hint}")
     return groups
 
 
@@ -98,7 +147,7 @@ class ShardPool:
 
     def __init__(self, index_uri: str, version: str | None = None, workers: int = 2,
                  cpus_per_worker: float = 1.0, allow_partial: bool = False, options=None,
-                 lut_scales: bool = True):
+                 lut_scales: bool = True, memory_per_actor: int | None = None):
         # the actors run in other directories: relative local paths (the index's, and the model's
         # as the manifest records it) are resolved here, as the driver reads them
         index_uri = storage.absolute(index_uri)
@@ -125,8 +174,11 @@ class ShardPool:
         if not present:
             raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "
                                 + "; ".join(self.shard_errors.values()))
-        self.groups = _assign_shards(present, workers)
-        actor_cls = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3)
+        self.groups = _assign_shards(present, workers, int(m.code["code_bytes"]), memory_per_actor)
+        # with a budget, Ray places each actor where that much memory is free
+        extra = {} if memory_per_actor is None else {"memory": int(memory_per_actor)}
+        actor_cls = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3,
+                                                   **extra)
         self._spawn = lambda g: actor_cls.remote(index_uri, m.version, g, model_uri, max(1, int(cpus_per_worker)),
                                                  options, allow_partial, lut_scales)
         self.actors = [self._spawn(g) for g in self.groups]
@@ -158,6 +210,18 @@ class ShardPool:
                     time.sleep(wait)
                     wait *= 2
                 ref = getattr(self.actors[j], method).remote(*args)
+
+    def actor_memory(self) -> list[dict]:
+        """Per live actor: its shards, rows, bytes of shard arrays and resident memory."""
+        out = []
+        for j in range(len(self.actors)):
+            if j in self.failed:
+                continue
+            try:
+                out.append(self._get(j, self.actors[j].memory.remote(), "memory"))
+            except Exception as e:  # noqa: BLE001 - a report, not the search
+                out.append({"error": _first_line(e)})
+        return out
 
     def failed_shards(self) -> list[str]:
         """Names of the shards whose vectors are not searched (only with ``allow_partial``)."""

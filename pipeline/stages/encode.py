@@ -48,7 +48,7 @@ from pipeline.codec.precision import resolve_precision
 from pipeline.config import JsonConfig, code_version
 from pipeline.distributed.datasource import read_source, VectorDatasource
 from pipeline.distributed.datasource import unwrap_ray_error
-from pipeline.distributed.encode import EncodeActor, shard_is_done, sidecar
+from pipeline.distributed.encode import EncodeActor, shards_done, sidecar
 from pipeline.errors import ConcurrentWriterError, ConfigError, ManifestError, PipelineError
 from pipeline.index.history import record_event
 from pipeline.index.manifest import (
@@ -246,8 +246,9 @@ def _take_donor_shards(cfg: EncodeJobConfig, donor: str, vuri: str, pending: lis
     """Copy the finished shards (with their sidecars) of an abandoned run of this job."""
     duri = version_dir(cfg.index_uri, donor)
     copied = 0
+    finished = shards_done(duri, pending, options)
     for tk in pending:
-        if shard_is_done(duri, tk, options):
+        if tk.shard in finished:
             dst = storage.join(vuri, tk.shard)
             storage.copy_file(storage.join(duri, tk.shard), dst, options)
             storage.copy_file(sidecar(storage.join(duri, tk.shard)), sidecar(dst), options)
@@ -276,7 +277,7 @@ def run_encode(cfg: EncodeJobConfig, options=None, progress: bool = True) -> dic
     done_now, actor_peak_rss = _encode_pending(cfg, plan, progress, options) if plan.pending else ([], {})
     stages["encode_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    manifest, bad_ranges = _commit(cfg, plan, options)
+    manifest, bad_ranges = _commit(cfg, plan, done_now, options)
     stages["commit_s"] = time.perf_counter() - t
     return _report(cfg, plan, manifest, done_now, actor_peak_rss, bad_ranges, stages,
                    time.perf_counter() - t_start, options)
@@ -326,15 +327,18 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
     if stale:
         log.info("removed %d temporary file(s) left by killed writers in %s", stale, storage.redact(vuri))
     tasks = plan_ranges(inputs, cfg.shard_rows)
-    pending = [tk for tk in tasks if not shard_is_done(vuri, tk, options)]
+    done = shards_done(vuri, tasks, options)
+    pending = [tk for tk in tasks if tk.shard not in done]
     reused = 0
     if donor is not None and pending:
         reused = _take_donor_shards(cfg, donor, vuri, pending, options)
-        pending = [tk for tk in pending if not shard_is_done(vuri, tk, options)]
+        done = shards_done(vuri, tasks, options)
+        pending = [tk for tk in tasks if tk.shard not in done]
     if cfg.parent_version is not None and pending:
         reused = _reuse_parent_shards(cfg, vuri, inputs_desc, model_id, pending, options)
         if reused:
-            pending = [tk for tk in pending if not shard_is_done(vuri, tk, options)]
+            done = shards_done(vuri, tasks, options)
+            pending = [tk for tk in tasks if tk.shard not in done]
     log.info("encode %s -> %s (%s): %d vectors in %d shards, %d to do", len(inputs),
              storage.redact(cfg.index_uri), version, sum(i.count for i in inputs), len(tasks), len(pending))
     return _EncodePlan(model_id, mcfg, inputs, version, vuri, tasks, pending, reused)
@@ -386,18 +390,24 @@ def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, opt
     return done_now, actor_peak_rss
 
 
-def _commit(cfg: EncodeJobConfig, plan: _EncodePlan, options) -> tuple[Manifest, list[dict]]:
-    """Verify every shard and commit the manifest; skipped bad ranges are reported, never
-    silently dropped."""
+def _commit(cfg: EncodeJobConfig, plan: _EncodePlan, done_now: list[dict], options) -> tuple[Manifest, list[dict]]:
+    """Commit the manifest of every shard: those this run wrote (their records came back from the
+    actors) and those found done when the job was planned (verified then); skipped bad ranges are
+    reported, never silently dropped. One listing checks that all are in place."""
+    written = {"shards/" + d["name"]: d for d in done_now}
+    done_before = {tk.shard for tk in plan.tasks} - set(written) - {tk.shard for tk in plan.pending}
+    listed = {"shards/" + u.rsplit("/", 1)[-1]
+              for u in storage.list_files(storage.join(plan.version_uri, "shards"), options)}
     shard_entries, bad_ranges = [], []
     for tk in plan.tasks:
         uri = storage.join(plan.version_uri, tk.shard)
-        if not shard_is_done(plan.version_uri, tk, options):
+        if tk.shard not in listed or not (tk.shard in written or tk.shard in done_before):
             if cfg.skip_bad_ranges:
                 bad_ranges.append(_describe_bad_range(plan.inputs[tk.file_index], tk, options))
                 continue
             raise PipelineError(f"shard {storage.redact(uri)} is missing after encoding; re-run the job")
-        info = ShardInfo.from_dict(json.loads(storage.read_bytes(sidecar(uri), options)))
+        record = written.get(tk.shard) or json.loads(storage.read_bytes(sidecar(uri), options))
+        info = ShardInfo.from_dict(record)
         shard_entries.append(ShardEntry.from_info(info, tk.file_index, tk.start))
     mcfg = plan.model_config
     manifest = Manifest.create(

@@ -50,6 +50,7 @@ class SearchJobConfig(JsonConfig):
     lut_scales: bool = True
     max_queries: int | None = None
     version: str | None = None
+    memory_per_actor: int | None = None  # bytes; shards are placed so that every actor fits
 
     def __post_init__(self) -> None:
         if isinstance(self.params, dict):  # from JSON
@@ -64,7 +65,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
     q = vectors.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
     pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options,
-                     cfg.lut_scales)
+                     cfg.lut_scales, cfg.memory_per_actor)
     load_s = time.perf_counter() - t0
     try:
         if q.shape[1] != pool.dim:
@@ -87,6 +88,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         search_s = time.perf_counter() - t1
         failed = pool.failed_shards()
         failures = pool.failures()
+        actors = pool.actor_memory()
         version = pool.manifest.version
         n_shards = len(pool.manifest.shards)
     finally:
@@ -105,6 +107,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         "shards": n_shards,
         "failed_shards": failed,
         "failures": failures,
+        "actors": actors,
         "code_version": code_version(),
         "files": [storage.redact(u) for u in written],
     }
