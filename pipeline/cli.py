@@ -344,7 +344,7 @@ def _encode_index(a: argparse.Namespace) -> int:
         model_uri=a.model, data_uris=list(a.data), index_uri=a.out, fmt=a.fmt, workers=a.workers,
         cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows,
         batch_size=a.batch_size or 0, overwrite=a.overwrite, skip_bad_ranges=a.skip_bad_ranges,
-        lut_weight=a.lut_weight, precision=a.precision))
+        lut_weight=a.lut_weight, precision=a.precision, A=a.A, B=a.B))
     keys = ("status", "version", "vectors", "shards", "vectors_encoded_this_run", "vectors_per_s", "wall_s", "bad_ranges")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2, default=str))
     return 0
@@ -458,6 +458,10 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-per-actor", type=ByteSize(64 << 20, 1 << 42), default=None,
                    help="memory each shard actor may use (e.g. 8G): shards are placed to fit it, Ray "
                         "places the actors where it is free, and an index that cannot fit is refused")
+    p.add_argument("--mmap-dir", default=None, metavar="DIR",
+                   help="a local directory on every node (e.g. an NVMe disk): each shard actor writes its "
+                        "rows there and memory-maps them, so an actor can search more codes than its memory "
+                        "holds (removed when the search ends)")
     p.add_argument("--out", required=True, help="results URI (big-ann k-NN format; also OUT.parquet and OUT.report.json; "
                         "ids beyond int32 only in OUT.parquet)")
 
@@ -477,7 +481,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
             rerank_precision=a.rerank_precision, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
             allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, max_queries=a.max_queries,
-            version=a.version, memory_per_actor=a.memory_per_actor))
+            version=a.version, memory_per_actor=a.memory_per_actor, mmap_dir=a.mmap_dir))
         print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
         return 0
 

@@ -197,6 +197,23 @@ def test_lut_weight_reaches_the_codes_and_is_part_of_the_job(ray_session, tiny_i
     assert not os.path.exists(tmp_path / "other")
 
 
+def test_encoder_A_and_B_reach_the_codes_and_are_part_of_the_job(ray_session, tiny_index_inputs, tmp_path):
+    inp = tiny_index_inputs
+    index = str(tmp_path / "index")
+    run_encode(_job(inp, index, shard_rows=2000, A=1, B=1))
+    m, ids, codes, lists = _read_index(index)
+    np.testing.assert_array_equal(codes, encoder.encode(inp["model_obj"], inp["x"], A=1, B=1)[0])
+    assert (codes != encoder.encode(inp["model_obj"], inp["x"])[0]).any(1).sum() > 0  # not the model's A, B
+    assert (m.job_config["A"], m.job_config["B"]) == (1, 1)
+    with pytest.raises(ConfigError, match="different index"):  # the model's own A and B: another index
+        run_encode(_job(inp, index, shard_rows=2000))
+    assert run_encode(_job(inp, index, shard_rows=2000, A=1, B=1))["status"] == "up-to-date"
+    for bad, msg in ((dict(A=0), "A .* must be in"), (dict(A=10**4), "A .* must be in"), (dict(B=0), "B .* >= 1")):
+        with pytest.raises(ConfigError, match=msg):  # refused before any work
+            run_encode(_job(inp, str(tmp_path / "other"), **bad))
+    assert not os.path.exists(tmp_path / "other")
+
+
 def test_default_cpus_leave_room_for_the_read_tasks(ray_session, tiny_index_inputs, tmp_path):
     """With the CLI's default CPUs per actor the job runs on a 2-CPU cluster: the actors leave a
     reserve and the read tasks ask for less than it (with Ray's default of one CPU per read task,
@@ -337,6 +354,9 @@ def test_sigkilled_job_resumes_to_same_index(ray_session, tiny_index_inputs, tmp
         b = storage.read_bytes(storage.join(version_dir(full, m_f.version), s.name))
         assert a == b, s.name
     assert set(resumed["actor_peak_rss_bytes"].values()) and min(resumed["actor_peak_rss_bytes"].values()) > 0
+    private = resumed["actor_private_bytes"]  # without shared pages: at most the whole peak
+    assert private.keys() == resumed["actor_peak_rss_bytes"].keys()
+    assert all(0 < private[p] <= resumed["actor_peak_rss_bytes"][p] for p in private)
 
 
 def test_resume_never_reuses_shards_of_a_replaced_model(ray_session, tiny_index_inputs, tmp_path):
@@ -457,7 +477,7 @@ def test_finding_done_shards_costs_one_listing_for_a_new_version(tiny_index_inpu
         monkeypatch.setattr(storage, name, counted)
     tasks = [RangeTask(0, i * 10, i * 10 + 10, f"shards/{shard_name(0, i * 10)}") for i in range(20000)]
     vuri = str(tmp_path / "versions" / "v000001")
-    assert dist.shards_done(vuri, tasks) == set()
+    assert dist.shards_done(vuri, tasks) == {}
     assert calls == {"exists": 0, "read_bytes": 0, "list_files": 1}
     # a shard written earlier is found and verified; the others still cost nothing
     inputs = plan_inputs([tiny_index_inputs["base"]])
@@ -465,5 +485,6 @@ def test_finding_done_shards_costs_one_listing_for_a_new_version(tiny_index_inpu
     x = vectors.read_rows(tiny_index_inputs["base"], 10, 20)
     actor({"id": np.arange(10, 20), "file_index": np.zeros(10, np.int32), "row": np.arange(10, 20), "vector": x})
     calls.update({k: 0 for k in calls})
-    assert dist.shards_done(vuri, tasks) == {tasks[1].shard}
+    done = dist.shards_done(vuri, tasks)
+    assert list(done) == [tasks[1].shard] and done[tasks[1].shard]["rows"] == 10  # with its sidecar record
     assert calls["list_files"] == 1 and calls["exists"] <= 3 and calls["read_bytes"] <= 3

@@ -101,3 +101,34 @@ def test_errors_and_imbalance():
     assert imbalance_factor(np.array([0, 0, 0, 0]), 4) == pytest.approx(4.0)
     cfg = IVFConfig(nlist=8, seed=3)
     assert IVFConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_many_lists_are_assigned_through_one_deterministic_graph():
+    """From HNSW_ASSIGN_MIN_NLIST lists on, encoding assigns through an HNSW graph: built once per model,
+    the same graph in every process (so every encoder actor assigns a vector the same way), and
+    the nearest list for nearly every vector."""
+    import faiss
+
+    from pipeline.codec.encoder import _assigner, assign_lists
+    from pipeline.codec.ivf import HNSW_ASSIGN_MIN_NLIST as NLIST
+    from pipeline.codec.model import QINCo, QincoConfig
+
+    rng = np.random.default_rng(5)
+    c_LD = rng.normal(size=(NLIST, 8)).astype(np.float32)
+    x_ND = rng.normal(size=(3000, 8)).astype(np.float32)
+    models = []
+    for threads in (1, 2):  # the build is single-threaded whatever the caller's thread count
+        faiss.omp_set_num_threads(threads)
+        m = QINCo(QincoConfig(dim=8, M=2, K=16, L=0, de=8, dh=8, A=2, B=1, nlist=NLIST))
+        m.set_centroids(c_LD)
+        models.append(m)
+        assert "HNSW" in type(_assigner(m)).__name__ and _assigner(m) is _assigner(m)  # kept on the model
+    small = QINCo(QincoConfig(dim=8, M=2, K=16, L=0, de=8, dh=8, A=2, B=1, nlist=NLIST // 2))
+    small.set_centroids(c_LD[:NLIST // 2])
+    assert isinstance(_assigner(small), np.ndarray)  # fewer lists: the exact scan
+    lists_a, lists_b = assign_lists(models[0], x_ND), assign_lists(models[1], x_ND)
+    np.testing.assert_array_equal(lists_a, lists_b)
+    _, exact = assign(c_LD, x_ND)
+    assert np.mean(lists_a == exact[:, 0]) >= 0.97
+    models[0].set_centroids(c_LD[::-1].copy())  # new centroids: a new graph
+    assert not np.array_equal(assign_lists(models[0], x_ND), lists_a)

@@ -384,3 +384,32 @@ def test_commit_and_load_cost_grows_linearly_with_shards(tmp_path, monkeypatch):
         assert len(back.shards) == n and back.total_rows == n * 1000
     assert requests[20000] == requests[2000], requests
     assert seconds[20000] <= 30 * max(seconds[2000], 0.05), seconds
+
+
+def test_shards_merged_on_disk_equal_the_in_memory_merge(tmp_path):
+    """``load_shard_rows(mmap_dir=...)`` gives exactly the in-memory arrays, as read-only memory
+    maps, for shards whose ids follow each other and for shards whose ids interleave (user ids),
+    with and without stored row scales; a corrupt shard is skipped the same way."""
+    rng = np.random.default_rng(4)
+    vdir = str(tmp_path / "v")
+    entries = []
+    for i, n in enumerate((40, 1, 33, 25)):
+        ids = np.arange(i * 100, i * 100 + n) if i < 2 else rng.choice(10**6, n, replace=False)
+        scale = rng.random(n).astype(np.float16) if i % 2 else None
+        info = write_shard(storage.join(vdir, "shards", shard_name(0, i * 100)), rng.integers(0, NLIST, n), ids,
+                           rng.integers(0, K, (n, M)), K=K, nlist=NLIST, model_sha="m", lut_scale_N=scale)
+        entries.append(ShardEntry.from_info(info, 0, i * 100).to_dict())
+    want = load_shard_rows(vdir, entries, NLIST, M)
+    got = load_shard_rows(vdir, entries, NLIST, M, mmap_dir=str(tmp_path / "mm"))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+        assert w.dtype == g.dtype
+    assert all(isinstance(g, np.memmap) and not g.flags.writeable for i, g in enumerate(got) if i != 3)
+    assert sorted(os.listdir(tmp_path / "mm")) == ["codes.npy", "ids.npy", "list_ids.npy", "scale.npy"]
+    bad = dict(entries[2], sha256="0" * 64)
+    errors: dict = {}
+    got = load_shard_rows(vdir, [entries[0], bad, entries[3]], NLIST, M, errors=errors, mmap_dir=str(tmp_path / "mm2"))
+    want = load_shard_rows(vdir, [entries[0], entries[3]], NLIST, M)
+    assert list(errors) == [bad["name"]]
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)

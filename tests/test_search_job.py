@@ -415,6 +415,37 @@ def test_shards_are_placed_within_the_memory_per_actor():
         _assign_shards(shards, 20, code_bytes=16, memory_per_actor=1 << 30)
 
 
+def test_memory_mapped_rows_are_placed_by_their_largest_shard():
+    from pipeline.distributed.shard_pool import _assign_shards
+
+    shards = [{"name": f"shards/s{i}", "rows": 10_000_000} for i in range(10)]  # 100M vectors
+    groups = _assign_shards(shards, 2, code_bytes=16, memory_per_actor=4 << 30, mmap=True)  # in RAM: refused
+    assert sorted(len(g) for g in groups) == [5, 5]
+    with pytest.raises(ConfigError, match=r"2 shard actors of 1.00 GiB cannot search them with memory-mapped rows"):
+        _assign_shards(shards, 2, code_bytes=16, memory_per_actor=1 << 30, mmap=True)
+
+
+def test_search_with_memory_mapped_rows_gives_the_same_results_and_leaves_no_files(indexes, tiny_index_inputs,
+                                                                                   tmp_path):
+    params = SearchParams(k=10, nprobe=3, shortlist=40)
+    cfg = SearchJobConfig(index_uri=indexes["three"], queries_uri=tiny_index_inputs["query"],
+                          out_uri=str(tmp_path / "res"), params=params, workers=2, cpus_per_worker=0.5)
+    mm = tmp_path / "mm"
+    stale = mm / "qinco-shards-999999999-abc"  # left by a killed actor (no such process)
+    stale.mkdir(parents=True)
+    want = run_search(cfg)
+    got = run_search(cfg.replace(out_uri=str(tmp_path / "res_mm"), mmap_dir=str(mm)))
+    I0, D0 = results.read_knn_results(str(tmp_path / "res"))
+    I1, D1 = results.read_knn_results(str(tmp_path / "res_mm"))
+    np.testing.assert_array_equal(I0, I1)
+    np.testing.assert_array_equal(D0, D1)
+    assert all(a["memory_mapped"] for a in got["actors"]) and not any(a["memory_mapped"] for a in want["actors"])
+    assert sum(a["rows"] for a in got["actors"]) == 4000
+    assert os.listdir(mm) == []  # the actors' files are removed at the end, the stale one at the start
+    with pytest.raises(ConfigError, match="local directory"):
+        cfg.replace(mmap_dir="s3://bucket/tmp")
+
+
 def test_search_refuses_an_index_larger_than_the_actors_memory_and_reports_it(indexes, tiny_index_inputs, tmp_path):
     params = SearchParams(k=10, nprobe=3, shortlist=40)
     cfg = SearchJobConfig(index_uri=indexes["three"], queries_uri=tiny_index_inputs["query"],

@@ -3,7 +3,8 @@
 - ``encode(model, x_ND, list_ids_N=None, batch_size=None, device="cpu", B=None, A=None,
   progress=False, source="<input>", lut_weight=0.0, precision=None)
   -> (codes_NM uint8|uint16, list_ids_N int64 | None)``
-- ``assign_lists(model, x_ND) -> np.ndarray int64`` (nearest IVF centroid)
+- ``assign_lists(model, x_ND) -> np.ndarray int64`` (nearest IVF centroid; through an HNSW graph
+  from ``ivf.HNSW_ASSIGN_MIN_NLIST`` lists on)
 - ``reconstruct(model, x_ND, list_ids_N=None, **encode_kw)``: encode then decode.
 
 The search itself is :func:`pipeline.codec.beam_search.beam_search`; a vector's codes do not
@@ -23,7 +24,7 @@ from torch import Tensor
 from pipeline.codec.beam_search import LutChoice, auto_batch_size, beam_search, step_tables
 from pipeline.codec.codes import code_dtype
 from pipeline.codec.decoder import decode
-from pipeline.codec.ivf import assign
+from pipeline.codec.ivf import assign, assigner
 from pipeline.codec.model import QINCo, on_device, validate_vectors
 from pipeline.codec.precision import autocast
 from pipeline.errors import ConfigError
@@ -32,14 +33,25 @@ log = logging.getLogger(__name__)
 
 
 def assign_lists(model: QINCo, x_ND: np.ndarray | Tensor) -> np.ndarray:
-    """Nearest IVF centroid (exact L2) of each raw vector, as int64 ``(N,)``."""
+    """Nearest IVF centroid (L2) of each raw vector, as int64 ``(N,)``: exact below
+    ``ivf.HNSW_ASSIGN_MIN_NLIST`` lists, else through an HNSW graph built once per model object."""
     if not model.ivf:
         raise ConfigError("assign_lists needs an IVF model (nlist > 0)")
-    cent = model.centroids_LD.detach().cpu().numpy().astype(np.float32)
-    if cent.shape[0] != model.config.nlist:
+    if model.centroids_LD.shape[0] != model.config.nlist:
         raise ConfigError("IVF model has no centroids")
     x = x_ND.detach().cpu().numpy() if isinstance(x_ND, Tensor) else np.asarray(x_ND)
-    return assign(cent, x)[1][:, 0]
+    return assign(_assigner(model), x)[1][:, 0]
+
+
+def _assigner(model: QINCo):
+    """:func:`ivf.assigner` of the model's centroids, kept on the model while they are unchanged
+    (a graph over 65,536 centroids takes seconds to build)."""
+    key = (model.centroids_LD.data_ptr(), tuple(model.centroids_LD.shape), model.centroids_LD._version)
+    cached = getattr(model, "_assigner_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, assigner(model.centroids_LD.detach().cpu().numpy()))
+        model._assigner_cache = cached
+    return cached[1]
 
 
 def _to_tensor(x: np.ndarray | Tensor, device: torch.device) -> Tensor:

@@ -21,8 +21,17 @@ from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# From this many lists on the search probes an HNSW graph over the centroids (hnsw_index).
+# From this many lists on, queries are probed through an HNSW graph over the centroids
+# (hnsw_index); below it the exact probe is a small part of a query.
 HNSW_MIN_NLIST = 1 << 16
+# From this many lists on, vectors are assigned to lists (training, encoding) through the graph:
+# an exact scan costs O(nlist) per vector, the graph O(log nlist), and it is faster from about
+# 4,096 lists on (bench/RESULTS.md, "Scale"); with NLIST growing as sqrt(N) an exact scan would
+# make encoding cost grow faster than N.
+HNSW_ASSIGN_MIN_NLIST = 1 << 13
+# Assignment search breadth: the nearest list is found for nearly every vector (bench/RESULTS.md,
+# "Scale"); a vector given the second-nearest list is still encoded exactly against it.
+HNSW_ASSIGN_EF = 32
 
 
 @dataclass
@@ -142,13 +151,29 @@ def _two_level(x_ND: np.ndarray, cfg: IVFConfig, progress: bool) -> np.ndarray:
 
 
 def hnsw_index(centroids_LD: np.ndarray, m: int = 32, ef_construction: int = 80) -> faiss.Index:
-    """An HNSW graph over the centroids: approximate nearest lists, for ``nlist >= HNSW_MIN_NLIST``
-    where an exact scan of every centroid per query costs more than the rest of a search."""
+    """An HNSW graph over the centroids: approximate nearest lists, where an exact scan of every
+    centroid would cost more (``HNSW_MIN_NLIST``, ``HNSW_ASSIGN_MIN_NLIST``).
+
+    Built on one thread: a parallel build links the graph in the order the threads happen to
+    run, and every encoder actor must build the same graph to assign vectors the same way."""
     centroids_LD = _as_f32(centroids_LD)
     index = faiss.IndexHNSWFlat(centroids_LD.shape[1], m)
     index.hnsw.efConstruction = ef_construction
-    index.add(centroids_LD)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index.add(centroids_LD)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    index.hnsw.efSearch = HNSW_ASSIGN_EF
     return index
+
+
+def assigner(centroids_LD: np.ndarray) -> np.ndarray | faiss.Index:
+    """What :func:`assign` searches for these centroids: the centroids themselves (exact)
+    below ``HNSW_ASSIGN_MIN_NLIST`` lists, else an HNSW graph over them (build it once, reuse it)."""
+    centroids_LD = _as_f32(centroids_LD)
+    return hnsw_index(centroids_LD) if centroids_LD.shape[0] >= HNSW_ASSIGN_MIN_NLIST else centroids_LD
 
 
 def assign(centroids_or_index: np.ndarray | faiss.Index, x_ND: np.ndarray, k: int = 1,

@@ -13,10 +13,10 @@ import torch
 from pipeline.codec import encoder
 from pipeline.codec.decoder import model_row_scales
 from pipeline.codec.model_file import load_model, model_identity
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, StorageError
 from pipeline.index.shards import ShardInfo, shard_name, verify_shard, write_shard
 from pipeline.io import storage
-from pipeline.sysinfo import peak_rss_bytes
+from pipeline.sysinfo import peak_rss_bytes, private_rss_bytes
 
 
 def sidecar(shard_uri: str) -> str:
@@ -24,26 +24,34 @@ def sidecar(shard_uri: str) -> str:
     return shard_uri + ".json"
 
 
-def shard_is_done(version_uri: str, task, options=None) -> bool:
-    """True when the shard and its sidecar exist and the shard matches the sidecar."""
+def listed_shards(version_uri: str, options=None) -> set[str]:
+    """Every file under the version's ``shards/`` (as ``shards/NAME``), with one listing request."""
+    return {"shards/" + u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(version_uri, "shards"), options)}
+
+
+def shard_record(version_uri: str, task, options=None) -> dict | None:
+    """The sidecar record of ``task``'s shard when the shard exists and matches it, else None."""
     uri = storage.join(version_uri, task.shard)
-    side = sidecar(uri)
-    if not storage.exists(side, options):
-        return False
     try:
-        info = ShardInfo.from_dict(json.loads(storage.read_bytes(side, options)))
-    except (ValueError, TypeError, KeyError, ConfigError):
-        return False
-    return verify_shard(uri, info, options)
+        record = json.loads(storage.read_bytes(sidecar(uri), options))
+        info = ShardInfo.from_dict(record)
+    except (ValueError, TypeError, KeyError, ConfigError, StorageError):
+        return None
+    return record if verify_shard(uri, info, options) else None
 
 
-def shards_done(version_uri: str, tasks, options=None) -> set[str]:
-    """The ``task.shard`` names of ``tasks`` that are done (``shard_is_done``), with one listing
-    of the version's shards: only shards found there are read, so a new version costs one request
-    however many shards it will have."""
-    listed = {"shards/" + u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(version_uri, "shards"), options)}
-    return {tk.shard for tk in tasks
-            if tk.shard in listed and sidecar(tk.shard) in listed and shard_is_done(version_uri, tk, options)}
+def shards_done(version_uri: str, tasks, options=None) -> dict[str, dict]:
+    """``{task.shard: sidecar record}`` of the ``tasks`` whose shards are written and verified
+    (``shard_record``), with one listing of the version's shards: only shards found there are
+    read, so a new version costs one request however many shards it will have."""
+    listed = listed_shards(version_uri, options)
+    done = {}
+    for tk in tasks:
+        if tk.shard in listed and sidecar(tk.shard) in listed:
+            record = shard_record(version_uri, tk, options)
+            if record is not None:
+                done[tk.shard] = record
+    return done
 
 
 class EncodeActor:
@@ -54,7 +62,8 @@ class EncodeActor:
     """
 
     def __init__(self, model_uri: str, version_uri: str, inputs: list, batch_size: int,
-                 threads: int, options=None, lut_weight: float = 0.0, precision: str | None = None):
+                 threads: int, options=None, lut_weight: float = 0.0, precision: str | None = None,
+                 A: int | None = None, B: int | None = None):
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model_uri, device=self.device, options=options)
@@ -65,13 +74,15 @@ class EncodeActor:
         self.options = options
         self.lut_weight = lut_weight
         self.precision = precision
+        self.A, self.B = A, B
+        self.peak_private = 0  # largest private memory seen at the end of a range (before its arrays go)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["id"], dtype=np.int64)
         if len(ids) == 0:
             return {"shard": np.array([], dtype=object), "info": np.array([], dtype=object),
                     "encode_s": np.array([], dtype=np.float64), "pid": np.array([], dtype=np.int64),
-                    "peak_rss": np.array([], dtype=np.int64)}
+                    "peak_rss": np.array([], dtype=np.int64), "peak_private": np.array([], dtype=np.int64)}
         file_index = int(batch["file_index"][0])
         rows = np.asarray(batch["row"], dtype=np.int64)
         first = int(rows[0])
@@ -82,7 +93,7 @@ class EncodeActor:
         x = np.asarray(batch["vector"], dtype=np.float32)
         t0 = time.perf_counter()
         codes, list_ids = encoder.encode(self.model, x, batch_size=self.batch_size or None, device=self.device,
-                                         lut_weight=self.lut_weight, precision=self.precision)
+                                         lut_weight=self.lut_weight, precision=self.precision, A=self.A, B=self.B)
         scale_N = None
         if self.model.additive_MKD.shape[0]:
             # the lookup-table stage's row scales, stored so searches need not decode every row
@@ -97,6 +108,8 @@ class EncodeActor:
                            nlist=max(1, cfg.nlist), model_sha=self.model_sha, options=self.options,
                            lut_scale_N=scale_N)
         storage.write_bytes_atomic(sidecar(uri), info.to_json().encode(), self.options)
+        self.peak_private = max(self.peak_private, private_rss_bytes())
         return {"shard": np.array([rel], dtype=object), "info": np.array([info.to_json()], dtype=object),
                 "encode_s": np.array([encode_s]), "pid": np.array([os.getpid()], dtype=np.int64),
-                "peak_rss": np.array([peak_rss_bytes()], dtype=np.int64)}
+                "peak_rss": np.array([peak_rss_bytes()], dtype=np.int64),
+                "peak_private": np.array([self.peak_private], dtype=np.int64)}

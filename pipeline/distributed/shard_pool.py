@@ -12,7 +12,10 @@ fails naming them.
 from __future__ import annotations
 
 import logging
-import resource
+import os
+import re
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -29,30 +32,35 @@ from pipeline.search.params import SearchParams
 from pipeline.search.pipeline import finish, merge, shortlist
 from pipeline.search.probe import check_queries, coarse_probe, probe_lists
 from pipeline.search.scan import build_searcher
+from pipeline.sysinfo import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
 CALL_ATTEMPTS = 4   # tries of one actor call when its actor or node is lost
 RETRY_WAIT_S = 2.0  # first wait before a retry; doubles each time
+RELEASE_WAIT_S = 30.0  # how long closing waits for actors to remove their memory-mapped files
 
 
 class ShardActor:
-    """Holds one or more shards in memory; answers shortlist and re-rank requests.
+    """Holds one or more shards in memory (or memory-mapped from local disk with ``mmap_dir``);
+    answers shortlist and re-rank requests.
 
     With ``allow_partial`` a shard that fails to load (missing, corrupt) is left out and reported
     by :meth:`bad_shards`; otherwise the actor fails to start, naming it.
     """
 
     def __init__(self, index_uri: str, version: str, shard_entries: list[dict], model_uri: str,
-                 threads: int = 1, options=None, allow_partial: bool = False, lut_scales: bool = True):
+                 threads: int = 1, options=None, allow_partial: bool = False, lut_scales: bool = True,
+                 mmap_dir: str | None = None):
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_uri, options=options)
         self.decoders = {}  # decoder.Decoder by re-rank precision, built on first use
         nlist = max(1, self.model.config.nlist)
         self.bad: dict[str, str] = {}
+        self.mmap_dir = _private_dir(mmap_dir) if mmap_dir else None
         list_ids, ids_N, codes_NM, offsets, scale_N = load_shard_rows(
             version_dir(index_uri, version), shard_entries, nlist, self.model.config.M, options,
-            errors=self.bad if allow_partial else None)
+            errors=self.bad if allow_partial else None, mmap_dir=self.mmap_dir)
         self.searcher = build_searcher(self.model, list_ids, ids_N, codes_NM, offsets, scale_N=scale_N,
                                        lut_scales=lut_scales, source=", ".join(e["name"] for e in shard_entries))
         self.names = [e["name"] for e in shard_entries]
@@ -75,14 +83,32 @@ class ShardActor:
         """Shards left out at load time (``allow_partial``), with their errors."""
         return dict(self.bad)
 
+    def release(self) -> None:
+        """Drop the shard arrays and remove their files from ``mmap_dir`` (before the actor is killed)."""
+        self.searcher = None
+        if self.mmap_dir:
+            shutil.rmtree(self.mmap_dir, ignore_errors=True)
+
     def memory(self) -> dict:
         """What this actor holds: rows, the bytes of its shard arrays, its process's peak resident
-        memory (Linux reports ``ru_maxrss`` in KiB)."""
+        memory."""
         sr = self.searcher
         arrays = sum(a.nbytes for a in (sr.codes_NM, sr.ids_N, sr.list_ids_N, sr.list_offsets)
                      if a is not None) + (sr.scale_N.nbytes if sr.scale_N is not None else 0)
         return {"shards": len(self.names), "rows": int(sr.N), "shard_bytes": int(arrays),
-                "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+                "peak_rss_bytes": peak_rss_bytes(),
+                "memory_mapped": self.mmap_dir is not None}
+
+
+def _private_dir(parent: str) -> str:
+    """A new directory for this actor's memory-mapped rows under ``parent`` (a node-local disk).
+    Directories left by actors that were killed (their process is gone) are removed first."""
+    os.makedirs(parent, exist_ok=True)
+    for name in os.listdir(parent):
+        m = re.fullmatch(r"qinco-shards-(\d+)-\w+", name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"qinco-shards-{os.getpid()}-", dir=parent)
 
 
 # What a shard actor holds per row: codes, the int64 id, the int32 list id, the float16 scale.
@@ -93,8 +119,17 @@ LOAD_PEAK_COPIES = 3
 ACTOR_BASE_BYTES = 512 << 20  # the process itself: Python, torch, the model
 
 
-def actor_bytes(rows: int, code_bytes: int) -> int:
-    """Memory an actor needs at its peak to hold ``rows`` rows of ``code_bytes``-byte codes."""
+# With memory-mapped rows an actor keeps in memory only a copy of each row's scale, and loads
+# one shard at a time.
+MMAP_ROW_BYTES = 4
+
+
+def actor_bytes(rows: int, code_bytes: int, mmap_shard_rows: int | None = None) -> int:
+    """Memory an actor needs at its peak to hold ``rows`` rows of ``code_bytes``-byte codes; with
+    ``mmap_shard_rows`` (the rows of its largest shard) when the rows are memory-mapped."""
+    if mmap_shard_rows is not None:
+        return (ACTOR_BASE_BYTES + LOAD_PEAK_COPIES * mmap_shard_rows * (code_bytes + ROW_OVERHEAD_BYTES)
+                + MMAP_ROW_BYTES * rows)
     return ACTOR_BASE_BYTES + LOAD_PEAK_COPIES * rows * (code_bytes + ROW_OVERHEAD_BYTES)
 
 
@@ -103,10 +138,11 @@ def _gib(n: float) -> str:
 
 
 def _assign_shards(entries: list[dict], workers: int, code_bytes: int = 0,
-                   memory_per_actor: int | None = None) -> list[list[dict]]:
+                   memory_per_actor: int | None = None, mmap: bool = False) -> list[list[dict]]:
     """Greedy balance of shards over actors by row count (largest first).
 
-    With ``memory_per_actor`` (bytes) every actor's shards must fit it (``actor_bytes``);
+    With ``memory_per_actor`` (bytes) every actor's shards must fit it (``actor_bytes``; with
+    ``mmap`` the rows are on local disk and only the largest shard is in memory while loading);
     otherwise ConfigError says how many actors, or how much memory each, the index needs."""
     groups: list[list[dict]] = [[] for _ in range(max(1, min(workers, len(entries))))]
     load = [0] * len(groups)
@@ -114,7 +150,16 @@ def _assign_shards(entries: list[dict], workers: int, code_bytes: int = 0,
         j = int(np.argmin(load))
         groups[j].append(e)
         load[j] += e["rows"]
-    if memory_per_actor is not None:
+    if memory_per_actor is not None and mmap:
+        need = max(actor_bytes(n, code_bytes, max((e["rows"] for e in g), default=0))
+                   for n, g in zip(load, groups))
+        if need > memory_per_actor:
+            raise ConfigError(
+                f"the index holds {sum(load):,} vectors; {len(groups)} shard actors of {_gib(memory_per_actor)} "
+                f"cannot search them with memory-mapped rows (the busiest needs {_gib(need)}: its largest "
+                f"shard while loading, {MMAP_ROW_BYTES} bytes per row, {_gib(ACTOR_BASE_BYTES)} for the "
+                f"process); use more --workers or a larger --memory-per-actor")
+    elif memory_per_actor is not None:
         need = max(actor_bytes(n, code_bytes) for n in load)
         if need > memory_per_actor:
             rows = sum(load)
@@ -147,15 +192,18 @@ class ShardPool:
 
     def __init__(self, index_uri: str, version: str | None = None, workers: int = 2,
                  cpus_per_worker: float = 1.0, allow_partial: bool = False, options=None,
-                 lut_scales: bool = True, memory_per_actor: int | None = None):
+                 lut_scales: bool = True, memory_per_actor: int | None = None, mmap_dir: str | None = None):
         # the actors run in other directories: relative local paths (the index's, and the model's
         # as the manifest records it) are resolved here, as the driver reads them
         index_uri = storage.absolute(index_uri)
+        mmap_dir = os.path.abspath(mmap_dir) if mmap_dir else None
         self.manifest = m = load_manifest(index_uri, version=version, options=options)
         vuri = version_dir(index_uri, m.version)
         self.shard_errors: dict[str, str] = {}
+        # one listing, not a request per shard (an index of a billion vectors has tens of thousands)
+        listed = {u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(vuri, "shards"), options)}
         for s in m.shards:
-            if not storage.exists(shard_file_uri(vuri, s.name), options):
+            if shard_file_uri(vuri, s.name).rsplit("/", 1)[-1] not in listed:
                 msg = (f"shard {storage.redact(shard_file_uri(vuri, s.name))} named in the manifest of "
                        f"version {m.version} is missing")
                 if not allow_partial:
@@ -174,13 +222,14 @@ class ShardPool:
         if not present:
             raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "
                                 + "; ".join(self.shard_errors.values()))
-        self.groups = _assign_shards(present, workers, int(m.code["code_bytes"]), memory_per_actor)
+        self.groups = _assign_shards(present, workers, int(m.code["code_bytes"]), memory_per_actor,
+                                     mmap=mmap_dir is not None)
         # with a budget, Ray places each actor where that much memory is free
         extra = {} if memory_per_actor is None else {"memory": int(memory_per_actor)}
         actor_cls = ray.remote(ShardActor).options(num_cpus=cpus_per_worker, max_restarts=3, max_task_retries=3,
                                                    **extra)
         self._spawn = lambda g: actor_cls.remote(index_uri, m.version, g, model_uri, max(1, int(cpus_per_worker)),
-                                                 options, allow_partial, lut_scales)
+                                                 options, allow_partial, lut_scales, mmap_dir)
         self.actors = [self._spawn(g) for g in self.groups]
         self.failed: dict[int, str] = {}
         refs = [a.bad_shards.remote() for a in self.actors]
@@ -277,6 +326,9 @@ class ShardPool:
         return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
 
     def close(self) -> None:
+        """Release every actor's rows (removing memory-mapped files), then end the actors."""
+        released = [a.release.remote() for a in self.actors]
+        ray.wait(released, num_returns=len(released), timeout=RELEASE_WAIT_S)
         for a in self.actors:
             ray.kill(a)
         self.actors = []

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import posixpath
 import re
 from typing import Any
@@ -362,13 +363,17 @@ def read_shard(uri: str, expected: ShardInfo | None = None, options: StorageOpti
     with ``nlist`` the shard must have been built for that many lists. Any mismatch, a missing
     object or an unparsable file raises :class:`CorruptShardError` naming ``uri``.
     """
+    return decode_shard(uri, _fetch(uri, options), expected=expected, nlist=nlist)
+
+
+def _fetch(uri: str, options) -> bytes:
+    """A shard file's bytes; a missing one is a ``CorruptShardError`` (the manifest names it)."""
     try:
-        data = storage.read_bytes(uri, options=options)
+        return storage.read_bytes(uri, options=options)
     except StorageError:
         if not storage.exists(uri, options=options):
             raise CorruptShardError(storage.redact(uri), "file is missing") from None
         raise
-    return decode_shard(uri, data, expected=expected, nlist=nlist)
 
 
 def verify_shard(uri: str, expected: ShardInfo, options: StorageOptions | None = None) -> bool:
@@ -384,8 +389,31 @@ def verify_shard(uri: str, expected: ShardInfo, options: StorageOptions | None =
     return hashlib.sha256(storage.read_bytes(uri, options=options)).hexdigest() == expected.sha256
 
 
+def _read_entries(version_uri: str, shard_entries: list[dict], nlist: int, options,
+                  errors: dict[str, str] | None):
+    """``(entry, file bytes, Shard)`` of each shard read and verified; see ``load_shard_rows``."""
+    for e in shard_entries:
+        info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
+                         id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
+        uri = shard_file_uri(version_uri, e["name"])
+        try:
+            data = _fetch(uri, options)
+            sh = decode_shard(uri, data, expected=info, nlist=nlist)
+        except PipelineError as exc:
+            if errors is None:
+                raise
+            errors[e["name"]] = storage.redact(str(exc))
+            log.warning("skipping shard %s: %s", e["name"], errors[e["name"]])
+            continue
+        yield e, data, sh
+
+
+def _scale_or_nan(sh: Shard) -> np.ndarray:
+    return sh.lut_scale_N if sh.lut_scale_N is not None else np.full(len(sh), np.nan, np.float16)
+
+
 def load_shard_rows(version_uri: str, shard_entries: list[dict], nlist: int, M: int, options=None,
-                errors: dict[str, str] | None = None):
+                    errors: dict[str, str] | None = None, mmap_dir: str | None = None):
     """Read and verify shards (manifest entries) of one index version and merge them.
 
     Returns ``(list_ids_N int32, ids_N int64, codes_NM, list_offsets, scale_N float16)`` sorted by
@@ -393,23 +421,20 @@ def load_shard_rows(version_uri: str, shard_entries: list[dict], nlist: int, M: 
     ``lut_scale`` and NaN for rows of shards written without that column. A missing or corrupt
     shard raises ``CorruptShardError`` naming it; when ``errors`` is given such shards are skipped
     instead and their messages recorded there by shard name.
+
+    With ``mmap_dir`` (a local directory) the rows are not held in memory: they are written there
+    and returned as read-only memory maps (:func:`_merge_to_disk`), so a process can search more
+    codes than its RAM holds.
     """
+    if mmap_dir is not None:
+        return _merge_to_disk(_read_entries(version_uri, shard_entries, nlist, options, errors), nlist, M,
+                              mmap_dir)
     lists, ids, codes, scales = [], [], [], []
-    for e in shard_entries:
-        info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
-                         id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
-        try:
-            sh = read_shard(shard_file_uri(version_uri, e["name"]), expected=info, options=options, nlist=nlist)
-        except PipelineError as exc:
-            if errors is None:
-                raise
-            errors[e["name"]] = storage.redact(str(exc))
-            log.warning("skipping shard %s: %s", e["name"], errors[e["name"]])
-            continue
+    for _, _, sh in _read_entries(version_uri, shard_entries, nlist, options, errors):
         lists.append(sh.list_ids_N)
         ids.append(sh.ids_N)
         codes.append(sh.codes_NM)
-        scales.append(sh.lut_scale_N if sh.lut_scale_N is not None else np.full(len(sh), np.nan, np.float16))
+        scales.append(_scale_or_nan(sh))
     list_ids = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
     ids_N = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
     codes_NM = np.concatenate(codes) if codes else np.zeros((0, M), np.uint8)
@@ -419,3 +444,63 @@ def load_shard_rows(version_uri: str, shard_entries: list[dict], nlist: int, M: 
     offsets = np.zeros(nlist + 1, np.int64)
     np.cumsum(np.bincount(list_ids, minlength=nlist), out=offsets[1:])
     return list_ids, ids_N, codes_NM, offsets, scale_N
+
+
+# rows per step when checking the merged order on disk
+_CHECK_ROWS = 1 << 22
+
+
+def _merge_to_disk(shards, nlist: int, M: int, mmap_dir: str):
+    """``load_shard_rows``'s arrays merged in ``mmap_dir`` with one shard in memory at a time.
+
+    First pass: each verified shard's file is copied to ``mmap_dir`` and its list sizes counted.
+    Second pass: each shard's rows (sorted by (list, id) within the shard) are written to their
+    list's next free rows of ``.npy`` files. Rows of a list then follow shard order; the few lists
+    whose ids are not increasing (shards with interleaved ids) are sorted in place."""
+    os.makedirs(mmap_dir, exist_ok=True)
+    counts = np.zeros(nlist, np.int64)
+    local: list[str] = []
+    code_dt = np.dtype(np.uint8)
+    for i, (_, data, sh) in enumerate(shards):
+        counts += np.bincount(sh.list_ids_N, minlength=nlist)
+        code_dt = sh.codes_NM.dtype
+        path = os.path.join(mmap_dir, f"shard{i:06d}.parquet")
+        with open(path, "wb") as f:
+            f.write(data)
+        local.append(path)
+    N = int(counts.sum())
+    offsets = np.zeros(nlist + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    specs = {"list_ids": (np.int32, (N,)), "ids": (np.int64, (N,)), "codes": (code_dt, (N, M)),
+             "scale": (np.float16, (N,))}
+    out = {k: np.lib.format.open_memmap(os.path.join(mmap_dir, k + ".npy"), mode="w+", dtype=dt, shape=shape)
+           for k, (dt, shape) in specs.items()}
+    cursor = offsets[:-1].copy()
+    for path in local:
+        with open(path, "rb") as f:
+            sh = decode_shard(path, f.read(), nlist=nlist)
+        os.remove(path)
+        lists = sh.list_ids_N.astype(np.int64)
+        first = np.searchsorted(lists, lists, side="left")  # the shard's first row of each row's list
+        dest = cursor[lists] + (np.arange(len(lists)) - first)
+        cursor += np.bincount(lists, minlength=nlist)
+        out["list_ids"][dest] = sh.list_ids_N
+        out["ids"][dest] = sh.ids_N
+        out["codes"][dest] = sh.codes_NM
+        out["scale"][dest] = _scale_or_nan(sh)
+    ids, lists = out["ids"], out["list_ids"]
+    unsorted: set[int] = set()
+    for a in range(0, max(N - 1, 0), _CHECK_ROWS):
+        b = min(N, a + _CHECK_ROWS + 1)
+        step = np.flatnonzero((np.diff(ids[a:b]) < 0) & (np.diff(lists[a:b]) == 0))
+        unsorted.update(int(x) for x in np.unique(lists[a:b][step]))
+    for lst in sorted(unsorted):
+        a, b = int(offsets[lst]), int(offsets[lst + 1])
+        perm = np.argsort(ids[a:b], kind="stable")
+        for arr in out.values():
+            arr[a:b] = arr[a:b][perm]
+    for arr in out.values():
+        arr.flush()
+    del out
+    loaded = {k: np.load(os.path.join(mmap_dir, k + ".npy"), mmap_mode="r") for k in specs}
+    return loaded["list_ids"], loaded["ids"], loaded["codes"], offsets, loaded["scale"]

@@ -43,6 +43,32 @@ def _base_blocks(base, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
             yield i0, base[i0:i0 + block_rows]
 
 
+def _exact_in_float32(b_BD: np.ndarray, qnorm_max: float, bnorm_max: float) -> bool:
+    """Whether float32 products of integer-valued queries with this block are exact: the block is
+    integer-valued and every partial sum (norms, products, their sums) is an integer below 2^24."""
+    limit = float(1 << 24)
+    return (qnorm_max + bnorm_max < limit and 2 * np.sqrt(qnorm_max * bnorm_max) < limit
+            and bool(np.all(b_BD == np.round(b_BD))))
+
+
+def _tile_candidates(dis_QB: np.ndarray, ids_B: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of each row of a tile that can be among its k smallest (distance, id): those
+    at most the row's k-th smallest distance, ties at it included (whatever their id), padded
+    with (inf, -1). Only these need the exact tie-breaking top-k."""
+    Q, B = dis_QB.shape
+    if B <= k:
+        return dis_QB, np.broadcast_to(ids_B, dis_QB.shape)
+    kth_Q = np.partition(dis_QB, k - 1, axis=1)[:, k - 1]
+    rows, cols = np.nonzero(dis_QB <= kth_Q[:, None])
+    counts = np.bincount(rows, minlength=Q)
+    pos = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    D = np.full((Q, int(counts.max())), np.inf, np.float32)
+    I = np.full(D.shape, -1, np.int64)  # noqa: E741
+    D[rows, pos] = dis_QB[rows, cols]
+    I[rows, pos] = ids_B[cols]
+    return D, I
+
+
 def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000,
                      metric: str = "L2") -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of each query in ``base`` (an array, or an iterable of
@@ -50,7 +76,9 @@ def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000
 
     The base is processed ``block_rows`` rows at a time and the per-block results are merged,
     so the answer does not depend on ``block_rows``. Distances are computed in float64 (exact
-    for integer-valued data such as SIFT) and ranked by (distance, smaller id).
+    for integer-valued data such as SIFT), or in float32 where that is exact too (integer-valued
+    blocks whose norms and products stay below 2^24, as SIFT's uint8 vectors do; twice as fast),
+    and ranked by (distance, smaller id).
     For ``metric="L2"`` D holds squared distances (ascending); for ``"IP"`` inner products
     (descending). Returns ``(D_QK float32, I_QK int64)``; rows are padded with id -1 when the
     base holds fewer than k vectors.
@@ -64,6 +92,8 @@ def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000
         raise ConfigError(f"queries must be a 2-D array, got shape {q_QD.shape}")
     Q, d = q_QD.shape
     qnorm_Q = (q_QD ** 2).sum(1)
+    q_int = bool(np.all(q_QD == np.round(q_QD)))
+    q32_QD = q_QD.astype(np.float32)
     D_QK = np.full((Q, k), np.inf, dtype=np.float32)
     I_QK = np.full((Q, k), -1, dtype=np.int64)
     n_done = 0
@@ -76,19 +106,27 @@ def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000
         for j0 in range(0, n_b, sub):
             b_BD = np.asarray(block_BD[j0:j0 + sub], dtype=np.float64)
             bnorm_B = (b_BD ** 2).sum(1)
+            if q_int and len(bnorm_B) and _exact_in_float32(b_BD, qnorm_Q.max(initial=0), bnorm_B.max()):
+                dt = np.float32  # exact here, and half the memory traffic
+            else:
+                dt = np.float64
+            q_use, b_use = (q32_QD, b_BD.astype(np.float32)) if dt is np.float32 else (q_QD, b_BD)
+            qn_use, bn_use = qnorm_Q.astype(dt), bnorm_B.astype(dt)
             ids_B = np.arange(first_row + j0, first_row + j0 + b_BD.shape[0], dtype=np.int64)
             qstep = max(1, _TILE_ENTRIES // b_BD.shape[0])
             for q0 in range(0, Q, qstep):
                 q1 = min(Q, q0 + qstep)
-                ip_QB = q_QD[q0:q1] @ b_BD.T
+                dis_QB = q_use[q0:q1] @ b_use.T  # in place from here on: the tiles are large
                 if metric == "L2":
-                    dis_QB = qnorm_Q[q0:q1, None] + bnorm_B[None, :] - 2 * ip_QB
+                    dis_QB *= -2
+                    dis_QB += qn_use[q0:q1, None]
+                    dis_QB += bn_use[None, :]
                     np.maximum(dis_QB, 0, out=dis_QB)
                 else:
-                    dis_QB = -ip_QB
-                ids_QB = np.broadcast_to(ids_B, dis_QB.shape)
-                cand_D = np.concatenate([D_QK[q0:q1], dis_QB.astype(np.float32)], axis=1)
-                cand_I = np.concatenate([I_QK[q0:q1], ids_QB], axis=1)
+                    np.negative(dis_QB, out=dis_QB)
+                tile_D, tile_I = _tile_candidates(dis_QB.astype(np.float32, copy=False), ids_B, k)
+                cand_D = np.concatenate([D_QK[q0:q1], tile_D], axis=1)
+                cand_I = np.concatenate([I_QK[q0:q1], tile_I], axis=1)
                 D_QK[q0:q1], I_QK[q0:q1] = topk_smallest(cand_D, cand_I, k)
         n_done += n_b
         dt = time.perf_counter() - t0

@@ -48,7 +48,7 @@ from pipeline.codec.precision import resolve_precision
 from pipeline.config import JsonConfig, code_version
 from pipeline.distributed.datasource import read_source, VectorDatasource
 from pipeline.distributed.datasource import unwrap_ray_error
-from pipeline.distributed.encode import EncodeActor, shards_done, sidecar
+from pipeline.distributed.encode import EncodeActor, listed_shards, shards_done, sidecar
 from pipeline.errors import ConcurrentWriterError, ConfigError, ManifestError, PipelineError
 from pipeline.index.history import record_event
 from pipeline.index.manifest import (
@@ -62,6 +62,7 @@ from pipeline.io import ids as ids_mod
 from pipeline.io import vectors
 from pipeline.io.codes import write_codes
 from pipeline.io.inputs import input_key, plan_inputs
+from pipeline.sysinfo import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class EncodeJobConfig(JsonConfig):
     lut_weight: float = 0.0
     # the encoder network's arithmetic (pipeline.codec.precision.PRECISIONS); None: float16 on a GPU, float32 on CPU
     precision: str | None = None
+    # the encoder's beam size and pre-selected candidates; None: the model's (e.g. A=16, B=1: a faster encoder)
+    A: int | None = None
+    B: int | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs 'the same job' (resources and batch sizes do not change codes)."""
@@ -105,17 +109,22 @@ class EncodeJobConfig(JsonConfig):
             ident["lut_weight"] = self.lut_weight
         if self.precision is not None:  # changes the codes in their last choices; absent by default
             ident["precision"] = self.precision
+        for name in ("A", "B"):  # a narrower search finds other codes; absent at the model's
+            if getattr(self, name) is not None:
+                ident[name] = getattr(self, name)
         return ident
 
-    def code_choice(self) -> tuple[float, str | None]:
-        """What, beside the model, decides which codes a vector gets: ``(lut_weight, precision)``."""
-        return float(self.lut_weight), self.precision
+    def code_choice(self) -> tuple[float, str | None, int | None, int | None]:
+        """What, beside the model, decides which codes a vector gets:
+        ``(lut_weight, precision, A, B)``."""
+        return float(self.lut_weight), self.precision, self.A, self.B
 
 
-def job_code_choice(job_config: dict) -> tuple[float, str | None]:
+def job_code_choice(job_config: dict) -> tuple[float, str | None, int | None, int | None]:
     """:meth:`EncodeJobConfig.code_choice` of a committed version's job (for jobs from before the
-    options: weight 0 and the device's default precision)."""
-    return float(job_config.get("lut_weight", 0.0)), job_config.get("precision")
+    options: weight 0, the device's default precision, the model's A and B)."""
+    return (float(job_config.get("lut_weight", 0.0)), job_config.get("precision"),
+            job_config.get("A"), job_config.get("B"))
 
 
 @dataclass
@@ -145,7 +154,7 @@ def _reuse_parent_shards(cfg: EncodeJobConfig, vuri: str, inputs_desc: list[dict
     """Copy the parent version's shards that hold exactly the codes ``pending`` ranges would get.
 
     A parent shard qualifies when the parent was encoded by the same model (config and weights
-    hashes) with the same ``lut_weight`` and ``precision``, its input at that file index is the
+    hashes) with the same code choice (``lut_weight``, ``precision``, ``A``, ``B``), its input at that file index is the
     same file (URI, count, header hash, id range, id source) and the shard covers the same rows. Each copy is
     followed by its sidecar, so an interrupted copy is simply redone by the next run. Returns the
     number of shards copied.
@@ -296,6 +305,7 @@ class _EncodePlan:
     tasks: list[RangeTask]
     pending: list[RangeTask]
     reused: int
+    done: dict[str, dict]  # the sidecar records of the shards found finished when planned
 
 
 def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
@@ -306,6 +316,10 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
     info = read_model_info(cfg.model_uri, options)
     mcfg = QincoConfig.from_dict(info["config"])
     LutChoice.check(cfg.lut_weight, bool(info.get("has_additive")))
+    if cfg.A is not None and not 1 <= cfg.A <= mcfg.K:
+        raise ConfigError(f"A (pre-selected candidates) must be in [1, {mcfg.K}] for this model's K, got {cfg.A}")
+    if cfg.B is not None and cfg.B < 1:
+        raise ConfigError(f"B (beam size) must be >= 1, got {cfg.B}")
     if cfg.precision is not None:  # checked for the actors' device before any work
         resolve_precision(cfg.precision, "cuda" if cfg.gpus_per_worker else "cpu")
     inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
@@ -341,7 +355,7 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
             pending = [tk for tk in tasks if tk.shard not in done]
     log.info("encode %s -> %s (%s): %d vectors in %d shards, %d to do", len(inputs),
              storage.redact(cfg.index_uri), version, sum(i.count for i in inputs), len(tasks), len(pending))
-    return _EncodePlan(model_id, mcfg, inputs, version, vuri, tasks, pending, reused)
+    return _EncodePlan(model_id, mcfg, inputs, version, vuri, tasks, pending, reused, done)
 
 
 def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, options) -> tuple[list[dict], dict]:
@@ -358,16 +372,18 @@ def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, opt
     ds = ds.map_batches(
         EncodeActor,
         batch_size=None,
-        compute=ActorPoolStrategy(size=max(1, cfg.workers)),
+        # one range at a time per actor: a range queued behind a busy actor would wait while
+        # another actor idles at the end of the job
+        compute=ActorPoolStrategy(size=max(1, cfg.workers), max_tasks_in_flight_per_actor=1),
         fn_constructor_kwargs=dict(model_uri=cfg.model_uri, version_uri=plan.version_uri, inputs=plan.inputs,
                                    batch_size=cfg.batch_size,
                                    threads=max(1, int(cfg.cpus_per_worker)), options=options,
-                                   lut_weight=cfg.lut_weight, precision=cfg.precision),
+                                   lut_weight=cfg.lut_weight, precision=cfg.precision, A=cfg.A, B=cfg.B),
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker or None,
     )
     done_now: list[dict] = []
-    actor_peak_rss: dict[int, int] = {}
+    actor_peak_rss: dict[int, tuple[int, int]] = {}  # pid -> (peak RSS, peak private memory)
     encoded_rows = 0
     last_log = time.perf_counter()
     try:
@@ -375,7 +391,8 @@ def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, opt
             info = json.loads(row["info"])
             done_now.append(info)
             pid = int(row["pid"])
-            actor_peak_rss[pid] = max(actor_peak_rss.get(pid, 0), int(row["peak_rss"]))
+            was = actor_peak_rss.get(pid, (0, 0))
+            actor_peak_rss[pid] = (max(was[0], int(row["peak_rss"])), max(was[1], int(row["peak_private"])))
             encoded_rows += info["rows"]
             now = time.perf_counter()
             if progress and (now - last_log > 5 or len(done_now) == len(plan.pending)):
@@ -393,21 +410,19 @@ def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, opt
 def _commit(cfg: EncodeJobConfig, plan: _EncodePlan, done_now: list[dict], options) -> tuple[Manifest, list[dict]]:
     """Commit the manifest of every shard: those this run wrote (their records came back from the
     actors) and those found done when the job was planned (verified then); skipped bad ranges are
-    reported, never silently dropped. One listing checks that all are in place."""
-    written = {"shards/" + d["name"]: d for d in done_now}
-    done_before = {tk.shard for tk in plan.tasks} - set(written) - {tk.shard for tk in plan.pending}
-    listed = {"shards/" + u.rsplit("/", 1)[-1]
-              for u in storage.list_files(storage.join(plan.version_uri, "shards"), options)}
+    reported, never silently dropped. One listing checks that all are in place; no shard or
+    sidecar is read."""
+    records = plan.done | {"shards/" + d["name"]: d for d in done_now}
+    listed = listed_shards(plan.version_uri, options)
     shard_entries, bad_ranges = [], []
     for tk in plan.tasks:
-        uri = storage.join(plan.version_uri, tk.shard)
-        if tk.shard not in listed or not (tk.shard in written or tk.shard in done_before):
+        if tk.shard not in listed or tk.shard not in records:
             if cfg.skip_bad_ranges:
                 bad_ranges.append(_describe_bad_range(plan.inputs[tk.file_index], tk, options))
                 continue
+            uri = storage.join(plan.version_uri, tk.shard)
             raise PipelineError(f"shard {storage.redact(uri)} is missing after encoding; re-run the job")
-        record = written.get(tk.shard) or json.loads(storage.read_bytes(sidecar(uri), options))
-        info = ShardInfo.from_dict(record)
+        info = ShardInfo.from_dict(records[tk.shard])
         shard_entries.append(ShardEntry.from_info(info, tk.file_index, tk.start))
     mcfg = plan.model_config
     manifest = Manifest.create(
@@ -447,7 +462,11 @@ def _report(cfg: EncodeJobConfig, plan: _EncodePlan, manifest: Manifest, done_no
         "vectors_per_s": (encoded / stages["encode_s"]) if done_now else None,
         "stages": stages,
         "bad_ranges": bad_ranges,
-        "actor_peak_rss_bytes": {str(k): v for k, v in sorted(actor_peak_rss.items())},
+        "actor_peak_rss_bytes": {str(k): v[0] for k, v in sorted(actor_peak_rss.items())},
+        # without the shared pages (Ray's object store) each actor's VmHWM also counts
+        "actor_private_bytes": {str(k): v[1] for k, v in sorted(actor_peak_rss.items())},
+        "driver_peak_rss_bytes": peak_rss_bytes(),
+        "manifest_bytes": len(manifest.to_json()) + 1,
         "config": cfg.to_dict(),
         "code_version": code_version(),
     }

@@ -144,12 +144,12 @@ def run_reencode(cfg: ReencodeConfig, options=None, progress: bool = True) -> di
 
     if result is None:
         _check_inputs_unchanged(parent, options)
-        lut_weight, precision = job_code_choice(parent.job_config)  # codes chosen as the parent's were
+        lut_weight, precision, A, B = job_code_choice(parent.job_config)  # codes chosen as the parent's were
         enc = EncodeJobConfig(
             model_uri=model_uri, data_uris=data_uris, index_uri=cfg.index_uri, fmt=fmt,
             workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
             shard_rows=int(shard_rows or 65536), batch_size=cfg.batch_size, overwrite=True,
-            parent_version=parent_v, lut_weight=lut_weight, precision=precision)
+            parent_version=parent_v, lut_weight=lut_weight, precision=precision, A=A, B=B)
         done = _committed_not_current(cfg, enc, parent_v, options)
         if done is not None:
             m = load_manifest(cfg.index_uri, version=done, options=options)

@@ -26,6 +26,7 @@ from pipeline.io import storage, vectors
 from pipeline.io.results import write_results
 from pipeline.search.evaluation import k_recall_at_k, recall_at
 from pipeline.search.params import SearchParams
+from pipeline.sysinfo import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,14 @@ class SearchJobConfig(JsonConfig):
     max_queries: int | None = None
     version: str | None = None
     memory_per_actor: int | None = None  # bytes; shards are placed so that every actor fits
+    # a node-local directory: each actor memory-maps its rows from files there instead of holding them
+    mmap_dir: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.params, dict):  # from JSON
             self.params = SearchParams.from_dict(self.params)
+        if self.mmap_dir is not None and "://" in self.mmap_dir:
+            raise ConfigError(f"mmap_dir must be a local directory on every node, got {self.mmap_dir!r}")
 
 
 def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
@@ -65,7 +70,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
     q = vectors.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
     pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options,
-                     cfg.lut_scales, cfg.memory_per_actor)
+                     cfg.lut_scales, cfg.memory_per_actor, cfg.mmap_dir)
     load_s = time.perf_counter() - t0
     try:
         if q.shape[1] != pool.dim:
@@ -108,6 +113,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         "failed_shards": failed,
         "failures": failures,
         "actors": actors,
+        "driver_peak_rss_bytes": peak_rss_bytes(),
         "code_version": code_version(),
         "files": [storage.redact(u) for u in written],
     }
