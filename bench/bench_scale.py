@@ -451,6 +451,8 @@ def _merged(old: dict | None, new: dict) -> dict:
         out["faiss"] = old["faiss"]
     if "train" not in new and "train" in old:
         out["train"] = old["train"]
+    if not new.get("data") and old.get("data"):  # the data was made by the earlier run
+        out["data"] = old["data"]
     return out
 
 
