@@ -395,8 +395,8 @@ def _read_entries(version_uri: str, shard_entries: list[dict], nlist: int, optio
     for e in shard_entries:
         info = ShardInfo(name=e["name"], rows=e["rows"], bytes=e["bytes"], sha256=e["sha256"],
                          id_min=e["id_min"], id_max=e["id_max"], lists=e["lists"])
-        uri = shard_file_uri(version_uri, e["name"])
         try:
+            uri = shard_file_uri(version_uri, e["name"])  # a hostile name is refused here
             data = _fetch(uri, options)
             sh = decode_shard(uri, data, expected=info, nlist=nlist)
         except PipelineError as exc:
