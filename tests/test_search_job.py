@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.index.manifest import load_manifest, version_dir
 from pipeline.search.params import SearchParams
 from pipeline.stages.search import run_search, SearchJobConfig
-from pipeline.distributed.shard_pool import ShardPool
+from pipeline.distributed.shard_pool import ShardActor, ShardPool
 
 pytestmark = pytest.mark.ray
 
@@ -444,6 +444,20 @@ def test_search_with_memory_mapped_rows_gives_the_same_results_and_leaves_no_fil
     assert os.listdir(mm) == []  # the actors' files are removed at the end, the stale one at the start
     with pytest.raises(ConfigError, match="local directory"):
         cfg.replace(mmap_dir="s3://bucket/tmp")
+
+
+def test_a_released_shard_actor_holds_nothing_and_leaves_no_files(indexes, tmp_path):
+    m = load_manifest(indexes["three"])
+    mm = tmp_path / "mm"
+    actor = ShardActor(indexes["three"], m.version, [s.to_dict() for s in m.shards],
+                       storage.absolute(m.model["uri"]), mmap_dir=str(mm))
+    held = actor.memory()
+    assert held["rows"] == 4000 and held["shards"] == 3 and held["shard_bytes"] > 0 and held["memory_mapped"]
+    assert len(os.listdir(mm)) == 1 and os.listdir(mm / os.listdir(mm)[0])
+    actor.release()
+    assert os.listdir(mm) == []
+    after = actor.memory()
+    assert (after["rows"], after["shards"], after["shard_bytes"]) == (0, 0, 0)
 
 
 def test_search_refuses_an_index_larger_than_the_actors_memory_and_reports_it(indexes, tiny_index_inputs, tmp_path):

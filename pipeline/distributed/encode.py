@@ -14,7 +14,7 @@ from pipeline.codec import encoder
 from pipeline.codec.decoder import model_row_scales
 from pipeline.codec.model_file import load_model, model_identity
 from pipeline.errors import ConfigError, PipelineError, StorageError
-from pipeline.index.shards import ShardInfo, shard_name, verify_shard, write_shard
+from pipeline.index.shards import ShardInfo, listed_shards, shard_name, verify_shard, write_shard
 from pipeline.io import storage
 from pipeline.sysinfo import peak_rss_bytes, private_rss_bytes
 
@@ -22,11 +22,6 @@ from pipeline.sysinfo import peak_rss_bytes, private_rss_bytes
 def sidecar(shard_uri: str) -> str:
     """The shard's sidecar: its ``ShardInfo`` as JSON, written after the shard."""
     return shard_uri + ".json"
-
-
-def listed_shards(version_uri: str, options=None) -> set[str]:
-    """Every file under the version's ``shards/`` (as ``shards/NAME``), with one listing request."""
-    return {"shards/" + u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(version_uri, "shards"), options)}
 
 
 def shard_record(version_uri: str, task, options=None) -> dict | None:

@@ -26,7 +26,7 @@ from pipeline.codec.decoder import Decoder, model_centroids
 from pipeline.codec.model_file import check_model_unchanged, load_model
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.index.manifest import load_manifest, version_dir
-from pipeline.index.shards import load_shard_rows, shard_file_uri
+from pipeline.index.shards import listed_shards, load_shard_rows, shard_file_uri
 from pipeline.io import storage
 from pipeline.search.params import SearchParams
 from pipeline.search.pipeline import finish, merge, shortlist
@@ -93,6 +93,9 @@ class ShardActor:
         """What this actor holds: rows, the bytes of its shard arrays, its process's peak resident
         memory."""
         sr = self.searcher
+        if sr is None:  # released
+            return {"shards": 0, "rows": 0, "shard_bytes": 0, "peak_rss_bytes": peak_rss_bytes(),
+                    "memory_mapped": self.mmap_dir is not None}
         arrays = sum(a.nbytes for a in (sr.codes_NM, sr.ids_N, sr.list_ids_N, sr.list_offsets)
                      if a is not None) + (sr.scale_N.nbytes if sr.scale_N is not None else 0)
         return {"shards": len(self.names), "rows": int(sr.N), "shard_bytes": int(arrays),
@@ -200,10 +203,10 @@ class ShardPool:
         self.manifest = m = load_manifest(index_uri, version=version, options=options)
         vuri = version_dir(index_uri, m.version)
         self.shard_errors: dict[str, str] = {}
-        # one listing, not a request per shard (an index of a billion vectors has tens of thousands)
-        listed = {u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(vuri, "shards"), options)}
+        listed = listed_shards(vuri, options)
         for s in m.shards:
-            if shard_file_uri(vuri, s.name).rsplit("/", 1)[-1] not in listed:
+            shard_file_uri(vuri, s.name)  # refuses a name outside the version's shards/
+            if s.name not in listed:
                 msg = (f"shard {storage.redact(shard_file_uri(vuri, s.name))} named in the manifest of "
                        f"version {m.version} is missing")
                 if not allow_partial:

@@ -100,6 +100,13 @@ def shard_file_uri(version_uri: str, name: str) -> str:
     return storage.join(version_uri, name)
 
 
+def listed_shards(version_uri: str, options: StorageOptions | None = None) -> set[str]:
+    """Every file under the version's ``shards/`` (as ``shards/NAME``, the form a manifest names
+    them), with one listing request: an index of a billion vectors has tens of thousands."""
+    return {f"{SHARDS_DIR}/" + posixpath.basename(u)
+            for u in storage.list_files(storage.join(version_uri, SHARDS_DIR), options)}
+
+
 def _require_int_array(name: str, a: Any, ndim: int) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim != ndim:

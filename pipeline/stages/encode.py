@@ -48,7 +48,7 @@ from pipeline.codec.precision import resolve_precision
 from pipeline.config import JsonConfig, code_version
 from pipeline.distributed.datasource import read_source, VectorDatasource
 from pipeline.distributed.datasource import unwrap_ray_error
-from pipeline.distributed.encode import EncodeActor, listed_shards, shards_done, sidecar
+from pipeline.distributed.encode import EncodeActor, shards_done, sidecar
 from pipeline.errors import ConcurrentWriterError, ConfigError, ManifestError, PipelineError
 from pipeline.index.history import record_event
 from pipeline.index.manifest import (
@@ -56,7 +56,7 @@ from pipeline.index.manifest import (
     Manifest, next_version, shard_uri, ShardEntry, version_dir, version_number,
 )
 from pipeline.index.manifest import validate_manifest
-from pipeline.index.shards import shard_name, ShardInfo
+from pipeline.index.shards import listed_shards, shard_name, ShardInfo
 from pipeline.io import storage
 from pipeline.io import ids as ids_mod
 from pipeline.io import vectors
