@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
+import torch
 
+from pipeline.codec.threads import use_threads
 from pipeline.errors import ConfigError
 from pipeline.codec.ivf import (
     IVFConfig, assign, hnsw_index, imbalance_factor, split_proportionally,
@@ -132,3 +135,16 @@ def test_many_lists_are_assigned_through_one_deterministic_graph():
     assert np.mean(lists_a == exact[:, 0]) >= 0.97
     models[0].set_centroids(c_LD[::-1].copy())  # new centroids: a new graph
     assert not np.array_equal(assign_lists(models[0], x_ND), lists_a)
+
+
+def test_use_threads_caps_both_pools_of_the_process():
+    # an actor given one core must not run Faiss's OpenMP pool (assignment, k-means) on all cores
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        assert use_threads(0) == 1
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+        assert use_threads(2) == 2
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])

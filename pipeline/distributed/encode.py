@@ -13,6 +13,7 @@ import torch
 from pipeline.codec import encoder
 from pipeline.codec.decoder import model_row_scales
 from pipeline.codec.model_file import load_model, model_identity
+from pipeline.codec.threads import use_threads
 from pipeline.errors import ConfigError, PipelineError, StorageError
 from pipeline.index.shards import ShardInfo, listed_shards, shard_name, verify_shard, write_shard
 from pipeline.io import storage
@@ -59,7 +60,7 @@ class EncodeActor:
     def __init__(self, model_uri: str, version_uri: str, inputs: list, batch_size: int,
                  threads: int, options=None, lut_weight: float = 0.0, precision: str | None = None,
                  A: int | None = None, B: int | None = None):
-        torch.set_num_threads(max(1, threads))
+        use_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model_uri, device=self.device, options=options)
         self.model_sha = model_identity(model_uri, options)["config_sha256"]

@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 import ray
-import torch
 
 from pipeline.codec.decoder import Decoder, model_centroids
 from pipeline.codec.model_file import check_model_unchanged, load_model
+from pipeline.codec.threads import use_threads
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.index.manifest import load_manifest, version_dir
 from pipeline.index.shards import listed_shards, load_shard_rows, shard_file_uri
@@ -52,7 +52,7 @@ class ShardActor:
     def __init__(self, index_uri: str, version: str, shard_entries: list[dict], model_uri: str,
                  threads: int = 1, options=None, allow_partial: bool = False, lut_scales: bool = True,
                  mmap_dir: str | None = None):
-        torch.set_num_threads(max(1, threads))
+        use_threads(threads)
         self.model = load_model(model_uri, options=options)
         self.decoders = {}  # decoder.Decoder by re-rank precision, built on first use
         nlist = max(1, self.model.config.nlist)

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from pipeline.codec.encoder import assign_lists
 from pipeline.codec.model import QINCo, QincoConfig, model_from_state
 from pipeline.codec.model_file import save_model, save_report
+from pipeline.codec.threads import use_threads
 from pipeline.config import JsonConfig, code_version
 from pipeline.distributed.datasource import READ_TASK_CPUS, VectorDatasource, read_source, unwrap_ray_error
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
@@ -163,7 +164,7 @@ def _train_loop_per_worker(config: dict) -> None:
     """Body of every Ray Train worker (see the module docstring, step 3)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config["threads"])))
+    use_threads(int(config["threads"]))
     torch.manual_seed(config["seed"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     qcfg = QincoConfig.from_dict(config["qinco"])
