@@ -435,6 +435,10 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="decode only the best R of the shortlist (default: all of it; 0: none, as --no-rerank); "
                         "with R < k the results after the first R keep the lookup-table order and distances")
     p.add_argument("--no-rerank", action="store_true", help="return the lookup-table ranking (no QINCo decode)")
+    p.add_argument("--pairwise-shortlist", type=CANDIDATES, default=None, metavar="S2",
+                   help="rank the shortlist with the model's pairwise decoder (tables over pairs of codes, "
+                        "fitted by `qinco train`) and keep its best S2 for the QINCo re-rank "
+                        "(k <= S2 <= --shortlist; default: no pairwise stage)")
     p.add_argument("--rerank-precision", choices=["float32", "bfloat16"], default="float32",
                    help="arithmetic of the QINCo decoder in the re-rank; bfloat16 is faster on CPUs "
                         "with AVX512-BF16/AMX, distances stay float32/float64 (default float32)")
@@ -474,7 +478,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
         ensure_ray()
         params = SearchParams(k=a.k, nprobe=a.nprobe, shortlist=a.shortlist, rerank=0 if a.no_rerank else a.rerank,
-                              prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist,
+                              pairwise=a.pairwise_shortlist, prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist,
                               probe_ratio=a.probe_ratio)
         report = run_search(SearchJobConfig(
             index_uri=a.index, queries_uri=a.queries, out_uri=a.out, params=params,

@@ -472,3 +472,35 @@ def test_search_refuses_an_index_larger_than_the_actors_memory_and_reports_it(in
     actors = report["actors"]
     assert len(actors) == 2 and sum(a["rows"] for a in actors) == 4000 and sum(a["shards"] for a in actors) == 3
     assert all(a["shard_bytes"] >= a["rows"] * 14 and a["peak_rss_bytes"] > a["shard_bytes"] for a in actors)
+
+
+def test_pairwise_stage_in_the_job_equals_the_in_process_searcher(indexes, tiny_index_inputs, tmp_path):
+    """With the pairwise stage, three shards answer like the in-process searcher over all rows,
+    and the stage changes which candidates reach the QINCo re-rank. A model without a pairwise
+    decoder is refused by name."""
+    from pipeline.codec.decoder import Decoder, model_pairwise, model_row_scales
+    from pipeline.codec.encoder import encode
+    from pipeline.codec.model_file import load_model, save_model
+    from pipeline.search.scan import build_searcher
+
+    inp = tiny_index_inputs
+    model = load_model(inp["model"])
+    assert model_pairwise(model) is not None  # fitted by training
+    kw = dict(shortlist=40, pairwise=12, rerank=4)
+    I3, D3, r3 = _search(indexes["three"], inp, str(tmp_path / "three"), **kw)
+    assert r3["shards"] == 3 and r3["params"]["params"]["pairwise"] == 12
+    codes, lists = encode(model, inp["x"])
+    order = np.lexsort((np.arange(len(lists)), lists))
+    offsets = np.searchsorted(lists[order], np.arange(model.config.nlist + 1))
+    s = build_searcher(model, lists[order], order, codes[order], offsets, decode_fn=Decoder(model),
+                       scale_N=model_row_scales(model, codes[order], lists[order]))
+    D_ref, I_ref = s.search(inp["q"], SearchParams(k=10, nprobe=3, **kw))
+    np.testing.assert_array_equal(I3, I_ref)
+    np.testing.assert_allclose(D3, D_ref, rtol=1e-6)
+    I_off, _, _ = _search(indexes["three"], inp, str(tmp_path / "off"), shortlist=40, rerank=4)
+    assert not np.array_equal(I_off, I3)
+    model.set_pairwise(np.zeros((0, 2)), np.zeros((0, model.config.K ** 2, model.config.dim)))
+    save_model(model, str(tmp_path / "plain_model"))
+    plain = _encode({**inp, "model": str(tmp_path / "plain_model")}, str(tmp_path / "plain"), 4000)
+    with pytest.raises(ConfigError, match="needs a model with a pairwise decoder"):
+        _search(plain, inp, str(tmp_path / "bad"), **kw)

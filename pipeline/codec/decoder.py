@@ -13,7 +13,8 @@ Public API:
 - ``reconstruction_mse(x_ND, xhat_ND) -> float``: mean over vectors of the squared L2 error
   (the convention Faiss reports).
 - ``model_centroids``, ``model_codebooks``, ``model_row_scales``: a model's inputs to the
-  lookup-table stage (its IVF centroids, additive codebooks and per-row scales).
+  lookup-table stage (its IVF centroids, additive codebooks and per-row scales);
+  ``model_pairwise``: its pairwise decoder (the pairwise stage's), or None.
 
 A row decodes to the same bits whatever rows it is decoded with and whatever the thread count
 (the products are :mod:`pipeline.codec.rowwise`'s), so re-ranking is exact across batches and shards.
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from pipeline.codec.additive import row_scales
 from pipeline.codec.model import QINCo, on_device
+from pipeline.codec.pairwise import PairwiseDecoder
 from pipeline.codec.precision import autocast
 from pipeline.codec.rowwise import TILE_ROWS, linear_rows, matmul_rows
 from pipeline.errors import ConfigError
@@ -230,3 +232,13 @@ def model_row_scales(model: QINCo, codes_NM: np.ndarray, list_ids_N: np.ndarray 
     ivf = model.ivf  # without IVF there is no list and the residual is the whole vector
     return row_scales(codes_NM, list_ids_N if ivf else None, model_centroids(model) if ivf else None,
                       model_codebooks(model), lambda c, l: decode(model, c, l, device=device, precision="float32"))
+
+
+def model_pairwise(model: QINCo) -> PairwiseDecoder | None:
+    """The model's pairwise decoder (:mod:`pipeline.codec.pairwise`), or None when it has none
+    (no pair helped, or the model was saved before the pairwise decoder existed)."""
+    pairs = getattr(model, "pairwise_pairs_P2", None)
+    if pairs is None or not pairs.shape[0] or not model.additive_MKD.shape[0]:
+        return None
+    return PairwiseDecoder(model_codebooks(model), pairs.cpu().numpy(), model.pairwise_PQD.cpu().numpy(),
+                           model_centroids(model) if model.ivf else None)

@@ -232,8 +232,10 @@ class QINCo(nn.Module):
     """QINCo / QINCo2 quantizer (see module docstring).
 
     Buffers: ``mean_D`` and ``scale`` (normalisation), ``centroids_LD`` (raw-space IVF
-    centroids, ``(0, D)`` without IVF) and ``additive_MKD`` (least-squares additive codebooks
-    fitted to the codes, raw space; ``(0, K, D)`` until fitted).
+    centroids, ``(0, D)`` without IVF), ``additive_MKD`` (least-squares additive codebooks
+    fitted to the codes, raw space; ``(0, K, D)`` until fitted), and the pairwise decoder's
+    ``pairwise_pairs_P2`` (code positions, int64) and ``pairwise_PQD`` (its ``K²``-row tables,
+    float16; :mod:`pipeline.codec.pairwise`), with ``P = 0`` until fitted.
     """
 
     def __init__(self, config: QincoConfig):
@@ -244,6 +246,8 @@ class QINCo(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("centroids_LD", torch.zeros(0, D))
         self.register_buffer("additive_MKD", torch.zeros(0, K, D))
+        self.register_buffer("pairwise_pairs_P2", torch.zeros(0, 2, dtype=torch.int64))
+        self.register_buffer("pairwise_PQD", torch.zeros(0, K * K, D, dtype=torch.float16))
         ivf = config.nlist > 0
         self.steps = nn.ModuleList(
             [QincoStep(config, plain=(m == 0 and not ivf)) for m in range(config.M)])
@@ -290,6 +294,19 @@ class QINCo(nn.Module):
             raise ConfigError(f"additive codebooks have shape {tuple(c.shape)}, expected {(M, K, D)}")
         self.additive_MKD = c.to(self.device).contiguous()
 
+    @torch.no_grad()
+    def set_pairwise(self, pairs_P2: np.ndarray, tables_PQD: np.ndarray) -> None:
+        """Store the pairwise decoder's pairs ``(P, 2)`` and tables ``(P, K², D)`` (``P = 0``: none)."""
+        D, K, M = self.config.dim, self.config.K, self.config.M
+        pairs = torch.as_tensor(np.asarray(pairs_P2, dtype=np.int64)).reshape(-1, 2)
+        tables = torch.as_tensor(np.asarray(tables_PQD, dtype=np.float16))
+        if tuple(tables.shape) != (pairs.shape[0], K * K, D):
+            raise ConfigError(f"pair tables have shape {tuple(tables.shape)}, expected {(pairs.shape[0], K * K, D)}")
+        if pairs.numel() and not bool(((pairs >= 0) & (pairs < M)).all()):
+            raise ConfigError(f"pair positions must lie in [0, {M}), got {pairs.tolist()}")
+        self.pairwise_pairs_P2 = pairs.to(self.device).contiguous()
+        self.pairwise_PQD = tables.to(self.device).contiguous()
+
     # -- coordinate changes ---------------------------------------------------------------
     def normalise(self, x_BD: Tensor) -> Tensor:
         return (x_BD.to(self.mean_D.dtype) - self.mean_D) / self.scale
@@ -319,14 +336,24 @@ class QINCo(nn.Module):
         return f"variant={c.variant}, D={c.dim}, M={c.M}, K={c.K}, nlist={c.nlist}"
 
 
+# Buffers whose size the trained state sets (empty until fitted); the pairwise ones may be absent.
+SIZED_BY_STATE = ("centroids_LD", "additive_MKD", "pairwise_pairs_P2", "pairwise_PQD")
+
+
 def model_from_state(qcfg: QincoConfig, state: dict) -> QINCo:
-    """A ``QINCo`` holding ``state`` (tensors by name); the centroid and additive-decoder buffers
-    take the sizes the state gives them."""
+    """A ``QINCo`` holding ``state`` (tensors by name); the centroid, additive- and
+    pairwise-decoder buffers take the sizes the state gives them (the pairwise ones are optional:
+    files written before it have none)."""
     model = QINCo(qcfg)
     state = {k: torch.as_tensor(v) for k, v in state.items()}
     if "centroids_LD" in state:
         model.centroids_LD = torch.zeros_like(state["centroids_LD"])
     if "additive_MKD" in state:
         model.additive_MKD = torch.zeros_like(state["additive_MKD"])
+    for name in SIZED_BY_STATE[2:]:
+        if name in state:
+            setattr(model, name, torch.zeros_like(state[name], dtype=getattr(model, name).dtype))
+        else:
+            state[name] = getattr(model, name)
     model.load_state_dict(state)
     return model

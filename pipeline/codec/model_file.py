@@ -1,14 +1,16 @@
 """A trained model on disk: a directory (local path or S3 prefix) with two files.
 
 - ``model.safetensors``: every parameter and buffer of :class:`QINCo` (codebooks, networks,
-  pre-selectors, ``mean_D``, ``scale``, IVF ``centroids_LD``, additive-decoder ``additive_MKD``).
+  pre-selectors, ``mean_D``, ``scale``, IVF ``centroids_LD``, additive-decoder ``additive_MKD``,
+  pairwise-decoder ``pairwise_pairs_P2`` (int64) and ``pairwise_PQD`` (float16); files written
+  before the pairwise decoder have neither and load without it).
   Never a pickled module.
 - ``config.json`` (written last, so its presence means the model is complete)::
 
     {"format": "qinco-model", "format_version": 1,
      "config": {...QincoConfig...},
      "normalisation": {"scale": float},
-     "has_centroids": bool, "has_additive": bool,
+     "has_centroids": bool, "has_additive": bool, "pairwise_pairs": int,
      "weights": {"file": "model.safetensors", "sha256": hex, "bytes": int,
                  "tensors": {name: shape}},
      "code_version": {...}, "metadata": {...caller's: training config, data provenance,
@@ -39,7 +41,7 @@ from typing import Any
 from safetensors.torch import load, save
 import torch
 
-from pipeline.codec.model import QINCo, QincoConfig, model_from_state
+from pipeline.codec.model import SIZED_BY_STATE, QINCo, QincoConfig, model_from_state
 from pipeline.config import code_version
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.io import storage
@@ -53,7 +55,13 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def _state_tensors(model: QINCo) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    """Every tensor on the CPU: float ones as float32, but the float16 pair tables, and integer ones
+    as they are."""
+    def stored(v: torch.Tensor) -> torch.Tensor:
+        if v.is_floating_point() and v.dtype != torch.float16:
+            v = v.float()
+        return v.detach().to("cpu").contiguous()
+    return {k: stored(v) for k, v in model.state_dict().items()}
 
 
 def save_model(model: QINCo, uri: str, metadata: dict[str, Any] | None = None,
@@ -70,6 +78,7 @@ def save_model(model: QINCo, uri: str, metadata: dict[str, Any] | None = None,
         "normalisation": {"scale": float(model.scale)},
         "has_centroids": bool(model.centroids_LD.shape[0] > 0),
         "has_additive": bool(model.additive_MKD.shape[0] > 0),
+        "pairwise_pairs": int(model.pairwise_pairs_P2.shape[0]),
         "weights": {
             "file": WEIGHTS_FILE,
             "sha256": hashlib.sha256(blob).hexdigest(),
@@ -148,10 +157,20 @@ def load_model(uri: str, device: str | torch.device = "cpu",
     if a is not None and a.shape[0] and tuple(a.shape) != (cfg.M, cfg.K, cfg.dim):
         raise CheckpointError(f"{wpath}: additive_MKD has shape {tuple(a.shape)}, config says "
                               f"({cfg.M}, {cfg.K}, {cfg.dim})")
+    p, t = tensors.get("pairwise_pairs_P2"), tensors.get("pairwise_PQD")
+    if (p is None) != (t is None) or (p is not None and (p.ndim != 2 or p.shape[1] != 2 or tuple(t.shape) != (
+            p.shape[0], cfg.K * cfg.K, cfg.dim))):
+        raise CheckpointError(f"{wpath}: the pairwise decoder's tensors do not match each other or the config "
+                              f"(pairs {None if p is None else tuple(p.shape)}, tables "
+                              f"{None if t is None else tuple(t.shape)}, K={cfg.K}, dim={cfg.dim})")
+    if p is not None and p.numel() and not bool(((p >= 0) & (p < cfg.M)).all()):
+        raise CheckpointError(f"{wpath}: pairwise_pairs_P2 holds code positions outside [0, {cfg.M}): {p.tolist()}")
     want = QINCo(cfg).state_dict()
-    for name in ("centroids_LD", "additive_MKD"):  # sized by the file (empty when not fitted)
+    for name in SIZED_BY_STATE:  # sized by the file (empty when not fitted)
         if name in tensors:
             want[name] = tensors[name]
+        elif name in SIZED_BY_STATE[2:]:  # written before the pairwise decoder existed
+            del want[name]
     missing = sorted(set(want) - set(tensors))
     extra = sorted(set(tensors) - set(want))
     if missing or extra:

@@ -72,11 +72,11 @@ class ShardActor:
 
     def finish(self, q_QD: np.ndarray, merged: tuple, params: SearchParams, precision: str = "float32"):
         """Stage 4 for some queries of the merged shortlist (:func:`pipeline.search.pipeline.finish`)
-        with the QINCo decoder in ``precision``, and its seconds."""
+        with the pairwise decoder and the QINCo decoder in ``precision``, and its seconds."""
         t = time.perf_counter()
         if precision not in self.decoders:
             self.decoders[precision] = Decoder(self.model, precision)
-        D, I = finish(self.decoders[precision], q_QD, merged, params)
+        D, I = finish(self.decoders[precision], q_QD, merged, params, self.searcher.pairwise_fn)
         return D, I, time.perf_counter() - t
 
     def bad_shards(self) -> dict[str, str]:
@@ -315,13 +315,14 @@ class ShardPool:
         t = time.perf_counter()
         merged = merge(params, parts)
         stages["merge_s"] = stages.get("merge_s", 0.0) + time.perf_counter() - t
-        if not params.reranked:
+        if not params.reranked and params.pairwise is None:
             return finish(None, q_QD, merged, params)
         t = time.perf_counter()
         R = params.reranked
         live = [j for j in range(len(self.actors)) if j not in self.failed]
         chunks = [c for c in np.array_split(np.arange(len(q_QD)), len(live)) if len(c)]
-        calls = [(j, (q_QD[c], tuple(x[c, :max(R, params.k)] for x in merged), params, precision))
+        width = merged[0].shape[1] if params.pairwise is not None else max(R, params.k)
+        calls = [(j, (q_QD[c], tuple(x[c, :width] for x in merged), params, precision))
                  for j, c in zip(live, chunks)]
         refs = [self.actors[j].finish.remote(*args) for j, args in calls]
         res = [self._get(j, ref, "finish", *args) for (j, args), ref in zip(calls, refs)]

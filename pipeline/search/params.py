@@ -16,11 +16,13 @@ class SearchParams(JsonConfig):
     """Per-search parameters.
 
     k: results per query. nprobe: IVF lists visited per query. shortlist: candidates kept by
-    the lookup-table stage. rerank: how many of the shortlist (best first) go to the neural
-    decoder; None means all of it, 0 none (the results are the lookup-table ranking). With
-    ``rerank < k`` the first ``rerank`` results are the re-ranked ones (exact distances) and the
-    rest follow in lookup-table order, with their lookup-table distances: the fast end of the
-    speed/recall trade-off.
+    the lookup-table stage. pairwise (None: off): how many of the shortlist the pairwise decoder
+    (:mod:`pipeline.codec.pairwise`, exact distances to its reconstruction) keeps for the neural
+    re-rank; the shortlist is ranked by it in their place. rerank: how many of the shortlist (or
+    of the pairwise stage's, best first) go to the neural decoder; None means all of it, 0 none
+    (the results are the ranking of the stage before). With ``rerank < k`` the first ``rerank``
+    results are the re-ranked ones (exact distances) and the rest follow in the order of the
+    stage before, with its distances: the fast end of the speed/recall trade-off.
 
     probe_ratio r (None: off): of a query's ``nprobe`` nearest lists, visit only those whose
     centroid's squared distance to the query is at most r times the nearest one's
@@ -38,6 +40,7 @@ class SearchParams(JsonConfig):
     nprobe: int = 16
     shortlist: int = 100
     rerank: int | None = None
+    pairwise: int | None = None
     prefix_steps: int = 0
     prefix_shortlist: int | None = None
     probe_ratio: float | None = None
@@ -50,10 +53,15 @@ class SearchParams(JsonConfig):
         if self.shortlist < self.k:
             raise ConfigError(
                 f"SearchParams.shortlist ({self.shortlist}) must be >= k ({self.k})")
-        if self.rerank is not None and not (0 <= self.rerank <= self.shortlist):
+        if self.pairwise is not None and not (self.k <= self.pairwise <= self.shortlist):
+            raise ConfigError(f"SearchParams.pairwise ({self.pairwise}) must be between k ({self.k}) "
+                              f"and shortlist ({self.shortlist})")
+        kept = self.shortlist if self.pairwise is None else self.pairwise
+        if self.rerank is not None and not (0 <= self.rerank <= kept):
             raise ConfigError(
-                f"SearchParams.rerank ({self.rerank}) must be between 0 and shortlist "
-                f"({self.shortlist})")
+                f"SearchParams.rerank ({self.rerank}) must be between 0 and "
+                + (f"shortlist ({self.shortlist})" if self.pairwise is None
+                   else f"the pairwise stage's shortlist ({self.pairwise})"))
         if self.probe_ratio is not None and not (np.isfinite(self.probe_ratio) and self.probe_ratio >= 1.0):
             raise ConfigError(f"SearchParams.probe_ratio must be a number >= 1 (or None: off), "
                               f"got {self.probe_ratio}")
@@ -66,13 +74,16 @@ class SearchParams(JsonConfig):
 
     @property
     def reranked(self) -> int:
-        """How many of the shortlist the neural decoder re-ranks (0: none)."""
-        return self.shortlist if self.rerank is None else self.rerank
+        """How many candidates the neural decoder re-ranks (0: none)."""
+        if self.rerank is not None:
+            return self.rerank
+        return self.shortlist if self.pairwise is None else self.pairwise
 
     @property
     def candidates(self) -> int:
-        """Candidates the lookup-table stage keeps: the shortlist, or only k without a re-rank."""
-        return self.shortlist if self.reranked else self.k
+        """Candidates the lookup-table stage keeps: the shortlist, or only k when no later stage
+        re-ranks it."""
+        return self.shortlist if self.reranked or self.pairwise is not None else self.k
 
     @property
     def prefix(self) -> tuple[int, int] | None:

@@ -6,8 +6,9 @@ For a query batch ``q_QD`` and :class:`~pipeline.search.params.SearchParams`:
 2. :func:`shortlist` on each shard (:class:`pipeline.search.scan.ShardSearcher`): the best
    candidates of its rows by lookup-table distance, with their codes and lists;
 3. :func:`merge`: the exact global shortlist of the shards' shortlists;
-4. :func:`finish`: the neural re-rank of its best ``rerank`` (or none), then the lookup-table
-   tail up to ``k``.
+4. :func:`finish`: with ``pairwise``, the shortlist ranked by exact distance to the pairwise
+   decoder's reconstruction and cut to its best ``pairwise``; the neural re-rank of the best
+   ``rerank`` (or none), then the tail of the stage before up to ``k``.
 
 ``ShardSearcher.search`` runs them in one process over one shard; the query job
 (:mod:`pipeline.distributed.shard_pool`) probes on the driver, runs :func:`shortlist` in the shard
@@ -22,7 +23,8 @@ import numpy as np
 
 from pipeline.search.merge import merge_shortlists
 from pipeline.search.params import SearchParams
-from pipeline.search.rerank import DecodeFn, append_lut_tail, rerank
+from pipeline.errors import ConfigError
+from pipeline.search.rerank import DecodeFn, append_lut_tail, keep_candidates, rerank
 
 
 def shortlist(searcher, q_QD: np.ndarray, lists_QP: np.ndarray, params: SearchParams,
@@ -48,10 +50,19 @@ def merge(params: SearchParams, parts: list[tuple[np.ndarray, ...]]) -> tuple[np
 
 
 def finish(decode_fn: DecodeFn | None, q_QD: np.ndarray, merged: tuple[np.ndarray, ...],
-           params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
-    """``(D_QK, I_QK)`` from a merged shortlist: the best ``params.reranked`` re-ranked by exact
-    distance to ``decode_fn``'s reconstruction, then the lookup-table order; without a decoder
-    (or with ``rerank=0``) the lookup-table ranking."""
+           params: SearchParams, pairwise_fn: DecodeFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(D_QK, I_QK)`` from a merged shortlist: with ``params.pairwise``, its best by exact
+    distance to ``pairwise_fn``'s reconstruction; the best ``params.reranked`` of those re-ranked
+    by exact distance to ``decode_fn``'s, then the order of the stage before; without a decoder
+    (or with ``rerank=0``) the ranking of the stage before."""
+    if params.pairwise is not None:
+        if pairwise_fn is None:
+            raise ConfigError("this search asks for the pairwise stage (pairwise="
+                              f"{params.pairwise}) but the model has no pairwise decoder; retrain "
+                              "it with this version, or search without the pairwise stage")
+        D_QS, I_QS, codes_QSM, lists_QS = merged[:4]
+        D2, I2, pos = rerank(pairwise_fn, q_QD, I_QS, codes_QSM, lists_QS, params.pairwise, positions=True)
+        merged = keep_candidates(merged, D2, I2, pos)
     D_QS, I_QS, codes_QSM, lists_QS = merged[:4]
     k = params.k
     R = params.reranked if decode_fn is not None else 0

@@ -4,7 +4,9 @@
 distances from explicit float64 differences (``sqdist_rows``) and keeps the best ``k``, ties by
 id. Every value it ranks depends only on the (query, candidate) pair, given a decoder that
 decodes a row the same whatever rows come with it (``pipeline.codec.decoder.Decoder``).
-After ``R < k`` re-ranked results the rest follow in lookup-table order (``append_lut_tail``).
+After ``R < k`` re-ranked results the rest follow in the order of the stage before
+(``append_lut_tail``). The pairwise stage is the same function with the pairwise decoder, keeping
+its best candidates with their codes (``positions``, ``keep_candidates``).
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.nd
 
 
 def rerank(decode_fn: DecodeFn, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: np.ndarray,
-           lists_QS: np.ndarray, k: int, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+           lists_QS: np.ndarray, k: int, batch_rows: int = 65536,
+           positions: bool = False) -> tuple[np.ndarray, ...]:
     """Top-``k`` of the candidates ``(I_QS, codes_QSM, lists_QS)`` by exact squared distance to
-    ``decode_fn(codes_NM, list_ids_N)``; padding candidates have id -1.
+    ``decode_fn(codes_NM, list_ids_N)``; padding candidates have id -1. With ``positions``, a
+    third array gives each result's column in the candidates (-1 for padding).
 
     Candidates with the same codes and list (one row shortlisted by several queries) are decoded
     once, ``batch_rows`` at a time.
@@ -81,7 +85,21 @@ def rerank(decode_fn: DecodeFn, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: n
     for a in range(0, Q, step):
         d_QS[a:a + step] = sqdist_rows(q_QD[a:a + step], x_QSD[a:a + step])
     d_QS[~valid] = np.inf
+    if positions:
+        return topk_smallest(d_QS, np.where(valid, I_QS, PAD_ID), k,
+                             payload_QC=np.broadcast_to(np.arange(S, dtype=np.int64), (Q, S)))
     return topk_smallest(d_QS, np.where(valid, I_QS, PAD_ID), k)
+
+
+def keep_candidates(merged: tuple[np.ndarray, ...], D_QX: np.ndarray, I_QX: np.ndarray,
+                    pos_QX: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The shortlist ``(D, I, codes, lists)`` reduced to the candidates at columns ``pos_QX`` of
+    ``merged`` (in that order, with distances ``D_QX``); -1 columns become padding."""
+    codes_QSM, lists_QS = merged[2], merged[3]
+    safe = np.maximum(pos_QX, 0)
+    codes = np.take_along_axis(codes_QSM, safe[..., None], axis=1)
+    lists = np.where(pos_QX < 0, -1, np.take_along_axis(lists_QS, safe, axis=1))
+    return D_QX, I_QX, codes, lists
 
 
 def append_lut_tail(D_QR: np.ndarray, I_QR: np.ndarray, D_QS: np.ndarray, I_QS: np.ndarray,

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.codec.codes import code_dtype
-from pipeline.codec.decoder import model_centroids, model_codebooks, model_row_scales
+from pipeline.codec.decoder import model_centroids, model_codebooks, model_pairwise, model_row_scales
 from pipeline.codec.rowwise import matmul_rows
 from pipeline.errors import ConfigError, VectorFormatError
 from pipeline.search.params import SearchParams
@@ -80,7 +80,9 @@ class ShardSearcher:
     together depend on the query batch, the shard and the threads, and its results do not.
 
     ``scale_N`` (optional, ``(N,)``, stored as float16): per-row scales of the additive residual
-    (see the module docstring); without them every row's scale is 1.
+    (see the module docstring); without them every row's scale is 1. ``pairwise_fn`` (optional,
+    ``pipeline.codec.pairwise.PairwiseDecoder``) decodes for the pairwise stage
+    (``SearchParams.pairwise``).
 
     The scan runs on ``num_threads`` threads (query chunks; ``search`` runs each chunk through the
     re-rank on its thread too). Extra threads for the scan alone pay off only for large nprobe
@@ -93,7 +95,7 @@ class ShardSearcher:
                  decode_fn: DecodeFn | None = None, *,
                  coarse_index=None, source: str = "<shard>", decode_batch_size: int = 65536,
                  scan_buffer_entries: int = SCAN_BUFFER_ENTRIES, num_threads: int = 1,
-                 scale_N: np.ndarray | None = None):
+                 scale_N: np.ndarray | None = None, pairwise_fn: DecodeFn | None = None):
         self.source = source
         self.num_threads = max(1, int(num_threads))
         self.centroids_LD = np.ascontiguousarray(centroids_LD, dtype=np.float32)
@@ -140,6 +142,7 @@ class ShardSearcher:
             self.scale_N = np.ascontiguousarray(scale_N, dtype=np.float16)
 
         self.decode_fn = decode_fn
+        self.pairwise_fn = pairwise_fn
         self.decode_batch_size = int(decode_batch_size)
         self.scan_buffer_entries = int(scan_buffer_entries)
         self.norms_N, self.bias_N = self._row_terms()
@@ -471,7 +474,7 @@ class ShardSearcher:
         t["probe"] = t.get("probe", 0.0) + (time.perf_counter() - t0)
         Q = q_QD.shape[0]
         T = self._threads_for(Q)
-        if self.decode_fn is None or T <= 1:
+        if (self.decode_fn is None and params.pairwise is None) or T <= 1:
             return self._search_part(q_QD, lists_QP, params, t, T)
         part_t: list[dict] = []
 
@@ -491,16 +494,17 @@ class ShardSearcher:
         merged = merge(params, [shortlist(self, q_QD, lists_QP, params, threads)])
         t2 = time.perf_counter()
         t["lut"] = t.get("lut", 0.0) + (t2 - t1)
-        D_QK, I_QK = finish(self.decode_fn, q_QD, merged, params)
-        if self.decode_fn is not None:
+        D_QK, I_QK = finish(self.decode_fn, q_QD, merged, params, self.pairwise_fn)
+        if self.decode_fn is not None or params.pairwise is not None:
             t["rerank"] = t.get("rerank", 0.0) + (time.perf_counter() - t2)
         return D_QK, I_QK
 
 
 def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=None, lut_scales: bool = True,
                    decode_fn=None, source: str = "<shard>", num_threads: int = 1):
-    """``ShardSearcher`` over loaded shard rows of an index built with ``model`` (its centroids and
-    additive codebooks), with the row scales of the lookup-table stage unless ``lut_scales`` is off.
+    """``ShardSearcher`` over loaded shard rows of an index built with ``model`` (its centroids,
+    additive codebooks and pairwise decoder), with the row scales of the lookup-table stage unless
+    ``lut_scales`` is off.
 
     ``scale_N`` holds the rows' stored scales (``pipeline.index.shards.load_shard_rows``; NaN where a shard has none); the
     scales of rows without one are computed here from the model (``model_row_scales``)."""
@@ -517,7 +521,8 @@ def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=
             log.info("%s: row scales of %d rows (shards without a lut_scale column) in %.1f s", source,
                      todo.size, time.perf_counter() - t)
     return ShardSearcher(list_ids_N, ids_N, codes_NM, list_offsets, model_centroids(model), model_codebooks(model),
-                         decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N)
+                         decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N,
+                         pairwise_fn=model_pairwise(model))
 
 
 def _in_query_parts(fn, Q: int, T: int):

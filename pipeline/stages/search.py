@@ -76,6 +76,10 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         if q.shape[1] != pool.dim:
             raise ConfigError(f"{storage.redact(cfg.queries_uri)}: queries have dimension {q.shape[1]}, "
                               f"the index version {pool.manifest.version} expects {pool.dim}")
+        if params.pairwise is not None and not pool.model.pairwise_pairs_P2.shape[0]:
+            raise ConfigError(f"the pairwise stage (pairwise={params.pairwise}) needs a model with a pairwise "
+                              f"decoder; {storage.redact(pool.manifest.model['uri'])} has none (trained before it "
+                              f"existed, or no pair of codes helped): search without it, or retrain the model")
         if params.prefix_steps >= pool.model.config.M:
             raise ConfigError(f"prefix_steps must be below the model's M = {pool.model.config.M} codebooks, "
                               f"got {params.prefix_steps}")

@@ -42,6 +42,10 @@ class TrainConfig(JsonConfig):
     fit_additive: bool = True
     additive_max_rows: int = 50000
     ridge: float = 1e-6
+    # the pairwise decoder (on the additive decoder's rows): at most this many pairs (None: M,
+    # 0: none) within this many bytes of float16 tables
+    pairwise_pairs: int | None = None
+    pairwise_max_bytes: int = 128 << 20
     log_every_s: float = 10.0
     num_threads: int = 0      # 0: leave torch's default
     lr_schedule: str = "steps"  # "steps": cosine over epochs; "time": cosine over time_budget_s

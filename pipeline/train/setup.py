@@ -1,5 +1,5 @@
 """What both trainers share: which rows train and validate, how a model is set up before the
-loop, and how its additive decoder is fitted after it.
+loop, and how its search decoders (additive, pairwise) are fitted after it.
 
 The split rule: every row has a value ``u = hash01(global id, seed)`` (:mod:`pipeline.io.inputs`).
 Rows with ``u < val_fraction`` form the validation band (its ``val_size`` smallest ``u`` are
@@ -13,15 +13,18 @@ either way, so ``qinco train --workers 0`` and ``--workers 1`` train on the same
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.codec.additive import fit_additive_decoder
+from pipeline.codec.decoder import decode
 from pipeline.codec.encoder import assign_lists, encode
 from pipeline.codec.ivf import IVFConfig, imbalance_factor, train_coarse_quantizer
 from pipeline.codec.model import QINCo, QincoConfig
+from pipeline.codec.pairwise import fit_pairwise
 from pipeline.codec.rq_init import init_from_rq
 from pipeline.config import JsonConfig
 from pipeline.errors import ConfigError
@@ -139,11 +142,21 @@ def init_model(qcfg: QincoConfig, tcfg: TrainConfig, x_init_ND: np.ndarray, ivf_
 
 
 def fit_decoder(model: QINCo, x_ND: np.ndarray, tcfg: TrainConfig, device: str | torch.device = "cpu") -> None:
-    """Fit and store the least-squares additive decoder on the codes of the first
-    ``tcfg.additive_max_rows`` rows of ``x_ND`` (a no-op unless ``tcfg.fit_additive``)."""
+    """Fit and store the search's decoders on the codes of the first ``tcfg.additive_max_rows``
+    rows of ``x_ND``: the least-squares additive decoder, then the pairwise decoder on top of it
+    (fitted to those rows' QINCo reconstructions). A no-op unless ``tcfg.fit_additive``."""
     if not tcfg.fit_additive:
         return
     xa = np.asarray(x_ND[:tcfg.additive_max_rows], dtype=np.float32)
     codes, lids = encode(model, xa, device=device, source="training data")
     cent = model.centroids_LD.cpu().numpy() if model.ivf else None
-    model.set_additive_codebooks(fit_additive_decoder(codes, xa, model.config.K, lids, cent, ridge=tcfg.ridge))
+    additive = fit_additive_decoder(codes, xa, model.config.K, lids, cent, ridge=tcfg.ridge)
+    model.set_additive_codebooks(additive)
+    if tcfg.pairwise_pairs != 0:
+        t = time.perf_counter()
+        pairs, tables = fit_pairwise(codes, decode(model, codes, lids, device=device), model.config.K, additive,
+                                     lids, cent, max_pairs=tcfg.pairwise_pairs, max_bytes=tcfg.pairwise_max_bytes,
+                                     seed=tcfg.seed)
+        model.set_pairwise(pairs, tables)
+        log.info("pairwise decoder: %d pairs, %.1f MB of tables, fitted on %d rows in %.1f s", len(pairs),
+                 tables.nbytes / 1e6, len(codes), time.perf_counter() - t)
