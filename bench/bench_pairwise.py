@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     faiss.omp_set_num_threads(a.threads)
     ds = resolve_dataset(a.dataset, a.data_dir)
     model = load_model(a.model)
-    M, D = model.config.M, model.config.dim
+    M = model.config.M
     xl = read_vectors(ds.learn).astype(np.float32)[:a.fit_rows]
     xb = read_vectors(ds.base).astype(np.float32)[:a.base]
     xq = read_vectors(ds.query).astype(np.float32)[:a.queries]

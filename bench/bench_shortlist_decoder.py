@@ -18,9 +18,9 @@ only its shortlist reaches the neural decoder. This measures, for an index built
   decoder (each step's network evaluated with the list centroid as context, so every IVF list has
   codebooks of its own, ``x ≈ c_l + Σ_m f_m(C_m[code_m], c_l)``; its ranking is what a lookup-table
   scan with one table per (query, probed list) would give), the QINCo2 paper's *pairwise*
-  decoder (``--pairs`` tables indexed by two codes, ``K²`` entries each, fitted greedily on the
-  refit rows' additive residuals with ridge ``--pair-ridge``; MSE on held-out rows and on its own
-  fitting rows), and *grouped* additive decoders (``--groups``: the IVF lists grouped by k-means of
+  decoder (at most ``--pairs`` tables indexed by two codes, ``K²`` entries each: the library's
+  ``pipeline.codec.pairwise.fit_pairwise`` on the refit rows, fitted to their vectors; MSE on
+  held-out rows and on its own fitting rows), and *grouped* additive decoders (``--groups``: the IVF lists grouped by k-means of
   their centroids, least-squares codebooks per group fitted on the refit rows; a scan needs one
   table per (query, group touched), so the mean number of groups a query's probed lists touch is
   reported beside the codebooks' size);
@@ -117,46 +117,6 @@ def rank_probed(searcher, xq_QD: np.ndarray, xhat_ND: np.ndarray, nprobe: int, k
     return I_QK
 
 
-def fit_pairwise(codes_NM: np.ndarray, resid_ND: np.ndarray, K: int, n_pairs: int, ridge: float,
-                 fit_rows: np.ndarray, select_rows: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-    """Greedy pairwise tables on top of an additive decoder: at each round, for every pair of code
-    positions (i, j) the shrunk mean residual per (code_i, code_j) cell, ``sum / (count + ridge)``,
-    fitted on ``fit_rows``; the pair that lowers the residual of ``select_rows`` most is kept and
-    subtracted. Returns ``[(i, j, table_KKD)]``."""
-    import torch
-
-    M = codes_NM.shape[1]
-    r = torch.from_numpy(np.asarray(resid_ND, np.float32)).clone()
-    codes = torch.from_numpy(np.asarray(codes_NM, np.int64))
-    fit_t, sel_t = torch.from_numpy(fit_rows), torch.from_numpy(select_rows)
-    chosen = []
-    for _ in range(n_pairs):
-        best = None
-        for i in range(M):
-            for j in range(i + 1, M):
-                if any((i, j) == (a, b) for a, b, _ in chosen):
-                    continue
-                cell = codes[:, i] * K + codes[:, j]
-                sums = torch.zeros(K * K, r.shape[1]).index_add_(0, cell[fit_t], r[fit_t])
-                table = sums / (torch.bincount(cell[fit_t], minlength=K * K).float()[:, None] + ridge)
-                gain = float((r[sel_t] ** 2).sum(1).mean() - ((r[sel_t] - table[cell[sel_t]]) ** 2).sum(1).mean())
-                if best is None or gain > best[0]:
-                    best = (gain, i, j, table)
-        _, i, j, table = best
-        r -= table[codes[:, i] * K + codes[:, j]]
-        chosen.append((i, j, table.numpy().reshape(K, K, -1)))
-    return chosen
-
-
-def decode_pairwise(chosen, codes_NM: np.ndarray) -> np.ndarray:
-    """``Σ_(i,j) table_ij[code_i, code_j]`` for the pairs of :func:`fit_pairwise`."""
-    codes = np.asarray(codes_NM, np.int64)
-    out = np.zeros((len(codes), chosen[0][2].shape[-1]), np.float32)
-    for i, j, table_KKD in chosen:
-        out += table_KKD[codes[:, i], codes[:, j]]
-    return out
-
-
 def fit_grouped(codes_NM: np.ndarray, x_ND: np.ndarray, list_ids_N: np.ndarray, centroids_LD: np.ndarray,
                 K: int, n_groups: int, fit_rows: np.ndarray, ridge: float = 1e-3, seed: int = 1):
     """Additive codebooks per group of IVF lists: the lists are grouped by k-means over their
@@ -197,8 +157,6 @@ def main(argv=None) -> int:
     ap.add_argument("--refit-rows", type=int, nargs="*", default=[240000])
     ap.add_argument("--holdout", type=int, default=20000, help="base rows kept out of every refit")
     ap.add_argument("--pairs", type=int, default=4, help="pairwise tables fitted greedily (0: none)")
-    ap.add_argument("--pair-ridge", type=float, default=20.0,
-                    help="shrinkage of a pairwise cell's mean: sum / (count + ridge)")
     ap.add_argument("--groups", type=int, nargs="*", default=[8, 32],
                     help="grouped additive decoders: codebooks per group of IVF lists, fitted on the refit rows")
     ap.add_argument("--group-ridge", type=float, default=1e-3)
@@ -216,6 +174,7 @@ def main(argv=None) -> int:
     from pipeline.sysinfo import machine_info
     from pipeline.stages.datasets import resolve_dataset
     from pipeline.codec.decoder import decode
+    from pipeline.codec.pairwise import PairwiseDecoder, fit_pairwise
     from pipeline.search.params import SearchParams
     from pipeline.search.scan import ShardSearcher
 
@@ -264,15 +223,15 @@ def main(argv=None) -> int:
                                   centroids)
         rows.append(additive_row(f"additive, refitted on {len(sel):,} base rows", cb))
     if a.pairs and a.refit_rows:
-        # Pairwise tables over the last refitted additive decoder, on the same rows.
-        fit, select = sel[:-a.holdout], sel[-a.holdout:]
-        resid = x_N - decode_additive(cb, searcher.codes_NM, searcher.list_ids_N, centroids)
-        chosen = fit_pairwise(searcher.codes_NM, resid, searcher.K, a.pairs, a.pair_ridge, fit, select)
-        pw = decode_pairwise(chosen, searcher.codes_NM)
-        rows.append({"decoder": f"additive refitted + {a.pairs} pairwise tables (pairs "
-                                f"{', '.join(f'{i}-{j}' for i, j, _ in chosen)}; ridge {a.pair_ridge:g}; "
-                                f"MSE on its {len(fit):,} fitting rows {mse(x_N[fit], (x_N - resid + pw)[fit]):.3f})",
-                     "mse": mse(x_N[hold], (x_N - resid + pw)[hold]), "recalls": {}})
+        # The pairwise decoder (pipeline.codec.pairwise) over the last refitted additive decoder, fitted
+        # to the vectors of the same rows (qinco train fits it to their QINCo reconstructions)
+        pairs, tables = fit_pairwise(searcher.codes_NM[sel], x_N[sel], searcher.K, cb, searcher.list_ids_N[sel],
+                                     centroids, max_pairs=a.pairs, max_bytes=1 << 40)
+        pw = PairwiseDecoder(cb, pairs, tables, centroids)
+        rows.append({"decoder": f"additive refitted + {len(pairs)} pairwise tables (pairs "
+                                f"{', '.join(f'{i}-{j}' for i, j in pairs)}; MSE on its {len(sel):,} fitting rows "
+                                f"{mse(x_N[sel], pw(searcher.codes_NM[sel], searcher.list_ids_N[sel])):.3f})",
+                     "mse": mse(x_N[hold], pw(searcher.codes_NM[hold], searcher.list_ids_N[hold])), "recalls": {}})
     for G in a.groups if a.refit_rows else []:
         group_L, xg = fit_grouped(searcher.codes_NM, x_N, searcher.list_ids_N, centroids, searcher.K, G, sel,
                                   a.group_ridge)

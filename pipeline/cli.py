@@ -466,6 +466,18 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="a local directory on every node (e.g. an NVMe disk): each shard actor writes its "
                         "rows there and memory-maps them, so an actor can search more codes than its memory "
                         "holds (removed when the search ends)")
+    p.add_argument("--target-recall", type=real(0.0, 1.0, lo_open=True), default=None, metavar="R",
+                   help="choose --nprobe, --shortlist and --rerank before searching: the fastest setting whose "
+                        "recall (--tune-measure) reaches R on tuning queries with known neighbours "
+                        "(--tune-groundtruth), measured through these shard actors; the choice and every "
+                        "point measured go to the report")
+    p.add_argument("--tune-groundtruth", default=None, metavar="URI",
+                   help="ground truth of the tuning queries (ivecs or big-ann format); needed by --target-recall")
+    p.add_argument("--tune-queries", default=None, metavar="URI",
+                   help="tuning queries (default: the first --tune-sample of --queries)")
+    p.add_argument("--tune-measure", default="R@10", metavar="M",
+                   help="R@j (the true nearest neighbour among the first j results) or j-recall@j (default R@10)")
+    p.add_argument("--tune-sample", type=count(1, 10_000_000), default=1000, help="tuning queries used (default 1000)")
     p.add_argument("--out", required=True, help="results URI (big-ann k-NN format; also OUT.parquet and OUT.report.json; "
                         "ids beyond int32 only in OUT.parquet)")
 
@@ -473,7 +485,15 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         import json
 
         from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
-        from pipeline.stages.search import SearchJobConfig, run_search
+        from pipeline.errors import ConfigError
+        from pipeline.stages.search import SearchJobConfig, TuneSpec, run_search
+
+        if (a.target_recall is None) != (a.tune_groundtruth is None):
+            raise ConfigError("--target-recall and --tune-groundtruth go together: the tuning measures recall "
+                              "against the ground truth of its queries")
+        tune = None if a.target_recall is None else TuneSpec(
+            target_recall=a.target_recall, groundtruth_uri=a.tune_groundtruth, queries_uri=a.tune_queries,
+            measure=a.tune_measure, sample=a.tune_sample)
         from pipeline.search.params import SearchParams
 
         ensure_ray()
@@ -485,8 +505,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
             rerank_precision=a.rerank_precision, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
             allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, max_queries=a.max_queries,
-            version=a.version, memory_per_actor=a.memory_per_actor, mmap_dir=a.mmap_dir))
-        print(json.dumps({k: report[k] for k in ("version", "queries", "queries_per_s", "failed_shards")}, indent=2))
+            version=a.version, memory_per_actor=a.memory_per_actor, mmap_dir=a.mmap_dir, tune=tune))
+        shown = ("version", "queries", "queries_per_s", "failed_shards") + (("search_params",) if tune else ())
+        print(json.dumps({k: report[k] for k in shown}, indent=2))
         return 0
 
     p.set_defaults(func=run)

@@ -504,3 +504,33 @@ def test_pairwise_stage_in_the_job_equals_the_in_process_searcher(indexes, tiny_
     plain = _encode({**inp, "model": str(tmp_path / "plain_model")}, str(tmp_path / "plain"), 4000)
     with pytest.raises(ConfigError, match="needs a model with a pairwise decoder"):
         _search(plain, inp, str(tmp_path / "bad"), **kw)
+
+
+def test_target_recall_chooses_a_setting_that_reaches_it_through_the_job(indexes, tiny_index_inputs, tmp_path):
+    """--target-recall: the job tunes on queries with ground truth, searches with its choice, and
+    the results reach the recall it promised; the report records the choice and the points."""
+    from pipeline.search.evaluation import knn_ground_truth
+    from pipeline.stages.search import TuneSpec, evaluate_results
+
+    inp = tiny_index_inputs
+    # queries near base rows (the fixture's own queries lie between its clusters); 4-byte codes of
+    # these vectors reach an R@10 of about 0.37 at best
+    q = inp["x"][::40] + np.random.default_rng(5).normal(0, 0.5, (100, inp["x"].shape[1])).astype(np.float32)
+    vectors.write_vectors(str(tmp_path / "q.fvecs"), q)
+    gt = knn_ground_truth(q, inp["x"], k=10)[1]
+    vectors.write_vectors(str(tmp_path / "gt.ivecs"), gt.astype(np.int32))
+    out = str(tmp_path / "tuned")
+    report = run_search(SearchJobConfig(
+        index_uri=indexes["three"], queries_uri=str(tmp_path / "q.fvecs"), out_uri=out, params=SearchParams(k=10),
+        workers=2, cpus_per_worker=0.5, tune=TuneSpec(target_recall=0.3, groundtruth_uri=str(tmp_path / "gt.ivecs"), max_rerank=50)))
+    tuning = report["tuning"]
+    assert tuning["recall"] >= 0.3 and tuning["measure"] == "R@10" and tuning["queries"] == len(q)
+    chosen = report["search_params"]
+    assert chosen == tuning["chosen"]
+    assert {"nprobe": chosen["nprobe"], "rerank": chosen["rerank"]} in [
+        {"nprobe": p["nprobe"], "rerank": p["rerank"]} for p in tuning["points"] if p["recall"] >= 0.3]
+    assert evaluate_results(out, str(tmp_path / "gt.ivecs"))["R@10"] == tuning["recall"]
+    reached = [p for p in tuning["points"] if p["recall"] >= 0.3]
+    assert tuning["queries_per_s"] == max(p["queries_per_s"] for p in reached)
+    saved = json.loads(open(out + ".report.json").read())
+    assert saved["tuning"]["chosen"] == chosen

@@ -26,9 +26,24 @@ from pipeline.io import storage, vectors
 from pipeline.io.results import write_results
 from pipeline.search.evaluation import k_recall_at_k, recall_at
 from pipeline.search.params import SearchParams
+from pipeline.search.tuning import RERANK_LADDER, check_measure, tune
 from pipeline.sysinfo import peak_rss_bytes
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TuneSpec(JsonConfig):
+    """``qinco search --target-recall``: before the search, choose nprobe, shortlist and re-rank as
+    the fastest setting whose ``measure`` reaches ``target_recall`` on ``sample`` tuning queries
+    (``queries_uri``, default the job's own) with their ground truth (:mod:`pipeline.search.tuning`)."""
+
+    target_recall: float
+    groundtruth_uri: str
+    queries_uri: str | None = None
+    measure: str = "R@10"
+    sample: int = 1000
+    max_rerank: int = RERANK_LADDER[-1]  # the longest re-rank tried
 
 
 @dataclass
@@ -54,8 +69,11 @@ class SearchJobConfig(JsonConfig):
     memory_per_actor: int | None = None  # bytes; shards are placed so that every actor fits
     # a node-local directory: each actor memory-maps its rows from files there instead of holding them
     mmap_dir: str | None = None
+    tune: TuneSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.tune, dict):
+            self.tune = TuneSpec.from_dict(self.tune)
         if isinstance(self.params, dict):  # from JSON
             self.params = SearchParams.from_dict(self.params)
         if self.mmap_dir is not None and "://" in self.mmap_dir:
@@ -84,16 +102,18 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
             raise ConfigError(f"prefix_steps must be below the model's M = {pool.model.config.M} codebooks, "
                               f"got {params.prefix_steps}")
         stages: dict[str, float] = {"load_s": load_s}
+        tuning = None
+        if cfg.tune is not None:
+            t1 = time.perf_counter()
+            tuning = _tune(cfg, pool, q, params.k, options)
+            params = SearchParams.from_dict(tuning["chosen"])
+            stages["tune_s"] = time.perf_counter() - t1
+            log.info("tuned on %d queries in %.1f s: nprobe %d, shortlist %d, rerank %d (%s %.4f at %.0f queries/s)",
+                     tuning["queries"], stages["tune_s"], params.nprobe, params.shortlist, params.reranked,
+                     tuning["measure"], tuning["recall"], tuning["queries_per_s"])
         Q = len(q)
-        D_all = np.full((Q, params.k), np.inf, np.float32)
-        I_all = np.full((Q, params.k), -1, np.int64)
         t1 = time.perf_counter()
-        for b0 in range(0, Q, cfg.query_batch):
-            qb = q[b0:b0 + cfg.query_batch]
-            D_all[b0:b0 + len(qb)], I_all[b0:b0 + len(qb)] = pool.search_batch(
-                qb, params, stages, cfg.rerank_precision)
-            log.info("searched %d/%d queries (%.0f queries/s)", b0 + len(qb), Q,
-                     (b0 + len(qb)) / max(time.perf_counter() - t1, 1e-9))
+        D_all, I_all = _search_all(pool, q, params, cfg.query_batch, cfg.rerank_precision, stages, progress=True)
         search_s = time.perf_counter() - t1
         failed = pool.failed_shards()
         failures = pool.failures()
@@ -109,6 +129,8 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         "version": version,
         "queries": Q,
         "params": cfg.to_dict(),
+        "search_params": params.to_dict(),
+        "tuning": tuning,
         "wall_s": time.perf_counter() - t0,
         "search_s": search_s,
         "queries_per_s": Q / max(search_s, 1e-9),
@@ -130,16 +152,56 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     return report
 
 
+def _search_all(pool: ShardPool, q: np.ndarray, params: SearchParams, batch: int, precision: str,
+                stages: dict[str, float] | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every query through the pool, ``batch`` at a time: ``(D, I)``."""
+    Q = len(q)
+    D_all = np.full((Q, params.k), np.inf, np.float32)
+    I_all = np.full((Q, params.k), -1, np.int64)
+    t1 = time.perf_counter()
+    for b0 in range(0, Q, batch):
+        qb = q[b0:b0 + batch]
+        D_all[b0:b0 + len(qb)], I_all[b0:b0 + len(qb)] = pool.search_batch(qb, params, stages, precision)
+        if progress:
+            log.info("searched %d/%d queries (%.0f queries/s)", b0 + len(qb), Q,
+                     (b0 + len(qb)) / max(time.perf_counter() - t1, 1e-9))
+    return D_all, I_all
+
+
+def _tune(cfg: SearchJobConfig, pool: ShardPool, q: np.ndarray, k: int, options) -> dict[str, Any]:
+    """``cfg.tune``'s choice through the job's own actors (:func:`pipeline.search.tuning.tune`)."""
+    spec = cfg.tune
+    check_measure(spec.measure, k)
+    if spec.sample < 1:
+        raise ConfigError(f"the tuning sample must hold at least 1 query, got {spec.sample}")
+    tq = q[:spec.sample] if spec.queries_uri is None else vectors.read_vectors(
+        spec.queries_uri, options=options, max_rows=spec.sample).astype(np.float32)
+    if tq.shape[1] != pool.dim:
+        raise ConfigError(f"{storage.redact(spec.queries_uri)}: tuning queries have dimension {tq.shape[1]}, "
+                          f"the index expects {pool.dim}")
+    gt = read_groundtruth(spec.groundtruth_uri, len(tq), options)
+    out = tune(lambda p: _search_all(pool, tq, p, cfg.query_batch, cfg.rerank_precision)[1], len(tq), gt,
+               spec.target_recall, k, pool.nlist, spec.measure, spec.max_rerank)
+    return out | {"queries_uri": storage.redact(spec.queries_uri or cfg.queries_uri),
+                  "groundtruth_uri": storage.redact(spec.groundtruth_uri)}
+
+
+def read_groundtruth(uri: str, rows: int, options=None) -> np.ndarray:
+    """The first ``rows`` rows of a ground-truth file (ivecs, or big-ann k-NN results) as int64;
+    ConfigError naming the file when it has fewer."""
+    if vectors.detect_format(uri) == "ivecs":
+        gt = vectors.read_vectors(uri, options=options, max_rows=rows).astype(np.int64)
+    else:
+        gt, _ = results.read_knn_results(uri, options=options)
+    if len(gt) < rows:
+        raise ConfigError(f"{storage.redact(uri)} has {len(gt)} ground-truth rows, {rows} queries need one each")
+    return gt[:rows]
+
+
 def evaluate_results(results_uri: str, groundtruth_uri: str, options=None) -> dict[str, float]:
     """Recall@1/10/100 (QINCo definition) and k-recall@k of a results file against ground truth."""
     I, _ = results.read_results(results_uri, options=options)
-    if vectors.detect_format(groundtruth_uri) == "ivecs":
-        gt = vectors.read_vectors(groundtruth_uri, options=options).astype(np.int64)
-    else:
-        gt, _ = results.read_knn_results(groundtruth_uri, options=options)
-    if len(gt) < len(I):
-        raise ConfigError(f"{storage.redact(groundtruth_uri)} has {len(gt)} rows, results have {len(I)} queries")
-    gt = gt[:len(I)]
+    gt = read_groundtruth(groundtruth_uri, len(I), options)
     k = I.shape[1]
     ks = tuple(x for x in (1, 10, 100) if x <= k)
     out = dict(recall_at(I, gt, ks=ks))
