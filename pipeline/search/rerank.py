@@ -1,6 +1,6 @@
 """Stage 4 of a search: exact distances to the neural decoder's reconstruction of the shortlist.
 
-``rerank`` decodes each distinct (codes, list) of the candidates once, computes squared L2
+``rerank`` decodes each distinct candidate (id) once, computes squared L2
 distances from explicit float64 differences (``sqdist_rows``) and keeps the best ``k``, ties by
 id. Every value it ranks depends only on the (query, candidate) pair, given a decoder that
 decodes a row the same whatever rows come with it (``pipeline.codec.decoder.Decoder``).
@@ -62,23 +62,25 @@ def rerank(decode_fn: DecodeFn, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: n
     ``decode_fn(codes_NM, list_ids_N)``; padding candidates have id -1. With ``positions``, a
     third array gives each result's column in the candidates (-1 for padding).
 
-    Candidates with the same codes and list (one row shortlisted by several queries) are decoded
-    once, ``batch_rows`` at a time.
+    A candidate shortlisted by several queries (the same id: ids are unique in an index, so the
+    same row) is decoded once, ``batch_rows`` at a time.
     """
     Q, S = I_QS.shape
     D = q_QD.shape[1]
     valid = I_QS >= 0
     x_QSD = np.zeros((Q, S, D), np.float32)
     if valid.any():
-        key_UM1 = np.concatenate([codes_QSM[valid].astype(np.int64), lists_QS[valid].astype(np.int64)[:, None]], 1)
-        key_UM1, inv = np.unique(key_UM1, axis=0, return_inverse=True)
-        x_UD = np.empty((len(key_UM1), D), np.float32)
-        for a in range(0, len(key_UM1), batch_rows):
-            kb = key_UM1[a:a + batch_rows]
-            x = np.asarray(decode_fn(kb[:, :-1], kb[:, -1]), dtype=np.float32)
-            if x.shape != (len(kb), D):
-                raise ConfigError(f"the decoder returned shape {x.shape}, expected {(len(kb), D)}")
-            x_UD[a:a + len(kb)] = x
+        # one id is one row (ids are unique in an index): each distinct candidate is decoded once
+        _, first, inv = np.unique(I_QS[valid], return_index=True, return_inverse=True)
+        codes_UM = codes_QSM[valid][first]
+        lists_U = lists_QS[valid][first].astype(np.int64)
+        x_UD = np.empty((len(first), D), np.float32)
+        for a in range(0, len(first), batch_rows):
+            x = np.asarray(decode_fn(codes_UM[a:a + batch_rows], lists_U[a:a + batch_rows]), dtype=np.float32)
+            if x.shape != (min(batch_rows, len(first) - a), D):
+                raise ConfigError(f"the decoder returned shape {x.shape}, expected "
+                                  f"{(min(batch_rows, len(first) - a), D)}")
+            x_UD[a:a + len(x)] = x
         x_QSD[valid] = x_UD[inv.ravel()]
     d_QS = np.empty((Q, S), np.float32)
     step = max(1, (1 << 22) // max(1, S * D))
