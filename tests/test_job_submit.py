@@ -26,6 +26,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 RAY = str(pathlib.Path(sys.executable).with_name("ray"))
+START_ATTEMPTS = 3  # tries of `ray start` when Ray's own choice of a port clashes with ours
 
 
 def _free_port() -> int:
@@ -83,18 +84,26 @@ def ray_head():
     Two logical CPUs: the encode actor and Ray Data's read tasks each need a slot.
     """
     tmp = tempfile.mkdtemp(prefix="qinco-rayhead-", dir="/tmp")
-    ports = {name: _free_port() for name in (
-        "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port")}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    cmd = [RAY, "start", "--head", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--temp-dir={tmp}", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-        if r.returncode != 0:
-            pytest.fail(f"ray start failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        # Ports are chosen free here but bound later by Ray, which also picks some of its own at
+        # random: when one of those lands on a chosen port, Ray refuses to start before binding
+        # anything. Start again with other ports then.
+        for attempt in range(START_ATTEMPTS):
+            ports = {name: _free_port() for name in (
+                "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+                "node-manager-port", "object-manager-port")}
+            cmd = [RAY, "start", "--head", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                   f"--temp-dir={tmp}", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+            if r.returncode == 0:
+                break
+            clash = "that is used by other components" in r.stdout + r.stderr
+            if not clash or attempt == START_ATTEMPTS - 1:
+                pytest.fail(f"ray start failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+            assert not _stop_head(tmp)
         yield f"http://127.0.0.1:{ports['dashboard-port']}", env
     finally:
         left = _stop_head(tmp)
