@@ -453,10 +453,10 @@ def test_threaded_search_runs_shortlist_and_rerank_per_thread(data):
 
 
 def test_chunked_scan_equals_one_chunk(data):
-    """Splitting the batch into scan chunks (bounded candidate buffers) changes nothing."""
+    """Splitting the batch into the NumPy scanner's chunks (bounded candidate buffers) changes nothing."""
     shard, q, _ = data
-    whole = ShardSearcher(**shard)
-    chunked = ShardSearcher(**shard, scan_buffer_entries=300)
+    whole = ShardSearcher(**shard, scanner="numpy")
+    chunked = ShardSearcher(**shard, scan_buffer_entries=300, scanner="numpy")
     _, lists = whole.probe(q, 3)
     assert whole.list_sizes_L[lists].sum(axis=1).min() > 300  # so every chunk holds one query
     for x, y in zip(whole.lut_search(q, lists, 25), chunked.lut_search(q, lists, 25)):
@@ -539,3 +539,63 @@ def test_prefix_stage_merged_over_shards_equals_one_shard(data):
     plain = [ShardSearcher(**p, scale_N=a_N[owner == j]).lut_search(q, lists, S, prefix=(P, S1))
              for j, p in enumerate(_split(shard, 3))]
     assert not np.array_equal(merge_topk([(x[0], x[1]) for x in plain], S)[1], I1)
+
+
+@pytest.mark.parametrize("k_codes, scaled", [(K, False), (K, True), (300, True)])
+def test_native_scan_gives_the_numpy_scans_candidates(k_codes, scaled):
+    """The compiled scan (``pipeline.search.kernels``) returns exactly the NumPy scanner's
+    shortlists and prefix shortlists: the same distances (bit for bit), ids and rows, ties at the
+    boundary broken by the smaller id, padding where lists run short, and the same with threads.
+    Codes are made to repeat (few distinct codes), so that many candidates tie."""
+    shard, q = make_shard(seed=5, k_codes=k_codes, n_dup=400)
+    shard["codes_NM"] = (shard["codes_NM"] % 3).astype(shard["codes_NM"].dtype)
+    rng = np.random.default_rng(6)
+    scale_N = rng.choice([0.75, 1.0, 1.3], N).astype(np.float16) if scaled else None  # few: ties stay
+    native = ShardSearcher(**shard, scale_N=scale_N)
+    ref = ShardSearcher(**shard, scale_N=scale_N, scanner="numpy")
+    threaded = ShardSearcher(**shard, scale_N=scale_N, num_threads=3)
+    assert native.scanner == "native" and threaded.scanner == "native"
+    for P in (1, 3, NLIST):
+        _, lists = native.probe(q, P)
+        lists[::5, -1] = -1  # some slots visit no list
+        for S in (1, 7, 64, 3 * N):
+            a = native.lut_search(q, lists, S)
+            b = ref.lut_search(q, lists, S)
+            with np.errstate(invalid="ignore"):  # inf - inf in the padding
+                tied = np.count_nonzero(np.diff(b[0], axis=1) == 0)
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+            for x, y in zip(threaded.lut_search(q, lists, S), b):
+                np.testing.assert_array_equal(x, y)
+            if S == 64:
+                assert tied > 100  # ties are really exercised
+            if S == 3 * N:
+                assert (b[1] == -1).any()  # and padding
+        for steps, S1 in ((1, 30), (M - 1, 200)):
+            for x, y in zip(native.prefix_search(q, lists, steps, S1), ref.prefix_search(q, lists, steps, S1)):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_rows_topk_ranks_by_value_then_column():
+    """The probe's selection: per row the P smallest (value, column), sorted; NaN left out."""
+    from pipeline.search.kernels import rows_topk
+
+    rng = np.random.default_rng(8)
+    d = rng.integers(0, 6, (50, 40)).astype(np.float32)  # many ties
+    d[3, :] = np.nan
+    d[4, ::2] = np.nan
+    for P in (1, 4, 40):
+        v, i = np.empty((50, P), np.float32), np.empty((50, P), np.int64)
+        rows_topk(d, v, i)
+        for r in range(50):
+            ok = np.flatnonzero(~np.isnan(d[r]))
+            order = ok[np.lexsort((ok, d[r, ok]))][:P]
+            assert i[r, :len(order)].tolist() == order.tolist()
+            np.testing.assert_array_equal(v[r, :len(order)], d[r, order])
+            assert (i[r, len(order):] == -1).all() and np.isinf(v[r, len(order):]).all()
+
+
+def test_unknown_scanner_is_refused(data):
+    shard, _, _ = data
+    with pytest.raises(ConfigError, match="scanner"):
+        ShardSearcher(**shard, scanner="simd")

@@ -15,14 +15,16 @@ import torch
 from pipeline.codec.ivf import HNSW_MIN_NLIST, hnsw_index
 from pipeline.codec.rowwise import matmul_rows
 from pipeline.errors import ConfigError
+from pipeline.search.kernels import rows_topk
 from pipeline.search.params import SearchParams
 
 
 class FlatProbe:
     """Exact nearest IVF centroids by squared L2, searched like a Faiss index (``.search(q, P)``,
     ``.ntotal``, ``.d``): ``||c||^2 - 2 <q, c>`` by one batch-invariant product
-    (:func:`pipeline.codec.rowwise.matmul_rows`) per query batch and a sorted top-P in torch, ties broken
-    by the smaller list id. A query's lists therefore do not depend on the batch it is probed in.
+    (:func:`pipeline.codec.rowwise.matmul_rows`) per query batch and a sorted top-P
+    (:func:`pipeline.search.kernels.rows_topk`), ties broken by the smaller list id. A query's
+    lists therefore do not depend on the batch it is probed in.
     Every search probes with it below ``HNSW_MIN_NLIST`` lists (:func:`coarse_probe`).
     """
 
@@ -37,19 +39,13 @@ class FlatProbe:
         nearest centroids of each query (``P <= ntotal``)."""
         P = int(P)
         q = torch.from_numpy(np.ascontiguousarray(q_QD, dtype=np.float32))
-        d_QL = self.cnorm_L - 2.0 * matmul_rows(q, self.cT_DL)
-        # One more than P, to see ties at the boundary; rows with any tie are ranked by (distance, id).
-        P1 = min(P + 1, self.ntotal)
-        v_QP, i_QP = torch.topk(d_QL, P1, dim=1, largest=False, sorted=True)
-        v, i = v_QP.numpy(), i_QP.numpy()
-        tied = np.flatnonzero((v[:, 1:] == v[:, :-1]).any(axis=1)) if P1 > 1 else np.zeros(0, np.int64)
-        if tied.size:
-            d_XL = d_QL.numpy()[tied]
-            order = np.lexsort((np.broadcast_to(np.arange(self.ntotal), d_XL.shape), d_XL), axis=-1)[:, :P1]
-            i[tied] = order
-            v[tied] = np.take_along_axis(d_XL, order, axis=1)
+        # -2 <q, c> as the product of -2 q (exact: a power of two), then + ||c||^2 in place
+        d_QL = matmul_rows(q * -2.0, self.cT_DL)
+        d_QL += self.cnorm_L
+        v, i = np.empty((q.shape[0], P), np.float32), np.empty((q.shape[0], P), np.int64)
+        rows_topk(d_QL.numpy(), v, i)
         qn_Q1 = (q * q).sum(1, keepdim=True).numpy()
-        return v[:, :P] + qn_Q1, np.ascontiguousarray(i[:, :P])
+        return v + qn_Q1, i
 
 
 def coarse_dists(q_QD: np.ndarray, lists_QP: np.ndarray, centroids_LD: np.ndarray) -> np.ndarray:

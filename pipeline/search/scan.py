@@ -49,6 +49,7 @@ from pipeline.codec.codes import code_dtype
 from pipeline.codec.decoder import model_centroids, model_codebooks, model_pairwise, model_row_scales
 from pipeline.codec.rowwise import matmul_rows
 from pipeline.errors import ConfigError, VectorFormatError
+from pipeline.search.kernels import HALF_TO_FLOAT, NO_SCALES, scan_topk
 from pipeline.search.params import SearchParams
 from pipeline.search.pipeline import finish, merge, shortlist
 from pipeline.search.probe import check_queries, coarse_dists, coarse_probe, probe_lists
@@ -63,6 +64,9 @@ SCAN_BUFFER_ENTRIES = 1 << 20
 # (query, row) pairs per table gather-add: their int32 table indices (4 MB at M = 16) stay in the
 # CPU's cache between being written and being summed (bench/bench_scanner.py measures the gain).
 GATHER_BLOCK_PAIRS = 1 << 16
+# The lookup-table scanners: the compiled loop (``pipeline.search.kernels``, the default) and the
+# NumPy/torch one (the reference it is tested against: the same candidates).
+SCANNERS = ("native", "numpy")
 # Fewest queries worth a scanner thread of their own.
 MIN_QUERIES_PER_THREAD = 16
 
@@ -95,7 +99,11 @@ class ShardSearcher:
                  decode_fn: DecodeFn | None = None, *,
                  coarse_index=None, source: str = "<shard>", decode_batch_size: int = 65536,
                  scan_buffer_entries: int = SCAN_BUFFER_ENTRIES, num_threads: int = 1,
-                 scale_N: np.ndarray | None = None, pairwise_fn: DecodeFn | None = None):
+                 scale_N: np.ndarray | None = None, pairwise_fn: DecodeFn | None = None,
+                 scanner: str = "native"):
+        if scanner not in SCANNERS:
+            raise ConfigError(f"{source}: scanner must be one of {SCANNERS}, got {scanner!r}")
+        self.scanner = scanner
         self.source = source
         self.num_threads = max(1, int(num_threads))
         self.centroids_LD = np.ascontiguousarray(centroids_LD, dtype=np.float32)
@@ -328,7 +336,7 @@ class ShardSearcher:
             return self._empty(0, S)
         lut_QMK = self._luts(q_QD)
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
-        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S, threads=threads)
+        return self._lut_search(lut_QMK, Dc_QP, lists_QP, S, threads=threads)
 
     def prefix_search(self, q_QD, lists_QP, steps: int, S1: int, threads: int | None = None):
         """The prefix stage: the best ``S1`` candidates per query by the lookup-table distance of the
@@ -348,7 +356,7 @@ class ShardSearcher:
             return self._empty(0, S1) + (np.full((0, S1), np.inf, np.float32),)
         lut_QMK = self._luts(q_QD)
         Dc_QP = self._coarse_dists(q_QD, lists_QP)
-        return self._lut_search_numpy(lut_QMK, Dc_QP, lists_QP, S1, steps, threads)
+        return self._lut_search(lut_QMK, Dc_QP, lists_QP, S1, steps, threads)
 
     def _empty(self, Q: int, S: int):
         return (np.full((Q, S), np.inf, np.float32), np.full((Q, S), PAD_ID, np.int64),
@@ -358,16 +366,34 @@ class ShardSearcher:
         """Threads worth using for ``Q`` queries (at most ``num_threads``)."""
         return max(1, min(self.num_threads, Q // MIN_QUERIES_PER_THREAD))
 
-    def _lut_search_numpy(self, lut_QMK, Dc_QP, lists_QP, S, steps=None, threads: int | None = None):
+    def _lut_search(self, lut_QMK, Dc_QP, lists_QP, S, steps=None, threads: int | None = None):
         Q = lists_QP.shape[0]
         T = self._threads_for(Q) if threads is None else threads
+        one = self._lut_search_native if self.scanner == "native" else self._lut_search_numpy_1
         if T <= 1:
-            return self._lut_search_numpy_1(lut_QMK, Dc_QP, lists_QP, S, steps)
+            return one(lut_QMK, Dc_QP, lists_QP, S, steps)
 
         def part(a: int, b: int):
-            return self._lut_search_numpy_1(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S, steps)
+            return one(lut_QMK[a:b], Dc_QP[a:b], lists_QP[a:b], S, steps)
 
         return _in_query_parts(part, Q, T)
+
+    def _lut_search_native(self, lut_QMK, Dc_QP, lists_QP, S, steps=None):
+        """``_lut_search_numpy_1``'s results from the compiled scan (``pipeline.search.kernels``)."""
+        Q = lists_QP.shape[0]
+        D_QS, I_QS, R_QS = (np.empty((Q, S), np.float32), np.empty((Q, S), np.int64),
+                            np.empty((Q, S), np.int64))
+        if steps is None:
+            nsum, bias_N = self.M, self.bias_N
+            scales = NO_SCALES if self.scale_N is None else self.scale_N.view(np.uint16)
+        else:
+            nsum, bias_N, scales = steps, self.prefix_bias(steps), NO_SCALES
+        scan_topk(np.ascontiguousarray(lut_QMK, dtype=np.float32), np.ascontiguousarray(Dc_QP, dtype=np.float32),
+                  np.ascontiguousarray(lists_QP, dtype=np.int64), self.list_offsets, self.codes_NM, scales,
+                  HALF_TO_FLOAT, bias_N, self.ids_N, nsum, D_QS, I_QS, R_QS)
+        if steps is None:
+            return D_QS, I_QS, R_QS
+        return D_QS, I_QS, R_QS, self._lut_dists(lut_QMK, R_QS, lists_QP, Dc_QP)
 
     def _lut_search_numpy_1(self, lut_QMK, Dc_QP, lists_QP, S, steps=None):
         """Top-S by lookup-table distance; with ``steps`` top-S by prefix distance, plus the full

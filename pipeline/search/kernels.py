@@ -1,0 +1,161 @@
+"""Compiled search kernels (numba): the lookup-table scan and the probe's top-P, each one loop.
+
+:func:`scan_topk` is the lookup-table scan: probed lists -> table sums -> top-S heap.
+
+For each query, :func:`scan_topk` walks the rows of its probed lists, sums the query's tables
+over each row's codes, and keeps the ``S`` best candidates in a bounded max-heap ordered by
+(distance, id). No per-candidate array is ever materialised, so a query's cost is its codes'
+table lookups plus a heap test per code: the fixed costs of the NumPy scanner (its per-chunk
+arrays, padded buffer and selection passes) are gone.
+
+The value of a (query, row) pair is computed with exactly the NumPy scanner's float32 arithmetic
+(``pipeline.search.scan.ShardSearcher._code_dists``): the tables summed over m in order starting
+from 0, times the row's scale (float16, widened exactly), plus the row's bias, plus the list's
+coarse distance, each a separate float32 rounding (numba does not contract them into fused
+multiply-adds without ``fastmath``). So both scanners rank the same values, and the heap's
+order (distance, then smaller id) is ``pipeline.search.topk.topk_smallest``'s: they return the
+same candidates on any CPU.
+
+:func:`rows_topk` is the probe's selection: the P smallest (distance, column) of each row.
+
+The kernels release the GIL, so the searcher's query threads run them in parallel. They are
+compiled on first use and cached on disk (numba's cache; ``NUMBA_CACHE_DIR`` moves it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# float16 bit pattern -> float32, exact (NumPy's conversion), for the row scales.
+HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+NO_SCALES = np.zeros(0, np.uint16)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sift_down(hd, hi, hr, start, n):
+    """Restore the max-heap (by (distance, id)) of ``hd/hi/hr[:n]`` below ``start``."""
+    i = start
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            return
+        r = c + 1
+        if r < n and (hd[r] > hd[c] or (hd[r] == hd[c] and hi[r] > hi[c])):
+            c = r
+        if hd[c] > hd[i] or (hd[c] == hd[i] and hi[c] > hi[i]):
+            hd[i], hd[c] = hd[c], hd[i]
+            hi[i], hi[c] = hi[c], hi[i]
+            hr[i], hr[c] = hr[c], hr[i]
+            i = c
+        else:
+            return
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _push(hd, hi, hr, n, d, i_, r_):
+    """Add (d, i_, r_) to the max-heap of ``n`` entries (room for it is there)."""
+    i = n
+    while i > 0:
+        parent = (i - 1) // 2
+        if hd[parent] > d or (hd[parent] == d and hi[parent] > i_):
+            break
+        hd[i], hi[i], hr[i] = hd[parent], hi[parent], hr[parent]
+        i = parent
+    hd[i], hi[i], hr[i] = d, i_, r_
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sort_heap(hd, hi, hr, n):
+    """Sort the heap's ``n`` entries ascending by (distance, id), in place."""
+    for end in range(n - 1, 0, -1):
+        hd[0], hd[end] = hd[end], hd[0]
+        hi[0], hi[end] = hi[end], hi[0]
+        hr[0], hr[end] = hr[end], hr[0]
+        _sift_down(hd, hi, hr, 0, end)
+
+
+@njit(nogil=True, cache=True)
+def rows_topk(d_QL, out_D, out_I):
+    """The ``P = out_D.shape[1]`` smallest entries of each row of ``d_QL`` (float32), sorted by
+    (value, column), into ``out_D`` (float32) and ``out_I`` (int64 columns); NaN entries are left
+    out and missing ones are (inf, -1)."""
+    Q, L = d_QL.shape
+    P = out_D.shape[1]
+    hd = np.empty(P, np.float32)
+    hi = np.empty(P, np.int64)
+    hr = np.empty(P, np.int64)
+    for q in range(Q):
+        n = 0
+        for j in range(L):
+            d = d_QL[q, j]
+            if d != d:
+                continue
+            if n < P:
+                _push(hd, hi, hr, n, d, j, j)
+                n += 1
+            elif d < hd[0] or (d == hd[0] and j < hi[0]):
+                hd[0], hi[0], hr[0] = d, j, j
+                _sift_down(hd, hi, hr, 0, n)
+        _sort_heap(hd, hi, hr, n)
+        for j in range(n):
+            out_D[q, j] = hd[j]
+            out_I[q, j] = hi[j]
+        for j in range(n, P):
+            out_D[q, j] = np.inf
+            out_I[q, j] = -1
+
+
+@njit(nogil=True, cache=True)
+def scan_topk(lut_QMK, Dc_QP, lists_QP, list_offsets, codes_NM, scale_bits_N, half_to_float,
+              bias_N, ids_N, steps, out_D, out_I, out_R):
+    """Top-S (``S = out_D.shape[1]``) of every query's probed lists by lookup-table distance.
+
+    ``lut_QMK`` float32 tables; ``Dc_QP`` float32 coarse distances and ``lists_QP`` int64 probed
+    lists (-1: none) per query; ``list_offsets`` the shard's CSR offsets; ``codes_NM`` uint8 or
+    uint16; ``scale_bits_N`` the rows' float16 scales as uint16 (empty: no scales) and
+    ``half_to_float`` their widening table; ``bias_N`` float32 row terms; ``steps`` the number of
+    tables summed (M, or P for the prefix stage). Writes, per query, the candidates sorted by
+    (distance, id) into ``out_D`` (float32), ``out_I`` (global ids) and ``out_R`` (shard rows),
+    padded with (inf, -1, -1); candidates whose distance is NaN are left out.
+    """
+    Q, P = lists_QP.shape
+    S = out_D.shape[1]
+    use_scale = scale_bits_N.shape[0] > 0
+    hd = np.empty(S, np.float32)
+    hi = np.empty(S, np.int64)
+    hr = np.empty(S, np.int64)
+    for q in range(Q):
+        lut_MK = lut_QMK[q]
+        n = 0
+        for p in range(P):
+            lst = lists_QP[q, p]
+            if lst < 0:
+                continue
+            dc = Dc_QP[q, p]
+            for row in range(list_offsets[lst], list_offsets[lst + 1]):
+                acc = np.float32(0.0)
+                for m in range(steps):
+                    acc += lut_MK[m, codes_NM[row, m]]
+                if use_scale:
+                    acc = acc * half_to_float[scale_bits_N[row]]
+                acc = acc + bias_N[row]
+                acc = acc + dc
+                if acc != acc:
+                    continue
+                rid = ids_N[row]
+                if n < S:
+                    _push(hd, hi, hr, n, acc, rid, row)
+                    n += 1
+                elif acc < hd[0] or (acc == hd[0] and rid < hi[0]):
+                    hd[0], hi[0], hr[0] = acc, rid, row
+                    _sift_down(hd, hi, hr, 0, n)
+        _sort_heap(hd, hi, hr, n)
+        for j in range(n):
+            out_D[q, j] = hd[j]
+            out_I[q, j] = hi[j]
+            out_R[q, j] = hr[j]
+        for j in range(n, S):
+            out_D[q, j] = np.inf
+            out_I[q, j] = -1
+            out_R[q, j] = -1
