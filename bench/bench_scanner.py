@@ -1,14 +1,18 @@
 """Lookup-table shortlist scanners of one IVF shard: ours (one table per query) vs Faiss IVF-RQ.
 
-Both scanners rank the same codes with the same additive codebooks (Faiss's
+All scanners rank the same codes with the same additive codebooks (Faiss's
 ``IndexIVFResidualQuantizer`` is built here over the shard's codes, codebooks and norms, and fed
 the same probed lists); this measures their speed on a shard shaped like the dwsift index (224k
-codes of 16 bytes, IVF1024, D=128). Faiss's scanner builds an M x K table per (query, probed
-list); ours (the "table scanner") one per query. The
-table scanner is also timed with row scales (``ShardSearcher(scale_N=...)``, the search's
-default), which cost one gather and multiply per code; Faiss has no per-row factor.
+codes of 16 bytes, IVF1024, D=128). Each call is a whole lookup-table stage for a batch of
+queries: the tables, the scan of every code of the probed lists and the top-S. Faiss's scanner
+(``search_preassigned``) builds its tables per query and scans list by list; ours build one table
+per query and scan either with the compiled loop (``ShardSearcher(scanner="native")``, the
+search's default: ``pipeline/search/kernels.py``) or with NumPy/torch array passes
+(``scanner="numpy"``, the reference). The native scanner is also timed with row scales
+(``scale_N``, the search's default), one more table read and multiply per code; Faiss has no
+per-row factor. Speeds are queries/s and codes scanned per second per core (threads).
 
-    python bench/bench_scanner.py [--n 223825] [--threads 1 2] [--nprobe 4 16 64]
+    python bench/bench_scanner.py [--n 223825] [--M 16] [--dim 128] [--threads 1 2] [--nprobe 1 4 16 64]
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def faiss_ivf_rq(s: ShardSearcher):
     index = faiss.IndexIVFResidualQuantizer(quantizer, s.D, s.nlist, s.M, nbits, faiss.METRIC_L2,
                                             faiss.AdditiveQuantizer.ST_norm_float)
     index.own_fields = False
-    index.quantizer_ref = quantizer  # keep alive: the index does not own it
+    index.referenced_objects = [quantizer]  # keep alive: the index does not own it
     rq = index.rq
     faiss.copy_array_to_vector(s.codebooks_MKD.ravel(), rq.codebooks)
     rq.is_trained = index.is_trained = index.by_residual = True
@@ -113,17 +117,21 @@ def main(argv=None) -> int:
         scale_N = np.random.default_rng(2).uniform(0.5, 1.5, a.n).astype(np.float16)
         plain = ShardSearcher(**shard, num_threads=T)
         ivf_rq = faiss_ivf_rq(plain)
-        searchers = {"table scanner": plain,
-                     "table scanner, row scales": ShardSearcher(**shard, num_threads=T, scale_N=scale_N)}
+        searchers = {"numpy": ShardSearcher(**shard, num_threads=T, scanner="numpy"), "native": plain,
+                     "native, row scales": ShardSearcher(**shard, num_threads=T, scale_N=scale_N)}
+        plain.lut_search(q[:2], plain.probe(q[:2], 1)[1], a.shortlist)  # compiles (or loads) the kernel
         for P in a.nprobe:
             Dc, lists = plain.probe(q, P)
+            codes = int(plain.list_sizes_L[lists].sum())
             ivf_rq.nprobe = P
-            scans = {"Faiss IVF-RQ scanner": lambda: ivf_rq.search_preassigned(q, a.shortlist, lists, Dc)}
+            scans = {"Faiss IVF-RQ": lambda: ivf_rq.search_preassigned(q, a.shortlist, lists, Dc)}
             scans.update({name: (lambda s=s: s.lut_search(q, lists, a.shortlist)) for name, s in searchers.items()})
             for name, fn in scans.items():
                 dt = best_time(fn, a.repeats)
-                rows.append({"scanner": name, "threads": T, "nprobe": P, "queries_per_s": a.queries / dt})
-                print(f"{name:22s} threads {T} nprobe {P:3d}: {a.queries / dt:9,.0f} queries/s", flush=True)
+                rows.append({"scanner": name, "threads": T, "nprobe": P, "queries_per_s": a.queries / dt,
+                             "codes_per_query": codes / a.queries, "codes_per_s_per_core": codes / dt / T})
+                print(f"{name:20s} threads {T} nprobe {P:3d}: {a.queries / dt:9,.0f} queries/s "
+                      f"{codes / dt / T / 1e6:8.1f} M codes/s/core", flush=True)
     report = {"command": "python bench/bench_scanner.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
               "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine_info(), "loadavg_end": "/".join(f"{v:.1f}" for v in os.getloadavg()),
@@ -135,15 +143,21 @@ def main(argv=None) -> int:
              f"- machine: {m['cpu_model']}, {m['cpu_count']} cores; load average at the end {report['loadavg_end']}",
              f"- date: {report['started']}", f"- command: `{report['command'].strip()}`",
              f"- shard: {a.n:,} random codes of {a.M} bytes (K=256), IVF{a.nlist}, D={a.dim}; {a.queries:,}"
-             f" queries in one batch, shortlist {a.shortlist}; queries/s = best of {a.repeats}", "",
-             "| threads | nprobe | Faiss IVF-RQ scanner q/s | table scanner q/s | speed-up | "
-             "table scanner with row scales q/s |", "|--:|--:|--:|--:|--:|--:|"]
+             f" queries in one batch, shortlist {a.shortlist}; queries/s = best of {a.repeats}",
+             "- cells: queries/s (in brackets: millions of codes scanned per second per core)", "",
+             "| threads | nprobe | codes/query | Faiss IVF-RQ | NumPy scanner | native scanner | native / Faiss | "
+             "native, row scales |", "|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for T in a.threads:
         for P in a.nprobe:
-            qps = {r["scanner"]: r["queries_per_s"] for r in rows if r["threads"] == T and r["nprobe"] == P}
-            f, n = qps["Faiss IVF-RQ scanner"], qps["table scanner"]
-            lines.append(f"| {T} | {P} | {f:,.0f} | {n:,.0f} | {n / f:.1f} | "
-                         f"{qps['table scanner, row scales']:,.0f} |")
+            r = {x["scanner"]: x for x in rows if x["threads"] == T and x["nprobe"] == P}
+
+            def cell(name):
+                return f"{r[name]['queries_per_s']:,.0f} ({r[name]['codes_per_s_per_core'] / 1e6:,.1f})"
+
+            lines.append(f"| {T} | {P} | {r['native']['codes_per_query']:,.0f} | {cell('Faiss IVF-RQ')} | "
+                         f"{cell('numpy')} | {cell('native')} | "
+                         f"{r['native']['queries_per_s'] / r['Faiss IVF-RQ']['queries_per_s']:.1f} | "
+                         f"{cell('native, row scales')} |")
     update_section(pathlib.Path(a.results_md), BEGIN, END, "\n".join(lines))
     print(f"wrote {a.out} and {a.results_md}")
     return 0
