@@ -11,15 +11,21 @@ methods:
   norms stored as floats), on the same coarse quantizer and the same code bytes.
 
 Recall@1 / @10 (the true nearest neighbour in the top 1 / 10) and queries/s are measured over a
-grid of nprobe and shortlist sizes, Faiss and torch limited to the same thread count. One run
-of the full Ray query job (``run_search``) is measured separately. Writes
+grid of nprobe and shortlist sizes, Faiss and torch limited to the same thread count. With
+``--job`` the same grid runs again through the query job's shard actors (the ``ShardPool`` that
+``qinco search`` runs, started once, every setting on the whole query set in one batch): the
+"IVF-QINCo-job" points, and the table of the target: for each IVF-RQ point, the best job point at
+least as fast and its lead in R@1. One run of the full Ray query job (``run_search``) is measured
+separately. Writes
 ``bench/out/search/results.json``, the Pareto plot ``bench/out/search/pareto.png``, and the
 "Search quality" section of ``--results-md`` (default ``bench/RESULTS.md``) with the plot it links
 beside it (``bench/search_pareto.png``).
 
     .venv/bin/python bench/bench_search.py [--datasets dwsift] [--bytes 8 16] [--train-budget 300]
 
-Trained models and indexes are kept under ``--work`` and reused by later runs.
+Trained models and indexes are kept under ``--work`` and reused by later runs; ``--model
+DATASET:BYTES=URI`` (and ``--index DATASET:BYTES=URI``) take a model trained elsewhere (and its
+index): its IVF centroids are then the coarse quantizer of every method.
 """
 
 from __future__ import annotations
@@ -87,6 +93,9 @@ def pareto(points: list[dict], x: str = "qps", y: str = "R@1") -> list[dict]:
 
 # IVF-QINCo with the decoder of the re-rank in float32 / in bfloat16 (``--rerank-precision``).
 QINCO_METHODS = {"float32": "IVF-QINCo", "bfloat16": "IVF-QINCo-bf16"}
+# Every IVF-QINCo setting of the grid (the lookup-table ranking alone and re-ranked in float32)
+# searched through the query job's shard actors (``--job``).
+JOB_METHOD = "IVF-QINCo-job"
 DEFAULT_RQ_BEAM = 5  # Faiss's ResidualQuantizer.max_beam_size default
 
 
@@ -212,8 +221,8 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 
     keys = sorted({(r["dataset"], r["bytes"]) for r in results})
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
-    style = {"IVF-QINCo": "C3o-", "IVF-QINCo-bf16": "C4v-", "IVF-QINCo-LUT": "C1^--", "IVF-RQ": "C0s-",
-             "IVF-PQ": "C2d-"}
+    style = {"IVF-QINCo": "C3o-", JOB_METHOD: "C5*-", "IVF-QINCo-bf16": "C4v-", "IVF-QINCo-LUT": "C1^--",
+             "IVF-RQ": "C0s-", "IVF-PQ": "C2d-"}
     for ax, (ds, nb) in zip(axes[0], keys):
         for method in style:
             pts = [r for r in results if (r["dataset"], r["bytes"], r["method"]) == (ds, nb, method)]
@@ -323,6 +332,11 @@ def render(report: dict) -> str:
               "| dataset | bytes | baseline | baseline queries/s | baseline R@1 | IVF-QINCo R@1 | difference |",
               "|:--|--:|:--|--:|--:|--:|:--|"]
     lines += summary(res)
+    target = target_table(res)
+    if target:
+        lines += ["", "The target through the query job (`--job`: IVF-QINCo-job = every IVF-QINCo setting of the grid "
+                  "through the query job's shard actors, the whole query set in one batch): for each IVF-RQ point, "
+                  "the best job point at least as fast, met where its R@1 is 5 points above:", ""] + target
     lines += ["", "![Pareto curves](search_pareto.png)", "", "<details><summary>all measured points</summary>",
               "", table(res), "", "</details>"]
     if report.get("notes"):
@@ -383,6 +397,89 @@ def merge_reports(reports: list[dict]) -> dict:
     return out
 
 
+def job_grid(a, index_uri: str, xq: np.ndarray, gt: np.ndarray, settings: list[tuple], add) -> None:
+    """The in-process grid's IVF-QINCo settings (float32 re-rank, and the lookup-table ranking
+    alone) through the query job's shard actors: one ``ShardPool`` (``qinco search``'s, ``a.threads``
+    actors of 1 CPU) over the index, every setting searching the whole query set in one batch."""
+    import ray
+
+    from pipeline.distributed.shard_pool import ShardPool
+    from pipeline.search.params import SearchParams
+
+    ray.init(address="local", num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
+    t = time.perf_counter()
+    pool = ShardPool(index_uri, None, a.threads, 1.0)
+    try:
+        pool.search_batch(xq[:100], SearchParams(k=10, nprobe=1, shortlist=10, rerank=2))  # warm-up
+        log.info("job: %d actors ready in %.1f s", a.threads, time.perf_counter() - t)
+        for p, P, r in settings:
+            def prefix(S):
+                return {"prefix_steps": P, "prefix_shortlist": a.prefix_factor * S} if P else {}
+
+            grid = [(10, 0)] + [(S, None) for S in a.shortlist] + [(10, R) for R in a.rerank]
+            for S, R in grid:
+                params = SearchParams(k=10, nprobe=p, shortlist=S, rerank=R, probe_ratio=r or None, **prefix(S))
+                dt, (_, I) = timed(lambda: pool.search_batch(xq, params), a.repeats)
+                r1, r10 = recalls(I, gt)
+                add({"method": JOB_METHOD, "nprobe": p, "shortlist": None if R == 0 else S, "rerank": R or None,
+                     "R@1": r1, "R@10": r10, "qps": len(xq) / dt, **prefix(S),
+                     **({"probe_ratio": r} if r else {})})
+    finally:
+        pool.close()
+        ray.shutdown()
+
+
+def parse_given(specs: list[str]) -> dict[tuple[str, int], str]:
+    """``DATASET:BYTES=URI`` arguments -> {(dataset, bytes): uri}."""
+    out = {}
+    for spec in specs:
+        key, sep, uri = spec.partition("=")
+        name, sep2, nb = key.partition(":")
+        if not (sep and sep2 and nb.isdigit() and uri):
+            raise SystemExit(f"expected DATASET:BYTES=URI, got {spec!r}")
+        out[(name, int(nb))] = uri
+    return out
+
+
+def target_rows(results: list[dict], lead: float = 0.05) -> list[dict]:
+    """For each IVF-RQ point (every nprobe), the best IVF-QINCo-job point at least as fast: the
+    target is met where its R@1 is ``lead`` (5 points) or more above; an IVF-RQ point faster than
+    every job point is missed."""
+    out = []
+    for ds, nb in sorted({(r["dataset"], r["bytes"]) for r in results}):
+        sel = [r for r in results if (r["dataset"], r["bytes"]) == (ds, nb)]
+        job = [r for r in sel if r["method"] == JOB_METHOD]
+        if not job:
+            continue
+        for p in sorted((r for r in sel if r["method"] == "IVF-RQ"), key=lambda r: r["nprobe"]):
+            fast = [r for r in job if r["qps"] >= p["qps"]]
+            best = max(fast, key=lambda r: (r["R@1"], r["qps"])) if fast else None
+            out.append({"dataset": ds, "bytes": nb, "nprobe": p["nprobe"], "rq_qps": p["qps"], "rq_R@1": p["R@1"],
+                        "job": best, "lead": None if best is None else best["R@1"] - p["R@1"],
+                        "met": best is not None and best["R@1"] - p["R@1"] >= lead - 1e-12})
+    return out
+
+
+def target_table(results: list[dict]) -> list[str]:
+    rows = target_rows(results)
+    if not rows:
+        return []
+    lines = ["| dataset | bytes | IVF-RQ nprobe | IVF-RQ queries/s | IVF-RQ R@1 | job setting (nprobe / shortlist / "
+             "re-ranked) | job queries/s | job R@1 | lead | met |", "|:--|--:|--:|--:|--:|:--|--:|--:|--:|:--|"]
+    for r in rows:
+        j = r["job"]
+        setting = "-" if j is None else (f"{j['nprobe']} / {j.get('shortlist') or '-'} / "
+                                         f"{'-' if not j.get('shortlist') else (j.get('rerank') or j['shortlist'])}")
+        lines.append(f"| {r['dataset']} | {r['bytes']} | {r['nprobe']} | {r['rq_qps']:,.0f} | {r['rq_R@1']:.3f} | "
+                     f"{setting} | {'-' if j is None else format(j['qps'], ',.0f')} | "
+                     f"{'-' if j is None else format(j['R@1'], '.3f')} | "
+                     f"{'no job point this fast' if j is None else format(100 * r['lead'], '+.1f')} | "
+                     f"{'yes' if r['met'] else 'no'} |")
+    met = sum(r["met"] for r in rows)
+    lines += ["", f"Target met at {met} of {len(rows)} IVF-RQ points."]
+    return lines
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -396,6 +493,14 @@ def main(argv=None) -> int:
                     help="use only the first N base vectors (ground truth recomputed; for quick checks)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    ap.add_argument("--rq-nprobe", type=int, nargs="+", default=None,
+                    help="nprobe of the Faiss baselines (default: --nprobe)")
+    ap.add_argument("--job", action="store_true",
+                    help="run the IVF-QINCo grid through the query job's shard actors too")
+    ap.add_argument("--model", action="append", default=[], metavar="DATASET:BYTES=URI",
+                    help="a trained model to search instead of training one (its centroids are the coarse quantizer)")
+    ap.add_argument("--index", action="append", default=[], metavar="DATASET:BYTES=URI",
+                    help="an index of --model's model over the dataset's base, instead of encoding one")
     ap.add_argument("--shortlist", type=int, nargs="+", default=[20, 50, 100, 200, 400])
     ap.add_argument("--rerank", type=int, nargs="*", default=[2, 3, 5],
                     help="extra IVF-QINCo points: shortlist 10 (= k) with only the best R re-ranked")
@@ -444,6 +549,7 @@ def main(argv=None) -> int:
                          " files of earlier runs, merged")
     ap.add_argument("--note", action="append", default=[], help="with --render-only: a finding to list")
     a = ap.parse_args(argv)
+    given_models, given_indexes = parse_given(a.model), parse_given(a.index)
     if a.render_only:
         report = merge_reports([json.loads(pathlib.Path(f).read_text()) for f in a.render_only])
         report["notes"] = report.get("notes", []) + a.note
@@ -462,6 +568,7 @@ def main(argv=None) -> int:
     from pipeline.search.params import SearchParams
     from pipeline.search.probe import prune_lists
     from pipeline.codec.ivf import IVFConfig, train_coarse_quantizer
+    from pipeline.codec.model_file import load_model
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -506,16 +613,20 @@ def main(argv=None) -> int:
             gt = knn_ground_truth(xq, xb, k=1)[1][:, 0]
             base_uri = str(work / f"{name}_base{a.max_base}.fvecs")
             vectors.write_vectors(base_uri, xb)
-        cpath = work / f"{name}_ivf{a.nlist}_learn{len(xt)}.npy"
-        if cpath.exists():
-            centroids = np.load(cpath)
-        else:
-            centroids = train_coarse_quantizer(xt, IVFConfig(nlist=a.nlist), progress=False)
-            np.save(cpath, centroids)
         for nb in a.bytes:
             M = nb  # K = 256: one byte per code
             wdir = work / f"{name}_{nb}B"
             wdir.mkdir(exist_ok=True)
+            given_model = given_models.get((name, nb))
+            if given_model is not None:  # its coarse quantizer is every method's
+                centroids = load_model(given_model).centroids_LD.numpy()
+            else:
+                cpath = work / f"{name}_ivf{a.nlist}_learn{len(xt)}.npy"
+                if cpath.exists():
+                    centroids = np.load(cpath)
+                else:
+                    centroids = train_coarse_quantizer(xt, IVFConfig(nlist=a.nlist), progress=False)
+                    np.save(cpath, centroids)
             # -- Faiss baselines on the same coarse quantizer
             kinds = [("IVF-PQ", DEFAULT_RQ_BEAM)] + [("IVF-RQ", b) for b in a.rq_beam]
             for kind, beam in (kinds if a.stage == "all" else ()):
@@ -524,7 +635,7 @@ def main(argv=None) -> int:
                 del xtrain
                 kind = rq_method(beam) if kind == "IVF-RQ" else kind
                 report["models"][f"{name} {nb} B {kind}"] = f"train {train_s:.0f} s, add {add_s:.0f} s"
-                for p in a.nprobe:
+                for p in a.rq_nprobe or a.nprobe:
                     faiss.ParameterSpace().set_index_parameter(index, "nprobe", p)
                     dt, (_, I) = timed(lambda: index.search(xq, 10), a.repeats)
                     r1, r10 = recalls(I, gt)
@@ -534,9 +645,9 @@ def main(argv=None) -> int:
                 save()
             # -- IVF-QINCo
             t = time.perf_counter()
-            model_uri = train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs, a.lr,
-                                    a.encode_beam, xb if a.train_set == "learn+base" else None,
-                                    a.train_device, a.batch_size)
+            model_uri = given_model or train_qinco(wdir, xt, centroids, M, a.train_budget, a.threads, a.epochs,
+                                                   a.lr, a.encode_beam, xb if a.train_set == "learn+base" else None,
+                                                   a.train_device, a.batch_size)
             if a.stage == "train":
                 continue
             import ray
@@ -547,12 +658,15 @@ def main(argv=None) -> int:
             # An index already built returns before Ray starts; otherwise the encode job starts Ray,
             # which is shut down so that the in-process search, like Faiss, is timed without Ray's
             # daemons beside it (they cost it ~20% on 2 cores).
-            index_uri, enc = build_index(wdir, model_uri, base_uri, a.threads, a.lut_weight)
+            if (name, nb) in given_indexes:
+                index_uri, enc = given_indexes[(name, nb)], {"status": "given"}
+            else:
+                index_uri, enc = build_index(wdir, model_uri, base_uri, a.threads, a.lut_weight)
             if ray.is_initialized():
                 ray.shutdown()
             hist = info.get("metadata", {}).get("history", [])
             best = min((h["val_mse"] for h in hist), default=float("nan"))
-            built = ("index built by the Ray encode job in an earlier run" if enc.get("status") == "up-to-date"
+            built = ("index built by the Ray encode job in an earlier run" if enc.get("status") in ("up-to-date", "given")
                      else f"encode job {enc.get('vectors_per_s') or 0:,.0f} vectors/s ({enc.get('status')}); "
                           f"model+index {time.perf_counter() - t:.0f} s this run")
             where = info.get("metadata", {}).get("train_device")
@@ -593,8 +707,11 @@ def main(argv=None) -> int:
                              **prefix(S), **probing})
                 save()
             del searcher
+            if a.job:
+                job_grid(a, index_uri, xq, gt, settings, lambda row: add({"dataset": name, "bytes": nb, **row}))
+                save()
             # -- one run of the full Ray query job
-            from pipeline.stages.search import SearchJobConfig, evaluate_results, run_search
+            from pipeline.stages.search import SearchJobConfig, run_search
 
             qpath = work / f"{name}_query{a.queries}.fvecs"
             if not qpath.exists():
