@@ -599,3 +599,32 @@ def test_unknown_scanner_is_refused(data):
     shard, _, _ = data
     with pytest.raises(ConfigError, match="scanner"):
         ShardSearcher(**shard, scanner="simd")
+
+
+def test_topk_smallest_equals_a_full_sort_by_distance_then_id():
+    """The compiled selection against a full (distance, id) sort: ties, padding (id -1, NaN
+    distances), infinite distances, k above the row width, payloads following their entries."""
+    from pipeline.search.topk import topk_smallest
+
+    rng = np.random.default_rng(12)
+    Q, C = 60, 37
+    D = rng.integers(0, 5, (Q, C)).astype(np.float32)
+    D[rng.random((Q, C)) < 0.05] = np.inf
+    D[rng.random((Q, C)) < 0.05] = np.nan
+    I = np.stack([rng.permutation(1000)[:C] for _ in range(Q)]).astype(np.int64)
+    I[rng.random((Q, C)) < 0.1] = -1
+    payload = rng.integers(0, 10**6, (Q, C))
+    for k in (1, 5, C, C + 7):
+        Dk, Ik, Pk = topk_smallest(D, I, k, payload_QC=payload)
+        assert Dk.shape == Ik.shape == Pk.shape == (Q, k)
+        for q in range(Q):
+            real = np.flatnonzero((I[q] >= 0) & ~np.isnan(D[q]))
+            order = real[np.lexsort((I[q, real], D[q, real]))][:k]
+            n = len(order)
+            assert Ik[q, :n].tolist() == I[q, order].tolist()
+            np.testing.assert_array_equal(Dk[q, :n], D[q, order])
+            assert Pk[q, :n].tolist() == payload[q, order].tolist()
+            assert (Ik[q, n:] == -1).all() and (Pk[q, n:] == -1).all() and np.isinf(Dk[q, n:]).all()
+        D2, I2 = topk_smallest(D, I, k)
+        np.testing.assert_array_equal(D2, Dk)
+        np.testing.assert_array_equal(I2, Ik)

@@ -17,6 +17,7 @@ order (distance, then smaller id) is ``pipeline.search.topk.topk_smallest``'s: t
 same candidates on any CPU.
 
 :func:`rows_topk` is the probe's selection: the P smallest (distance, column) of each row.
+:func:`topk_by_id` selects and merges ranked candidates (``pipeline.search.topk.topk_smallest``).
 
 The kernels release the GIL, so the searcher's query threads run them in parallel. They are
 compiled on first use and cached on disk (numba's cache; ``NUMBA_CACHE_DIR`` moves it).
@@ -104,6 +105,40 @@ def rows_topk(d_QL, out_D, out_I):
         for j in range(n, P):
             out_D[q, j] = np.inf
             out_I[q, j] = -1
+
+
+@njit(nogil=True, cache=True)
+def topk_by_id(D_QC, I_QC, P_QC, out_D, out_I, out_P):
+    """Per row, the ``k = out_D.shape[1]`` entries with the smallest (distance, id), sorted, with
+    their payloads ``P_QC``; entries with id < 0 or a NaN distance are padding and come last as
+    (inf, -1, -1) (``pipeline.search.topk.topk_smallest``'s contract)."""
+    Q, C = D_QC.shape
+    k = out_D.shape[1]
+    hd = np.empty(k, np.float32)
+    hi = np.empty(k, np.int64)
+    hr = np.empty(k, np.int64)
+    for q in range(Q):
+        n = 0
+        for j in range(C):
+            d = D_QC[q, j]
+            i_ = I_QC[q, j]
+            if i_ < 0 or d != d:
+                continue
+            if n < k:
+                _push(hd, hi, hr, n, d, i_, P_QC[q, j])
+                n += 1
+            elif d < hd[0] or (d == hd[0] and i_ < hi[0]):
+                hd[0], hi[0], hr[0] = d, i_, P_QC[q, j]
+                _sift_down(hd, hi, hr, 0, n)
+        _sort_heap(hd, hi, hr, n)
+        for j in range(n):
+            out_D[q, j] = hd[j]
+            out_I[q, j] = hi[j]
+            out_P[q, j] = hr[j]
+        for j in range(n, k):
+            out_D[q, j] = np.inf
+            out_I[q, j] = -1
+            out_P[q, j] = -1
 
 
 @njit(nogil=True, cache=True)

@@ -21,11 +21,17 @@ The last term depends only on the row, so it is precomputed once per row (``bias
 floats); the per-list terms ``<c_l, C_m[k]>`` are folded into it. A query then needs one
 ``M x K`` table and the scan is ``M`` table gathers per code. With row scales ``a_n``
 (``pipeline.codec.additive.row_scales``) the reconstruction is ``c_l + a_n r_n``: the table sum
-is multiplied by ``a_n`` and the bias is ``a_n² ||r_n||² + 2 a_n <c_l, r_n>``. The scanner lays
-every (query, candidate row) pair of a chunk of queries out flat and sums the ``M`` table entries
-of each pair with torch's ``embedding_bag`` (a C++ gather-add, one bag per pair).
-``bench/bench_scanner.py`` compares it with Faiss's ``IndexIVFResidualQuantizer`` scan of the same
-codes, which rebuilds an ``M x K`` table for every (query, probed list) pair.
+is multiplied by ``a_n`` and the bias is ``a_n² ||r_n||² + 2 a_n <c_l, r_n>``.
+
+Two scanners compute these values. The default (``scanner="native"``) is one compiled loop per
+query (:func:`pipeline.search.kernels.scan_topk`): table sums over each code of the probed lists
+and a bounded (distance, id) heap, nothing materialised per candidate. The NumPy scanner
+(``scanner="numpy"``), the reference it is tested against, lays every (query, candidate row) pair
+of a chunk of queries out flat, sums the ``M`` table entries of each pair with torch's
+``embedding_bag`` (a C++ gather-add, one bag per pair) and selects with array passes. Both give
+the same candidates and distances, bit for bit. ``bench/bench_scanner.py`` compares them with
+Faiss's ``IndexIVFResidualQuantizer`` scan of the same codes, which rebuilds an ``M x K`` table
+for every (query, probed list) pair.
 
 Everything is plain NumPy/torch; rankings are exact and break ties by the smaller global
 id (see ``pipeline.search.topk``), and every value they rank is computed the same way whatever batch,

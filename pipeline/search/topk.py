@@ -9,26 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.search.kernels import topk_by_id
+
 PAD_ID = -1
-
-
-def _sort_keys(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keys that put padding (id < 0 or NaN distance) after every real entry."""
-    pad = (I < 0) | np.isnan(D)
-    key_D = np.where(pad, np.inf, D)
-    key_I = np.where(pad, np.iinfo(np.int64).max, I)
-    return key_D, key_I
-
-
-def _pad_to(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    Q, C = D.shape
-    if C >= k:
-        return D, I
-    D_pad = np.full((Q, k), np.inf, dtype=D.dtype)
-    I_pad = np.full((Q, k), PAD_ID, dtype=np.int64)
-    D_pad[:, :C] = D
-    I_pad[:, :C] = I
-    return D_pad, I_pad
 
 
 def topk_smallest(D_QC: np.ndarray, I_QC: np.ndarray, k: int,
@@ -37,57 +20,29 @@ def topk_smallest(D_QC: np.ndarray, I_QC: np.ndarray, k: int,
 
     Ties at the k-th distance are resolved by id, so the selection is exact and deterministic
     even when many candidates share a distance (identical codes give identical approximate
-    distances). Rows with fewer than k real entries are padded with (inf, -1).
+    distances). Entries with id < 0 or a NaN distance are padding; rows with fewer than k real
+    entries are padded with (inf, -1). The selection is one compiled pass per row
+    (:func:`pipeline.search.kernels.topk_by_id`: a bounded heap, then its k entries sorted).
 
     Returns ``(D_QK, I_QK)`` or, when ``payload_QC`` is given, ``(D_QK, I_QK, payload_QK)``
     where the payload follows its entry (padding payload is -1).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    D_QC = np.asarray(D_QC, dtype=np.float32)
-    I_QC = np.asarray(I_QC, dtype=np.int64)
+    D_QC = np.ascontiguousarray(D_QC, dtype=np.float32)
+    I_QC = np.ascontiguousarray(I_QC, dtype=np.int64)
     if D_QC.shape != I_QC.shape or D_QC.ndim != 2:
         raise ValueError(f"distance/id shapes differ or are not 2-D: {D_QC.shape} vs {I_QC.shape}")
     has_payload = payload_QC is not None
     if has_payload:
-        payload_QC = np.asarray(payload_QC, dtype=np.int64)
+        payload_QC = np.ascontiguousarray(payload_QC, dtype=np.int64)
         if payload_QC.shape != D_QC.shape:
             raise ValueError(f"payload shape {payload_QC.shape} != {D_QC.shape}")
-    else:
-        payload_QC = np.zeros_like(I_QC)
-    key_D, key_I = _sort_keys(D_QC, I_QC)
-    Q, C = key_D.shape
-
-    if C <= k:
-        sel_QK = np.lexsort((key_I, key_D), axis=-1)
-    else:
-        part_QK = np.argpartition(key_D, k - 1, axis=1)[:, :k]
-        kth_Q = np.take_along_axis(key_D, part_QK, axis=1).max(axis=1)
-        # Rows where more than k entries are <= the k-th distance have a tie at the boundary
-        # that argpartition resolved arbitrarily; redo those rows exactly.
-        n_le_Q = np.count_nonzero(key_D <= kth_Q[:, None], axis=1)
-        for q in np.flatnonzero(n_le_Q > k):
-            cand = np.flatnonzero(key_D[q] <= kth_Q[q])
-            order = np.lexsort((key_I[q, cand], key_D[q, cand]))[:k]
-            part_QK[q] = cand[order]
-        D_sel = np.take_along_axis(key_D, part_QK, axis=1)
-        I_sel = np.take_along_axis(key_I, part_QK, axis=1)
-        order_QK = np.lexsort((I_sel, D_sel), axis=-1)
-        sel_QK = np.take_along_axis(part_QK, order_QK, axis=1)
-
-    D_out = np.take_along_axis(key_D, sel_QK, axis=1)
-    I_out = np.take_along_axis(I_QC, sel_QK, axis=1)
-    P_out = np.take_along_axis(payload_QC, sel_QK, axis=1)
-    pad = np.take_along_axis(key_I, sel_QK, axis=1) == np.iinfo(np.int64).max
-    I_out = np.where(pad, PAD_ID, I_out)
-    P_out = np.where(pad, PAD_ID, P_out)
-    D_out = D_out.astype(np.float32, copy=False)
-    if C < k:
-        D_out, I_out = _pad_to(D_out, I_out, k)
-        if has_payload:
-            P_full = np.full((Q, k), PAD_ID, dtype=np.int64)
-            P_full[:, :C] = P_out
-            P_out = P_full
+    Q = D_QC.shape[0]
+    D_out = np.empty((Q, k), np.float32)
+    I_out = np.empty((Q, k), np.int64)
+    P_out = np.empty((Q, k), np.int64)
+    topk_by_id(D_QC, I_QC, payload_QC if has_payload else I_QC, D_out, I_out, P_out)
     if has_payload:
         return D_out, I_out, P_out
     return D_out, I_out
