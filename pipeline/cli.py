@@ -140,7 +140,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a QINCo model (in-process, or on Ray Train with --workers)")
     p.add_argument("--data", required=True, nargs="+",
-                   help="training vectors: one or more files (fvecs/bvecs/fbin/u8bin/npy/parquet/..., local or s3://)")
+                   help="training vectors: files (fvecs/bvecs/fbin/u8bin/npy/parquet/..., local or s3://), folders "
+                        "or quoted glob patterns ('s3://bucket/emb/*.parquet'), expanded in sorted order")
     p.add_argument("--out", required=True, help="model directory (local or s3:// prefix)")
     p.add_argument("--preset", default="auto",
                    help="auto (default): the model size, beam, learning rate and batch chosen from the number "
@@ -291,7 +292,9 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                                    "byte ranges, an actor pool encodes them, and shards plus a manifest are "
                                    "committed atomically (resumable: re-run the same command after a failure).")
     p.add_argument("--model", required=True, help="model directory (local or s3://)")
-    p.add_argument("--data", required=True, nargs="+", help="vector files to encode (ids follow their order)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="vector files, folders or quoted glob patterns ('s3://bucket/emb/*.parquet') to encode; "
+                        "each folder or pattern expands in sorted order, and ids follow that order")
     p.add_argument("--out", required=True, help="index URI, or a codes file ending in .parquet")
     p.add_argument("--workers", type=WORKERS, default=2, help="encoder actors (index mode, default 2)")
     p.add_argument("--cpus-per-worker", type=CPUS, default=None,

@@ -112,11 +112,56 @@ def _plan_one(uri: str, fmt: str | None, options):
     return fi, _provenance_hash(uri, fi.size_bytes, options), (source, ids_uri, ids_sha)
 
 
+def _is_vector_file(uri: str, fmt: str | None) -> bool:
+    """Whether a file found under a folder or by a pattern is an input: not an ids file beside a
+    vector file, not hidden or a marker (``.name``, ``_SUCCESS``), and, without ``fmt``, in a
+    format its extension names."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if name.startswith((".", "_")) or name.endswith(ids_mod.IDS_FILE_SUFFIX):
+        return False
+    if fmt is not None:
+        return True
+    try:
+        vectors.detect_format(uri)
+    except ConfigError:
+        return False
+    return True
+
+
+def expand_inputs(uris: Sequence[str], fmt: str | None = None, options=None) -> list[str]:
+    """The input files that ``uris`` name, in a deterministic order: a file stands for itself; a
+    glob pattern (``s3://bucket/embeddings/*.parquet``, ``**`` across folders) for the vector files
+    it matches; a folder or prefix for every vector file under it (their extensions name their
+    format, unless ``fmt`` is given). The files of one pattern or folder come sorted by URI, and
+    the arguments' files in the order the arguments are given. A pattern or folder that yields no
+    vector file is an error naming it."""
+    out: list[str] = []
+    for u in uris:
+        if storage.is_glob(u):
+            found = [f for f in storage.glob_files(u, options) if _is_vector_file(f, fmt)]
+            if not found:
+                raise ConfigError(f"{storage.redact(u)}: the pattern matches no vector file")
+        elif vectors.file_extension(u) is not None and not u.endswith("/"):
+            found = [u]  # a file by its name: no listing (one request less per file)
+        else:
+            listed = storage.list_files(u, options)
+            found = [f for f in listed if _is_vector_file(f, fmt)]
+            if not listed:
+                found = [u]  # neither file nor folder: reading it names the missing file
+            elif not found:
+                raise ConfigError(f"{storage.redact(u)}: the folder holds no vector file (extensions "
+                                  f"{', '.join(vectors.FORMATS)}, or give the format with fmt / --fmt)")
+        out.extend(found)
+    return out
+
+
 def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, options=None) -> list[InputFile]:
     """Read every file's header (in parallel threads) and assign consecutive row positions.
 
-    All files must be non-empty and share one dimension, and either all bring their own ids or
-    none; otherwise the error names the file. User ids are read only by ``ids.check_unique``.
+    ``uris`` may name files, folders and glob patterns (``expand_inputs``); the files they expand
+    to are the inputs, in that order, and their vectors' row positions follow it. All files must
+    be non-empty and share one dimension, and either all bring their own ids or none; otherwise
+    the error names the file. User ids are read only by ``ids.check_unique``.
     """
     if isinstance(uris, VectorSource):
         fmt = fmt or uris.fmt
@@ -126,6 +171,10 @@ def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, opti
     uris = list(uris)
     if not uris:
         raise ConfigError("no input vector files given")
+    given = len(uris)
+    uris = expand_inputs(uris, fmt, options)
+    if len(uris) != given:
+        log.info("%d input arguments expand to %d files", given, len(uris))
     seen: set[str] = set()
     for u in uris:
         if u in seen:

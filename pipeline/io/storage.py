@@ -349,6 +349,28 @@ def list_files(uri_prefix: str, options: StorageOptions | None = None) -> list[s
         return sorted(_uri_of(protocol, p) for p in files)
 
 
+GLOB_CHARS = "*?["
+
+
+def is_glob(uri: str) -> bool:
+    """True if ``uri``'s path holds a glob pattern character (``*``, ``?``, ``[``)."""
+    return any(c in _split(uri)[1] for c in GLOB_CHARS)
+
+
+def glob_files(pattern: str, options: StorageOptions | None = None) -> list[str]:
+    """Full URIs of the files (objects) matching a glob pattern, sorted: ``*`` and ``?`` match within
+    one folder level, ``**`` across levels, ``[...]`` one of a set of characters."""
+    fs, path = get_fs(pattern, options)
+    protocol, _ = _split(pattern)
+    with _errors(pattern):
+        try:
+            found = fs.glob(path, detail=True)
+        except FileNotFoundError:
+            return []
+    files = [p for p, d in found.items() if d.get("type", "file") == "file" and not p.endswith("/")]
+    return sorted(_uri_of(protocol, p) for p in files)
+
+
 def newest_change(uri_prefix: str, options: StorageOptions | None = None) -> float | None:
     """Unix time of the newest modification of any file under a prefix; None when it holds none."""
     fs, path = get_fs(uri_prefix, options)
