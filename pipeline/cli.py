@@ -67,6 +67,19 @@ class ByteSize(Number):
         return int(v)
 
 
+class OrAuto(Number):
+    """A range-checked number, or the word ``auto`` (returned as the string ``"auto"``)."""
+
+    def describe(self) -> str:
+        return "auto or " + super().describe()
+
+    def __call__(self, text: str):
+        return AUTO_WORD if text.strip().lower() == AUTO_WORD else super().__call__(text)
+
+
+AUTO_WORD = "auto"
+
+
 def count(lo: int, hi: int) -> Number:
     return Number(int, lo, hi)
 
@@ -85,7 +98,7 @@ BATCH = count(1, 2**24)
 SEED = count(0, 2**32 - 1)
 CODE_BYTES = count(1, 1024)
 BEAM = count(1, 4096)
-LISTS = count(0, 2**24)                # 0: no IVF
+LISTS = OrAuto(int, 0, 2**24)         # 0: no IVF; auto: from the number of vectors
 NEIGHBOURS = count(1, 100_000)
 CANDIDATES = count(1, 10_000_000)
 
@@ -177,8 +190,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "dimension (default: the recipe's, from the training vectors per codeword; 0: none)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (in-process training)")
-    p.add_argument("--ivf", type=LISTS, default=0, metavar="NLIST",
-                   help="train an IVF coarse quantizer with NLIST lists first (IVF-QINCo)")
+    p.add_argument("--ivf", type=LISTS, default=AUTO_WORD, metavar="NLIST",
+                   help="IVF lists of the coarse quantizer trained first (IVF-QINCo); 0: none (a flat index, "
+                        "every search scans every code); auto (default): none below 100,000 vectors in --data "
+                        "and --sample-from, else the power of two nearest 8 sqrt(N), at most 1/39 of the k-means "
+                        "sample; give NLIST when the index will hold many more vectors than those")
     p.add_argument("--workers", type=count(0, 4096), default=0,
                    help="Ray Train workers (DDP); 0 trains in this process without Ray (default 0)")
     p.add_argument("--gpus-per-worker", type=GPUS, default=0.0)
@@ -202,7 +218,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         tcfg, explicit = _train_config(a)
         run_train(a.data, a.out, _model_overrides(a), a.preset, tcfg, device=a.device,
                   echo=lambda m: print(m, flush=True), explicit_train=explicit,
-                  sample_from=a.sample_from, sample_size=a.sample_size or None)
+                  sample_from=a.sample_from, sample_size=a.sample_size or None, ivf_auto=a.ivf == AUTO_WORD)
         return 0
 
     p.set_defaults(func=run)
@@ -229,7 +245,8 @@ def _check_model_args(a: argparse.Namespace) -> None:
 
 
 def _model_overrides(a: argparse.Namespace) -> dict:
-    return dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B, B_train=a.B_train, nlist=a.ivf)
+    return dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B, B_train=a.B_train,
+                nlist=None if a.ivf == AUTO_WORD else a.ivf)
 
 
 def _train_config(a: argparse.Namespace):
@@ -276,7 +293,7 @@ def _train_distributed(a: argparse.Namespace) -> int:
     ensure_ray()
     summary = run_distributed_training(DistTrainConfig(
         data_uris=list(a.data), out_uri=a.out, qinco=qd, train=tcfg.to_dict(), preset=a.preset,
-        explicit_train=sorted(explicit),
+        explicit_train=sorted(explicit), ivf_auto=a.ivf == AUTO_WORD,
         workers=a.workers, cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker,
         threads_per_worker=a.threads_per_worker, fresh=a.fresh, stop_after_epochs=a.stop_after_epochs))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))

@@ -130,3 +130,45 @@ def test_input_noise_where_the_training_set_is_small_for_the_codebooks():
     _, tcfg, rec = apply_recipe(choose_recipe(5_000, 384, 8), {}, TrainConfig(input_noise=0.0),
                                 explicit_train={"input_noise"})
     assert tcfg.input_noise == 0.0 and rec.overridden == {"input_noise": 0.0}
+
+
+def test_ivf_auto_picks_the_lists_by_the_number_of_vectors():
+    from pipeline.codec.ivf import AUTO_FLAT_BELOW, auto_nlist
+
+    assert auto_nlist(AUTO_FLAT_BELOW - 1, 10**6)[0] == 0
+    assert "flat" in auto_nlist(AUTO_FLAT_BELOW - 1, 10**6)[1]
+    for n in (AUTO_FLAT_BELOW, 290_000, 10**6, 10**7, 10**9):
+        nlist, why = auto_nlist(n, 10**9)
+        assert nlist & (nlist - 1) == 0 and 4 <= nlist / n ** 0.5 <= 16, (n, nlist)
+        assert f"{n:,}" in why
+    assert auto_nlist(10**6, 10**9)[0] == 8192 and auto_nlist(10**9, 10**9)[0] == 262_144
+    # the k-means sample caps it at 39 points per list (Faiss's minimum)
+    nlist, why = auto_nlist(10**9, 100_000)
+    assert nlist == 2048 and 100_000 / nlist >= 39 and "k-means" in why
+    # more vectors never fewer lists
+    got = [auto_nlist(n, 10**9)[0] for n in np.geomspace(AUTO_FLAT_BELOW, 10**10, 40).astype(int)]
+    assert got == sorted(got)
+
+
+def test_train_with_ivf_auto_is_flat_for_few_vectors_and_ivf_for_many(learn_and_base, tmp_path, capsys,
+                                                                      monkeypatch):
+    """``--ivf auto`` (the default) tells the user what it chose: a flat index for 1,500 vectors,
+    and, with the threshold lowered below them, IVF lists from the vectors of --data and --sample-from."""
+    from pipeline.codec import ivf
+
+    uris, _, _ = learn_and_base
+    common = ["--M", "2", "--K", "16", "--val", "200", "--epochs", "1", "--de", "16"]
+    assert main(["train", "--data", uris["learn"], "--out", str(tmp_path / "flat")] + common) == 0
+    assert "IVF (--ivf auto): 0 lists (a flat index" in capsys.readouterr().out
+    assert read_model_info(str(tmp_path / "flat"))["config"]["nlist"] == 0
+    monkeypatch.setattr(ivf, "AUTO_FLAT_BELOW", 1000)
+    out = tmp_path / "ivf"
+    assert main(["train", "--data", uris["learn"], "--sample-from", uris["base"], "--out", str(out)] + common) == 0
+    n_index = vectors.info(uris["learn"]).count + vectors.info(uris["base"]).count
+    info = read_model_info(str(out))
+    expect = ivf.auto_nlist(n_index, info["metadata"]["data"]["init_rows"])
+    assert info["config"]["nlist"] == expect[0] > 0 and info["metadata"]["ivf_auto"] == expect[1]
+    assert f"IVF (--ivf auto): {expect[1]}" in capsys.readouterr().out
+    # a number is taken as given
+    assert main(["train", "--data", uris["learn"], "--out", str(tmp_path / "n4"), "--ivf", "4"] + common) == 0
+    assert read_model_info(str(tmp_path / "n4"))["config"]["nlist"] == 4

@@ -34,6 +34,35 @@ HNSW_ASSIGN_MIN_NLIST = 1 << 13
 HNSW_ASSIGN_EF = 32
 
 
+# ``--ivf auto`` (the default): indexes of fewer vectors than this are flat (no coarse quantizer;
+# a query scans every code, which at this size costs less than a probe would save).
+AUTO_FLAT_BELOW = 100_000
+# Fewest k-means training points per list (Faiss warns below it).
+KMEANS_MIN_POINTS_PER_LIST = 39
+
+
+def auto_nlist(n_vectors: int, n_kmeans: int) -> tuple[int, str]:
+    """``--ivf auto``: the number of IVF lists for an index of about ``n_vectors`` vectors whose
+    coarse quantizer is trained on ``n_kmeans`` vectors, and why (for the user).
+
+    0 (flat) below ``AUTO_FLAT_BELOW`` vectors; else the power of two nearest to 8 sqrt(N) (so
+    between about 5.7 and 11.3 sqrt(N), the range Faiss's guidelines give), lowered while the
+    k-means sample would hold fewer than ``KMEANS_MIN_POINTS_PER_LIST`` points per list.
+    """
+    n_vectors, n_kmeans = int(n_vectors), int(n_kmeans)
+    if n_vectors < AUTO_FLAT_BELOW:
+        return 0, (f"0 lists (a flat index: every search scans every code), as {n_vectors:,} vectors are fewer "
+                   f"than {AUTO_FLAT_BELOW:,}; give --ivf NLIST for an IVF index")
+    nlist = 1 << max(0, round(math.log2(8.0 * math.sqrt(n_vectors))))
+    why = f"{nlist:,} lists (the power of two nearest 8 sqrt(N), N = {n_vectors:,} vectors)"
+    cap = n_kmeans // KMEANS_MIN_POINTS_PER_LIST
+    if nlist > cap:
+        nlist = 1 << max(0, int(math.log2(max(cap, 1))))
+        why = (f"{nlist:,} lists (8 sqrt(N) for N = {n_vectors:,} vectors, lowered so that the {n_kmeans:,} "
+               f"k-means vectors give at least {KMEANS_MIN_POINTS_PER_LIST} per list)")
+    return nlist, why
+
+
 @dataclass
 class IVFConfig(JsonConfig):
     """Parameters of the coarse quantizer.

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.codec.encoder import assign_lists
+from pipeline.codec.ivf import auto_nlist
 from pipeline.codec.model import QINCo, QincoConfig, model_from_state
 from pipeline.codec.model_file import save_model, save_report
 from pipeline.codec.threads import use_threads
@@ -100,6 +101,7 @@ class DistTrainConfig(JsonConfig):
     local_sample_bytes: int = LOCAL_SAMPLE_BYTES
     preset: str | None = None        # "auto": ``qinco`` holds only the user's options, the recipe the rest
     explicit_train: list[str] = field(default_factory=list)  # ``train`` fields the recipe leaves as given
+    ivf_auto: bool = False  # ``--ivf auto``: the IVF lists from the number of vectors (codec.ivf.auto_nlist)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, inputs_desc: list[dict]) -> dict[str, Any]:
@@ -418,6 +420,10 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
                           f"{tcfg.val_size} validation vectors")
     # the split both trainers use (pipeline.train.setup): validation band first, training band after it
     plan = plan_split(total, tcfg, cfg.init_rows)
+    if cfg.ivf_auto:
+        n_init = plan.n_init if plan.n_init is not None else plan.n_train_estimate
+        qd["nlist"], why = auto_nlist(total, n_init)
+        log.info("IVF (--ivf auto): %s", why)
     recipe = None
     if cfg.preset == AUTO:
         qd.pop("dim", None)

@@ -42,6 +42,7 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from pipeline.codec.beam_search import LutChoice
 from pipeline.codec.encoder import encode
+from pipeline.codec.ivf import AUTO_FLAT_BELOW
 from pipeline.codec.model import QincoConfig
 from pipeline.codec.model_file import load_model, model_identity, read_model_info
 from pipeline.codec.precision import resolve_precision
@@ -328,6 +329,11 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
             raise ConfigError(
                 f"{storage.redact(inp.uri)}: vectors have dimension {inp.dim} but the model "
                 f"{storage.redact(cfg.model_uri)} expects {mcfg.dim}")
+    n_vectors = sum(i.count for i in inputs)
+    if not mcfg.nlist and n_vectors >= AUTO_FLAT_BELOW:
+        log.warning("%s has no IVF lists: this index of %d vectors is flat, and every search scans all of "
+                    "its codes; train the model with --ivf auto (the default) or --ivf NLIST for an IVF index",
+                    storage.redact(cfg.model_uri), n_vectors)
     inputs_desc = [i.to_dict() for i in inputs]
     done_version = _existing_index_check(cfg, model_id, inputs_desc, options)
     if done_version is not None:

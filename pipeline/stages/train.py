@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.codec.ivf import auto_nlist
 from pipeline.codec.model_file import save_model, save_report
 from pipeline.errors import ConfigError
 from pipeline.io import storage
@@ -30,13 +31,15 @@ log = logging.getLogger(__name__)
 def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any], preset: str, tcfg,
               device: str = "cpu", options=None, echo: Callable[[str], None] = print,
               explicit_train: frozenset[str] = frozenset(), sample_from: list[str] | None = None,
-              sample_size: int | None = None) -> list[dict]:
+              sample_size: int | None = None, ivf_auto: bool = False) -> list[dict]:
     """Train and save a model; returns the per-epoch history (epoch 0 = RQ initialisation).
 
     ``preset="auto"`` trains the recipe :func:`pipeline.train.recipe.choose_recipe` picks from
     the data (the fields of ``tcfg`` named in ``explicit_train`` and the non-None
     ``qcfg_overrides`` win over it). ``sample_from`` adds up to ``sample_size`` rows of those
-    files (all when None) to the training rows, never a row equal to a validation row."""
+    files (all when None) to the training rows, never a row equal to a validation row.
+    ``ivf_auto`` chooses the IVF lists from the vectors of ``data_uris`` and ``sample_from``
+    (:func:`pipeline.codec.ivf.auto_nlist`) in place of ``qcfg_overrides["nlist"]``."""
     t0 = time.time()
     inputs = plan_inputs(data_uris, options=options)
     total = sum(i.count for i in inputs)
@@ -63,10 +66,17 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
         data["sample_from"] = {"uris": [storage.redact(u) for u in sample_from], "rows": len(x_extra), **drawn}
         data["train_rows"] += len(x_extra)
     data["init_rows"] = int(len(x_init))
+    ivf_why = None
+    if ivf_auto:
+        n_index = total + (sum(i.count for i in extra_inputs) if sample_from else 0)
+        nlist, ivf_why = auto_nlist(n_index, len(x_init))
+        qcfg_overrides = {**qcfg_overrides, "nlist": nlist}
     qcfg, tcfg, recipe = resolve_model(preset, inputs[0].dim, data["train_rows"], qcfg_overrides, tcfg,
                                        explicit_train, device)
     echo(f"training {preset} ({qcfg.code_bytes:g} bytes/vector) on {data['train_rows']} vectors, "
          f"validating on {len(x_val)}")
+    if ivf_why is not None:
+        echo(f"  IVF (--ivf auto): {ivf_why}")
     if recipe is not None:
         for what, why in recipe.reasons.items():
             echo(f"  {what}: {why}")
@@ -86,7 +96,7 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
                                  on_epoch_end=progress, x_init_ND=x_init)
     train_s = time.time() - t0 - read_s
     meta = {"train_config": tcfg.to_dict(), "preset": preset, "history": history, "data": data,
-            "recipe": recipe.to_dict() if recipe is not None else None}
+            "recipe": recipe.to_dict() if recipe is not None else None, "ivf_auto": ivf_why}
     save_model(model, out_uri, metadata=meta, options=options)
     best = min(history, key=lambda h: h["val_mse"])
     save_report(out_uri, {"job": "train", "mode": "in-process", "preset": preset, "config": qcfg.to_dict(),
