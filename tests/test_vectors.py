@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pyarrow as pa
 
 from pipeline.io import results
 from pipeline.io import storage, vectors
@@ -293,3 +294,32 @@ def test_real_dwsift_rows(dwsift_dir):
     np.testing.assert_array_equal(vectors.read_rows(str(dwsift_dir / "learn.bvecs"), 41, 57), head[41:57])
     gt = vectors.info(str(dwsift_dir / "groundtruth.ivecs"))
     assert (gt.count, gt.dim) == (10_000, 100)
+
+
+@pytest.mark.parametrize("list_type, value_type", [(pa.list_, pa.float16()), (pa.list_, pa.float64()),
+                                                   (pa.large_list, pa.float32())])
+def test_parquet_vectors_as_variable_lists_of_any_float_type(tmp_path, list_type, value_type):
+    """Embedding dumps store vectors as plain lists (not fixed-size) of float16/32/64: the
+    dimension comes from the footer, rows read as from a fixed-size list, and a row of another
+    length is named."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 6)).astype(value_type.to_pandas_dtype())
+    uri = str(tmp_path / "v.parquet")
+    col = pa.array([list(r) for r in x.tolist()], type=list_type(value_type))
+    pq.write_table(pa.table({"vector": col, "id": pa.array(np.arange(50, dtype=np.int64) * 3)}), uri,
+                   row_group_size=16)
+    fi = vectors.info(uri)
+    assert (fi.count, fi.dim, fi.dtype) == (50, 6, np.dtype(value_type.to_pandas_dtype()).name)
+    np.testing.assert_array_equal(vectors.read_rows(uri, 10, 40), x[10:40])
+    assert vectors.read_ids(uri, 0, 5).tolist() == [0, 3, 6, 9, 12]
+    # one row two values short: the footer's count no longer divides, or the row is named
+    rows = [list(r) for r in x.tolist()]
+    rows[20], rows[21] = rows[20][:4], rows[21] + rows[20][4:]
+    bad = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"vector": pa.array(rows, type=list_type(value_type))}), bad, row_group_size=16)
+    assert vectors.info(bad).dim == 6
+    with pytest.raises(VectorFormatError, match=r"row 20.*length 4|length 4.*row 20"):
+        vectors.read_rows(bad, 0, 50)
+    np.testing.assert_array_equal(vectors.read_rows(bad, 22, 50), x[22:50])

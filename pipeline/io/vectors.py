@@ -6,7 +6,8 @@ Supported formats (detected from the extension or passed as ``fmt``):
 - ``fbin`` / ``u8bin`` / ``i8bin`` / ``ibin`` (big-ann-benchmarks): uint32 ``n``, uint32 ``d``,
   then ``n*d`` float32 / uint8 / int8 / int32
 - ``npy``: a 2-D C-ordered numpy array (header parsed here so row ranges are byte ranges)
-- ``parquet``: a fixed-size-list vector column (default ``"vector"``) plus an optional int64 ``"id"``
+- ``parquet``: a vector column (``"vector"``: a fixed-size list, or a list whose rows all have one
+  length; float16/32/64 or integer values) plus an optional int64 ``"id"``
 
 ``info`` reads only headers and the file size; ``read_rows`` reads a row range with one ranged
 request (row groups for parquet), validating record headers and float values on the way. All
@@ -23,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import JsonConfig
@@ -220,15 +222,39 @@ def _parquet_info(uri: str, name: str, options) -> VectorFileInfo:
         if PARQUET_VECTOR_COLUMN not in schema.names:
             raise VectorFormatError(name, f"no {PARQUET_VECTOR_COLUMN!r} column (columns: {schema.names})")
         t = schema.field(PARQUET_VECTOR_COLUMN).type
-        if not pa.types.is_fixed_size_list(t):
-            raise VectorFormatError(name, f"column {PARQUET_VECTOR_COLUMN!r} must be a fixed-size list, got {t}")
+        if pa.types.is_fixed_size_list(t):
+            d = t.list_size
+        elif pa.types.is_list(t) or pa.types.is_large_list(t):
+            d = _parquet_list_dim(pf, name)
+        else:
+            raise VectorFormatError(name, f"column {PARQUET_VECTOR_COLUMN!r} must be a list or fixed-size list "
+                                          f"of numbers, got {t}")
         dt = np.dtype(t.value_type.to_pandas_dtype())
         if dt.kind not in "fiu":
             raise VectorFormatError(name, f"unsupported vector value type {t.value_type}")
-        _check_dim(name, t.list_size, offset=0)
-        return VectorFileInfo(name, "parquet", pf.metadata.num_rows, t.list_size, dt.name, 0, 0, size)
+        _check_dim(name, d, offset=0)
+        return VectorFileInfo(name, "parquet", pf.metadata.num_rows, d, dt.name, 0, 0, size)
     finally:
         f.close()
+
+
+def _parquet_list_dim(pf, name: str) -> int:
+    """The dimension of a variable-length list vector column, from the footer alone: its values
+    over its rows. Every row must hold that many (``_parquet_read`` checks each row it reads)."""
+    md = pf.metadata
+    if md.num_rows == 0:
+        raise VectorFormatError(name, "file holds no vectors", offset=0, row=0)
+    values = 0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        leaves = [rg.column(j) for j in range(rg.num_columns)
+                  if rg.column(j).path_in_schema.split(".")[0] == PARQUET_VECTOR_COLUMN]
+        values += sum(c.num_values for c in leaves)
+    d, rest = divmod(values, md.num_rows)
+    if rest or d == 0:
+        raise VectorFormatError(name, f"column {PARQUET_VECTOR_COLUMN!r} holds {values} values in {md.num_rows} "
+                                      "rows: its lists must all have one length (the dimension)", offset=0)
+    return d
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -321,6 +347,13 @@ def _parquet_read(uri: str, fi: VectorFileInfo, start: int, stop: int, options, 
             raise VectorFormatError(fi.uri, "null vector", row=start + i)
         if isinstance(col, pa.ChunkedArray):  # pragma: no cover - combine_chunks returns an Array
             col = col.combine_chunks()
+        if not pa.types.is_fixed_size_list(col.type):  # variable lists: every one of the file's length
+            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero(lengths != fi.dim)
+            if bad.size:
+                i = int(bad[0])
+                raise VectorFormatError(fi.uri, f"vector of length {int(lengths[i])}, the file's vectors have "
+                                                f"{fi.dim} values", row=start + i)
         flat = col.flatten().to_numpy(zero_copy_only=False)
         return np.ascontiguousarray(flat.reshape(stop - start, fi.dim).astype(fi.dtype, copy=False))
     if col.null_count:
