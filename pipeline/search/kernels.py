@@ -1,10 +1,8 @@
-"""Compiled search kernels (numba): the lookup-table scan and the probe's top-P, each one loop.
+"""Compiled search kernels (numba): the lookup-table scan and the search's top-k selections.
 
-:func:`scan_topk` is the lookup-table scan: probed lists -> table sums -> top-S heap.
-
-For each query, :func:`scan_topk` walks the rows of its probed lists, sums the query's tables
-over each row's codes, and keeps the ``S`` best candidates in a bounded max-heap ordered by
-(distance, id). No per-candidate array is ever materialised, so a query's cost is its codes'
+:func:`scan_topk` is the lookup-table scan: probed lists -> table sums -> top-S heap. For each
+query it walks the rows of its probed lists, sums the query's tables over each row's codes, and
+keeps the ``S`` best candidates in a bounded max-heap ordered by (distance, id). No per-candidate array is ever materialised, so a query's cost is its codes'
 table lookups plus a heap test per code: the fixed costs of the NumPy scanner (its per-chunk
 arrays, padded buffer and selection passes) are gone.
 
