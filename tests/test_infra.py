@@ -3,9 +3,9 @@
 The KubeRay manifests are checked for the fields the KubeRay operator requires and for the rules
 its admission validation enforces; the AWS cluster-launcher config goes through Ray's own
 ``prepare_config`` + ``validate_config``; the Dockerfile, manifests and launcher config must agree
-with each other (one image, one Ray version, the one pinned in pyproject.toml) and with the
-repository (entry-point scripts, CLI arguments, files copied into the image). No credential may
-appear in any of them.
+with each other (one image, one Ray version: the one requirements.lock pins, within
+pyproject.toml's range) and with the repository (entry-point scripts, CLI arguments, files copied
+into the image). No credential may appear in any of them.
 """
 
 from __future__ import annotations
@@ -43,12 +43,17 @@ SECRET_ASSIGN_RE = re.compile(
 
 # ----------------------------------------------------------------------------- helpers
 def pinned_ray_version() -> str:
+    """The Ray version the project is tested with: requirements.lock's pin, which must lie in the
+    range pyproject.toml declares."""
+    from packaging.requirements import Requirement
+
+    version = locked("ray")
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for dep in deps:
-        m = re.fullmatch(r"ray(\[[^\]]*\])?==([0-9][0-9A-Za-z.]*)", dep.replace(" ", ""))
-        if m:
-            return m.group(2)
-    raise AssertionError(f"pyproject.toml: no exact `ray==` pin among {deps}")
+    ray = [Requirement(d) for d in deps if Requirement(d).name == "ray"]
+    assert ray, f"pyproject.toml: no ray dependency among {deps}"
+    assert ray[0].specifier.contains(version), \
+        f"requirements.lock's ray {version} is outside pyproject.toml's range {ray[0].specifier}"
+    return version
 
 
 def locked(name: str) -> str:
@@ -312,7 +317,12 @@ def test_one_image_everywhere_tagged_with_the_pinned_ray_version():
 
 
 def test_lock_agrees_with_pyproject_and_dockerfile_torch():
-    assert locked("ray") == pinned_ray_version()
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):  # every locked direct dependency within its declared range
+        assert dep.specifier.contains(locked(dep.name), prereleases=True), \
+            f"requirements.lock's {dep.name} {locked(dep.name)} is outside pyproject.toml's {dep.specifier}"
     args = dict(a.split("=", 1) for i, a in dockerfile_instructions() if i == "ARG" and "=" in a)
     assert args.get("TORCH_VERSION") == locked("torch"), \
         f"Dockerfile TORCH_VERSION {args.get('TORCH_VERSION')!r} != requirements.lock torch {locked('torch')}"
