@@ -29,7 +29,7 @@ BENCH ?= bench_search
 bench: $(STAMP)
 	$(BIN)/python bench/$(BENCH).py $(ARGS)
 
-# Regenerate the lock from the current venv (after changing a pin in pyproject.toml).
+# Regenerate the lock from the current venv (after changing a dependency in pyproject.toml).
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v "^qinco-pipeline" | sed "s/^torch==\(.*\)+cpu/torch==\1/" > requirements.lock
 
