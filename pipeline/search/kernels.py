@@ -74,35 +74,13 @@ def _sort_heap(hd, hi, hr, n):
         _sift_down(hd, hi, hr, 0, end)
 
 
-@njit(nogil=True, cache=True)
 def rows_topk(d_QL, out_D, out_I):
     """The ``P = out_D.shape[1]`` smallest entries of each row of ``d_QL`` (float32), sorted by
     (value, column), into ``out_D`` (float32) and ``out_I`` (int64 columns); NaN entries are left
-    out and missing ones are (inf, -1)."""
-    Q, L = d_QL.shape
-    P = out_D.shape[1]
-    hd = np.empty(P, np.float32)
-    hi = np.empty(P, np.int64)
-    hr = np.empty(P, np.int64)
-    for q in range(Q):
-        n = 0
-        for j in range(L):
-            d = d_QL[q, j]
-            if d != d:
-                continue
-            if n < P:
-                _push(hd, hi, hr, n, d, j, j)
-                n += 1
-            elif d < hd[0] or (d == hd[0] and j < hi[0]):
-                hd[0], hi[0], hr[0] = d, j, j
-                _sift_down(hd, hi, hr, 0, n)
-        _sort_heap(hd, hi, hr, n)
-        for j in range(n):
-            out_D[q, j] = hd[j]
-            out_I[q, j] = hi[j]
-        for j in range(n, P):
-            out_D[q, j] = np.inf
-            out_I[q, j] = -1
+    out and missing ones are (inf, -1). :func:`topk_by_id` with the columns as ids (a broadcast
+    view: nothing materialised)."""
+    cols_QL = np.broadcast_to(np.arange(d_QL.shape[1], dtype=np.int64), d_QL.shape)
+    topk_by_id(d_QL, cols_QL, cols_QL, out_D, out_I, np.empty(out_I.shape, np.int64))
 
 
 @njit(nogil=True, cache=True)
