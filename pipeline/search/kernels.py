@@ -74,6 +74,20 @@ def _sort_heap(hd, hi, hr, n):
         _sift_down(hd, hi, hr, 0, end)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _write_row(hd, hi, hr, n, q, out_D, out_I, out_P):
+    """Row ``q`` of the outputs: the heap's ``n`` entries sorted, then (inf, -1, -1) padding."""
+    _sort_heap(hd, hi, hr, n)
+    for j in range(n):
+        out_D[q, j] = hd[j]
+        out_I[q, j] = hi[j]
+        out_P[q, j] = hr[j]
+    for j in range(n, out_D.shape[1]):
+        out_D[q, j] = np.inf
+        out_I[q, j] = -1
+        out_P[q, j] = -1
+
+
 def rows_topk(d_QL, out_D, out_I):
     """The ``P = out_D.shape[1]`` smallest entries of each row of ``d_QL`` (float32), sorted by
     (value, column), into ``out_D`` (float32) and ``out_I`` (int64 columns); NaN entries are left
@@ -106,15 +120,7 @@ def topk_by_id(D_QC, I_QC, P_QC, out_D, out_I, out_P):
             elif d < hd[0] or (d == hd[0] and i_ < hi[0]):
                 hd[0], hi[0], hr[0] = d, i_, P_QC[q, j]
                 _sift_down(hd, hi, hr, 0, n)
-        _sort_heap(hd, hi, hr, n)
-        for j in range(n):
-            out_D[q, j] = hd[j]
-            out_I[q, j] = hi[j]
-            out_P[q, j] = hr[j]
-        for j in range(n, k):
-            out_D[q, j] = np.inf
-            out_I[q, j] = -1
-            out_P[q, j] = -1
+        _write_row(hd, hi, hr, n, q, out_D, out_I, out_P)
 
 
 @njit(nogil=True, cache=True)
@@ -161,12 +167,4 @@ def scan_topk(lut_QMK, Dc_QP, lists_QP, list_offsets, codes_NM, scale_bits_N, ha
                 elif acc < hd[0] or (acc == hd[0] and rid < hi[0]):
                     hd[0], hi[0], hr[0] = acc, rid, row
                     _sift_down(hd, hi, hr, 0, n)
-        _sort_heap(hd, hi, hr, n)
-        for j in range(n):
-            out_D[q, j] = hd[j]
-            out_I[q, j] = hi[j]
-            out_R[q, j] = hr[j]
-        for j in range(n, S):
-            out_D[q, j] = np.inf
-            out_I[q, j] = -1
-            out_R[q, j] = -1
+        _write_row(hd, hi, hr, n, q, out_D, out_I, out_R)
