@@ -168,3 +168,15 @@ def scan_topk(lut_QMK, Dc_QP, lists_QP, list_offsets, codes_NM, scale_bits_N, ha
                     hd[0], hi[0], hr[0] = acc, rid, row
                     _sift_down(hd, hi, hr, 0, n)
         _write_row(hd, hi, hr, n, q, out_D, out_I, out_R)
+
+
+def warm() -> None:
+    """Compile the kernels (or load them from numba's cache) now, on tiny inputs, so that a
+    process pays it when it builds its searcher or probe rather than inside its first search."""
+    d = np.zeros((1, 2), np.float32)
+    rows_topk(d, np.empty((1, 1), np.float32), np.empty((1, 1), np.int64))
+    for codes in (np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint16)):
+        scan_topk(np.zeros((1, 1, 2), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int64),
+                  np.array([0, 1], np.int64), codes, NO_SCALES, HALF_TO_FLOAT, np.zeros(1, np.float32),
+                  np.zeros(1, np.int64), 1, np.empty((1, 1), np.float32), np.empty((1, 1), np.int64),
+                  np.empty((1, 1), np.int64))

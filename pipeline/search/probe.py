@@ -15,7 +15,7 @@ import torch
 from pipeline.codec.ivf import HNSW_MIN_NLIST, hnsw_index
 from pipeline.codec.rowwise import matmul_rows
 from pipeline.errors import ConfigError
-from pipeline.search.kernels import rows_topk
+from pipeline.search.kernels import rows_topk, warm
 from pipeline.search.params import SearchParams
 
 
@@ -33,6 +33,7 @@ class FlatProbe:
         self.cT_DL = self.c_LD.T.contiguous()
         self.cnorm_L = (self.c_LD * self.c_LD).sum(1)
         self.ntotal, self.d = self.c_LD.shape
+        warm()
 
     def search(self, q_QD: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray]:
         """``(D_QP, I_QP)``: squared distances (float32, ascending) and ids (int64) of the ``P``

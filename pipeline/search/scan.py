@@ -55,7 +55,7 @@ from pipeline.codec.codes import code_dtype
 from pipeline.codec.decoder import model_centroids, model_codebooks, model_pairwise, model_row_scales
 from pipeline.codec.rowwise import matmul_rows
 from pipeline.errors import ConfigError, VectorFormatError
-from pipeline.search.kernels import HALF_TO_FLOAT, NO_SCALES, scan_topk
+from pipeline.search.kernels import HALF_TO_FLOAT, NO_SCALES, scan_topk, warm
 from pipeline.search.params import SearchParams
 from pipeline.search.pipeline import finish, merge, shortlist
 from pipeline.search.probe import check_queries, coarse_dists, coarse_probe, probe_lists
@@ -111,6 +111,7 @@ class ShardSearcher:
             raise ConfigError(f"{source}: scanner must be one of {SCANNERS}, got {scanner!r}")
         self.scanner = scanner
         self.source = source
+        warm()  # the kernels' compilation (or cache load) belongs to the set-up, not the first search
         self.num_threads = max(1, int(num_threads))
         self.centroids_LD = np.ascontiguousarray(centroids_LD, dtype=np.float32)
         self.codebooks_MKD = np.ascontiguousarray(codebooks_MKD, dtype=np.float32)
