@@ -533,6 +533,55 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --------------------------------------------------------------------------- serve
+@command
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="a warm search service over HTTP: shards loaded once, new versions swapped in",
+                       description="Shard actors load the index once and answer POST /search requests (JSON: "
+                                   '{"queries": [[...]], "k": 10, "nprobe": 16, ...}) until SIGINT or SIGTERM; '
+                                   "GET /stats gives p50/p99 latency and queries/s. When CURRENT names a new "
+                                   "version it is loaded beside the served one and swapped in without failing a "
+                                   "request.")
+    p.add_argument("--index", required=True, help="index URI")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=count(0, 65535), default=8000, help="port (default 8000; 0: a free one, printed)")
+    p.add_argument("--version", default=None, help="serve this version and never swap (default: follow CURRENT)")
+    p.add_argument("--poll-s", type=real(0.05, 86400), default=5.0, help="seconds between reads of CURRENT (default 5)")
+    p.add_argument("--k", type=NEIGHBOURS, default=10, help="default neighbours per query (a request may say)")
+    p.add_argument("--nprobe", type=count(1, 2**24), default=16, help="default lists probed (a request may say)")
+    p.add_argument("--shortlist", type=CANDIDATES, default=100, help="default shortlist (a request may say)")
+    p.add_argument("--rerank", type=count(0, 10_000_000), default=None, help="default re-ranked candidates")
+    p.add_argument("--rerank-precision", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--workers", type=WORKERS, default=2, help="shard actors (default 2)")
+    p.add_argument("--cpus-per-worker", type=CPUS, default=None,
+                   help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
+    p.add_argument("--memory-per-actor", type=ByteSize(64 << 20, 1 << 42), default=None,
+                   help="memory each shard actor may use (e.g. 8G): shards are placed to fit it")
+    p.add_argument("--report-s", type=real(0.1, 86400), default=60.0, help="seconds between stats lines (default 60)")
+
+    def run(a: argparse.Namespace) -> int:
+        import signal
+        import threading
+
+        from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
+        from pipeline.search.params import SearchParams
+        from pipeline.stages.serve import ServeConfig, run_serve
+
+        ensure_ray()
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which sets its own
+            signal.signal(sig, lambda *_: stop.set())
+        params = SearchParams(k=a.k, nprobe=a.nprobe, shortlist=a.shortlist, rerank=a.rerank).validate()
+        run_serve(ServeConfig(index_uri=a.index, host=a.host, port=a.port, workers=a.workers,
+                              cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers),
+                              params=params, version=a.version, poll_s=a.poll_s,
+                              rerank_precision=a.rerank_precision, memory_per_actor=a.memory_per_actor),
+                  stop, echo=lambda m: print(m, flush=True), report_s=a.report_s)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- eval
 @command
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -150,7 +150,7 @@ def test_time_budget_without_epochs_trains_until_the_budget(tiny_files, tmp_path
 
 # Numeric options for which 0 is a documented setting (off, none, all, in-process, ...).
 ZERO_ALLOWED = {"--sample-size", "--input-noise", "--L", "--epochs", "--ivf", "--workers@train", "--threads-per-worker",
-                "--gpus-per-worker", "--lut-weight", "--rerank", "--prefix-steps", "--seed"}
+                "--gpus-per-worker", "--lut-weight", "--rerank", "--prefix-steps", "--seed", "--port"}
 
 
 def _numeric_options():

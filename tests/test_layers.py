@@ -25,7 +25,8 @@ MAY_IMPORT = {
     "train": {"codec", "io", "train"},
     "distributed": {"codec", "io", "index", "search", "train", "distributed"},
     "stages": {"codec", "io", "index", "search", "train", "distributed", "stages"},
-    "cli": {"codec", "io", "index", "search", "train", "distributed", "stages", "cli"},
+    "api": {"codec", "io", "index", "search", "train", "distributed", "stages", "api"},
+    "cli": {"codec", "io", "index", "search", "train", "distributed", "stages", "api", "cli"},
 }
 # Single modules another layer may use: the code dtype is a rule of the code format, which the
 # index and the codes files follow too; the model file is stored with the storage functions.

@@ -3,7 +3,8 @@ job and the CLI."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -91,3 +92,23 @@ class SearchParams(JsonConfig):
         if not self.prefix_steps:
             return None
         return self.prefix_steps, (4 * self.shortlist if self.prefix_shortlist is None else self.prefix_shortlist)
+
+
+def search_params(overrides: dict[str, Any], base: SearchParams | None = None) -> SearchParams:
+    """``base`` (default: the defaults) with the fields named in ``overrides`` replaced, validated;
+    an unknown name or a value of the wrong kind is a ``ConfigError`` (requests and keyword
+    arguments come from users)."""
+    known = [f.name for f in fields(SearchParams)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown search parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    d = (base or SearchParams()).to_dict() | dict(overrides)
+    for name in ("k", "nprobe", "shortlist", "rerank", "pairwise", "prefix_steps", "prefix_shortlist"):
+        v = d[name]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise ConfigError(f"search parameter {name} must be an integer, got {v!r}")
+        d[name] = None if v is None else int(v)
+    r = d["probe_ratio"]
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float, np.integer, np.floating))):
+        raise ConfigError(f"search parameter probe_ratio must be a number, got {r!r}")
+    return SearchParams(**d).validate()

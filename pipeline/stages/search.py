@@ -94,13 +94,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         if q.shape[1] != pool.dim:
             raise ConfigError(f"{storage.redact(cfg.queries_uri)}: queries have dimension {q.shape[1]}, "
                               f"the index version {pool.manifest.version} expects {pool.dim}")
-        if params.pairwise is not None and not pool.model.pairwise_pairs_P2.shape[0]:
-            raise ConfigError(f"the pairwise stage (pairwise={params.pairwise}) needs a model with a pairwise "
-                              f"decoder; {storage.redact(pool.manifest.model['uri'])} has none (trained before it "
-                              f"existed, or no pair of codes helped): search without it, or retrain the model")
-        if params.prefix_steps >= pool.model.config.M:
-            raise ConfigError(f"prefix_steps must be below the model's M = {pool.model.config.M} codebooks, "
-                              f"got {params.prefix_steps}")
+        check_params_for(pool, params)
         stages: dict[str, float] = {"load_s": load_s}
         tuning = None
         if cfg.tune is not None:
@@ -150,6 +144,18 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         "out_uri": storage.redact(cfg.out_uri), "k": params.k, "nprobe": params.nprobe, "shortlist": params.shortlist},
         version=version, options=options, best_effort=True)
     return report
+
+
+def check_params_for(pool: ShardPool, params: SearchParams) -> None:
+    """Refuse parameters the pool's model cannot honour (the pairwise stage without a pairwise
+    decoder, a prefix as long as the code)."""
+    if params.pairwise is not None and not pool.model.pairwise_pairs_P2.shape[0]:
+        raise ConfigError(f"the pairwise stage (pairwise={params.pairwise}) needs a model with a pairwise "
+                          f"decoder; {storage.redact(pool.manifest.model['uri'])} has none (trained before it "
+                          f"existed, or no pair of codes helped): search without it, or retrain the model")
+    if params.prefix_steps >= pool.model.config.M:
+        raise ConfigError(f"prefix_steps must be below the model's M = {pool.model.config.M} codebooks, "
+                          f"got {params.prefix_steps}")
 
 
 def _search_all(pool: ShardPool, q: np.ndarray, params: SearchParams, batch: int, precision: str,
