@@ -23,7 +23,6 @@ from pipeline.errors import ConfigError
 from pipeline.index.history import link_evaluation, record_event
 from pipeline.io import results
 from pipeline.io import storage, vectors
-from pipeline.io.results import write_results
 from pipeline.search.evaluation import k_recall_at_k, recall_at
 from pipeline.search.params import SearchParams
 from pipeline.search.tuning import RERANK_LADDER, check_measure, tune
@@ -80,34 +79,108 @@ class SearchJobConfig(JsonConfig):
             raise ConfigError(f"mmap_dir must be a local directory on every node, got {self.mmap_dir!r}")
 
 
+PARTS_SUFFIX = ".parts"  # OUT.parts/: the job's state and one results part per query block
+STATE_FILE = "job.json"
+
+
+def parts_dir(out_uri: str) -> str:
+    """Where the query job for ``out_uri`` keeps its state and results parts until it completes."""
+    return out_uri + PARTS_SUFFIX
+
+
+def _part_uri(out_uri: str, block: int) -> str:
+    return storage.join(parts_dir(out_uri), f"block-{block:09d}.npz")
+
+
+def _job_identity(cfg: SearchJobConfig, queries: int) -> dict[str, Any]:
+    """What makes a re-run the same job (the resources do not change results)."""
+    d = cfg.to_dict()
+    for name in ("workers", "cpus_per_worker", "memory_per_actor", "mmap_dir", "out_uri"):
+        d.pop(name)
+    d["queries"] = queries
+    return d
+
+
+def _resume_state(cfg: SearchJobConfig, ident: dict, options) -> dict | None:
+    """The state of an interrupted run of this same job at ``cfg.out_uri``, or None. The parts of
+    another job there (other parameters, queries or index) are removed."""
+    uri = storage.join(parts_dir(cfg.out_uri), STATE_FILE)
+    if not storage.exists(uri, options):
+        return None
+    try:
+        state = json.loads(storage.read_bytes(uri, options))
+    except ValueError:
+        state = {}
+    if state.get("identity") == ident:
+        return state
+    log.info("%s holds the parts of another query job: starting over", storage.redact(parts_dir(cfg.out_uri)))
+    storage.remove(parts_dir(cfg.out_uri), options, recursive=True)
+    return None
+
+
 def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
-    """Run the query job; writes results (big-ann format + parquet) and a report beside them."""
+    """Run the query job; writes results (big-ann format + parquet) and a report beside them.
+
+    Queries are read and searched ``query_batch`` at a time; each block's results go to a part
+    under ``OUT.parts/`` as soon as they are known, and the result files are assembled from the
+    parts at the end (then the parts are removed). Memory holds one block, whatever the number of
+    queries. A run that was interrupted resumes when the same command runs again: the version it
+    searched and the parameters it chose (``--target-recall``) are kept in ``OUT.parts/job.json``,
+    and only the blocks without a part are searched."""
     t0 = time.perf_counter()
     params = cfg.params.validate()
     if cfg.rerank_precision not in ("float32", "bfloat16"):
         raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
-    q = vectors.read_vectors(cfg.queries_uri, options=options, max_rows=cfg.max_queries).astype(np.float32)
-    pool = ShardPool(cfg.index_uri, cfg.version, cfg.workers, cfg.cpus_per_worker, cfg.allow_partial, options,
-                     cfg.lut_scales, cfg.memory_per_actor, cfg.mmap_dir)
+    qinfo = vectors.info(cfg.queries_uri, options=options)
+    Q = qinfo.count if cfg.max_queries is None else min(qinfo.count, cfg.max_queries)
+    if Q < 1:
+        raise ConfigError(f"{storage.redact(cfg.queries_uri)}: no queries to search")
+    ident = _job_identity(cfg, Q)
+    state = _resume_state(cfg, ident, options)
+    pool = ShardPool(cfg.index_uri, state["version"] if state else cfg.version, cfg.workers, cfg.cpus_per_worker,
+                     cfg.allow_partial, options, cfg.lut_scales, cfg.memory_per_actor, cfg.mmap_dir)
     load_s = time.perf_counter() - t0
+    batch = cfg.query_batch
+    blocks = -(-Q // batch)
     try:
-        if q.shape[1] != pool.dim:
-            raise ConfigError(f"{storage.redact(cfg.queries_uri)}: queries have dimension {q.shape[1]}, "
+        if qinfo.dim != pool.dim:
+            raise ConfigError(f"{storage.redact(cfg.queries_uri)}: queries have dimension {qinfo.dim}, "
                               f"the index version {pool.manifest.version} expects {pool.dim}")
         check_params_for(pool, params)
         stages: dict[str, float] = {"load_s": load_s}
-        tuning = None
-        if cfg.tune is not None:
-            t1 = time.perf_counter()
-            tuning = _tune(cfg, pool, q, params.k, options)
-            params = SearchParams.from_dict(tuning["chosen"])
-            stages["tune_s"] = time.perf_counter() - t1
-            log.info("tuned on %d queries in %.1f s: nprobe %d, shortlist %d, rerank %d (%s %.4f at %.0f queries/s)",
-                     tuning["queries"], stages["tune_s"], params.nprobe, params.shortlist, params.reranked,
-                     tuning["measure"], tuning["recall"], tuning["queries_per_s"])
-        Q = len(q)
+        if state is None:
+            tuning = None
+            if cfg.tune is not None:
+                t1 = time.perf_counter()
+                tuning = _tune(cfg, pool, qinfo, params.k, options)
+                params = SearchParams.from_dict(tuning["chosen"])
+                stages["tune_s"] = time.perf_counter() - t1
+                log.info("tuned on %d queries in %.1f s: nprobe %d, shortlist %d, rerank %d (%s %.4f at %.0f "
+                         "queries/s)", tuning["queries"], stages["tune_s"], params.nprobe, params.shortlist,
+                         params.reranked, tuning["measure"], tuning["recall"], tuning["queries_per_s"])
+            state = {"identity": ident, "version": pool.manifest.version, "search_params": params.to_dict(),
+                     "tuning": tuning}
+            storage.write_bytes_atomic(storage.join(parts_dir(cfg.out_uri), STATE_FILE),
+                                       json.dumps(state, indent=2).encode(), options)
+        else:
+            params, tuning = SearchParams.from_dict(state["search_params"]), state["tuning"]
+        present = set(storage.list_files(parts_dir(cfg.out_uri), options))
+        todo = [b for b in range(blocks) if _part_uri(cfg.out_uri, b) not in present]
+        if len(todo) < blocks:
+            log.info("resuming the query job of %s: %d of %d blocks already searched",
+                     storage.redact(cfg.out_uri), blocks - len(todo), blocks)
         t1 = time.perf_counter()
-        D_all, I_all = _search_all(pool, q, params, cfg.query_batch, cfg.rerank_precision, stages, progress=True)
+        searched = 0
+        done_before = Q - sum(min(Q, (b + 1) * batch) - b * batch for b in todo)
+        for b in todo:
+            b0, b1 = b * batch, min(Q, (b + 1) * batch)
+            q = vectors.read_rows(cfg.queries_uri, b0, b1, options=options, file_info=qinfo).astype(np.float32)
+            D, I = pool.search_batch(q, params, stages, cfg.rerank_precision)
+            results.write_part(_part_uri(cfg.out_uri, b), b0, I, D, options)
+            searched += b1 - b0
+            elapsed = time.perf_counter() - t1
+            log.info("searched %d/%d queries (%.0f queries/s)", done_before + searched, Q,
+                     searched / max(elapsed, 1e-9))
         search_s = time.perf_counter() - t1
         failed = pool.failed_shards()
         failures = pool.failures()
@@ -116,18 +189,22 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         n_shards = len(pool.manifest.shards)
     finally:
         pool.close()
-    written = write_results(cfg.out_uri, I_all, D_all, options)
+    written = results.assemble_results(cfg.out_uri, [_part_uri(cfg.out_uri, b) for b in range(blocks)], options)
+    storage.remove(parts_dir(cfg.out_uri), options, recursive=True)
     report = {
         "job": "search",
         "index_uri": storage.redact(cfg.index_uri),
         "version": version,
         "queries": Q,
+        "queries_searched_this_run": searched,
+        "blocks": blocks,
+        "blocks_resumed": blocks - len(todo),
         "params": cfg.to_dict(),
         "search_params": params.to_dict(),
         "tuning": tuning,
         "wall_s": time.perf_counter() - t0,
         "search_s": search_s,
-        "queries_per_s": Q / max(search_s, 1e-9),
+        "queries_per_s": searched / max(search_s, 1e-9),
         "stages": stages,
         "shards": n_shards,
         "failed_shards": failed,
@@ -158,29 +235,26 @@ def check_params_for(pool: ShardPool, params: SearchParams) -> None:
                           f"got {params.prefix_steps}")
 
 
-def _search_all(pool: ShardPool, q: np.ndarray, params: SearchParams, batch: int, precision: str,
-                stages: dict[str, float] | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Every query through the pool, ``batch`` at a time: ``(D, I)``."""
+def _search_all(pool: ShardPool, q: np.ndarray, params: SearchParams, batch: int,
+                precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every query of ``q`` through the pool, ``batch`` at a time: ``(D, I)`` (the tuning queries)."""
     Q = len(q)
     D_all = np.full((Q, params.k), np.inf, np.float32)
     I_all = np.full((Q, params.k), -1, np.int64)
-    t1 = time.perf_counter()
     for b0 in range(0, Q, batch):
         qb = q[b0:b0 + batch]
-        D_all[b0:b0 + len(qb)], I_all[b0:b0 + len(qb)] = pool.search_batch(qb, params, stages, precision)
-        if progress:
-            log.info("searched %d/%d queries (%.0f queries/s)", b0 + len(qb), Q,
-                     (b0 + len(qb)) / max(time.perf_counter() - t1, 1e-9))
+        D_all[b0:b0 + len(qb)], I_all[b0:b0 + len(qb)] = pool.search_batch(qb, params, None, precision)
     return D_all, I_all
 
 
-def _tune(cfg: SearchJobConfig, pool: ShardPool, q: np.ndarray, k: int, options) -> dict[str, Any]:
+def _tune(cfg: SearchJobConfig, pool: ShardPool, qinfo, k: int, options) -> dict[str, Any]:
     """``cfg.tune``'s choice through the job's own actors (:func:`pipeline.search.tuning.tune`)."""
     spec = cfg.tune
     check_measure(spec.measure, k)
     if spec.sample < 1:
         raise ConfigError(f"the tuning sample must hold at least 1 query, got {spec.sample}")
-    tq = q[:spec.sample] if spec.queries_uri is None else vectors.read_vectors(
+    tq = vectors.read_rows(cfg.queries_uri, 0, min(spec.sample, qinfo.count), options=options,
+                           file_info=qinfo).astype(np.float32) if spec.queries_uri is None else vectors.read_vectors(
         spec.queries_uri, options=options, max_rows=spec.sample).astype(np.float32)
     if tq.shape[1] != pool.dim:
         raise ConfigError(f"{storage.redact(spec.queries_uri)}: tuning queries have dimension {tq.shape[1]}, "
