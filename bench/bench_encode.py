@@ -37,7 +37,7 @@ import numpy as np
 from pipeline.io import storage, vectors
 from pipeline.sysinfo import machine_info
 from pipeline.config import code_version
-from pipeline.codec.model import PRESETS, QincoConfig, config_from_preset
+from pipeline.codec.model import PRESETS, QincoConfig, config_from_preset, encode_flops_per_vector
 
 log = logging.getLogger("bench_encode")
 
@@ -53,37 +53,6 @@ H100_PEAK_FLOPS = 989e12
 GPU_EFFICIENCY = 0.15
 BILLION = 1_000_000_000
 DWSIFT_BASE_ROWS = 223_825
-
-
-# --------------------------------------------------------------------------- FLOP model
-def encode_flops_per_vector(cfg: QincoConfig) -> float:
-    """Multiply-add FLOPs (2 per MAC) to encode one vector with beam search and pre-selection.
-
-    Counts IVF assignment, pre-selection distances, the context projection per beam entry, and
-    per candidate the residual blocks, output projection and distance. The per-codeword table is
-    computed once per batch and is left out.
-    """
-    D, K = cfg.dim, cfg.K
-    E = cfg.de if cfg.variant == "qinco2" else D
-    hidden = cfg.dh if cfg.variant == "qinco2" else cfg.h
-    A = cfg.effective_A
-    flops = 2.0 * max(cfg.nlist, 0) * D
-    F = 1
-    for m in range(cfg.M):
-        plain = m == 0 and not cfg.nlist
-        if plain:
-            flops += 2.0 * F * K * D
-            cands = F * K
-        else:
-            if 0 < cfg.A < K:
-                flops += 2.0 * F * K * D
-            cands = F * A
-            per_cand = cfg.L * 4.0 * E * hidden + 3.0 * D
-            if cfg.variant == "qinco2":
-                per_cand += 2.0 * E * D
-            flops += 2.0 * F * D * E + cands * per_cand
-        F = min(cfg.B, cands)
-    return flops
 
 
 # --------------------------------------------------------------------------- helpers

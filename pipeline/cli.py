@@ -335,9 +335,23 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                         "slightly higher error (bench/RESULTS.md)")
     p.add_argument("--block-rows", type=count(1, 2**28), default=65536, help="vectors read per block")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (vectors, shards, disk, actors and their memory, time from the cost "
+                        "model) and check it against the cluster (or this machine) and the disk; encode nothing")
 
     def run(a: argparse.Namespace) -> int:
         _check_out(a.out, "an index", files=("parquet",))
+        if a.dry_run:
+            from pipeline.stages.plan import check_plan, format_plan, plan_encode
+
+            res = _plan_resources(a.out)
+            plan = plan_encode(a.model, list(a.data), a.out, workers=a.workers,
+                               cpus_per_worker=a.cpus_per_worker or _cpus_share(res, a.workers),
+                               gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows, A=a.A, B=a.B,
+                               fmt=a.fmt, res=res)
+            print(format_plan(plan))
+            check_plan(plan)
+            return 0
         if not a.out.lower().endswith(".parquet"):
             return _encode_index(a)
         from pipeline.stages.encode import encode_file
@@ -351,6 +365,30 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _plan_resources(out: str | None) -> dict:
+    """The resources a ``--dry-run`` plan is checked against: the Ray cluster at ``RAY_ADDRESS``,
+    or this machine (where a local Ray would run)."""
+    import os
+
+    from pipeline.stages.plan import resources
+
+    cluster = None
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        from pipeline.distributed.cluster import ensure_ray
+
+        ensure_ray()
+        cluster = ray.cluster_resources()
+    return resources(out, cluster)
+
+
+def _cpus_share(res: dict, workers: int) -> float:
+    from pipeline.distributed.cluster import cpus_share
+
+    return cpus_share(res["cpus"], workers)
 
 
 def _encode_index(a: argparse.Namespace) -> int:
@@ -500,6 +538,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune-sample", type=count(1, 10_000_000), default=1000, help="tuning queries used (default 1000)")
     p.add_argument("--out", required=True, help="results URI (big-ann k-NN format; also OUT.parquet and OUT.report.json; "
                         "ids beyond int32 only in OUT.parquet)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (vectors, queries, actors and their memory, time from the cost model) and "
+                        "check it against the cluster (or this machine); search nothing")
 
     def run(a: argparse.Namespace) -> int:
         import json
@@ -516,10 +557,21 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
             measure=a.tune_measure, sample=a.tune_sample)
         from pipeline.search.params import SearchParams
 
-        ensure_ray()
         params = SearchParams(k=a.k, nprobe=a.nprobe, shortlist=a.shortlist, rerank=0 if a.no_rerank else a.rerank,
                               pairwise=a.pairwise_shortlist, prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist,
-                              probe_ratio=a.probe_ratio)
+                              probe_ratio=a.probe_ratio).validate()
+        if a.dry_run:
+            from pipeline.stages.plan import check_plan, format_plan, plan_search
+
+            res = _plan_resources(None)
+            plan = plan_search(a.index, a.queries, params, workers=a.workers,
+                               cpus_per_worker=a.cpus_per_worker or _cpus_share(res, a.workers),
+                               memory_per_actor=a.memory_per_actor, version=a.version, max_queries=a.max_queries,
+                               res=res)
+            print(format_plan(plan))
+            check_plan(plan)
+            return 0
+        ensure_ray()
         report = run_search(SearchJobConfig(
             index_uri=a.index, queries_uri=a.queries, out_uri=a.out, params=params,
             rerank_precision=a.rerank_precision, workers=a.workers,

@@ -402,27 +402,27 @@ def test_recall_on_dwsift_subset(ray_session, dwsift_dir, tmp_path):
 
 
 def test_shards_are_placed_within_the_memory_per_actor():
-    from pipeline.distributed.shard_pool import _assign_shards, actor_bytes
+    from pipeline.distributed.shard_pool import assign_shards, actor_bytes
 
     shards = [{"name": f"shards/s{i}", "rows": 10_000_000} for i in range(10)]  # 100M vectors
-    groups = _assign_shards(shards, 4, code_bytes=16, memory_per_actor=4 << 30)
+    groups = assign_shards(shards, 4, code_bytes=16, memory_per_actor=4 << 30)
     assert sorted(len(g) for g in groups) == [2, 2, 3, 3]
     assert max(actor_bytes(sum(e["rows"] for e in g), 16) for g in groups) <= 4 << 30
     with pytest.raises(ConfigError, match=r"100,000,000 vectors of 16 bytes; 2 shard actors of 4.00 GiB cannot "
                                           r"hold them .* use --workers 3 or more"):
-        _assign_shards(shards, 2, code_bytes=16, memory_per_actor=4 << 30)
+        assign_shards(shards, 2, code_bytes=16, memory_per_actor=4 << 30)
     with pytest.raises(ConfigError, match=r"its largest shard \(shards/s0, 10,000,000 rows\) alone needs 1.3"):
-        _assign_shards(shards, 20, code_bytes=16, memory_per_actor=1 << 30)
+        assign_shards(shards, 20, code_bytes=16, memory_per_actor=1 << 30)
 
 
 def test_memory_mapped_rows_are_placed_by_their_largest_shard():
-    from pipeline.distributed.shard_pool import _assign_shards
+    from pipeline.distributed.shard_pool import assign_shards
 
     shards = [{"name": f"shards/s{i}", "rows": 10_000_000} for i in range(10)]  # 100M vectors
-    groups = _assign_shards(shards, 2, code_bytes=16, memory_per_actor=4 << 30, mmap=True)  # in RAM: refused
+    groups = assign_shards(shards, 2, code_bytes=16, memory_per_actor=4 << 30, mmap=True)  # in RAM: refused
     assert sorted(len(g) for g in groups) == [5, 5]
     with pytest.raises(ConfigError, match=r"2 shard actors of 1.00 GiB cannot search them with memory-mapped rows"):
-        _assign_shards(shards, 2, code_bytes=16, memory_per_actor=1 << 30, mmap=True)
+        assign_shards(shards, 2, code_bytes=16, memory_per_actor=1 << 30, mmap=True)
 
 
 def test_search_with_memory_mapped_rows_gives_the_same_results_and_leaves_no_files(indexes, tiny_index_inputs,

@@ -140,7 +140,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _assign_shards(entries: list[dict], workers: int, code_bytes: int = 0,
+def assign_shards(entries: list[dict], workers: int, code_bytes: int = 0,
                    memory_per_actor: int | None = None, mmap: bool = False) -> list[list[dict]]:
     """Greedy balance of shards over actors by row count (largest first).
 
@@ -225,7 +225,7 @@ class ShardPool:
         if not present:
             raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "
                                 + "; ".join(self.shard_errors.values()))
-        self.groups = _assign_shards(present, workers, int(m.code["code_bytes"]), memory_per_actor,
+        self.groups = assign_shards(present, workers, int(m.code["code_bytes"]), memory_per_actor,
                                      mmap=mmap_dir is not None)
         # with a budget, Ray places each actor where that much memory is free
         extra = {} if memory_per_actor is None else {"memory": int(memory_per_actor)}
