@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.codec.decoder import Decoder, decode as _decode
 from pipeline.codec.encoder import encode as _encode
+from pipeline.codec.metric import check_metric
 from pipeline.codec.model import QINCo
 from pipeline.codec.model_file import CONFIG_FILE, check_model_unchanged, load_model
 from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
@@ -82,8 +83,10 @@ class Index:
         return int(self.model.config.dim)
 
     def search(self, queries: np.ndarray, k: int = 10, **params: Any) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest neighbours of each query row: ``(D, I)``, float32 squared L2 distances
-        and int64 ids, both ``(Q, k)``, best first; -1 ids (and inf distances) where fewer than
+        """The ``k`` nearest neighbours of each query row: ``(D, I)``, float32 scores and int64 ids,
+        both ``(Q, k)``, best first: squared L2 distances (ascending) for an ``l2`` index, inner
+        products or cosine similarities (descending) for ``ip`` and ``cosine``; -1 ids (with
+        inf, or -inf, scores) where fewer than
         ``k`` candidates were found. ``params`` are :class:`~pipeline.search.params.SearchParams`
         fields: ``nprobe``, ``shortlist``, ``rerank``, ``pairwise``, ``prefix_steps``,
         ``prefix_shortlist``, ``probe_ratio`` (the ``qinco search`` options of the same names)."""
@@ -97,7 +100,7 @@ class Index:
         """What this version holds: its uri, version, vectors, dimension, code, model, shards."""
         m = self.manifest
         return {"uri": storage.redact(self.uri), "version": m.version, "ntotal": self.ntotal, "d": self.d,
-                "metric": "l2", "code": dict(m.code), "model_uri": storage.redact(m.model["uri"]),
+                "metric": self.model.config.metric, "code": dict(m.code), "model_uri": storage.redact(m.model["uri"]),
                 "shards": len(m.shards), "inputs": [storage.redact(i.uri) for i in m.inputs],
                 "created": m.created, "load_s": round(self.load_s, 3)}
 
@@ -163,7 +166,7 @@ def _store_array(x: np.ndarray, index_uri: str, options) -> str:
 
 
 def build_index(data: str | Sequence[str] | np.ndarray, index_uri: str, *, model: str | None = None,
-                code_bytes: int = 8, ivf: int | str = "auto", preset: str = AUTO,
+                code_bytes: int = 8, ivf: int | str = "auto", metric: str = "l2", preset: str = AUTO,
                 train_epochs: int | None = None, train_time_s: float | None = None,
                 workers: int = 2, cpus_per_worker: float | None = None, shard_rows: int = 65536,
                 seed: int = 0, options=None, echo=print) -> Index:
@@ -172,7 +175,7 @@ def build_index(data: str | Sequence[str] | np.ndarray, index_uri: str, *, model
     The model is ``model`` when given (trained elsewhere), else ``INDEX/model``: trained here when
     it is not there yet (``code_bytes`` per vector, IVF lists from the number of vectors with
     ``ivf="auto"`` or the given count, ``preset`` as ``qinco train --preset``, at most
-    ``train_epochs`` epochs or ``train_time_s`` seconds). The vectors are then encoded by the Ray
+    ``train_epochs`` epochs or ``train_time_s`` seconds, searched by ``metric``: l2, ip or cosine). The vectors are then encoded by the Ray
     encode job (``workers`` actors; a local Ray is started without ``RAY_ADDRESS``) and committed
     as a new version of ``index_uri``. An array is stored under ``INDEX/arrays`` first."""
     index_uri = storage.absolute(index_uri)
@@ -197,7 +200,8 @@ def build_index(data: str | Sequence[str] | np.ndarray, index_uri: str, *, model
             epochs = train_epochs if train_epochs is not None else (None if train_time_s else DEFAULT_EPOCHS)
             tcfg = TrainConfig(epochs=epochs, lr=default_lr(preset), seed=seed, time_budget_s=train_time_s,
                                lr_schedule="time" if train_time_s else "steps")
-            run_train(data_uris, model, {"M": int(code_bytes), "nlist": None if auto else ivf}, preset, tcfg,
+            run_train(data_uris, model, {"M": int(code_bytes), "nlist": None if auto else ivf,
+                                         "metric": check_metric(metric)}, preset, tcfg,
                       options=options, echo=echo, ivf_auto=auto)
     ensure_ray()
     report = run_encode(EncodeJobConfig(

@@ -190,6 +190,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "dimension (default: the recipe's, from the training vectors per codeword; 0: none)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (in-process training)")
+    p.add_argument("--metric", choices=["l2", "ip", "cosine"], default="l2",
+                   help="what searches of the index rank by: l2 (squared distance, default), ip (inner "
+                        "product) or cosine (vectors divided by their norms for training, encoding and "
+                        "queries); stored with the model and every index built with it")
     p.add_argument("--ivf", type=LISTS, default=AUTO_WORD, metavar="NLIST",
                    help="IVF lists of the coarse quantizer trained first (IVF-QINCo); 0: none (a flat index, "
                         "every search scans every code); auto (default): none below 100,000 vectors in --data "
@@ -246,7 +250,7 @@ def _check_model_args(a: argparse.Namespace) -> None:
 
 def _model_overrides(a: argparse.Namespace) -> dict:
     return dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B, B_train=a.B_train,
-                nlist=None if a.ivf == AUTO_WORD else a.ivf)
+                nlist=None if a.ivf == AUTO_WORD else a.ivf, metric=a.metric)
 
 
 def _train_config(a: argparse.Namespace):

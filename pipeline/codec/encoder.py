@@ -27,6 +27,7 @@ from pipeline.codec.decoder import decode
 from pipeline.codec.ivf import assign, assigner
 from pipeline.codec.model import QINCo, on_device, validate_vectors
 from pipeline.codec.precision import autocast
+from pipeline.codec.metric import prepare
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def encode(model: QINCo, x_ND: np.ndarray | Tensor, list_ids_N: np.ndarray | Non
     """
     cfg = model.config
     validate_vectors(x_ND, cfg.dim, source)
+    x_ND = prepare(x_ND, cfg.metric, source)  # unit rows for cosine
     B = cfg.B if B is None else int(B)
     A = cfg.A if A is None else int(A)
     N = x_ND.shape[0]

@@ -179,14 +179,16 @@ def _two_level(x_ND: np.ndarray, cfg: IVFConfig, progress: bool) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
 
 
-def hnsw_index(centroids_LD: np.ndarray, m: int = 32, ef_construction: int = 80) -> faiss.Index:
+def hnsw_index(centroids_LD: np.ndarray, m: int = 32, ef_construction: int = 80,
+               inner_product: bool = False) -> faiss.Index:
     """An HNSW graph over the centroids: approximate nearest lists, where an exact scan of every
     centroid would cost more (``HNSW_MIN_NLIST``, ``HNSW_ASSIGN_MIN_NLIST``).
 
     Built on one thread: a parallel build links the graph in the order the threads happen to
     run, and every encoder actor must build the same graph to assign vectors the same way."""
     centroids_LD = _as_f32(centroids_LD)
-    index = faiss.IndexHNSWFlat(centroids_LD.shape[1], m)
+    index = faiss.IndexHNSWFlat(centroids_LD.shape[1], m,
+                                faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2)
     index.hnsw.efConstruction = ef_construction
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)

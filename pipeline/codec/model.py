@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import JsonConfig
+from pipeline.codec.metric import check_metric
 from pipeline.errors import ConfigError, VectorFormatError
 
 VARIANTS = ("qinco1", "qinco2")
@@ -63,8 +64,10 @@ class QincoConfig(JsonConfig):
     B_train: int = 0
     nlist: int = 0
     init_noise: float = 0.01
+    metric: str = "l2"  # l2, ip or cosine (pipeline.codec.metric)
 
     def __post_init__(self) -> None:
+        check_metric(self.metric)
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         for name in ("dim", "M", "K", "B"):

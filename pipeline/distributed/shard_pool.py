@@ -76,7 +76,8 @@ class ShardActor:
         t = time.perf_counter()
         if precision not in self.decoders:
             self.decoders[precision] = Decoder(self.model, precision)
-        D, I = finish(self.decoders[precision], q_QD, merged, params, self.searcher.pairwise_fn)
+        D, I = finish(self.decoders[precision], q_QD, merged, params, self.searcher.pairwise_fn,
+                      self.searcher.metric)
         return D, I, time.perf_counter() - t
 
     def bad_shards(self) -> dict[str, str]:
@@ -219,8 +220,9 @@ class ShardPool:
         self.dim = self.model.config.dim
         self.nlist = max(1, self.model.config.nlist)
         self.allow_partial = allow_partial
+        self.metric = self.model.config.metric
         self.centroids_LD = model_centroids(self.model)
-        self.probe_index = coarse_probe(self.centroids_LD)  # the in-process searcher's probe
+        self.probe_index = coarse_probe(self.centroids_LD, self.metric)  # the in-process searcher's probe
         present = [s.to_dict() for s in m.shards if s.name not in self.shard_errors]
         if not present:
             raise PipelineError(f"no shard of {storage.redact(index_uri)} version {m.version} can be read: "
@@ -294,9 +296,9 @@ class ShardPool:
         the actors, the exact merge here, the re-rank in the actors (queries split between them);
         returns ``(D_QK, I_QK)``. ``stages`` accumulates seconds per stage."""
         stages = stages if stages is not None else {}
-        q_QD = check_queries(q_QD, self.dim)
+        q_QD = check_queries(q_QD, self.dim, self.metric)
         t = time.perf_counter()
-        lists = probe_lists(self.probe_index, self.centroids_LD, q_QD, params)
+        lists = probe_lists(self.probe_index, self.centroids_LD, q_QD, params, self.metric)
         stages["probe_s"] = stages.get("probe_s", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         qref, lref = ray.put(q_QD), ray.put(lists)
@@ -316,7 +318,7 @@ class ShardPool:
         merged = merge(params, parts)
         stages["merge_s"] = stages.get("merge_s", 0.0) + time.perf_counter() - t
         if not params.reranked and params.pairwise is None:
-            return finish(None, q_QD, merged, params)
+            return finish(None, q_QD, merged, params, metric=self.metric)
         t = time.perf_counter()
         R = params.reranked
         live = [j for j in range(len(self.actors)) if j not in self.failed]

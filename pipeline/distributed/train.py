@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.codec.encoder import assign_lists
+from pipeline.codec.metric import prepare
 from pipeline.codec.ivf import auto_nlist
 from pipeline.codec.model import QINCo, QincoConfig, model_from_state
 from pipeline.codec.model_file import save_model, save_report
@@ -190,6 +191,7 @@ def _train_loop_per_worker(config: dict) -> None:
             trainer.load_state_dict(_load_state(os.path.join(d, STATE_FILE)))
         if rank == 0:
             print(f"[qinco] resuming after epoch {trainer.epoch} from the last checkpoint", flush=True)
+    metric = qcfg.metric
     x_val = np.asarray(config["x_val"], dtype=np.float32)[rank::world]
     lids_val = config.get("lids_val")
     if lids_val is not None:
@@ -211,8 +213,8 @@ def _train_loop_per_worker(config: dict) -> None:
         it = shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
                                 local_shuffle_buffer_size=min(4 * per_worker_batch, 65536),
                                 local_shuffle_seed=tcfg.seed * 1000 + epoch * 16 + rank)
-        for b in it:
-            yield b["vector"].astype(np.float32, copy=False)
+        for b in it:  # as the index sees them (unit rows for cosine)
+            yield prepare(b["vector"].astype(np.float32, copy=False), metric, "training data")
 
     finished = trainer.epoch >= tcfg.max_epochs or bool(trainer.history and trainer.history[-1].get("stop"))
     epochs_this_run = 0
@@ -438,6 +440,8 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
     train_s, val_s = plan.samples()
     t = time.time()
     x_val, x_init = draw_samples(inputs, plan, cfg.rows_per_task, options, cfg.local_sample_bytes)
+    x_val = prepare(x_val, qcfg.metric, "validation data")  # unit rows for cosine
+    x_init = prepare(x_init, qcfg.metric, "initialisation data")
     sample_s = time.time() - t
     log.info("sampled %d validation and %d initialisation vectors from %d in %.1f s",
              len(x_val), len(x_init), total, sample_s)

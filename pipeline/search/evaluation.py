@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import faiss
 import numpy as np
 
+from pipeline.codec.metric import prepare, ranks_by_ip
 from pipeline.errors import ConfigError
 from pipeline.search.topk import topk_smallest
 
@@ -176,17 +177,23 @@ def k_recall_at_k(I_QK, gt_QK, k: int) -> float:
     return found / (I_QK.shape[0] * k)
 
 
-def search_decoded(queries, decoded_base, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exhaustive L2 search of ``queries`` over ``decoded_base`` (Faiss flat index).
+def search_decoded(queries, decoded_base, k: int, metric: str = "l2") -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive search of ``queries`` over ``decoded_base`` (Faiss flat index) by ``metric``:
+    the exact neighbours (ground truth) when the base holds the original vectors.
 
-    Returns ``(D_QK, I_QK)`` with squared distances; id -1 pads rows when the base is smaller
-    than k.
+    Returns ``(D_QK, I_QK)``: squared distances for ``l2``, inner products (cosine similarities
+    of the normalised rows for ``cosine``) for the others; id -1 pads rows when the base is
+    smaller than k.
     """
     xb = np.ascontiguousarray(decoded_base, dtype=np.float32)
     xq = np.ascontiguousarray(queries, dtype=np.float32)
     if xb.ndim != 2 or xq.ndim != 2 or xb.shape[1] != xq.shape[1]:
         raise ConfigError(f"query shape {xq.shape} and base shape {xb.shape} do not match")
-    index = faiss.IndexFlatL2(xb.shape[1])
+    if ranks_by_ip(metric):
+        xb, xq = prepare(xb, metric, "base"), prepare(xq, metric, "queries")
+        index = faiss.IndexFlatIP(xb.shape[1])
+    else:
+        index = faiss.IndexFlatL2(xb.shape[1])
     index.add(xb)
     D, I = index.search(xq, k)
     return D, I.astype(np.int64, copy=False)

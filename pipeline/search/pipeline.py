@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.codec.metric import scores
 from pipeline.search.merge import merge_shortlists
 from pipeline.search.params import SearchParams
 from pipeline.errors import ConfigError
@@ -50,25 +51,33 @@ def merge(params: SearchParams, parts: list[tuple[np.ndarray, ...]]) -> tuple[np
 
 
 def finish(decode_fn: DecodeFn | None, q_QD: np.ndarray, merged: tuple[np.ndarray, ...],
-           params: SearchParams, pairwise_fn: DecodeFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+           params: SearchParams, pairwise_fn: DecodeFn | None = None,
+           metric: str = "l2") -> tuple[np.ndarray, np.ndarray]:
     """``(D_QK, I_QK)`` from a merged shortlist: with ``params.pairwise``, its best by exact
     distance to ``pairwise_fn``'s reconstruction; the best ``params.reranked`` of those re-ranked
     by exact distance to ``decode_fn``'s, then the order of the stage before; without a decoder
-    (or with ``rerank=0``) the ranking of the stage before."""
+    (or with ``rerank=0``) the ranking of the stage before. The distances returned are the
+    metric's scores (:func:`pipeline.codec.metric.scores`: inner products for ``ip``)."""
+    D_QK, I_QK = _finish(decode_fn, q_QD, merged, params, pairwise_fn, metric)
+    return scores(D_QK, metric), I_QK
+
+
+def _finish(decode_fn, q_QD, merged, params: SearchParams, pairwise_fn, metric: str):
     if params.pairwise is not None:
         if pairwise_fn is None:
             raise ConfigError("this search asks for the pairwise stage (pairwise="
                               f"{params.pairwise}) but the model has no pairwise decoder; retrain "
                               "it with this version, or search without the pairwise stage")
         D_QS, I_QS, codes_QSM, lists_QS = merged[:4]
-        D2, I2, pos = rerank(pairwise_fn, q_QD, I_QS, codes_QSM, lists_QS, params.pairwise, positions=True)
+        D2, I2, pos = rerank(pairwise_fn, q_QD, I_QS, codes_QSM, lists_QS, params.pairwise, positions=True,
+                             metric=metric)
         merged = keep_candidates(merged, D2, I2, pos)
     D_QS, I_QS, codes_QSM, lists_QS = merged[:4]
     k = params.k
     R = params.reranked if decode_fn is not None else 0
     if R == 0:
         return D_QS[:, :k], I_QS[:, :k]
-    D_QK, I_QK = rerank(decode_fn, q_QD, I_QS[:, :R], codes_QSM[:, :R], lists_QS[:, :R], min(k, R))
+    D_QK, I_QK = rerank(decode_fn, q_QD, I_QS[:, :R], codes_QSM[:, :R], lists_QS[:, :R], min(k, R), metric=metric)
     if R < k:
         D_QK, I_QK = append_lut_tail(D_QK, I_QK, D_QS, I_QS, k)
     return D_QK, I_QK

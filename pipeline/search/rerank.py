@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.codec.metric import ranks_by_ip
 from pipeline.errors import ConfigError
 from pipeline.search.topk import PAD_ID, merge_topk, topk_smallest
 
@@ -33,9 +34,25 @@ def sqdist_rows(q_QD: np.ndarray, x_QXD: np.ndarray) -> np.ndarray:
     return diff_QXD.sum(axis=-1).astype(np.float32)
 
 
+def ipdist_rows(q_QD: np.ndarray, x_QXD: np.ndarray) -> np.ndarray:
+    """``-2 <q_i, x_ij>`` -> ``(Q, X)`` float32, the inner-product metrics' ranking value (smaller
+    is better), summed in float64 term by term like :func:`sqdist_rows`."""
+    prod_QXD = x_QXD.astype(np.float64) * q_QD.astype(np.float64)[:, None, :]
+    return (-2.0 * prod_QXD.sum(axis=-1)).astype(np.float32)
+
+
+def rank_values(metric: str):
+    """The exact ranking value of (query, vector) pairs for ``metric``: :func:`sqdist_rows` or
+    :func:`ipdist_rows`."""
+    return ipdist_rows if ranks_by_ip(metric) else sqdist_rows
+
+
 def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.ndarray,
-                          k: int, batch_entries: int = 1 << 22):
-    """Exact k-NN by scanning all vectors; ties broken by smaller id, padding (inf, -1)."""
+                          k: int, batch_entries: int = 1 << 22, metric: str = "l2"):
+    """Exact k-NN by scanning all vectors; ties broken by smaller id, padding (inf, -1). The
+    values are the search's ranking values for ``metric`` (``-2 <q, x>`` for the inner-product
+    metrics, over the vectors as given: prepare them first for cosine)."""
+    dist = rank_values(metric)
     q_QD = np.asarray(q_QD, dtype=np.float32)
     vectors_ND = np.asarray(vectors_ND, dtype=np.float32)
     ids_N = np.asarray(ids_N, dtype=np.int64)
@@ -48,7 +65,7 @@ def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.nd
     n_blk = max(1, batch_entries // max(1, Q * D))
     for a in range(0, N, n_blk):
         x_QXD = np.broadcast_to(vectors_ND[None, a:a + n_blk], (Q, min(n_blk, N - a), D))
-        D_QX = sqdist_rows(q_QD, x_QXD)
+        D_QX = dist(q_QD, x_QXD)
         I_QX = np.broadcast_to(ids_N[None, a:a + n_blk], D_QX.shape)
         best = merge_topk([best, (D_QX, I_QX)], k)
     return best
@@ -57,7 +74,7 @@ def brute_force_reference(q_QD: np.ndarray, vectors_ND: np.ndarray, ids_N: np.nd
 
 def rerank(decode_fn: DecodeFn, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: np.ndarray,
            lists_QS: np.ndarray, k: int, batch_rows: int = 65536,
-           positions: bool = False) -> tuple[np.ndarray, ...]:
+           positions: bool = False, metric: str = "l2") -> tuple[np.ndarray, ...]:
     """Top-``k`` of the candidates ``(I_QS, codes_QSM, lists_QS)`` by exact squared distance to
     ``decode_fn(codes_NM, list_ids_N)``; padding candidates have id -1. With ``positions``, a
     third array gives each result's column in the candidates (-1 for padding).
@@ -85,7 +102,7 @@ def rerank(decode_fn: DecodeFn, q_QD: np.ndarray, I_QS: np.ndarray, codes_QSM: n
     d_QS = np.empty((Q, S), np.float32)
     step = max(1, (1 << 22) // max(1, S * D))
     for a in range(0, Q, step):
-        d_QS[a:a + step] = sqdist_rows(q_QD[a:a + step], x_QSD[a:a + step])
+        d_QS[a:a + step] = rank_values(metric)(q_QD[a:a + step], x_QSD[a:a + step])
     d_QS[~valid] = np.inf
     if positions:
         return topk_smallest(d_QS, np.where(valid, I_QS, PAD_ID), k,

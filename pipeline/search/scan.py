@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.codec.codes import code_dtype
+from pipeline.codec.metric import check_metric, ranks_by_ip
 from pipeline.codec.decoder import model_centroids, model_codebooks, model_pairwise, model_row_scales
 from pipeline.codec.rowwise import matmul_rows
 from pipeline.errors import ConfigError, VectorFormatError
@@ -106,7 +107,9 @@ class ShardSearcher:
                  coarse_index=None, source: str = "<shard>", decode_batch_size: int = 65536,
                  scan_buffer_entries: int = SCAN_BUFFER_ENTRIES, num_threads: int = 1,
                  scale_N: np.ndarray | None = None, pairwise_fn: DecodeFn | None = None,
-                 scanner: str = "native"):
+                 scanner: str = "native", metric: str = "l2"):
+        self.metric = check_metric(metric)
+        self.ip = ranks_by_ip(metric)
         if scanner not in SCANNERS:
             raise ConfigError(f"{source}: scanner must be one of {SCANNERS}, got {scanner!r}")
         self.scanner = scanner
@@ -195,7 +198,8 @@ class ShardSearcher:
     def _row_terms(self, steps: int | None = None, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
         """``||a_n r_n||^2`` and ``||a_n r_n||^2 + 2 <c_l, a_n r_n>`` per row (float32, computed in
         float64; ``a_n`` = 1 without row scales). With ``steps`` P, the same terms of the unscaled
-        residual of the first P codebooks (the prefix stage's)."""
+        residual of the first P codebooks (the prefix stage's). With an inner-product metric the
+        row term of ``-2 <q, c_l + a_n r_n>`` is 0."""
         norms_N = np.empty(self.N, np.float32)
         bias_N = np.empty(self.N, np.float32)
         cb_MKD = self.codebooks_MKD.astype(np.float64)
@@ -209,13 +213,13 @@ class ShardSearcher:
             nrm = np.einsum("nd,nd->n", r_ND, r_ND)
             c_ND = self.centroids_LD[self.list_ids_N[a:a + chunk]].astype(np.float64)
             norms_N[a:a + chunk] = nrm
-            bias_N[a:a + chunk] = nrm + 2.0 * np.einsum("nd,nd->n", c_ND, r_ND)
+            bias_N[a:a + chunk] = 0.0 if self.ip else nrm + 2.0 * np.einsum("nd,nd->n", c_ND, r_ND)
         return norms_N, bias_N
 
     # ------------------------------------------------------------------ stage 1: probe
     def _probe(self):
         if self._coarse_index is None:
-            self._coarse_index = coarse_probe(self.centroids_LD)
+            self._coarse_index = coarse_probe(self.centroids_LD, self.metric)
         return self._coarse_index
 
     def probe(self, q_QD, nprobe: int):
@@ -223,14 +227,15 @@ class ShardSearcher:
 
         ``nprobe`` is capped at nlist; missing entries (from approximate coarse indexes) are -1.
         """
-        q_QD = check_queries(q_QD, self.D)
+        q_QD = check_queries(q_QD, self.D, self.metric)
         P = max(1, min(int(nprobe), self.nlist))
-        lists_QP = probe_lists(self._probe(), self.centroids_LD, q_QD, SearchParams(k=1, nprobe=P, shortlist=1))
-        return coarse_dists(q_QD, lists_QP, self.centroids_LD), lists_QP
+        lists_QP = probe_lists(self._probe(), self.centroids_LD, q_QD, SearchParams(k=1, nprobe=P, shortlist=1),
+                               self.metric)
+        return self._coarse_dists(q_QD, lists_QP), lists_QP
 
     # ------------------------------------------------------------------ stage 2: LUT shortlist
     def _coarse_dists(self, q_QD: np.ndarray, lists_QP: np.ndarray) -> np.ndarray:
-        return coarse_dists(q_QD, lists_QP, self.centroids_LD)
+        return coarse_dists(q_QD, lists_QP, self.centroids_LD, self.metric)
 
     def _luts(self, q_QD: np.ndarray) -> np.ndarray:
         """Per-query tables ``-2 <q, C_m[k]>`` as float32 ``(Q, M, K)``: one batch-invariant product
@@ -500,10 +505,10 @@ class ShardSearcher:
         those of its slowest thread.
         """
         params.validate()
-        q_QD = check_queries(q_QD, self.D)
+        q_QD = check_queries(q_QD, self.D, self.metric)
         t = timings if timings is not None else {}
         t0 = time.perf_counter()
-        lists_QP = probe_lists(self._probe(), self.centroids_LD, q_QD, params)
+        lists_QP = probe_lists(self._probe(), self.centroids_LD, q_QD, params, self.metric)
         t["probe"] = t.get("probe", 0.0) + (time.perf_counter() - t0)
         Q = q_QD.shape[0]
         T = self._threads_for(Q)
@@ -527,7 +532,7 @@ class ShardSearcher:
         merged = merge(params, [shortlist(self, q_QD, lists_QP, params, threads)])
         t2 = time.perf_counter()
         t["lut"] = t.get("lut", 0.0) + (t2 - t1)
-        D_QK, I_QK = finish(self.decode_fn, q_QD, merged, params, self.pairwise_fn)
+        D_QK, I_QK = finish(self.decode_fn, q_QD, merged, params, self.pairwise_fn, self.metric)
         if self.decode_fn is not None or params.pairwise is not None:
             t["rerank"] = t.get("rerank", 0.0) + (time.perf_counter() - t2)
         return D_QK, I_QK
@@ -555,7 +560,7 @@ def build_searcher(model, list_ids_N, ids_N, codes_NM, list_offsets, *, scale_N=
                      todo.size, time.perf_counter() - t)
     return ShardSearcher(list_ids_N, ids_N, codes_NM, list_offsets, model_centroids(model), model_codebooks(model),
                          decode_fn=decode_fn, source=source, num_threads=num_threads, scale_N=scale_N,
-                         pairwise_fn=model_pairwise(model))
+                         pairwise_fn=model_pairwise(model), metric=model.config.metric)
 
 
 def _in_query_parts(fn, Q: int, T: int):

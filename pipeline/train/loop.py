@@ -43,6 +43,7 @@ from torch import Tensor
 
 from pipeline.codec.decoder import decode, reconstruction_mse
 from pipeline.codec.encoder import assign_lists, encode
+from pipeline.codec.metric import prepare
 from pipeline.codec.model import QINCo, QincoConfig, validate_vectors
 from pipeline.errors import ConfigError
 from pipeline.train.config import TrainConfig
@@ -370,12 +371,14 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     random.seed(tcfg.seed)
-    x_train = np.asarray(x_train_ND, dtype=np.float32)
-    x_val = np.asarray(x_val_ND, dtype=np.float32)
+    # the vectors as the index sees them (unit rows for cosine: pipeline.codec.metric)
+    x_train = prepare(np.asarray(x_train_ND, dtype=np.float32), qcfg.metric, "training data")
+    x_val = prepare(np.asarray(x_val_ND, dtype=np.float32), qcfg.metric, "validation data")
     if tcfg.max_train and len(x_train) > tcfg.max_train:
         sel = np.sort(np.random.default_rng(tcfg.seed).choice(len(x_train), tcfg.max_train, replace=False))
         x_train = x_train[sel]
-    x_init = x_train if x_init_ND is None else np.asarray(x_init_ND, dtype=np.float32)
+    x_init = x_train if x_init_ND is None else prepare(np.asarray(x_init_ND, dtype=np.float32), qcfg.metric,
+                                                       "initialisation data")
     t_start = time.time()
     model = init_model(qcfg, tcfg, x_init, centroids_LD=centroids, device=device)
     lids_train = lids_val = None
