@@ -64,6 +64,7 @@ from pipeline.io import vectors
 from pipeline.io.codes import write_codes
 from pipeline.io.inputs import input_key, plan_inputs
 from pipeline.sysinfo import peak_rss_bytes
+from pipeline.stages.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +367,6 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
 
 def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, options) -> tuple[list[dict], dict]:
     """The pending ranges through the actor pool; the written shards' infos and each actor's peak RSS."""
-    t = time.perf_counter()
     ctx = DataContext.get_current()
     rec_bytes = max(i.record_bytes or (i.dim * 4) for i in plan.inputs)
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 4 * cfg.shard_rows * rec_bytes)
@@ -390,8 +390,9 @@ def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, opt
     )
     done_now: list[dict] = []
     actor_peak_rss: dict[int, tuple[int, int]] = {}  # pid -> (peak RSS, peak private memory)
-    encoded_rows = 0
-    last_log = time.perf_counter()
+    total = sum(i.count for i in plan.inputs)
+    pending = sum(tk.stop - tk.start for tk in plan.pending)
+    bar = Progress(total, "vectors", "encode", initial=total - pending) if progress else None
     try:
         for row in ds.iter_rows():
             info = json.loads(row["info"])
@@ -399,17 +400,16 @@ def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, opt
             pid = int(row["pid"])
             was = actor_peak_rss.get(pid, (0, 0))
             actor_peak_rss[pid] = (max(was[0], int(row["peak_rss"])), max(was[1], int(row["peak_private"])))
-            encoded_rows += info["rows"]
-            now = time.perf_counter()
-            if progress and (now - last_log > 5 or len(done_now) == len(plan.pending)):
-                log.info("encoded %d/%d shards, %d vectors, %.0f vectors/s", len(done_now), len(plan.pending),
-                         encoded_rows, encoded_rows / max(now - t, 1e-9))
-                last_log = now
+            if bar is not None:
+                bar.update(info["rows"], shards=f"{len(done_now)}/{len(plan.pending)}")
     except Exception as e:  # noqa: BLE001 - surface the original pipeline error
         err = unwrap_ray_error(e)
         if err is e:
             raise
         raise err from None
+    finally:
+        if bar is not None:
+            bar.close()
     return done_now, actor_peak_rss
 
 

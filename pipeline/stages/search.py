@@ -26,6 +26,7 @@ from pipeline.io import storage, vectors
 from pipeline.search.evaluation import k_recall_at_k, recall_at
 from pipeline.search.params import SearchParams
 from pipeline.search.tuning import RERANK_LADDER, check_measure, tune
+from pipeline.stages.progress import Progress
 from pipeline.sysinfo import peak_rss_bytes
 
 log = logging.getLogger(__name__)
@@ -172,15 +173,14 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
         t1 = time.perf_counter()
         searched = 0
         done_before = Q - sum(min(Q, (b + 1) * batch) - b * batch for b in todo)
-        for b in todo:
-            b0, b1 = b * batch, min(Q, (b + 1) * batch)
-            q = vectors.read_rows(cfg.queries_uri, b0, b1, options=options, file_info=qinfo).astype(np.float32)
-            D, I = pool.search_batch(q, params, stages, cfg.rerank_precision)
-            results.write_part(_part_uri(cfg.out_uri, b), b0, I, D, options)
-            searched += b1 - b0
-            elapsed = time.perf_counter() - t1
-            log.info("searched %d/%d queries (%.0f queries/s)", done_before + searched, Q,
-                     searched / max(elapsed, 1e-9))
+        with Progress(Q, "queries", "search", initial=done_before) as bar:
+            for b in todo:
+                b0, b1 = b * batch, min(Q, (b + 1) * batch)
+                q = vectors.read_rows(cfg.queries_uri, b0, b1, options=options, file_info=qinfo).astype(np.float32)
+                D, I = pool.search_batch(q, params, stages, cfg.rerank_precision)
+                results.write_part(_part_uri(cfg.out_uri, b), b0, I, D, options)
+                searched += b1 - b0
+                bar.update(b1 - b0)
         search_s = time.perf_counter() - t1
         failed = pool.failed_shards()
         failures = pool.failures()

@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import storage
 from pipeline.io.inputs import plan_inputs
 from pipeline.train.loop import train_model
+from pipeline.stages.progress import Progress
 from pipeline.train.recipe import resolve_model
 from pipeline.train.setup import INIT_ROWS, plan_split, read_split_local, sample_extra_rows
 
@@ -83,17 +84,24 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
         if recipe.overridden:
             echo(f"  given instead of the recipe's: {recipe.overridden}")
 
+    # a bar over the epochs, or over the seconds of a time budget (the epochs it allows are unknown)
+    bar = (Progress(tcfg.max_epochs, "epochs", "train") if tcfg.time_budget_s is None
+           else Progress(int(tcfg.time_budget_s), "s", "train"))
+
     def progress(rec: dict, trainer) -> None:
         if rec.get("rq_init"):
             echo(f"epoch 0 (RQ init): val MSE {rec['val_mse']:.6g}")
             return
         echo(f"epoch {rec['epoch']}: {rec['samples_per_s']:.0f} samples/s, {rec['seconds']:.1f} s, "
              f"train MSE {rec['train_mse']:.6g}, val MSE {rec['val_mse']:.6g}{' *' if rec['best'] else ''}")
+        step = 1 if bar.unit == "epochs" else min(bar.total - bar.done, int(trainer.time_used_s) - bar.done)
+        bar.update(max(0, step), samples_per_s=f"{rec['samples_per_s']:.0f}", val_mse=f"{rec['val_mse']:.4g}")
 
     read_s = time.time() - t0
     # the band already holds about max_train rows, all of which the Ray Train workers use too
-    model, history = train_model(x_train, x_val, qcfg, tcfg.replace(max_train=None), device=device,
-                                 on_epoch_end=progress, x_init_ND=x_init)
+    with bar:
+        model, history = train_model(x_train, x_val, qcfg, tcfg.replace(max_train=None), device=device,
+                                     on_epoch_end=progress, x_init_ND=x_init)
     train_s = time.time() - t0 - read_s
     meta = {"train_config": tcfg.to_dict(), "preset": preset, "history": history, "data": data,
             "recipe": recipe.to_dict() if recipe is not None else None, "ivf_auto": ivf_why}

@@ -1,0 +1,34 @@
+"""Progress of long work: log lines with totals, rate and time left when not on a terminal, a
+tqdm bar when forced (or on a terminal), nothing with QINCO_PROGRESS=off."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.stages.progress import Progress
+
+
+def test_log_lines_give_total_rate_and_time_left(monkeypatch, caplog):
+    monkeypatch.setenv("QINCO_PROGRESS", "log")
+    caplog.set_level(logging.INFO, logger="pipeline.stages.progress")
+    with Progress(1000, "vectors", "encode", initial=200, every_s=0.0) as p:
+        p.update(300, shards="1/3")
+        p.update(500)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("encode: 500/1,000 vectors (") and "vectors/s" in lines[0]
+    assert "left" in lines[0] and lines[0].endswith("shards 1/3")
+    assert lines[1].startswith("encode: 1,000/1,000 vectors") and "left" not in lines[1]
+    assert p.done == 1000 and p.rate() > 0
+
+
+def test_bar_on_request_and_silence(monkeypatch, caplog, capsys):
+    monkeypatch.setenv("QINCO_PROGRESS", "bar")
+    with Progress(10, "queries", "search") as p:
+        p.update(10)
+    err = capsys.readouterr().err
+    assert "search" in err and "100%" in err and "queries/s" in err
+    monkeypatch.setenv("QINCO_PROGRESS", "off")
+    caplog.set_level(logging.INFO, logger="pipeline.stages.progress")
+    with Progress(10, "queries", "search", every_s=0.0) as p:
+        p.update(10)
+    assert not caplog.records and not capsys.readouterr().err
