@@ -167,6 +167,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "default): streamed, never a row equal to a validation row")
     p.add_argument("--sample-size", type=count(0, 2**40), default=1_000_000,
                    help="rows drawn from --sample-from (default 1,000,000; 0: all)")
+    _add_column_options(p)
     for name, typ in (("M", CODE_BYTES), ("K", count(2, 65536)), ("L", count(0, 64)), ("h", count(1, 65536)),
                       ("de", count(1, 65536)), ("dh", count(1, 65536)), ("A", count(1, 65536)),
                       ("B", BEAM), ("B-train", BEAM)):
@@ -222,7 +223,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         tcfg, explicit = _train_config(a)
         run_train(a.data, a.out, _model_overrides(a), a.preset, tcfg, device=a.device,
                   echo=lambda m: print(m, flush=True), explicit_train=explicit,
-                  sample_from=a.sample_from, sample_size=a.sample_size or None, ivf_auto=a.ivf == AUTO_WORD)
+                  sample_from=a.sample_from, sample_size=a.sample_size or None, ivf_auto=a.ivf == AUTO_WORD,
+                  columns=(a.vector_column, a.id_column))
         return 0
 
     p.set_defaults(func=run)
@@ -297,7 +299,8 @@ def _train_distributed(a: argparse.Namespace) -> int:
     ensure_ray()
     summary = run_distributed_training(DistTrainConfig(
         data_uris=list(a.data), out_uri=a.out, qinco=qd, train=tcfg.to_dict(), preset=a.preset,
-        explicit_train=sorted(explicit), ivf_auto=a.ivf == AUTO_WORD,
+        explicit_train=sorted(explicit), ivf_auto=a.ivf == AUTO_WORD, vector_column=a.vector_column,
+        id_column=a.id_column,
         workers=a.workers, cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker,
         threads_per_worker=a.threads_per_worker, fresh=a.fresh, stop_after_epochs=a.stop_after_epochs))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
@@ -324,6 +327,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-rows", type=count(1, 2**31 - 1), default=65536, help="vectors per read task and shard (default 65536)")
     p.add_argument("--batch-size", type=BATCH, default=None, help="encoder batch size (default: sized from B and A)")
     p.add_argument("--fmt", default=None, help="input format when the extension does not tell")
+    _add_column_options(p)
     p.add_argument("--overwrite", action="store_true", help="build a new version over a different index")
     p.add_argument("--skip-bad-ranges", action="store_true",
                    help="skip unreadable row ranges (listed in the report) instead of failing")
@@ -352,7 +356,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
             plan = plan_encode(a.model, list(a.data), a.out, workers=a.workers,
                                cpus_per_worker=a.cpus_per_worker or _cpus_share(res, a.workers),
                                gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows, A=a.A, B=a.B,
-                               fmt=a.fmt, res=res)
+                               fmt=a.fmt, columns=(a.vector_column, a.id_column), res=res)
             print(format_plan(plan))
             check_plan(plan)
             return 0
@@ -369,6 +373,13 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _add_column_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vector-column", default=None, metavar="NAME",
+                   help="parquet inputs: the column holding the vectors (default: vector)")
+    p.add_argument("--id-column", default=None, metavar="NAME",
+                   help="parquet inputs: the column holding the int64 ids, when present (default: id)")
 
 
 def _plan_resources(out: str | None) -> dict:
@@ -406,7 +417,8 @@ def _encode_index(a: argparse.Namespace) -> int:
         model_uri=a.model, data_uris=list(a.data), index_uri=a.out, fmt=a.fmt, workers=a.workers,
         cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows,
         batch_size=a.batch_size or 0, overwrite=a.overwrite, skip_bad_ranges=a.skip_bad_ranges,
-        lut_weight=a.lut_weight, precision=a.precision, A=a.A, B=a.B))
+        lut_weight=a.lut_weight, precision=a.precision, A=a.A, B=a.B, vector_column=a.vector_column,
+        id_column=a.id_column))
     keys = ("status", "version", "vectors", "shards", "vectors_encoded_this_run", "vectors_per_s", "wall_s", "bad_ranges")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2, default=str))
     return 0
@@ -466,6 +478,9 @@ def _add_baselines(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queries", type=ROWS, default=None, help="use only the first N queries")
     p.add_argument("--k", type=NEIGHBOURS, default=100, help="results per query")
     p.add_argument("--seed", type=SEED, default=1234)
+    p.add_argument("--metric", choices=["l2", "ip", "cosine"], default="l2",
+                   help="rank neighbours (the ground truth and the quantizers' search) by this metric, as an "
+                        "index trained with `qinco train --metric` does (default l2)")
     p.add_argument("--out", required=True, help="JSON results file (written atomically)")
 
     def run(a: argparse.Namespace) -> int:
@@ -474,7 +489,7 @@ def _add_baselines(sub: argparse._SubParsersAction) -> None:
         run_baselines_job(BaselinesConfig(
             out=a.out, learn=a.learn, base=a.base, queries=a.queries, groundtruth=a.groundtruth,
             dataset=a.dataset, data_dir=a.data_dir, bytes=a.bytes, methods=a.methods, max_learn=a.max_learn,
-            max_base=a.max_base, max_queries=a.max_queries, k=a.k, seed=a.seed))
+            max_base=a.max_base, max_queries=a.max_queries, k=a.k, seed=a.seed, metric=a.metric))
         return 0
 
     p.set_defaults(func=run)

@@ -88,6 +88,8 @@ class DistTrainConfig(JsonConfig):
     qinco: dict[str, Any]
     train: dict[str, Any]
     fmt: str | None = None
+    vector_column: str | None = None  # parquet inputs: the vectors' column (None: "vector")
+    id_column: str | None = None
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -114,6 +116,7 @@ class DistTrainConfig(JsonConfig):
             "train": self.train,
             "init_rows": self.init_rows,
             "ivf_niter": self.ivf_niter,
+            **{k: getattr(self, k) for k in ("vector_column", "id_column") if getattr(self, k) is not None},
         }
 
 
@@ -406,7 +409,8 @@ def run_distributed_training(cfg: DistTrainConfig, options=None) -> dict[str, An
         raise ConfigError(f"stop_after_epochs must be >= 1, got {cfg.stop_after_epochs}")
     # Workers and read tasks may run where the driver's AWS_* variables are unknown.
     options = (options or storage.StorageOptions()).resolved()
-    inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
+    inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options, vector_column=cfg.vector_column,
+                         id_column=cfg.id_column)
     dim = inputs[0].dim
     qd = dict(cfg.qinco)
     if qd.get("dim") not in (None, dim):

@@ -37,10 +37,12 @@ def ids_file_uri(vector_uri: str) -> str:
     return str(vector_uri) + IDS_FILE_SUFFIX
 
 
-def detect(uri: str, fmt: str, count: int, options=None) -> tuple[str, str | None]:
-    """``(source, ids file URI or None)`` for one vector file of ``count`` vectors."""
+def detect(uri: str, fmt: str, count: int, options=None,
+           id_column: str = vectors.PARQUET_ID_COLUMN) -> tuple[str, str | None]:
+    """``(source, ids file URI or None)`` for one vector file of ``count`` vectors (a parquet
+    file's ids are its column ``id_column`` when it has one)."""
     if fmt == "parquet":
-        return (COLUMN, None) if vectors.parquet_has_ids(uri, options) else (ROWS, None)
+        return (COLUMN, None) if vectors.parquet_has_ids(uri, options, id_column) else (ROWS, None)
     side = ids_file_uri(uri)
     if not storage.exists(side, options):
         return ROWS, None

@@ -63,6 +63,9 @@ class InputEntry(JsonConfig):
     ids: str = ids_mod.ROWS
     ids_uri: str | None = None
     ids_sha256: str | None = None
+    # parquet: the columns the vectors and the ids were read from
+    vector_column: str = vectors.PARQUET_VECTOR_COLUMN
+    id_column: str = vectors.PARQUET_ID_COLUMN
 
     def key(self) -> tuple:
         """What must match for two records to describe the same vectors with the same ids."""
@@ -77,7 +80,8 @@ class InputEntry(JsonConfig):
 def input_key(d: dict) -> tuple:
     """``InputEntry.key`` of an input's dict (a manifest's or a planned ``InputFile``'s)."""
     return (d["uri"], d["count"], d["header_sha256"], d["id_start"], d["id_stop"],
-            d.get("ids", ids_mod.ROWS), d.get("ids_sha256"))
+            d.get("ids", ids_mod.ROWS), d.get("ids_sha256"),
+            d.get("vector_column", vectors.PARQUET_VECTOR_COLUMN), d.get("id_column", vectors.PARQUET_ID_COLUMN))
 
 
 @dataclass
@@ -93,7 +97,8 @@ class InputFile(InputEntry):
         """The ``vectors`` layout, so range reads need no extra header request."""
         return vectors.VectorFileInfo(
             uri=storage.redact(self.uri), fmt=self.fmt, count=self.count, dim=self.dim, dtype=self.dtype,
-            header_bytes=self.header_bytes, record_bytes=self.record_bytes, size_bytes=self.size_bytes)
+            header_bytes=self.header_bytes, record_bytes=self.record_bytes, size_bytes=self.size_bytes,
+            vector_column=self.vector_column, id_column=self.id_column)
 
 
 def _provenance_hash(uri: str, size: int, options) -> str:
@@ -105,9 +110,9 @@ def _provenance_hash(uri: str, size: int, options) -> str:
     return h.hexdigest()
 
 
-def _plan_one(uri: str, fmt: str | None, options):
-    fi = vectors.info(uri, fmt, options)
-    source, ids_uri = ids_mod.detect(uri, fi.fmt, fi.count, options)
+def _plan_one(uri: str, fmt: str | None, options, columns: tuple[str, str]):
+    fi = vectors.info(uri, fmt, options, columns)
+    source, ids_uri = ids_mod.detect(uri, fi.fmt, fi.count, options, columns[1])
     ids_sha = None if ids_uri is None else _provenance_hash(ids_uri, storage.file_size(ids_uri, options), options)
     return fi, _provenance_hash(uri, fi.size_bytes, options), (source, ids_uri, ids_sha)
 
@@ -155,8 +160,11 @@ def expand_inputs(uris: Sequence[str], fmt: str | None = None, options=None) -> 
     return out
 
 
-def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, options=None) -> list[InputFile]:
+def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, options=None,
+                vector_column: str | None = None, id_column: str | None = None) -> list[InputFile]:
     """Read every file's header (in parallel threads) and assign consecutive row positions.
+    Parquet vectors are read from ``vector_column`` and ids from ``id_column`` (default
+    ``vector`` and ``id``).
 
     ``uris`` may name files, folders and glob patterns (``expand_inputs``); the files they expand
     to are the inputs, in that order, and their vectors' row positions follow it. All files must
@@ -182,7 +190,8 @@ def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, opti
         seen.add(u)
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(_PLAN_THREADS, len(uris))) as pool:
-        planned = list(pool.map(lambda u: _plan_one(u, fmt, options), uris))
+        columns = (vector_column or vectors.PARQUET_VECTOR_COLUMN, id_column or vectors.PARQUET_ID_COLUMN)
+        planned = list(pool.map(lambda u: _plan_one(u, fmt, options, columns), uris))
     inputs: list[InputFile] = []
     id_start = 0
     first = planned[0][0]
@@ -197,7 +206,8 @@ def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, opti
                                 id_start=id_start, id_stop=id_start + fi.count, header_sha256=digest,
                                 ids=source, ids_uri=ids_uri, ids_sha256=ids_sha,
                                 header_bytes=fi.header_bytes, record_bytes=fi.record_bytes,
-                                size_bytes=fi.size_bytes))
+                                size_bytes=fi.size_bytes, vector_column=fi.vector_column,
+                                id_column=fi.id_column))
         id_start += fi.count
     ids_mod.check_same_kind(inputs)
     log.info("planned %d input files: %d vectors of dimension %d (%.1f s)",

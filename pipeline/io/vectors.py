@@ -57,6 +57,9 @@ class VectorFileInfo(JsonConfig):
     header_bytes: int
     record_bytes: int
     size_bytes: int
+    # parquet: the column of the vectors and the column of the ids (when the file has it)
+    vector_column: str = PARQUET_VECTOR_COLUMN
+    id_column: str = PARQUET_ID_COLUMN
 
     def byte_range(self, start: int, stop: int) -> tuple[int, int]:
         """(offset, length) of rows ``[start, stop)``; parquet has no fixed layout -> ValueError."""
@@ -108,12 +111,14 @@ def _check_range(fi: VectorFileInfo, start: int, stop: int) -> None:
 
 # ----------------------------------------------------------------------------------------- info
 
-def info(uri: str, fmt: str | None = None, options: StorageOptions | None = None) -> VectorFileInfo:
-    """Count, dim, dtype and layout from headers and the file size (a few small ranged reads)."""
+def info(uri: str, fmt: str | None = None, options: StorageOptions | None = None,
+         columns: tuple[str, str] | None = None) -> VectorFileInfo:
+    """Count, dim, dtype and layout from headers and the file size (a few small ranged reads).
+    ``columns``: the parquet vector and id columns (default ``vector`` and ``id``)."""
     fmt = _fmt(uri, fmt)
     name = storage.redact(str(uri))
     if fmt == "parquet":
-        return _parquet_info(uri, name, options)
+        return _parquet_info(uri, name, options, *(columns or (PARQUET_VECTOR_COLUMN, PARQUET_ID_COLUMN)))
     size = storage.file_size(uri, options)
     if fmt in _VECS_DTYPE:
         dt = _VECS_DTYPE[fmt]
@@ -214,31 +219,32 @@ def _parquet_file(uri: str, options):
         raise VectorFormatError(storage.redact(uri), f"unreadable parquet file ({exc})", offset=0) from None
 
 
-def _parquet_info(uri: str, name: str, options) -> VectorFileInfo:
+def _parquet_info(uri: str, name: str, options, vector_column: str, id_column: str) -> VectorFileInfo:
     size = storage.file_size(uri, options)
     pf, f = _parquet_file(uri, options)
     try:
         schema = pf.schema_arrow
-        if PARQUET_VECTOR_COLUMN not in schema.names:
-            raise VectorFormatError(name, f"no {PARQUET_VECTOR_COLUMN!r} column (columns: {schema.names})")
-        t = schema.field(PARQUET_VECTOR_COLUMN).type
+        if vector_column not in schema.names:
+            raise VectorFormatError(name, f"no {vector_column!r} column (columns: {schema.names}); "
+                                          "name the vectors' column with --vector-column")
+        t = schema.field(vector_column).type
         if pa.types.is_fixed_size_list(t):
             d = t.list_size
         elif pa.types.is_list(t) or pa.types.is_large_list(t):
-            d = _parquet_list_dim(pf, name)
+            d = _parquet_list_dim(pf, name, vector_column)
         else:
-            raise VectorFormatError(name, f"column {PARQUET_VECTOR_COLUMN!r} must be a list or fixed-size list "
+            raise VectorFormatError(name, f"column {vector_column!r} must be a list or fixed-size list "
                                           f"of numbers, got {t}")
         dt = np.dtype(t.value_type.to_pandas_dtype())
         if dt.kind not in "fiu":
             raise VectorFormatError(name, f"unsupported vector value type {t.value_type}")
         _check_dim(name, d, offset=0)
-        return VectorFileInfo(name, "parquet", pf.metadata.num_rows, d, dt.name, 0, 0, size)
+        return VectorFileInfo(name, "parquet", pf.metadata.num_rows, d, dt.name, 0, 0, size, vector_column, id_column)
     finally:
         f.close()
 
 
-def _parquet_list_dim(pf, name: str) -> int:
+def _parquet_list_dim(pf, name: str, column: str) -> int:
     """The dimension of a variable-length list vector column, from the footer alone: its values
     over its rows. Every row must hold that many (``_parquet_read`` checks each row it reads)."""
     md = pf.metadata
@@ -248,11 +254,11 @@ def _parquet_list_dim(pf, name: str) -> int:
     for g in range(md.num_row_groups):
         rg = md.row_group(g)
         leaves = [rg.column(j) for j in range(rg.num_columns)
-                  if rg.column(j).path_in_schema.split(".")[0] == PARQUET_VECTOR_COLUMN]
+                  if rg.column(j).path_in_schema.split(".")[0] == column]
         values += sum(c.num_values for c in leaves)
     d, rest = divmod(values, md.num_rows)
     if rest or d == 0:
-        raise VectorFormatError(name, f"column {PARQUET_VECTOR_COLUMN!r} holds {values} values in {md.num_rows} "
+        raise VectorFormatError(name, f"column {column!r} holds {values} values in {md.num_rows} "
                                       "rows: its lists must all have one length (the dimension)", offset=0)
     return d
 
@@ -270,7 +276,7 @@ def read_rows(uri: str, start: int, stop: int, fmt: str | None = None, options: 
     _check_range(fi, start, stop)
     n = stop - start
     if fi.fmt == "parquet":
-        x = _parquet_read(uri, fi, start, stop, options, PARQUET_VECTOR_COLUMN)
+        x = _parquet_read(uri, fi, start, stop, options, fi.vector_column)
         if check_finite:
             _check_finite(fi, x, start, offset_of=None)
         return x
@@ -341,7 +347,7 @@ def _parquet_read(uri: str, fi: VectorFileInfo, start: int, stop: int, options, 
         col = tbl.column(column).combine_chunks().slice(start - first, stop - start)
     finally:
         f.close()
-    if column == PARQUET_VECTOR_COLUMN:
+    if column == fi.vector_column:
         if col.null_count:
             i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise VectorFormatError(fi.uri, "null vector", row=start + i)
@@ -364,20 +370,21 @@ def _parquet_read(uri: str, fi: VectorFileInfo, start: int, stop: int, options, 
 
 def read_ids(uri: str, start: int, stop: int, fmt: str | None = None, options: StorageOptions | None = None,
              file_info: VectorFileInfo | None = None) -> np.ndarray | None:
-    """The ``id`` column for rows [start, stop) of a parquet file, in its stored type (checking it
-    is :mod:`pipeline.io.ids`' job); None for other formats and parquet files without one."""
+    """The id column (``file_info.id_column``, default ``id``) for rows [start, stop) of a parquet
+    file, in its stored type (checking it is :mod:`pipeline.io.ids`' job); None for other formats
+    and parquet files without one."""
     fi = file_info or info(uri, fmt, options)
     _check_range(fi, start, stop)
-    if fi.fmt != "parquet" or not parquet_has_ids(uri, options):
+    if fi.fmt != "parquet" or not parquet_has_ids(uri, options, fi.id_column):
         return None
-    return _parquet_read(uri, fi, start, stop, options, PARQUET_ID_COLUMN)
+    return _parquet_read(uri, fi, start, stop, options, fi.id_column)
 
 
-def parquet_has_ids(uri: str, options: StorageOptions | None = None) -> bool:
-    """Whether a parquet vector file has an ``id`` column (its footer only)."""
+def parquet_has_ids(uri: str, options: StorageOptions | None = None, column: str = PARQUET_ID_COLUMN) -> bool:
+    """Whether a parquet vector file has the id column ``column`` (its footer only)."""
     pf, f = _parquet_file(uri, options)
     try:
-        return PARQUET_ID_COLUMN in pf.schema_arrow.names
+        return column in pf.schema_arrow.names
     finally:
         f.close()
 

@@ -96,6 +96,9 @@ class EncodeJobConfig(JsonConfig):
     # the encoder's beam size and pre-selected candidates; None: the model's (e.g. A=16, B=1: a faster encoder)
     A: int | None = None
     B: int | None = None
+    # parquet inputs: the columns of the vectors and of the ids (None: "vector" and "id")
+    vector_column: str | None = None
+    id_column: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs 'the same job' (resources and batch sizes do not change codes)."""
@@ -112,6 +115,9 @@ class EncodeJobConfig(JsonConfig):
         if self.precision is not None:  # changes the codes in their last choices; absent by default
             ident["precision"] = self.precision
         for name in ("A", "B"):  # a narrower search finds other codes; absent at the model's
+            if getattr(self, name) is not None:
+                ident[name] = getattr(self, name)
+        for name in ("vector_column", "id_column"):  # other columns are other vectors or ids
             if getattr(self, name) is not None:
                 ident[name] = getattr(self, name)
         return ident
@@ -324,7 +330,8 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
         raise ConfigError(f"B (beam size) must be >= 1, got {cfg.B}")
     if cfg.precision is not None:  # checked for the actors' device before any work
         resolve_precision(cfg.precision, "cuda" if cfg.gpus_per_worker else "cpu")
-    inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options)
+    inputs = plan_inputs(cfg.data_uris, fmt=cfg.fmt, options=options, vector_column=cfg.vector_column,
+                         id_column=cfg.id_column)
     for inp in inputs:
         if inp.dim != mcfg.dim:
             raise ConfigError(
@@ -488,7 +495,7 @@ def _report(cfg: EncodeJobConfig, plan: _EncodePlan, manifest: Manifest, done_no
 def _describe_bad_range(inp, tk: RangeTask, options) -> dict:
     """Re-read a range that produced no shard to name its error in the report."""
     try:
-        vectors.read_rows(inp.uri, tk.start, tk.stop, fmt=inp.fmt, options=options)
+        vectors.read_rows(inp.uri, tk.start, tk.stop, options=options, file_info=inp.file_info())
         err = "range produced no shard"
     except PipelineError as e:
         err = str(e)

@@ -68,10 +68,11 @@ def encode_rate_per_core(cfg: QincoConfig, A: int | None = None, B: int | None =
 
 def plan_encode(model_uri: str, data_uris: list[str], index_uri: str, *, workers: int, cpus_per_worker: float,
                 gpus_per_worker: float = 0.0, shard_rows: int = 65536, A: int | None = None, B: int | None = None,
-                fmt: str | None = None, res: dict | None = None, options=None) -> dict[str, Any]:
+                fmt: str | None = None, columns: tuple[str | None, str | None] = (None, None),
+                res: dict | None = None, options=None) -> dict[str, Any]:
     """The plan of an encode job (nothing is read but headers and the model's config)."""
     cfg = QincoConfig.from_dict(read_model_info(model_uri, options)["config"])
-    inputs = plan_inputs(data_uris, fmt=fmt, options=options)
+    inputs = plan_inputs(data_uris, fmt=fmt, options=options, vector_column=columns[0], id_column=columns[1])
     n = sum(i.count for i in inputs)
     res = res or resources(index_uri)
     problems = []

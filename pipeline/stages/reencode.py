@@ -71,7 +71,9 @@ class ReencodeConfig(JsonConfig):
 
 def _check_inputs_unchanged(parent, options) -> None:
     """The files a version was built from must still hold the same vectors (ids depend on it)."""
-    planned = plan_inputs([i.uri for i in parent.inputs], fmt=parent.job_config.get("fmt"), options=options)
+    planned = plan_inputs([i.uri for i in parent.inputs], fmt=parent.job_config.get("fmt"), options=options,
+                          vector_column=parent.job_config.get("vector_column"),
+                          id_column=parent.job_config.get("id_column"))
     for old, new in zip(parent.inputs, planned):
         if old.ids != new.ids or old.ids_sha256 != new.ids_sha256:
             raise ConfigError(
@@ -149,7 +151,8 @@ def run_reencode(cfg: ReencodeConfig, options=None, progress: bool = True) -> di
             model_uri=model_uri, data_uris=data_uris, index_uri=cfg.index_uri, fmt=fmt,
             workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
             shard_rows=int(shard_rows or 65536), batch_size=cfg.batch_size, overwrite=True,
-            parent_version=parent_v, lut_weight=lut_weight, precision=precision, A=A, B=B)
+            parent_version=parent_v, lut_weight=lut_weight, precision=precision, A=A, B=B,
+            vector_column=parent.job_config.get("vector_column"), id_column=parent.job_config.get("id_column"))
         done = _committed_not_current(cfg, enc, parent_v, options)
         if done is not None:
             m = load_manifest(cfg.index_uri, version=done, options=options)

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any], preset: str, tcfg,
               device: str = "cpu", options=None, echo: Callable[[str], None] = print,
               explicit_train: frozenset[str] = frozenset(), sample_from: list[str] | None = None,
-              sample_size: int | None = None, ivf_auto: bool = False) -> list[dict]:
+              sample_size: int | None = None, ivf_auto: bool = False,
+              columns: tuple[str | None, str | None] = (None, None)) -> list[dict]:
     """Train and save a model; returns the per-epoch history (epoch 0 = RQ initialisation).
 
     ``preset="auto"`` trains the recipe :func:`pipeline.train.recipe.choose_recipe` picks from
@@ -40,9 +41,10 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
     ``qcfg_overrides`` win over it). ``sample_from`` adds up to ``sample_size`` rows of those
     files (all when None) to the training rows, never a row equal to a validation row.
     ``ivf_auto`` chooses the IVF lists from the vectors of ``data_uris`` and ``sample_from``
-    (:func:`pipeline.codec.ivf.auto_nlist`) in place of ``qcfg_overrides["nlist"]``."""
+    (:func:`pipeline.codec.ivf.auto_nlist`) in place of ``qcfg_overrides["nlist"]``. ``columns``:
+    the parquet vector and id columns (None: ``vector`` and ``id``)."""
     t0 = time.time()
-    inputs = plan_inputs(data_uris, options=options)
+    inputs = plan_inputs(data_uris, options=options, vector_column=columns[0], id_column=columns[1])
     total = sum(i.count for i in inputs)
     if total <= tcfg.val_size:
         raise ConfigError(f"{storage.redact(data_uris[0])}: {total} vectors; need more than "
@@ -54,7 +56,7 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
             "train_rows": int(min(len(x_train), tcfg.max_train or len(x_train))),
             "val_rows": int(len(x_val)), "split": plan.to_dict()}
     if sample_from:
-        extra_inputs = plan_inputs(sample_from, options=options)
+        extra_inputs = plan_inputs(sample_from, options=options, vector_column=columns[0], id_column=columns[1])
         if extra_inputs[0].dim != inputs[0].dim:
             raise ConfigError(f"{storage.redact(sample_from[0])}: vectors of dimension {extra_inputs[0].dim}, "
                               f"the training data has {inputs[0].dim}")
