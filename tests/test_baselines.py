@@ -93,3 +93,21 @@ def test_dwsift_pq8_reproduces_reference(dwsift_dir):
     assert row["mse"] == pytest.approx(26_224, rel=0.03)
     assert row["R@1"] == pytest.approx(0.271, abs=0.01)
     assert row["R@10"] == pytest.approx(0.695, abs=0.015)
+
+
+def test_baselines_follow_the_metric(tiny):
+    """By inner product the ground truth and the quantizers' search change together: measured
+    against the inner-product neighbours, the inner-product search finds far more of them."""
+    import numpy as np
+
+    xt, xb, xq, _ = tiny
+    scale = np.random.default_rng(0).uniform(0.3, 3.0, (len(xb), 1)).astype(np.float32)
+    xb = xb * scale  # norms that differ: inner-product and L2 neighbours then differ
+    _, gt_ip = knn_ground_truth(xq, xb, k=10, metric="ip")
+    ip = run_baselines(xt, xb, xq, gt_ip, code_bytes=[4], methods=["PQ"], k=10, metric="ip")[0]
+    l2 = run_baselines(xt, xb, xq, gt_ip, code_bytes=[4], methods=["PQ"], k=10, metric="l2")[0]
+    assert ip["metric"] == "ip" and ip["R@10"] > l2["R@10"] + 0.2
+    # cosine: the ground truth of scaled vectors is that of the unscaled ones
+    _, gt_cos = knn_ground_truth(xq, xb, k=10, metric="cosine")
+    _, gt_cos0 = knn_ground_truth(xq, xb / scale, k=10, metric="cosine")
+    assert (gt_cos[:, 0] == gt_cos0[:, 0]).mean() >= 0.95

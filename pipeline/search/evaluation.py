@@ -19,13 +19,12 @@ from typing import Iterable, Iterator
 import faiss
 import numpy as np
 
-from pipeline.codec.metric import prepare, ranks_by_ip
+from pipeline.codec.metric import check_metric, prepare, ranks_by_ip
 from pipeline.errors import ConfigError
 from pipeline.search.topk import topk_smallest
 
 log = logging.getLogger(__name__)
 
-METRICS = ("L2", "IP")
 
 # Distances are computed on (query chunk x base chunk) tiles of at most this many entries.
 _TILE_ENTRIES = 1 << 23
@@ -71,7 +70,7 @@ def _tile_candidates(dis_QB: np.ndarray, ids_B: np.ndarray, k: int) -> tuple[np.
 
 
 def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000,
-                     metric: str = "L2") -> tuple[np.ndarray, np.ndarray]:
+                     metric: str = "l2") -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of each query in ``base`` (an array, or an iterable of
     ``(first_row, block)`` such as ``pipeline.io.vectors.iter_blocks(uri, block_rows)``).
 
@@ -80,17 +79,19 @@ def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000
     for integer-valued data such as SIFT), or in float32 where that is exact too (integer-valued
     blocks whose norms and products stay below 2^24, as SIFT's uint8 vectors do; twice as fast),
     and ranked by (distance, smaller id).
-    For ``metric="L2"`` D holds squared distances (ascending); for ``"IP"`` inner products
-    (descending). Returns ``(D_QK float32, I_QK int64)``; rows are padded with id -1 when the
-    base holds fewer than k vectors.
+    ``metric`` is an index's (:mod:`pipeline.codec.metric`, any case): for ``l2`` D holds squared
+    distances (ascending); for ``ip`` inner products and for ``cosine`` cosine similarities
+    (descending; queries and base rows divided by their norms). Returns ``(D_QK float32,
+    I_QK int64)``; rows are padded with id -1 when the base holds fewer than k vectors.
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    metric = check_metric(str(metric).lower())
+    ip = ranks_by_ip(metric)
     if k < 1 or block_rows < 1:
         raise ConfigError(f"k and block_rows must be >= 1, got k={k}, block_rows={block_rows}")
     q_QD = np.asarray(queries_QD, dtype=np.float64)
     if q_QD.ndim != 2:
         raise ConfigError(f"queries must be a 2-D array, got shape {q_QD.shape}")
+    q_QD = np.asarray(prepare(q_QD, metric, "queries"), dtype=np.float64)
     Q, d = q_QD.shape
     qnorm_Q = (q_QD ** 2).sum(1)
     q_int = bool(np.all(q_QD == np.round(q_QD)))
@@ -105,7 +106,7 @@ def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000
         n_b = block_BD.shape[0]
         sub = max(1, min(n_b, _TILE_ENTRIES // max(1, min(Q, 1024))))
         for j0 in range(0, n_b, sub):
-            b_BD = np.asarray(block_BD[j0:j0 + sub], dtype=np.float64)
+            b_BD = np.asarray(prepare(block_BD[j0:j0 + sub], metric, "base"), dtype=np.float64)
             bnorm_B = (b_BD ** 2).sum(1)
             if q_int and len(bnorm_B) and _exact_in_float32(b_BD, qnorm_Q.max(initial=0), bnorm_B.max()):
                 dt = np.float32  # exact here, and half the memory traffic
@@ -118,7 +119,7 @@ def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000
             for q0 in range(0, Q, qstep):
                 q1 = min(Q, q0 + qstep)
                 dis_QB = q_use[q0:q1] @ b_use.T  # in place from here on: the tiles are large
-                if metric == "L2":
+                if not ip:
                     dis_QB *= -2
                     dis_QB += qn_use[q0:q1, None]
                     dis_QB += bn_use[None, :]
@@ -133,7 +134,7 @@ def knn_ground_truth(queries_QD, base, k: int = 100, block_rows: int = 1_000_000
         dt = time.perf_counter() - t0
         log.info("ground truth: %d base rows scanned for %d queries (%.0f rows/s)",
                  n_done, Q, n_done / max(dt, 1e-9))
-    if metric == "IP":
+    if ip:
         D_QK = np.where(I_QK >= 0, -D_QK, -np.inf).astype(np.float32)
     return D_QK, I_QK
 

@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from pipeline.codec.decoder import reconstruction_mse
+from pipeline.codec.metric import prepare, ranks_by_ip
 from pipeline.config import JsonConfig, code_version
 from pipeline.errors import ConfigError
 from pipeline.io import storage, vectors
@@ -97,8 +98,10 @@ def _as_float32(x, name: str) -> np.ndarray:
 
 
 def evaluate_quantizer(index, base: np.ndarray, queries: np.ndarray, gt: np.ndarray,
-                       k: int) -> dict:
-    """Encode + decode ``base`` with a trained quantizer, measure MSE and recall."""
+                       k: int, metric: str = "l2") -> dict:
+    """Encode + decode ``base`` with a trained quantizer, measure MSE and recall, searching the
+    decoded vectors by ``metric`` as an index of that metric ranks them (inner products with the
+    reconstructions for ``ip`` and ``cosine``, whose inputs are already unit rows)."""
     n = base.shape[0]
     decoded = np.empty_like(base)
     t0 = time.perf_counter()
@@ -109,7 +112,7 @@ def evaluate_quantizer(index, base: np.ndarray, queries: np.ndarray, gt: np.ndar
         log.info("encoded %d/%d vectors (%.0f vectors/s)", done, n,
                  done / max(time.perf_counter() - t0, 1e-9))
     encode_s = time.perf_counter() - t0
-    _, I = search_decoded(queries, decoded, k)
+    _, I = search_decoded(queries, decoded, k, "ip" if ranks_by_ip(metric) else "l2")
     ks = [kk for kk in (1, 10, 100) if kk <= k]
     out = {"mse": reconstruction_mse(base, decoded), **recall_at(I, gt, ks)}
     out["encode_vps"] = n / max(encode_s, 1e-9)
@@ -117,15 +120,17 @@ def evaluate_quantizer(index, base: np.ndarray, queries: np.ndarray, gt: np.ndar
 
 
 def run_baselines(learn, base, queries, gt, code_bytes: Sequence[int] = (8, 16),
-                  methods: Sequence[str] = METHODS, k: int = 100, seed: int = 1234) -> list[dict]:
+                  methods: Sequence[str] = METHODS, k: int = 100, seed: int = 1234,
+                  metric: str = "l2") -> list[dict]:
     """Train, encode, decode and search with each Faiss quantizer; one result row per method.
 
-    ``gt`` holds the exact neighbours of ``queries`` in ``base`` (at least one column). Inputs
-    of any dtype are converted to float32 copies.
+    ``gt`` holds the exact neighbours of ``queries`` in ``base`` by ``metric`` (at least one
+    column). Inputs of any dtype are converted to float32 copies; for ``cosine`` to unit rows, on
+    which the quantizers are trained and measured, as a cosine index is.
     """
-    learn = _as_float32(learn, "learn")
-    base = _as_float32(base, "base")
-    queries = _as_float32(queries, "queries")
+    learn = prepare(_as_float32(learn, "learn"), metric, "learn")
+    base = prepare(_as_float32(base, "base"), metric, "base")
+    queries = prepare(_as_float32(queries, "queries"), metric, "queries")
     gt = np.asarray(gt)
     d = learn.shape[1]
     if base.shape[1] != d or queries.shape[1] != d:
@@ -147,8 +152,8 @@ def run_baselines(learn, base, queries, gt, code_bytes: Sequence[int] = (8, 16),
             index.train(learn)
             train_s = time.perf_counter() - t0
             log.info("trained %s in %.1f s", fs, train_s)
-            res = evaluate_quantizer(index, base, queries, gt, k)
-            row = {"method": method, "factory": fs, "bytes": int(nbytes), **res,
+            res = evaluate_quantizer(index, base, queries, gt, k, metric)
+            row = {"method": method, "factory": fs, "bytes": int(nbytes), "metric": metric, **res,
                    "train_s": train_s, "n_learn": learn.shape[0], "n_base": base.shape[0],
                    "n_query": queries.shape[0]}
             if method == "RQ":
@@ -193,21 +198,22 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
 
 def load_inputs(learn: str, base: str, queries: str, groundtruth: str | None = None, *,
                 max_learn: int | None = None, max_base: int | None = None,
-                max_queries: int | None = None, k: int = 100):
-    """Read the four inputs of a baseline run, computing the ground truth when it is absent
-    or when the base is truncated (the shipped ground truth then no longer applies)."""
+                max_queries: int | None = None, k: int = 100, metric: str = "l2"):
+    """Read the four inputs of a baseline run, computing the ground truth (by ``metric``) when
+    it is absent, when the base is truncated or when the metric is not L2 (the shipped ground
+    truth then no longer applies)."""
     xt = vectors.read_vectors(learn, max_rows=max_learn)
     xb = vectors.read_vectors(base, max_rows=max_base)
     xq = vectors.read_vectors(queries, max_rows=max_queries)
     full_base = max_base is None or max_base >= vectors.info(base).count
-    if groundtruth and full_base:
+    if groundtruth and full_base and not ranks_by_ip(metric):
         gt = vectors.read_vectors(groundtruth, max_rows=max_queries)
         if gt.shape[0] != xq.shape[0]:
             raise ConfigError(f"{groundtruth}: {gt.shape[0]} ground-truth rows for {xq.shape[0]} queries")
     else:
         log.info("computing exact ground truth of %d queries over %d base vectors",
                  xq.shape[0], xb.shape[0])
-        _, gt = knn_ground_truth(xq, xb, k=min(k, xb.shape[0]))
+        _, gt = knn_ground_truth(xq, xb, k=min(k, xb.shape[0]), metric=metric)
     return xt, xb, xq, gt
 
 
@@ -229,6 +235,7 @@ class BaselinesConfig(JsonConfig):
     max_queries: int | None = None
     k: int = 100
     seed: int = 1234
+    metric: str = "l2"
 
 
 def run_baselines_job(cfg: BaselinesConfig, echo=print) -> dict:
@@ -243,8 +250,9 @@ def run_baselines_job(cfg: BaselinesConfig, echo=print) -> dict:
         raise ConfigError(f"missing {', '.join(missing)} (or give --dataset)")
     xt, xb, xq, gt = load_inputs(uris["learn"], uris["base"], uris["queries"], uris["groundtruth"],
                                  max_learn=cfg.max_learn, max_base=cfg.max_base,
-                                 max_queries=cfg.max_queries, k=cfg.k)
-    rows = run_baselines(xt, xb, xq, gt, code_bytes=cfg.bytes, methods=cfg.methods, k=cfg.k, seed=cfg.seed)
+                                 max_queries=cfg.max_queries, k=cfg.k, metric=cfg.metric)
+    rows = run_baselines(xt, xb, xq, gt, code_bytes=cfg.bytes, methods=cfg.methods, k=cfg.k, seed=cfg.seed,
+                         metric=cfg.metric)
     echo(format_table(rows))
     report = {
         "rows": rows,
