@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "pipeline"
 
 # What each layer may import from the package (besides itself). The base modules (errors, config,
 # sysinfo, the package itself) may be imported by every layer and import no layer.
-BASE = {"pipeline", "pipeline.errors", "pipeline.config", "pipeline.sysinfo"}
+BASE = {"pipeline", "pipeline.errors", "pipeline.config", "pipeline.sysinfo", "pipeline.progress"}
 MAY_IMPORT = {
     "base": set(),
     "codec": {"codec"},

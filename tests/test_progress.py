@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.stages.progress import Progress
+from pipeline.progress import Progress
 
 
 def test_log_lines_give_total_rate_and_time_left(monkeypatch, caplog):
     monkeypatch.setenv("QINCO_PROGRESS", "log")
-    caplog.set_level(logging.INFO, logger="pipeline.stages.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
     with Progress(1000, "vectors", "encode", initial=200, every_s=0.0) as p:
         p.update(300, shards="1/3")
         p.update(500)
@@ -28,7 +28,20 @@ def test_bar_on_request_and_silence(monkeypatch, caplog, capsys):
     err = capsys.readouterr().err
     assert "search" in err and "100%" in err and "queries/s" in err
     monkeypatch.setenv("QINCO_PROGRESS", "off")
-    caplog.set_level(logging.INFO, logger="pipeline.stages.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
     with Progress(10, "queries", "search", every_s=0.0) as p:
         p.update(10)
     assert not caplog.records and not capsys.readouterr().err
+
+
+def test_training_progress_counts_seconds_of_a_budget_else_epochs(monkeypatch):
+    from pipeline.progress import training_progress
+
+    monkeypatch.setenv("QINCO_PROGRESS", "log")
+    p = training_progress(10, 600.0, epochs_done=3, seconds_used=120.5)
+    assert (p.unit, p.total, p.done) == ("s", 600, 120)
+    p = training_progress(10, None, epochs_done=3)
+    assert (p.unit, p.total, p.done) == ("epochs", 10, 3)
+    p.update(1)
+    assert p.line().startswith("train: 4/10 epochs (") and "left" in p.line()
+    assert training_progress(None, None) is None

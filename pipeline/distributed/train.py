@@ -54,6 +54,7 @@ from pipeline.codec.model_file import save_model, save_report
 from pipeline.codec.threads import use_threads
 from pipeline.config import JsonConfig, code_version
 from pipeline.distributed.datasource import READ_TASK_CPUS, VectorDatasource, read_source, unwrap_ray_error
+from pipeline.progress import training_progress
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.io import storage
 from pipeline.io.inputs import RowSample, hash01, plan_inputs
@@ -221,6 +222,11 @@ def _train_loop_per_worker(config: dict) -> None:
 
     finished = trainer.epoch >= tcfg.max_epochs or bool(trainer.history and trainer.history[-1].get("stop"))
     epochs_this_run = 0
+    # rank 0's progress over the epochs, or over the seconds of a time budget: its line (done,
+    # total, rate, time left) goes into the epoch line below; a bar only where stderr is a terminal
+    bar = None
+    if rank == 0:
+        bar = training_progress(tcfg.epochs, tcfg.time_budget_s, trainer.epoch, trainer.time_used_s)
     while not finished:
         stats = trainer.train_epoch(batches(trainer.epoch))
         sse = trainer.validate(x_val, lids_val) * len(x_val) if len(x_val) else 0.0
@@ -242,9 +248,12 @@ def _train_loop_per_worker(config: dict) -> None:
                    "samples": int(samples), "samples_per_s": rec["samples_per_s_all_workers"],
                    "epoch_s": secs, "best_val_mse": trainer.best_val, "stop": stop}
         if rank == 0:
+            if bar is not None:
+                bar.update(1 if bar.unit == "epochs" else max(0, min(bar.total, int(trainer.time_used_s)) - bar.done))
             print(f"[qinco] epoch {rec['epoch']}/{'-' if tcfg.epochs is None else tcfg.epochs}: train MSE {rec['train_mse']:.6g}, "
                   f"val MSE {rec['val_mse']:.6g}{' (best)' if rec['best'] else ''}, "
-                  f"{metrics['samples_per_s']:.0f} samples/s on {world} worker(s), {secs:.1f} s", flush=True)
+                  f"{metrics['samples_per_s']:.0f} samples/s on {world} worker(s), {secs:.1f} s{'' if bar is None else '; ' + bar.line()}",
+                  flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 _save_state(trainer, os.path.join(tmp, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

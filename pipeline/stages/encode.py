@@ -64,7 +64,7 @@ from pipeline.io import vectors
 from pipeline.io.codes import write_codes
 from pipeline.io.inputs import input_key, plan_inputs
 from pipeline.sysinfo import peak_rss_bytes
-from pipeline.stages.progress import Progress
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 

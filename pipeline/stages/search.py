@@ -26,7 +26,7 @@ from pipeline.io import storage, vectors
 from pipeline.search.evaluation import k_recall_at_k, recall_at
 from pipeline.search.params import SearchParams
 from pipeline.search.tuning import RERANK_LADDER, check_measure, tune
-from pipeline.stages.progress import Progress
+from pipeline.progress import Progress
 from pipeline.sysinfo import peak_rss_bytes
 
 log = logging.getLogger(__name__)

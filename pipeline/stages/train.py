@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import storage
 from pipeline.io.inputs import plan_inputs
 from pipeline.train.loop import train_model
-from pipeline.stages.progress import Progress
+from pipeline.progress import Progress, training_progress
 from pipeline.train.recipe import resolve_model
 from pipeline.train.setup import INIT_ROWS, plan_split, read_split_local, sample_extra_rows
 
@@ -87,8 +87,7 @@ def run_train(data_uris: list[str], out_uri: str, qcfg_overrides: dict[str, Any]
             echo(f"  given instead of the recipe's: {recipe.overridden}")
 
     # a bar over the epochs, or over the seconds of a time budget (the epochs it allows are unknown)
-    bar = (Progress(tcfg.max_epochs, "epochs", "train") if tcfg.time_budget_s is None
-           else Progress(int(tcfg.time_budget_s), "s", "train"))
+    bar = training_progress(tcfg.epochs, tcfg.time_budget_s) or Progress(0, "epochs", "train")
 
     def progress(rec: dict, trainer) -> None:
         if rec.get("rq_init"):

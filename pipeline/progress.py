@@ -82,3 +82,14 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def training_progress(epochs: int | None, budget_s: float | None, epochs_done: int = 0,
+                      seconds_used: float = 0.0) -> Progress | None:
+    """Progress of a training run: over its seconds when a time budget ends it (the epochs that
+    fit are unknown), else over its epochs; None when neither bounds it (early stopping alone)."""
+    if budget_s is not None:
+        return Progress(int(budget_s), "s", "train", initial=min(int(budget_s), int(seconds_used)))
+    if epochs is not None:
+        return Progress(epochs, "epochs", "train", initial=min(epochs, epochs_done))
+    return None
