@@ -120,6 +120,8 @@ def test_serve_answers_swaps_under_load_and_stops_cleanly(ray_session, tiny_inde
         assert status == 400 and "JSON" in body["error"]
         status, body = _post(url, {"queries": [[1.0, 2.0]]})
         assert status == 400 and "16" in body["error"]
+        status, body = _post(url, {"queries": [[float("nan")] * 16]})
+        assert status == 400 and "NaN" in body["error"]
 
         # load from a client thread while a new version is committed
         answers: list[tuple[int, str | None]] = []
@@ -160,7 +162,7 @@ def test_serve_answers_swaps_under_load_and_stops_cleanly(ray_session, tiny_inde
         assert np.mean(np.array(body["ids"])[:, 0] == 4000 + np.arange(20)) >= 0.8
 
         stats = _get(url, "/stats")
-        assert stats["swaps"] == 1 and stats["errors"] == 0 and stats["bad_requests"] == 2
+        assert stats["swaps"] == 1 and stats["errors"] == 0 and stats["bad_requests"] == 3
         assert stats["requests"] == len(answers) + 2
         assert 0 < stats["latency_p50_ms"] <= stats["latency_p99_ms"] and stats["queries_per_s"] > 0
     finally:

@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.config import JsonConfig
 from pipeline.distributed.shard_pool import ShardPool
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, VectorFormatError
 from pipeline.index.manifest import current_version
 from pipeline.io import storage
 from pipeline.search.params import SearchParams, search_params
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 10_000  # requests whose latencies make the p50/p99
 MAX_BODY_BYTES = 256 << 20
+BAD_INPUT = (ConfigError, VectorFormatError)  # the request's fault: answered 400, counted apart
 
 
 @dataclass
@@ -133,7 +134,7 @@ class SearchService:
                     self._cond.notify_all()
         except Exception as e:
             with self._cond:
-                self.counts["bad_requests" if isinstance(e, ConfigError) else "errors"] += 1
+                self.counts["bad_requests" if isinstance(e, BAD_INPUT) else "errors"] += 1
             raise
         with self._cond:
             self._latencies.append(time.perf_counter() - t)
@@ -240,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
             except (TypeError, ValueError) as e:
                 raise ConfigError(f'"queries" must be a list of equal-length lists of numbers: {e}') from e
             D, I, version = self.service.search(queries, **body)
-        except ConfigError as e:
+        except BAD_INPUT as e:
             self._reply(400, {"error": str(e)})
             return
         except Exception as e:  # noqa: BLE001 - the client gets the error, the service goes on
