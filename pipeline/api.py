@@ -86,8 +86,7 @@ class Index:
         """The ``k`` nearest neighbours of each query row: ``(D, I)``, float32 scores and int64 ids,
         both ``(Q, k)``, best first: squared L2 distances (ascending) for an ``l2`` index, inner
         products or cosine similarities (descending) for ``ip`` and ``cosine``; -1 ids (with
-        inf, or -inf, scores) where fewer than
-        ``k`` candidates were found. ``params`` are :class:`~pipeline.search.params.SearchParams`
+        inf, or -inf, scores) where fewer than ``k`` candidates were found. ``params`` are :class:`~pipeline.search.params.SearchParams`
         fields: ``nprobe``, ``shortlist``, ``rerank``, ``pairwise``, ``prefix_steps``,
         ``prefix_shortlist``, ``probe_ratio`` (the ``qinco search`` options of the same names)."""
         p = search_params({**params, "k": k})
@@ -175,9 +174,9 @@ def build_index(data: str | Sequence[str] | np.ndarray, index_uri: str, *, model
     The model is ``model`` when given (trained elsewhere), else ``INDEX/model``: trained here when
     it is not there yet (``code_bytes`` per vector, IVF lists from the number of vectors with
     ``ivf="auto"`` or the given count, ``preset`` as ``qinco train --preset``, at most
-    ``train_epochs`` epochs or ``train_time_s`` seconds, searched by ``metric``: l2, ip or cosine). The vectors are then encoded by the Ray
-    encode job (``workers`` actors; a local Ray is started without ``RAY_ADDRESS``) and committed
-    as a new version of ``index_uri``. An array is stored under ``INDEX/arrays`` first."""
+    ``train_epochs`` epochs or ``train_time_s`` seconds, searched by ``metric``: l2, ip or
+    cosine). The vectors are then encoded by the Ray encode job (``workers`` actors; a local Ray
+    is started without ``RAY_ADDRESS``) and committed as a new version of ``index_uri``. An array is stored under ``INDEX/arrays`` first."""
     index_uri = storage.absolute(index_uri)
     if isinstance(data, np.ndarray):
         data_uris = [_store_array(data, index_uri, options)]
