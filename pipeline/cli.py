@@ -1,9 +1,10 @@
 """The ``qinco`` command line (also ``python -m pipeline``).
 
-This module only parses arguments and calls the stages (``pipeline.stages``). Each sub-command has
-one ``_add_<name>`` function that declares its arguments and a handler that imports its stage when
-it runs: the only function-local imports of the package, so that ``qinco --help`` and commands that
-need neither torch nor Ray start without loading them.
+This module only parses arguments, calls the Python API (``pipeline.api``, one call per command,
+the options as keywords) and prints what it returns. Each sub-command has one ``_add_<name>``
+function that declares its arguments and a handler that imports its API call when it runs: the
+only function-local imports of the package, so that ``qinco --help`` and commands that need
+neither torch nor Ray start without loading them.
 """
 
 from __future__ import annotations
@@ -110,19 +111,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _check_out(uri: str, what: str, files: Sequence[str] = ()) -> None:
-    """Refuse an ``--out`` ending in a file extension the command does not write: ``what`` names
-    what it writes there (a folder or prefix), ``files`` the extensions of the files it can
-    write instead."""
-    from pipeline.io import storage, vectors
-    from pipeline.errors import ConfigError
+def _echo(message: str) -> None:
+    print(message, flush=True)
 
-    ext = vectors.file_extension(uri)
-    if ext is None or ext in files:
-        return
-    also = f", or a file ending in {' / '.join('.' + f for f in files)}" if files else ""
-    raise ConfigError(f"--out {storage.redact(uri)}: this command does not write .{ext} files; "
-                      f"give {what} (a folder or prefix without a file extension){also}")
+
+def _print_json(report: dict, keys: Sequence[str] | None = None) -> None:
+    """``report`` (only ``keys``, those present, when given) as indented JSON on stdout."""
+    import json
+
+    shown = report if keys is None else {k: report[k] for k in keys if k in report}
+    print(json.dumps(shown, indent=2, default=str))
 
 
 def command(fn: Callable[[argparse._SubParsersAction], None]):
@@ -140,9 +138,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="smallest sizes (used by the tests)")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline.stages.demo import run_demo
+        from pipeline.api import demo
 
-        run_demo(data_dir=a.data_dir, out=a.out, quick=a.quick)
+        demo(data_dir=a.data_dir, out=a.out, quick=a.quick)
         return 0
 
     p.set_defaults(func=run)
@@ -214,97 +212,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="end this invocation after N epochs; re-running the command resumes (Ray Train only)")
 
     def run(a: argparse.Namespace) -> int:
-        _check_out(a.out, "a model directory")
-        _check_model_args(a)
-        if a.workers > 0:
-            return _train_distributed(a)
-        from pipeline.stages.train import run_train
+        from pipeline.api import train
 
-        tcfg, explicit = _train_config(a)
-        run_train(a.data, a.out, _model_overrides(a), a.preset, tcfg, device=a.device,
-                  echo=lambda m: print(m, flush=True), explicit_train=explicit,
-                  sample_from=a.sample_from, sample_size=a.sample_size or None, ivf_auto=a.ivf == AUTO_WORD,
-                  columns=(a.vector_column, a.id_column))
+        summary = train(
+            a.data, a.out, preset=a.preset, code_bytes=a.bytes, M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh,
+            A=a.A, B=a.B, B_train=a.B_train, ivf=a.ivf, metric=a.metric, epochs=a.epochs, patience=a.patience,
+            max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget, batch_size=a.batch_size, lr=a.lr,
+            input_noise=a.input_noise, seed=a.seed, device=a.device, sample_from=a.sample_from,
+            sample_size=a.sample_size, vector_column=a.vector_column, id_column=a.id_column, workers=a.workers,
+            cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+            threads_per_worker=a.threads_per_worker, fresh=a.fresh, stop_after_epochs=a.stop_after_epochs,
+            echo=_echo)
+        if a.workers > 0:
+            _print_json({k: v for k, v in summary.items() if k != "history"})
         return 0
 
     p.set_defaults(func=run)
-
-
-def _check_model_args(a: argparse.Namespace) -> None:
-    """``--bytes`` as ``--M`` (8-bit codes unless ``--K`` says otherwise); both must agree. An
-    unknown ``--preset`` is refused here too, before any data is read."""
-    from pipeline.codec.model import PRESETS
-    from pipeline.errors import ConfigError
-    from pipeline.train.recipe import AUTO
-
-    if a.preset != AUTO and a.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {a.preset!r}; choose from {', '.join([AUTO, *sorted(PRESETS)])}")
-    if a.bytes is None:
-        return
-    bits = (a.K or 256).bit_length() - 1
-    if a.bytes < 1 or (a.bytes * 8) % bits or (a.K or 256) != 1 << bits:
-        raise ConfigError(f"--bytes {a.bytes} is not a whole number of {bits}-bit codes")
-    M = a.bytes * 8 // bits
-    if a.M is not None and a.M != M:
-        raise ConfigError(f"--bytes {a.bytes} means --M {M}, not --M {a.M}")
-    a.M = M
-
-
-def _model_overrides(a: argparse.Namespace) -> dict:
-    return dict(M=a.M, K=a.K, L=a.L, h=a.h, de=a.de, dh=a.dh, A=a.A, B=a.B, B_train=a.B_train,
-                nlist=None if a.ivf == AUTO_WORD else a.ivf, metric=a.metric)
-
-
-def _train_config(a: argparse.Namespace):
-    """The training config of the command line, and the names of the fields the user gave
-    (which the recipe of ``--preset auto`` leaves as given)."""
-    from pipeline.train.config import DEFAULT_EPOCHS, default_lr, TrainConfig
-
-    # Without --epochs a budget alone ends training (or early stopping): a cap of 10 epochs would
-    # stop a 30-minute run after minutes, before the rate, annealed over the budget, had come down.
-    epochs = a.epochs if a.epochs is not None else (None if a.time_budget else DEFAULT_EPOCHS)
-    extra = {} if a.patience is None else {"patience": a.patience}
-    explicit = frozenset(k for k, v in (("lr", a.lr), ("batch_size", a.batch_size),
-                                        ("input_noise", a.input_noise)) if v is not None)
-    if a.input_noise is not None:
-        extra["input_noise"] = a.input_noise
-    tcfg = TrainConfig(epochs=epochs, batch_size=a.batch_size or 1024, **extra,
-                       lr=a.lr if a.lr is not None else default_lr(a.preset), seed=a.seed,
-                       max_train=a.max_train, val_size=a.val, time_budget_s=a.time_budget,
-                       lr_schedule="time" if a.time_budget else "steps")
-    return tcfg, explicit
-
-
-def _train_distributed(a: argparse.Namespace) -> int:
-    """`qinco train --workers N`: the same loop on Ray Train (see pipeline.distributed.train)."""
-    import json
-
-    from pipeline.distributed.train import DistTrainConfig, run_distributed_training
-    from pipeline.codec.model import config_from_preset
-    from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
-    from pipeline.errors import ConfigError
-    from pipeline.train.recipe import AUTO
-
-    if a.sample_from:
-        raise ConfigError("--sample-from trains in this process; with --workers give those files to --data "
-                          "(the validation rows are then held out of all of them)")
-    if a.preset == AUTO:
-        # the recipe needs the number of training vectors: the job chooses it after planning
-        qd = {k: v for k, v in _model_overrides(a).items() if v is not None}
-    else:
-        # the dimension comes from the data headers, checked by the job before anything else
-        qd = config_from_preset(a.preset, 1, **_model_overrides(a)).to_dict()
-    qd["dim"] = None
-    tcfg, explicit = _train_config(a)
-    ensure_ray()
-    summary = run_distributed_training(DistTrainConfig(
-        data_uris=list(a.data), out_uri=a.out, qinco=qd, train=tcfg.to_dict(), preset=a.preset,
-        explicit_train=sorted(explicit), ivf_auto=a.ivf == AUTO_WORD, vector_column=a.vector_column,
-        id_column=a.id_column,
-        workers=a.workers, cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker,
-        threads_per_worker=a.threads_per_worker, fresh=a.fresh, stop_after_epochs=a.stop_after_epochs))
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
-    return 0
 
 
 # --------------------------------------------------------------------------- encode
@@ -348,28 +271,22 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                         "model) and check it against the cluster (or this machine) and the disk; encode nothing")
 
     def run(a: argparse.Namespace) -> int:
-        _check_out(a.out, "an index", files=("parquet",))
-        if a.dry_run:
-            from pipeline.stages.plan import check_plan, format_plan, plan_encode
+        from pipeline.api import check_plan, encode_files, format_plan, plan_encode
 
-            res = _plan_resources(a.out)
-            plan = plan_encode(a.model, list(a.data), a.out, workers=a.workers,
-                               cpus_per_worker=a.cpus_per_worker or _cpus_share(res, a.workers),
-                               gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows, A=a.A, B=a.B,
-                               fmt=a.fmt, columns=(a.vector_column, a.id_column), res=res)
+        common = dict(workers=a.workers, cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+                      shard_rows=a.shard_rows, fmt=a.fmt, vector_column=a.vector_column, id_column=a.id_column,
+                      A=a.A, B=a.B)
+        if a.dry_run:
+            plan = plan_encode(a.model, a.data, a.out, **common)
             print(format_plan(plan))
             check_plan(plan)
             return 0
-        if not a.out.lower().endswith(".parquet"):
-            return _encode_index(a)
-        from pipeline.stages.encode import encode_file
-        from pipeline.errors import ConfigError
-
-        if len(a.data) != 1:
-            raise ConfigError("a codes file holds one input; give one --data file or an index --out")
-        encode_file(a.model, a.data[0], a.out, B=a.B, A=a.A, block_rows=a.block_rows, device=a.device,
-                    echo=lambda m: print(m, flush=True), lut_weight=a.lut_weight, precision=a.precision,
-                    fmt=a.fmt)
+        report = encode_files(a.model, a.data, a.out, **common, batch_size=a.batch_size, overwrite=a.overwrite,
+                              skip_bad_ranges=a.skip_bad_ranges, lut_weight=a.lut_weight, precision=a.precision,
+                              block_rows=a.block_rows, device=a.device, echo=_echo)
+        if "version" in report:  # an index (a codes file's encode has printed its line)
+            _print_json(report, ("status", "version", "vectors", "shards", "vectors_encoded_this_run",
+                                 "vectors_per_s", "wall_s", "bad_ranges"))
         return 0
 
     p.set_defaults(func=run)
@@ -380,48 +297,6 @@ def _add_column_options(p: argparse.ArgumentParser) -> None:
                    help="parquet inputs: the column holding the vectors (default: vector)")
     p.add_argument("--id-column", default=None, metavar="NAME",
                    help="parquet inputs: the column holding the int64 ids, when present (default: id)")
-
-
-def _plan_resources(out: str | None) -> dict:
-    """The resources a ``--dry-run`` plan is checked against: the Ray cluster at ``RAY_ADDRESS``,
-    or this machine (where a local Ray would run)."""
-    import os
-
-    from pipeline.stages.plan import resources
-
-    cluster = None
-    if os.environ.get("RAY_ADDRESS"):
-        import ray
-
-        from pipeline.distributed.cluster import ensure_ray
-
-        ensure_ray()
-        cluster = ray.cluster_resources()
-    return resources(out, cluster)
-
-
-def _cpus_share(res: dict, workers: int) -> float:
-    from pipeline.distributed.cluster import cpus_share
-
-    return cpus_share(res["cpus"], workers)
-
-
-def _encode_index(a: argparse.Namespace) -> int:
-    import json
-
-    from pipeline.stages.encode import EncodeJobConfig, run_encode
-    from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
-
-    ensure_ray()
-    report = run_encode(EncodeJobConfig(
-        model_uri=a.model, data_uris=list(a.data), index_uri=a.out, fmt=a.fmt, workers=a.workers,
-        cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), gpus_per_worker=a.gpus_per_worker, shard_rows=a.shard_rows,
-        batch_size=a.batch_size or 0, overwrite=a.overwrite, skip_bad_ranges=a.skip_bad_ranges,
-        lut_weight=a.lut_weight, precision=a.precision, A=a.A, B=a.B, vector_column=a.vector_column,
-        id_column=a.id_column))
-    keys = ("status", "version", "vectors", "shards", "vectors_encoded_this_run", "vectors_per_s", "wall_s", "bad_ranges")
-    print(json.dumps({k: report[k] for k in keys if k in report}, indent=2, default=str))
-    return 0
 
 
 # --------------------------------------------------------------------------- decode
@@ -435,25 +310,9 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline.io import codes as codes_io, storage, vectors
-        from pipeline.codec.model_file import load_model, model_identity
-        from pipeline.codec.decoder import decode
-        from pipeline.errors import ConfigError
+        from pipeline.api import decode_file
 
-        vectors.detect_format(a.out)  # an --out the writer cannot write fails before the decode
-        model = load_model(a.model, device=a.device)
-        data = codes_io.read_codes(a.codes)
-        ident = model_identity(a.model)
-        written_by = data.meta.get("model", {}).get("weights_sha256")
-        if written_by and written_by != ident["weights_sha256"]:
-            raise ConfigError(f"{storage.redact(a.codes)} was written by another model "
-                              f"({data.meta['model'].get('model_uri')}), not {storage.redact(a.model)}")
-        if (data.meta["M"], data.meta["K"]) != (model.config.M, model.config.K):
-            raise ConfigError(f"{storage.redact(a.codes)} holds M={data.meta['M']}, K={data.meta['K']} codes; "
-                              f"the model has M={model.config.M}, K={model.config.K}")
-        x = decode(model, data.codes, data.list_ids, prefix=a.prefix, device=a.device)
-        vectors.write_vectors(a.out, x)
-        print(f"wrote {len(x)} vectors to {storage.redact(a.out)}")
+        decode_file(a.model, a.codes, a.out, prefix=a.prefix, device=a.device, echo=_echo)
         return 0
 
     p.set_defaults(func=run)
@@ -484,12 +343,11 @@ def _add_baselines(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="JSON results file (written atomically)")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline.stages.baselines import BaselinesConfig, run_baselines_job
+        from pipeline.api import baselines
 
-        run_baselines_job(BaselinesConfig(
-            out=a.out, learn=a.learn, base=a.base, queries=a.queries, groundtruth=a.groundtruth,
-            dataset=a.dataset, data_dir=a.data_dir, bytes=a.bytes, methods=a.methods, max_learn=a.max_learn,
-            max_base=a.max_base, max_queries=a.max_queries, k=a.k, seed=a.seed, metric=a.metric))
+        baselines(a.out, learn=a.learn, base=a.base, queries=a.queries, groundtruth=a.groundtruth,
+                  dataset=a.dataset, data_dir=a.data_dir, bytes=a.bytes, methods=a.methods, max_learn=a.max_learn,
+                  max_base=a.max_base, max_queries=a.max_queries, k=a.k, seed=a.seed, metric=a.metric)
         return 0
 
     p.set_defaults(func=run)
@@ -562,43 +420,25 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                         "check it against the cluster (or this machine); search nothing")
 
     def run(a: argparse.Namespace) -> int:
-        import json
+        from pipeline.api import check_plan, format_plan, plan_search, search_files
 
-        from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
-        from pipeline.errors import ConfigError
-        from pipeline.stages.search import SearchJobConfig, TuneSpec, run_search
-
-        if (a.target_recall is None) != (a.tune_groundtruth is None):
-            raise ConfigError("--target-recall and --tune-groundtruth go together: the tuning measures recall "
-                              "against the ground truth of its queries")
-        tune = None if a.target_recall is None else TuneSpec(
-            target_recall=a.target_recall, groundtruth_uri=a.tune_groundtruth, queries_uri=a.tune_queries,
-            measure=a.tune_measure, sample=a.tune_sample)
-        from pipeline.search.params import SearchParams
-
-        params = SearchParams(k=a.k, nprobe=a.nprobe, shortlist=a.shortlist, rerank=0 if a.no_rerank else a.rerank,
-                              pairwise=a.pairwise_shortlist, prefix_steps=a.prefix_steps, prefix_shortlist=a.prefix_shortlist,
-                              probe_ratio=a.probe_ratio).validate()
+        params = dict(k=a.k, nprobe=a.nprobe, shortlist=a.shortlist, rerank=0 if a.no_rerank else a.rerank,
+                      pairwise=a.pairwise_shortlist, prefix_steps=a.prefix_steps,
+                      prefix_shortlist=a.prefix_shortlist, probe_ratio=a.probe_ratio, workers=a.workers,
+                      cpus_per_worker=a.cpus_per_worker, memory_per_actor=a.memory_per_actor, version=a.version,
+                      max_queries=a.max_queries)
         if a.dry_run:
-            from pipeline.stages.plan import check_plan, format_plan, plan_search
-
-            res = _plan_resources(None)
-            plan = plan_search(a.index, a.queries, params, workers=a.workers,
-                               cpus_per_worker=a.cpus_per_worker or _cpus_share(res, a.workers),
-                               memory_per_actor=a.memory_per_actor, version=a.version, max_queries=a.max_queries,
-                               res=res)
+            plan = plan_search(a.index, a.queries, **params)
             print(format_plan(plan))
             check_plan(plan)
             return 0
-        ensure_ray()
-        report = run_search(SearchJobConfig(
-            index_uri=a.index, queries_uri=a.queries, out_uri=a.out, params=params,
-            rerank_precision=a.rerank_precision, workers=a.workers,
-            cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers), query_batch=a.query_batch,
-            allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, max_queries=a.max_queries,
-            version=a.version, memory_per_actor=a.memory_per_actor, mmap_dir=a.mmap_dir, tune=tune))
-        shown = ("version", "queries", "queries_per_s", "failed_shards") + (("search_params",) if tune else ())
-        print(json.dumps({k: report[k] for k in shown}, indent=2))
+        report = search_files(
+            a.index, a.queries, a.out, **params, rerank_precision=a.rerank_precision, query_batch=a.query_batch,
+            allow_partial=a.allow_partial, lut_scales=not a.no_lut_scales, mmap_dir=a.mmap_dir,
+            target_recall=a.target_recall, tune_groundtruth=a.tune_groundtruth, tune_queries=a.tune_queries,
+            tune_measure=a.tune_measure, tune_sample=a.tune_sample)
+        tuned = ("search_params",) if a.target_recall is not None else ()
+        _print_json(report, ("version", "queries", "queries_per_s", "failed_shards", *tuned))
         return 0
 
     p.set_defaults(func=run)
@@ -631,23 +471,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-s", type=real(0.1, 86400), default=60.0, help="seconds between stats lines (default 60)")
 
     def run(a: argparse.Namespace) -> int:
-        import signal
-        import threading
+        from pipeline.api import serve
 
-        from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
-        from pipeline.search.params import SearchParams
-        from pipeline.stages.serve import ServeConfig, run_serve
-
-        ensure_ray()
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which sets its own
-            signal.signal(sig, lambda *_: stop.set())
-        params = SearchParams(k=a.k, nprobe=a.nprobe, shortlist=a.shortlist, rerank=a.rerank).validate()
-        run_serve(ServeConfig(index_uri=a.index, host=a.host, port=a.port, workers=a.workers,
-                              cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers),
-                              params=params, version=a.version, poll_s=a.poll_s,
-                              rerank_precision=a.rerank_precision, memory_per_actor=a.memory_per_actor),
-                  stop, echo=lambda m: print(m, flush=True), report_s=a.report_s)
+        serve(a.index, host=a.host, port=a.port, k=a.k, nprobe=a.nprobe, shortlist=a.shortlist, rerank=a.rerank,
+              workers=a.workers, cpus_per_worker=a.cpus_per_worker, version=a.version, poll_s=a.poll_s,
+              rerank_precision=a.rerank_precision, memory_per_actor=a.memory_per_actor, report_s=a.report_s,
+              echo=_echo)
         return 0
 
     p.set_defaults(func=run)
@@ -661,11 +490,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--groundtruth", required=True, help="ground truth (ivecs or big-ann format)")
 
     def run(a: argparse.Namespace) -> int:
-        import json
+        from pipeline.api import evaluate
 
-        from pipeline.stages.search import evaluate_results
-
-        print(json.dumps(evaluate_results(a.results, a.groundtruth), indent=2))
+        _print_json(evaluate(a.results, a.groundtruth))
         return 0
 
     p.set_defaults(func=run)
@@ -695,21 +522,14 @@ def _add_reencode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fmt", default=None, help="format of the added files when the extension does not tell")
 
     def run(a: argparse.Namespace) -> int:
-        import json
+        from pipeline.api import reencode
 
-        from pipeline.distributed.cluster import default_cpus_per_worker, ensure_ray
-        from pipeline.stages.reencode import ReencodeConfig, run_reencode
-
-        ensure_ray()
-        cfg = ReencodeConfig(index_uri=a.index, model_uri=a.model, add_uris=list(a.add or []), keep=a.keep,
-                             workers=a.workers, cpus_per_worker=a.cpus_per_worker or default_cpus_per_worker(a.workers),
-                             gpus_per_worker=a.gpus_per_worker, batch_size=a.batch_size or 0,
-                             shard_rows=a.shard_rows, fmt=a.fmt)
-        cfg.validate()
-        report = run_reencode(cfg)
-        keys = ("status", "mode", "parent_version", "version", "vectors", "shards", "shards_encoded_this_run",
-                "shards_reused_this_run", "vectors_per_s", "wall_s", "deleted_versions")
-        print(json.dumps({k: report[k] for k in keys if k in report}, indent=2, default=str))
+        report = reencode(a.index, model=a.model, add=a.add, keep=a.keep, workers=a.workers,
+                          cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+                          batch_size=a.batch_size, shard_rows=a.shard_rows, fmt=a.fmt)
+        _print_json(report, ("status", "mode", "parent_version", "version", "vectors", "shards",
+                             "shards_encoded_this_run", "shards_reused_this_run", "vectors_per_s", "wall_s",
+                             "deleted_versions"))
         return 0
 
     p.set_defaults(func=run)
@@ -725,7 +545,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> int:
         import json
 
-        from pipeline.index.history import format_report, index_report
+        from pipeline.api import format_report, index_report
 
         rep = index_report(a.index)
         print(json.dumps(rep, indent=2, sort_keys=True, default=str) if a.json else format_report(rep))
@@ -742,7 +562,7 @@ def _add_rollback(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, metavar="VERSION", help="committed version, e.g. v000003")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline.stages.maintain import rollback
+        from pipeline.api import rollback
 
         r = rollback(a.index, a.to)
         print(f"CURRENT: {r['from'] or '(unreadable)'} -> {r['to']}")
@@ -758,7 +578,7 @@ def _add_gc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", type=count(1, 10**6), required=True, help="versions to keep, CURRENT included")
 
     def run(a: argparse.Namespace) -> int:
-        from pipeline.stages.maintain import collect_garbage
+        from pipeline.api import collect_garbage
 
         r = collect_garbage(a.index, a.keep)
         print(f"deleted: {', '.join(r['deleted']) or '(none)'}; kept: {', '.join(r['kept'])}")
@@ -776,13 +596,11 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def run(a: argparse.Namespace) -> int:
-        import json
-
-        from pipeline.stages.maintain import verify
+        from pipeline.api import verify
 
         r = verify(a.index, a.version)
         if a.json:
-            print(json.dumps(r, indent=2))
+            _print_json(r)
         else:
             for s in r["shards"]:
                 if not s["ok"]:
@@ -811,13 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from pipeline.io.storage import redact_log_handlers
+    from pipeline.api import setup_logging
 
-    redact_log_handlers()  # debug lines of botocore and others carry signed request headers
+    setup_logging(args.verbose)  # debug lines of botocore and others carry signed request headers: redacted
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

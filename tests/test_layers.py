@@ -26,7 +26,7 @@ MAY_IMPORT = {
     "distributed": {"codec", "io", "index", "search", "train", "distributed"},
     "stages": {"codec", "io", "index", "search", "train", "distributed", "stages"},
     "api": {"codec", "io", "index", "search", "train", "distributed", "stages", "api"},
-    "cli": {"codec", "io", "index", "search", "train", "distributed", "stages", "api", "cli"},
+    "cli": {"api", "cli"},  # the command line parses and calls the API, nothing below it
 }
 # Single modules another layer may use: the code dtype is a rule of the code format, which the
 # index and the codes files follow too; the model file is stored with the storage functions.
@@ -43,6 +43,8 @@ FORBIDDEN_PACKAGES = {
     "train": {"ray"},
     "io": {"ray", "torch"},
     "index": {"ray", "torch"},
+    "api": {"ray"},
+    "cli": {"ray", "torch"},
 }
 ALLOWED_FOR_MODULE = {"pipeline.codec.model_file": {"fsspec"}}
 
@@ -185,10 +187,12 @@ def test_the_rules_catch_a_forbidden_import(graph):
     g["pipeline.codec.decoder"].add("pipeline.io.storage")  # codec math reading storage
     g["pipeline.io.vectors"].add("pipeline.codec.model")    # I/O that knows the model
     g["pipeline.search.scan"].add("pipeline.distributed.shard_pool")
+    g["pipeline.cli"].add("pipeline.stages.encode")          # the CLI going around the API
     found = violations(g, {"pipeline.search.probe": {"ray"}, "pipeline.io.storage": {"torch"}})
     assert "pipeline.codec.decoder (codec) imports pipeline.io.storage (io)" in found
     assert "pipeline.io.vectors (io) imports pipeline.codec.model (codec)" in found
     assert "pipeline.search.scan (search) imports pipeline.distributed.shard_pool (distributed)" in found
+    assert "pipeline.cli (cli) imports pipeline.stages.encode (stages)" in found
     assert "pipeline.search.probe (search) imports ray" in found
     assert "pipeline.io.storage (io) imports torch" in found
     g["pipeline.codec.model"].add("pipeline.codec.decoder")  # decoder -> model -> decoder
@@ -197,7 +201,7 @@ def test_the_rules_catch_a_forbidden_import(graph):
 
 def test_function_local_imports_only_in_the_cli():
     """Imports sit at the top of a module, where they show the graph; the CLI imports each
-    command's stage when it runs (it must start without torch or Ray)."""
+    command's API call when it runs (it must start without torch or Ray)."""
     local = []
     for path in ROOT.rglob("*.py"):
         if module_name(path) == "pipeline.cli":
@@ -210,3 +214,13 @@ def test_function_local_imports_only_in_the_cli():
                         local.append(f"{module_name(path)}:{node.lineno}")
     # sysinfo reads the peak RSS through `resource` where /proc is missing (not on every platform)
     assert [x for x in local if not x.startswith("pipeline.sysinfo:")] == []
+
+
+def test_ray_jobs_only_call_the_cli():
+    """``jobs/`` are entry points for ``ray job submit``: each parses with the CLI, which calls the
+    API, so a job and its ``qinco`` command cannot drift apart."""
+    jobs = sorted((ROOT.parent / "jobs").glob("*.py"))
+    assert jobs
+    for path in jobs:
+        own = {m for m in imports_of(path) if m.startswith("pipeline")}
+        assert own == {"pipeline.cli"}, (path.name, own)

@@ -113,7 +113,7 @@ def test_train_without_a_preset_records_the_recipe_it_chose(learn_and_base, tmp_
 def test_bytes_and_m_must_agree_and_presets_are_known(learn_and_base, tmp_path, capsys):
     uris, _, _ = learn_and_base
     assert main(["train", "--data", uris["learn"], "--out", str(tmp_path / "m"), "--bytes", "8", "--M", "4"]) == 2
-    assert "--bytes 8 means --M 8" in capsys.readouterr().err
+    assert "bytes 8 means M 8" in capsys.readouterr().err
     assert main(["train", "--data", uris["learn"], "--out", str(tmp_path / "m"), "--preset", "big"]) == 2
     assert "unknown preset 'big'" in capsys.readouterr().err
     with pytest.raises(ConfigError):

@@ -55,6 +55,15 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+def cluster_at_address() -> dict[str, float] | None:
+    """The resources of the Ray cluster at ``RAY_ADDRESS`` (attaching to it), or None when it is
+    unset (a job would start a local Ray on this machine)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return None
+    ensure_ray()
+    return ray.cluster_resources()
+
+
 def default_cpus_per_worker(workers: int, reserve: float = 0.5) -> float:
     """CPUs each of ``workers`` actors reserves when the user did not say: one, or less so that
     all of them fit on the cluster with ``reserve`` CPUs left for read tasks and the driver."""
