@@ -1,10 +1,20 @@
 """Progress of long work: log lines with totals, rate and time left when not on a terminal, a
-tqdm bar when forced (or on a terminal), nothing with QINCO_PROGRESS=off."""
+tqdm bar when forced (or on a terminal), nothing with QINCO_PROGRESS=off; the local Ray's
+dashboard with QINCO_RAY_DASHBOARD=1."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import subprocess
+import sys
+import urllib.request
 
+import pytest
+
+from pipeline.distributed.cluster import dashboard_wanted
+from pipeline.errors import ConfigError
 from pipeline.progress import Progress
 
 
@@ -45,3 +55,44 @@ def test_training_progress_counts_seconds_of_a_budget_else_epochs(monkeypatch):
     p.update(1)
     assert p.line().startswith("train: 4/10 epochs (") and "left" in p.line()
     assert training_progress(None, None) is None
+
+
+
+DASHBOARD_PROBE = """
+import logging, sys
+import ray
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from pipeline.distributed.cluster import ensure_ray
+ensure_ray(num_cpus=1)
+print("READY", flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+def test_the_local_ray_dashboard_on_request(tmp_path, monkeypatch):
+    """QINCO_RAY_DASHBOARD=1: the local Ray starts with its dashboard, whose address is logged and
+    answers HTTP; a value that is neither on nor off is refused before Ray starts."""
+    script = tmp_path / "probe.py"
+    script.write_text(DASHBOARD_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"QINCO_RAY_DASHBOARD": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("READY"):
+                break
+        urls = [m.group(1) for m in (re.search(r"Ray dashboard: (http://\S+)", x) for x in lines) if m]
+        assert urls and urls[0].startswith("http://127.0.0.1:"), lines
+        with urllib.request.urlopen(urls[0] + "/api/version", timeout=30) as r:
+            assert r.status == 200 and "ray_version" in r.read().decode()
+    finally:
+        proc.communicate("", timeout=60)
+    assert proc.returncode == 0
+    monkeypatch.delenv("QINCO_RAY_DASHBOARD", raising=False)
+    assert dashboard_wanted() is False
+    monkeypatch.setenv("QINCO_RAY_DASHBOARD", "maybe")
+    with pytest.raises(ConfigError, match="QINCO_RAY_DASHBOARD"):
+        dashboard_wanted()

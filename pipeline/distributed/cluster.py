@@ -2,6 +2,9 @@
 
 Inside ``ray job submit`` (or with ``RAY_ADDRESS`` set) the job attaches to that cluster;
 otherwise a local Ray is started for this process, which is the embedded default of the demo.
+``QINCO_RAY_DASHBOARD=1`` starts that local Ray with its dashboard (jobs, actors, Ray Data and
+Ray Train progress, logs) on 127.0.0.1 and logs its address; a cluster's own dashboard is the
+cluster's.
 """
 
 from __future__ import annotations
@@ -13,9 +16,22 @@ import os
 import ray
 import ray.data
 
+from pipeline.errors import ConfigError
 from pipeline.io.storage import RedactingFilter
 
 log = logging.getLogger(__name__)
+
+DASHBOARD_ENV = "QINCO_RAY_DASHBOARD"
+_YES, _NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def dashboard_wanted() -> bool:
+    """Whether ``QINCO_RAY_DASHBOARD`` asks for the local Ray's dashboard (off by default: it
+    costs a few processes and seconds at start)."""
+    value = os.environ.get(DASHBOARD_ENV, "").strip().lower()
+    if value not in _YES + _NO:
+        raise ConfigError(f"{DASHBOARD_ENV}={value!r}: give 1 (start the local Ray's dashboard) or 0")
+    return value in _YES
 
 
 class _NoErrorsUnlessVerbose(logging.Filter):
@@ -49,9 +65,13 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return False
+    dashboard = dashboard_wanted()
     log.info("no RAY_ADDRESS: starting a local Ray")
     # address="local": this process's own instance, never a cluster someone started with `ray start`
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                   log_to_driver=False)
+    if dashboard:
+        log.info("Ray dashboard: http://%s", ctx.dashboard_url)
     return True
 
 
