@@ -26,7 +26,8 @@ def _mode() -> str:
     return "bar" if sys.stderr.isatty() else "log"
 
 
-def _eta(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``2.1 h``."""
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:
@@ -57,7 +58,7 @@ class Progress:
         r = self.rate()
         left = (self.total - self.done) / r if r > 0 else None
         return (f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({r:,.0f} {self.unit}/s"
-                + (f", {_eta(left)} left" if left is not None and self.done < self.total else "") + ")")
+                + (f", {format_duration(left)} left" if left is not None and self.done < self.total else "") + ")")
 
     def update(self, n: int = 1, **postfix) -> None:
         self.done += int(n)

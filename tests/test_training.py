@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -169,3 +171,13 @@ def test_input_noise_perturbs_training_batches_only(codec_vectors):
     extra = hists[1.0][1]["train_mse"] - hists[0.0][1]["train_mse"]
     assert 0.5 * init_val < extra < 1.5 * init_val  # noise energy = the best validation MSE
     assert abs(hists[1.0][1]["val_mse"] / hists[0.0][1]["val_mse"] - 1) < 0.1
+
+
+def test_epoch_progress_lines_give_samples_of_the_total_and_time_left(codec_vectors, caplog):
+    x = codec_vectors[0][:2000]
+    caplog.set_level(logging.INFO, logger="pipeline.train.loop")
+    train_model(x[200:], x[:200], _cfg(x.shape[1]),
+                TrainConfig(epochs=1, batch_size=64, lr=3e-3, warmup_steps=5, rq_iters=2, log_every_s=0.0))
+    lines = [r.getMessage() for r in caplog.records if "left in the epoch" in r.getMessage()]
+    assert lines, [r.getMessage() for r in caplog.records]
+    assert re.match(r"epoch 1: [\d,]+/1,800 samples, [\d.]+ samples/s, [\d.]+ (s|min|h) left in the epoch", lines[0])

@@ -46,6 +46,7 @@ from pipeline.codec.encoder import assign_lists, encode
 from pipeline.codec.metric import prepare
 from pipeline.codec.model import QINCo, QincoConfig, validate_vectors
 from pipeline.errors import ConfigError
+from pipeline.progress import format_duration
 from pipeline.train.config import TrainConfig
 from pipeline.train.loss import TrainingLoss
 from pipeline.train.setup import fit_decoder, init_model
@@ -163,8 +164,9 @@ class Trainer:
         return float(mse_per_element) * self.model.config.dim * float(self.model.scale) ** 2
 
     # -- training ----------------------------------------------------------------------------
-    def train_epoch(self, batches: Iterable[Any]) -> dict[str, Any]:
-        """One pass over ``batches``; stops early at the end of the batch that crosses the
+    def train_epoch(self, batches: Iterable[Any], samples: int | None = None) -> dict[str, Any]:
+        """One pass over ``batches`` (``samples`` rows in all, when known: the progress lines then
+        give the time left in the epoch); stops early at the end of the batch that crosses the
         time budget. Returns train MSE (raw, per vector), loss, samples, seconds, samples/s,
         last lr, number of reset codewords and ``stopped_by_budget``."""
         cfg, model = self.cfg, self.model
@@ -209,8 +211,13 @@ class Trainer:
             now = time.time()
             self.time_used_s = used0 + (now - t0)
             if now - last >= cfg.log_every_s:
-                log.info("epoch %d: %d samples, %.0f samples/s, train MSE %.5g", self.epoch + 1, n,
-                         n / (now - t0), self._raw_mse(sum_mse / n))
+                rate = n / (now - t0)
+                done = f"{n:,}/{samples:,}" if samples else f"{n:,}"
+                left = ""
+                if samples and n < samples:
+                    left = f", {format_duration((samples - n) / rate)} left in the epoch"
+                log.info("epoch %d: %s samples, %.0f samples/s%s, train MSE %.5g", self.epoch + 1, done, rate, left,
+                         self._raw_mse(sum_mse / n))
                 last = now
             if self._agreed(self.budget_exhausted):
                 stopped = True
@@ -397,7 +404,8 @@ def train_model(x_train_ND: np.ndarray, x_val_ND: np.ndarray, qcfg: QincoConfig,
     while trainer.epoch < tcfg.max_epochs:
         if trainer.budget_exhausted:
             break
-        stats = trainer.train_epoch(epoch_batches(x_train, tcfg.batch_size, tcfg.seed, trainer.epoch, lids_train))
+        stats = trainer.train_epoch(epoch_batches(x_train, tcfg.batch_size, tcfg.seed, trainer.epoch, lids_train),
+                                    samples=len(x_train))
         val = trainer.validate(x_val, lids_val)
         rec = trainer.end_epoch(stats, val)
         log.info("epoch %d: train MSE %.6g, val MSE %.6g%s, %.0f samples/s, %.1f s, %d reset",
