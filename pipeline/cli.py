@@ -359,6 +359,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="answer k-NN queries against an index on a Ray cluster (shard actors)")
     p.add_argument("--index", required=True, help="index URI (written by `qinco encode`)")
     p.add_argument("--queries", required=True, help="query vectors file URI")
+    p.add_argument("--vector-column", default=None, metavar="NAME",
+                   help="parquet queries (and tuning queries): the column holding the vectors (default: vector)")
     p.add_argument("--k", type=NEIGHBOURS, default=10, help="neighbours per query (default 10)")
     p.add_argument("--nprobe", type=count(1, 2**24), default=16, help="IVF lists probed per query (default 16)")
     p.add_argument("--probe-ratio", type=real(1, 1e6), default=None, metavar="R",
@@ -426,7 +428,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                       pairwise=a.pairwise_shortlist, prefix_steps=a.prefix_steps,
                       prefix_shortlist=a.prefix_shortlist, probe_ratio=a.probe_ratio, workers=a.workers,
                       cpus_per_worker=a.cpus_per_worker, memory_per_actor=a.memory_per_actor, version=a.version,
-                      max_queries=a.max_queries)
+                      max_queries=a.max_queries, vector_column=a.vector_column)
         if a.dry_run:
             plan = plan_search(a.index, a.queries, **params)
             print(format_plan(plan))

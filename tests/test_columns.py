@@ -1,6 +1,6 @@
 """Parquet inputs with their own column names (--vector-column / --id-column): planned, read,
 encoded and searched with the ids of the named column, recorded in the manifest, and refused
-with the column named when it is missing."""
+with the column named when it is missing; parquet queries read from a named column."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pipeline.errors import VectorFormatError
 from pipeline.index.manifest import load_manifest
 from pipeline.io import ids as ids_mod
 from pipeline.io.inputs import plan_inputs
-from pipeline.io import vectors
+from pipeline.io import results, vectors
 from pipeline.stages.encode import EncodeJobConfig, run_encode
 
 
@@ -65,3 +65,11 @@ def test_encode_and_search_with_named_columns(ray_session, dump, tiny_index_inpu
     rc = main(["encode", "--model", tiny_index_inputs["model"], "--data", dump["path"], "--out",
                str(tmp_path / "other"), "--vector-column", "embedding", "--dry-run"])
     assert rc == 2 and "no 'embedding' column" in capsys.readouterr().err
+    # queries in the same dump: the query job reads them from the named column
+    out = str(tmp_path / "res")
+    rc = main(["search", "--index", uri, "--queries", dump["path"], "--vector-column", "emb", "--out", out,
+               "--max-queries", "30", "--k", "1", "--nprobe", "8", "--shortlist", "50", "--workers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert np.array_equal(results.read_results(out)[0], I)
+    rc = main(["search", "--index", uri, "--queries", dump["path"], "--out", str(tmp_path / "res2"), "--dry-run"])
+    assert rc == 2 and "no 'vector' column" in capsys.readouterr().err

@@ -240,14 +240,14 @@ def plan_encode(model: str, data: str | Sequence[str], out: str, *, workers: int
 
 def plan_search(index: str, queries: str, *, k: int = 10, workers: int = 2, cpus_per_worker: float | None = None,
                 memory_per_actor: int | None = None, version: str | None = None, max_queries: int | None = None,
-                options=None, **params: Any) -> dict[str, Any]:
+                vector_column: str | None = None, options=None, **params: Any) -> dict[str, Any]:
     """What :func:`search_files` would need (vectors, queries, actors and their memory, time), and
     the ``problems`` that make it impossible; ``params`` as :func:`search_files`."""
     res = _resources(None)
     return _plan_search(index, queries, search_params({**params, "k": k}), workers=workers,
                         cpus_per_worker=cpus_per_worker or cpus_share(res["cpus"], workers),
-                        memory_per_actor=memory_per_actor, version=version, max_queries=max_queries, res=res,
-                        options=options)
+                        memory_per_actor=memory_per_actor, version=version, max_queries=max_queries,
+                        vector_column=vector_column, res=res, options=options)
 
 
 # --------------------------------------------------------------------------- search
@@ -257,13 +257,14 @@ def search_files(index: str, queries: str, out: str, *, k: int = 10, workers: in
                  mmap_dir: str | None = None, rerank_precision: str = "float32", lut_scales: bool = True,
                  target_recall: float | None = None, tune_groundtruth: str | None = None,
                  tune_queries: str | None = None, tune_measure: str = "R@10", tune_sample: int = 1000,
-                 options=None, **params: Any) -> dict[str, Any]:
+                 vector_column: str | None = None, options=None, **params: Any) -> dict[str, Any]:
     """The query job: the ``k`` nearest neighbours of every row of the file ``queries``, searched
     by shard actors, written to ``out`` (big-ann format, ``OUT.parquet``, ``OUT.report.json``).
     Queries go ``query_batch`` at a time and each block's results are kept as it completes, so a
     re-run resumes. ``params``: ``nprobe``, ``shortlist``, ``rerank``, ``pairwise``,
     ``prefix_steps``, ``prefix_shortlist``, ``probe_ratio``; or ``target_recall`` with
-    ``tune_groundtruth`` chooses nprobe, shortlist and rerank first. Returns the report."""
+    ``tune_groundtruth`` chooses nprobe, shortlist and rerank first. ``vector_column``: the column
+    of parquet queries (default ``vector``). Returns the report."""
     if (target_recall is None) != (tune_groundtruth is None):
         raise ConfigError("target_recall and tune_groundtruth go together: the tuning measures recall "
                           "against the ground truth of its queries")
@@ -276,7 +277,8 @@ def search_files(index: str, queries: str, out: str, *, k: int = 10, workers: in
         index_uri=index, queries_uri=queries, out_uri=out, params=p, rerank_precision=rerank_precision,
         workers=workers, cpus_per_worker=_cpus(cpus_per_worker, workers), query_batch=query_batch,
         allow_partial=allow_partial, lut_scales=lut_scales, max_queries=max_queries, version=version,
-        memory_per_actor=memory_per_actor, mmap_dir=mmap_dir, tune=tune), options=options)
+        memory_per_actor=memory_per_actor, mmap_dir=mmap_dir, tune=tune, vector_column=vector_column),
+        options=options)
 
 
 def evaluate(results: str, groundtruth: str, options=None) -> dict[str, float]:

@@ -416,10 +416,18 @@ def read_id_file(uri: str, start: int, stop: int, options: StorageOptions | None
     return np.frombuffer(data, dtype=np.dtype(fi.dtype).newbyteorder("<")).astype(fi.dtype)
 
 
+def parquet_columns(vector_column: str | None = None, id_column: str | None = None) -> tuple[str, str] | None:
+    """The ``columns`` argument of :func:`info` for the given names (None: the default ``vector``
+    and ``id``; None for both: the defaults)."""
+    if vector_column is None and id_column is None:
+        return None
+    return (vector_column or PARQUET_VECTOR_COLUMN, id_column or PARQUET_ID_COLUMN)
+
+
 def read_vectors(uri: str, fmt: str | None = None, options: StorageOptions | None = None,
-                 max_rows: int | None = None) -> np.ndarray:
-    """Rows ``[0, min(count, max_rows))`` of a vector file."""
-    fi = info(uri, fmt, options)
+                 max_rows: int | None = None, columns: tuple[str, str] | None = None) -> np.ndarray:
+    """Rows ``[0, min(count, max_rows))`` of a vector file (``columns`` as :func:`info`)."""
+    fi = info(uri, fmt, options, columns)
     n = fi.count if max_rows is None else min(fi.count, max_rows)
     return read_rows(uri, 0, n, options=options, file_info=fi)
 

@@ -106,10 +106,10 @@ def plan_encode(model_uri: str, data_uris: list[str], index_uri: str, *, workers
 
 def plan_search(index_uri: str, queries_uri: str, params: SearchParams, *, workers: int, cpus_per_worker: float,
                 memory_per_actor: int | None = None, version: str | None = None, max_queries: int | None = None,
-                res: dict | None = None, options=None) -> dict[str, Any]:
+                vector_column: str | None = None, res: dict | None = None, options=None) -> dict[str, Any]:
     """The plan of a query job (the manifest and the queries' header are read)."""
     m = load_manifest(index_uri, version=version, options=options)
-    qi = vectors.info(queries_uri, options=options)
+    qi = vectors.info(queries_uri, options=options, columns=vectors.parquet_columns(vector_column))
     Q = qi.count if max_queries is None else min(qi.count, max_queries)
     res = res or resources(None)
     problems = []

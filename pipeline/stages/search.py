@@ -70,6 +70,7 @@ class SearchJobConfig(JsonConfig):
     # a node-local directory: each actor memory-maps its rows from files there instead of holding them
     mmap_dir: str | None = None
     tune: TuneSpec | None = None
+    vector_column: str | None = None  # parquet queries: the column holding them (None: "vector")
 
     def __post_init__(self) -> None:
         if isinstance(self.tune, dict):
@@ -98,6 +99,8 @@ def _job_identity(cfg: SearchJobConfig, queries: int) -> dict[str, Any]:
     d = cfg.to_dict()
     for name in ("workers", "cpus_per_worker", "memory_per_actor", "mmap_dir", "out_uri"):
         d.pop(name)
+    if d["vector_column"] is None:  # as jobs written before the field had it
+        d.pop("vector_column")
     d["queries"] = queries
     return d
 
@@ -132,7 +135,7 @@ def run_search(cfg: SearchJobConfig, options=None) -> dict[str, Any]:
     params = cfg.params.validate()
     if cfg.rerank_precision not in ("float32", "bfloat16"):
         raise ConfigError(f"rerank_precision must be float32 or bfloat16, got {cfg.rerank_precision!r}")
-    qinfo = vectors.info(cfg.queries_uri, options=options)
+    qinfo = vectors.info(cfg.queries_uri, options=options, columns=vectors.parquet_columns(cfg.vector_column))
     Q = qinfo.count if cfg.max_queries is None else min(qinfo.count, cfg.max_queries)
     if Q < 1:
         raise ConfigError(f"{storage.redact(cfg.queries_uri)}: no queries to search")
@@ -255,7 +258,8 @@ def _tune(cfg: SearchJobConfig, pool: ShardPool, qinfo, k: int, options) -> dict
         raise ConfigError(f"the tuning sample must hold at least 1 query, got {spec.sample}")
     tq = vectors.read_rows(cfg.queries_uri, 0, min(spec.sample, qinfo.count), options=options,
                            file_info=qinfo).astype(np.float32) if spec.queries_uri is None else vectors.read_vectors(
-        spec.queries_uri, options=options, max_rows=spec.sample).astype(np.float32)
+        spec.queries_uri, options=options, max_rows=spec.sample,
+        columns=vectors.parquet_columns(cfg.vector_column)).astype(np.float32)
     if tq.shape[1] != pool.dim:
         raise ConfigError(f"{storage.redact(spec.queries_uri)}: tuning queries have dimension {tq.shape[1]}, "
                           f"the index expects {pool.dim}")
