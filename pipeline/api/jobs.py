@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import signal
 import threading
 from typing import Any, Callable, Sequence
@@ -45,11 +46,12 @@ __all__ = ["build_index", "train", "encode_files", "decode_file", "plan_encode",
 Echo = Callable[[str], None]
 
 
-def _uris(data: str | Sequence[str], what: str) -> list[str]:
-    uris = [data] if isinstance(data, str) else list(data)
-    if not uris or not all(isinstance(u, str) and u for u in uris):
+def _uris(data: str | os.PathLike | Sequence[str | os.PathLike], what: str) -> list[str]:
+    """``data`` as a list of URIs: one URI or path, or a sequence of them."""
+    uris = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not uris or not all(isinstance(u, (str, os.PathLike)) and os.fspath(u) for u in uris):
         raise ConfigError(f"{what} must be a URI or a list of URIs (files, folders or glob patterns)")
-    return uris
+    return [os.fspath(u) for u in uris]
 
 
 def _check_out(uri: str, what: str, files: Sequence[str] = ()) -> None:
