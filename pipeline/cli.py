@@ -467,7 +467,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-precision", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--workers", type=WORKERS, default=2, help="shard actors (default 2)")
     p.add_argument("--cpus-per-worker", type=CPUS, default=None,
-                   help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster)")
+                   help="CPUs each actor reserves (default: 1, or less so that all actors fit on the cluster, "
+                        "twice over when following CURRENT: a swap loads the new version's actors beside "
+                        "the served ones, and is refused when the cluster cannot place them)")
     p.add_argument("--memory-per-actor", type=ByteSize(64 << 20, 1 << 42), default=None,
                    help="memory each shard actor may use (e.g. 8G): shards are placed to fit it")
     p.add_argument("--report-s", type=real(0.1, 86400), default=60.0, help="seconds between stats lines (default 60)")

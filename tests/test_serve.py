@@ -21,7 +21,9 @@ from conftest import ROOT, clustered_vectors
 from pipeline.api import open_index
 from pipeline.index.manifest import current_version
 from pipeline.io import vectors
+from pipeline.search.params import search_params
 from pipeline.stages.encode import EncodeJobConfig, run_encode
+from pipeline.stages.serve import SearchService, ServeConfig
 
 pytestmark = pytest.mark.ray
 
@@ -179,3 +181,32 @@ def test_serve_answers_swaps_under_load_and_stops_cleanly(ray_session, tiny_inde
     while _alive(children) and time.time() < deadline:
         time.sleep(0.5)
     assert not _alive(children), f"processes left behind: {_alive(children)}"
+
+
+def test_a_swap_the_cluster_cannot_place_is_refused_and_the_old_version_serves(ray_session, tiny_index_inputs,
+                                                                             tmp_path):
+    """The new version's actors start beside the served ones: where the free CPUs cannot hold them
+    (Ray would leave them pending, the swap waiting for good) the swap is refused at once, saying
+    what is short, and the served version goes on answering."""
+    inp = tiny_index_inputs
+    index_uri = str(tmp_path / "index")
+    run_encode(EncodeJobConfig(model_uri=inp["model"], data_uris=[inp["base"]], index_uri=index_uri, workers=1,
+                               cpus_per_worker=0.25, shard_rows=2000), progress=False)
+    # two actors taking three quarters of the free CPUs: a second pair cannot be placed
+    free = ray_session.available_resources()["CPU"]
+    service = SearchService(ServeConfig(index_uri=index_uri, workers=2, cpus_per_worker=0.375 * free,
+                                        poll_s=3600.0, params=search_params(PARAMS)))
+    try:
+        vectors.write_vectors(str(tmp_path / "extra.fvecs"), clustered_vectors(300, 16, seed=22))
+        run_encode(EncodeJobConfig(model_uri=inp["model"], data_uris=[inp["base"], str(tmp_path / "extra.fvecs")],
+                                   index_uri=index_uri, workers=1, cpus_per_worker=0.25, shard_rows=2000,
+                                   overwrite=True), progress=False)
+        assert current_version(index_uri) == "v000002"
+        assert service.swap_to_current() is False
+        assert service.version == "v000001"
+        assert "v000002" in service.swap_error and "CPUs" in service.swap_error and "free" in service.swap_error
+        D, I, v = service.search(inp["q"][:5])
+        assert v == "v000001" and I.shape == (5, PARAMS["k"])
+        assert service.stats()["swap_error"] == service.swap_error
+    finally:
+        service.close()

@@ -295,12 +295,15 @@ def serve(index: str, *, host: str = "127.0.0.1", port: int = 8000, k: int = 10,
     """The warm search service (HTTP: ``POST /search``, ``GET /stats``, ``GET /health``) until
     ``stop`` is set; without ``stop``, until SIGINT or SIGTERM (handlers installed when called from
     the main thread, restored on return). ``k`` and ``params`` are the defaults of each request.
-    Returns the last stats."""
+    Without ``version`` it follows ``CURRENT`` and swaps to each new version; the actors' default
+    CPUs then leave room for two pools. Returns the last stats."""
     cfg = ServeConfig(index_uri=index, host=host, port=port, workers=workers, cpus_per_worker=1.0,
                       params=search_params({**params, "k": k}), version=version, poll_s=poll_s,
                       rerank_precision=rerank_precision, memory_per_actor=memory_per_actor)
     ensure_ray()
-    cfg.cpus_per_worker = _cpus(cpus_per_worker, workers)
+    # following CURRENT, a swap runs the new version's actors beside the served ones: by default
+    # each takes the share of the cluster that lets both pools fit
+    cfg.cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers if version else 2 * workers)
     previous = {}
     if stop is None:
         stop = threading.Event()

@@ -84,6 +84,21 @@ def cluster_at_address() -> dict[str, float] | None:
     return ray.cluster_resources()
 
 
+def room_for(actors: int, cpus_per_actor: float, memory_per_actor: int | None = None) -> str | None:
+    """None when the cluster's free resources can take ``actors`` more actors of that size now;
+    otherwise what they need and what is free, in words (Ray would leave them pending)."""
+    free = ray.available_resources()
+    short = []
+    cpus, free_cpus = actors * cpus_per_actor, free.get("CPU", 0.0)
+    if cpus > free_cpus + 1e-6:
+        short.append(f"{cpus:g} CPUs ({free_cpus:g} free)")
+    if memory_per_actor is not None:
+        mem, free_mem = actors * memory_per_actor, free.get("memory", 0.0)
+        if mem > free_mem:
+            short.append(f"{mem / 2**30:.2f} GiB of memory ({free_mem / 2**30:.2f} GiB free)")
+    return "; ".join(short) or None
+
+
 def default_cpus_per_worker(workers: int, reserve: float = 0.5) -> float:
     """CPUs each of ``workers`` actors reserves when the user did not say: one, or less so that
     all of them fit on the cluster with ``reserve`` CPUs left for read tasks and the driver."""

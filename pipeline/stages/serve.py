@@ -7,7 +7,9 @@ reads the index's ``CURRENT`` every ``poll_s`` seconds; when it names another ve
 pool loads that version beside the first (the old one answers meanwhile), new requests go to the
 new pool, and the old one is closed once its requests in flight have finished: no request fails
 or waits for a load. A version that fails to load is logged and the old one keeps serving.
-During a swap both versions' shards are held.
+During a swap both versions' shards are held, and both pools' actors: a swap whose new actors the
+cluster's free CPUs (or memory, with ``memory_per_actor``) cannot place is refused the same way,
+saying what is short; the default CPUs per actor of :func:`pipeline.api.serve` leave room for it.
 
 :func:`make_server` puts the service behind a threaded HTTP server (stdlib):
 
@@ -33,9 +35,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import JsonConfig
+from pipeline.distributed.cluster import room_for
 from pipeline.distributed.shard_pool import ShardPool
 from pipeline.errors import ConfigError, PipelineError, VectorFormatError
-from pipeline.index.manifest import current_version
+from pipeline.index.manifest import current_version, load_manifest
 from pipeline.io import storage
 from pipeline.search.params import SearchParams, search_params
 from pipeline.stages.search import check_params_for
@@ -161,6 +164,14 @@ class SearchService:
         if target is None or target == self.version:
             return False
         try:
+            # the new actors load beside the served ones: where they cannot be placed now, Ray
+            # would leave them pending (and this swap waiting) for good
+            shards = len(load_manifest(self.cfg.index_uri, version=target, options=self.options).shards)
+            actors = max(1, min(self.cfg.workers, shards))
+            short = room_for(actors, self.cfg.cpus_per_worker, self.cfg.memory_per_actor)
+            if short:
+                raise PipelineError(f"its {actors} shard actors cannot start beside the served ones: they need "
+                                    f"{short} (free resources, or restart the service)")
             new = self._load(target)
         except Exception as e:  # noqa: BLE001 - the old version keeps serving
             msg = f"version {target} could not be loaded, still serving {self.version}: {e}"
