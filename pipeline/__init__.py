@@ -3,7 +3,7 @@
 Subpackages by layer (docs/architecture.md): ``codec`` and ``search`` hold the math in plain
 PyTorch/NumPy and run without Ray or storage; ``io`` and ``index`` the files; ``train`` the
 training loop; ``distributed`` the Ray layer, which only moves data and calls the math; ``stages``
-what the CLI (``cli``) runs.
+the jobs; ``api`` the Python API (one call per job), which the command line (``cli``) parses for.
 """
 
 import os as _os

@@ -1,1 +1,1 @@
-"""What the CLI and jobs/ run: train, encode, re-encode, search, baselines, demo, datasets."""
+"""The jobs, each run from a config: train, encode, re-encode, search, serve, plans, maintenance, baselines, demo, datasets."""
