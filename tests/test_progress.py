@@ -1,6 +1,6 @@
 """Progress of long work: log lines with totals, rate and time left when not on a terminal, a
-tqdm bar when forced (or on a terminal), nothing with QINCO_PROGRESS=off; the local Ray's
-dashboard with QINCO_RAY_DASHBOARD=1."""
+tqdm bar when forced (or on a terminal), nothing with QINCO_PROGRESS=off; the encode job's own
+lines in place of Ray Data's report; the local Ray's dashboard with QINCO_RAY_DASHBOARD=1."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from pipeline.distributed.cluster import dashboard_wanted
 from pipeline.errors import ConfigError
 from pipeline.progress import Progress
+from pipeline.stages.encode import EncodeJobConfig, run_encode
 
 
 def test_log_lines_give_total_rate_and_time_left(monkeypatch, caplog):
@@ -96,3 +97,26 @@ def test_the_local_ray_dashboard_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("QINCO_RAY_DASHBOARD", "maybe")
     with pytest.raises(ConfigError, match="QINCO_RAY_DASHBOARD"):
         dashboard_wanted()
+
+
+@pytest.mark.ray
+def test_the_encode_job_logs_its_own_progress_and_not_ray_datas(ray_session, tiny_index_inputs, tmp_path,
+                                                                 monkeypatch, caplog):
+    """Not on a terminal the encode job's log holds its own lines (vectors, rate, time left), not
+    Ray Data's operator report, a block of lines every 10 s (shown with debug logging only)."""
+    monkeypatch.setenv("QINCO_PROGRESS", "log")
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    ray_data = []  # Ray Data's logger does not propagate to the root's handlers
+    handler = logging.Handler()
+    handler.emit = lambda record: ray_data.append(record.getMessage())
+    logging.getLogger("ray.data").addHandler(handler)
+    try:
+        job = EncodeJobConfig(model_uri=tiny_index_inputs["model"], data_uris=[tiny_index_inputs["base"]],
+                              index_uri=str(tmp_path / "index"), workers=1, cpus_per_worker=0.5, shard_rows=1000)
+        report = run_encode(job)
+    finally:
+        logging.getLogger("ray.data").removeHandler(handler)
+    assert report["status"] == "committed"
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    assert any(x.startswith("encode: ") and " vectors (" in x for x in lines), lines
+    assert not [x for x in ray_data if "Running Dataset" in x], ray_data[:3]

@@ -375,6 +375,9 @@ def _plan(cfg: EncodeJobConfig, options) -> _EncodePlan | dict:
 def _encode_pending(cfg: EncodeJobConfig, plan: _EncodePlan, progress: bool, options) -> tuple[list[dict], dict]:
     """The pending ranges through the actor pool; the written shards' infos and each actor's peak RSS."""
     ctx = DataContext.get_current()
+    # the job's own progress (pipeline.progress) says how far it is; Ray Data's operator view
+    # (read tasks, actors, backpressure: a block of lines every 10 s in a log) only with debug logging
+    ctx.enable_progress_bars = logging.getLogger().isEnabledFor(logging.DEBUG)
     rec_bytes = max(i.record_bytes or (i.dim * 4) for i in plan.inputs)
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 4 * cfg.shard_rows * rec_bytes)
     ranges = [(tk.file_index, tk.start, tk.stop) for tk in plan.pending]
