@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, clustered_vectors
-from pipeline.api import open_index
+from pipeline.api import open_index, open_service
 from pipeline.index.manifest import current_version
 from pipeline.io import vectors
-from pipeline.search.params import search_params
 from pipeline.stages.encode import EncodeJobConfig, run_encode
-from pipeline.stages.serve import SearchService, ServeConfig
 
 pytestmark = pytest.mark.ray
 
@@ -194,9 +192,7 @@ def test_a_swap_the_cluster_cannot_place_is_refused_and_the_old_version_serves(r
                                cpus_per_worker=0.25, shard_rows=2000), progress=False)
     # two actors taking three quarters of the free CPUs: a second pair cannot be placed
     free = ray_session.available_resources()["CPU"]
-    service = SearchService(ServeConfig(index_uri=index_uri, workers=2, cpus_per_worker=0.375 * free,
-                                        poll_s=3600.0, params=search_params(PARAMS)))
-    try:
+    with open_service(index_uri, workers=2, cpus_per_worker=0.375 * free, poll_s=3600.0, **PARAMS) as service:
         vectors.write_vectors(str(tmp_path / "extra.fvecs"), clustered_vectors(300, 16, seed=22))
         run_encode(EncodeJobConfig(model_uri=inp["model"], data_uris=[inp["base"], str(tmp_path / "extra.fvecs")],
                                    index_uri=index_uri, workers=1, cpus_per_worker=0.25, shard_rows=2000,
@@ -208,5 +204,8 @@ def test_a_swap_the_cluster_cannot_place_is_refused_and_the_old_version_serves(r
         D, I, v = service.search(inp["q"][:5])
         assert v == "v000001" and I.shape == (5, PARAMS["k"])
         assert service.stats()["swap_error"] == service.swap_error
-    finally:
-        service.close()
+    # the actors have ended: their CPUs come free again (Ray's view is updated asynchronously)
+    deadline = time.time() + 60
+    while ray_session.available_resources().get("CPU", 0.0) < free - 1e-6:
+        assert time.time() < deadline, ray_session.available_resources()
+        time.sleep(0.2)

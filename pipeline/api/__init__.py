@@ -9,7 +9,8 @@
 The jobs, one call each, with the options of the ``qinco`` command of the same name as keywords
 (the command line only parses and calls these): :func:`train`, :func:`encode_files`,
 :func:`decode_file`, :func:`plan_encode` and :func:`plan_search` (with :func:`format_plan` and
-:func:`check_plan`), :func:`search_files`, :func:`evaluate`, :func:`serve`, :func:`reencode`,
+:func:`check_plan`), :func:`search_files`, :func:`evaluate`, :func:`serve` (and :func:`open_service`,
+the warm service in your own process), :func:`reencode`,
 :func:`baselines`, :func:`demo`; an index's versions: :func:`index_report`, :func:`rollback`,
 :func:`collect_garbage`, :func:`verify`.
 
@@ -27,8 +28,8 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time each name l
     from pipeline.api.arrays import decode, encode
     from pipeline.api.index import Index, open_index
     from pipeline.api.jobs import (
-        baselines, build_index, check_plan, decode_file, demo, encode_files, evaluate, format_plan, plan_encode,
-        plan_search, reencode, search_files, serve, train)
+        baselines, build_index, check_plan, decode_file, demo, encode_files, evaluate, format_plan, open_service,
+        plan_encode, plan_search, reencode, search_files, serve, train)
     from pipeline.api.logs import setup_logging
     from pipeline.api.versions import collect_garbage, format_report, index_report, rollback, verify
 
@@ -36,13 +37,13 @@ _MODULES = {
     "arrays": ("decode", "encode"),
     "index": ("Index", "open_index"),
     "jobs": ("baselines", "build_index", "check_plan", "decode_file", "demo", "encode_files", "evaluate",
-             "format_plan", "plan_encode", "plan_search", "reencode", "search_files", "serve", "train"),
+             "format_plan", "open_service", "plan_encode", "plan_search", "reencode", "search_files", "serve", "train"),
     "logs": ("setup_logging",),
     "versions": ("collect_garbage", "format_report", "index_report", "rollback", "verify"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = ["Index", "baselines", "build_index", "check_plan", "collect_garbage", "decode", "decode_file", "demo",
-           "encode", "encode_files", "evaluate", "format_plan", "format_report", "index_report", "open_index",
+           "encode", "encode_files", "evaluate", "format_plan", "format_report", "index_report", "open_index", "open_service",
            "plan_encode", "plan_search", "reencode", "rollback", "search_files", "serve", "setup_logging", "train",
            "verify"]
 

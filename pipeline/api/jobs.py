@@ -35,13 +35,13 @@ from pipeline.stages.plan import check_plan, format_plan, plan_encode as _plan_e
 from pipeline.stages.plan import resources
 from pipeline.stages.reencode import ReencodeConfig, run_reencode
 from pipeline.stages.search import SearchJobConfig, TuneSpec, evaluate_results, run_search
-from pipeline.stages.serve import ServeConfig, run_serve
+from pipeline.stages.serve import SearchService, ServeConfig, run_serve
 from pipeline.stages.train import run_train
 from pipeline.train.config import DEFAULT_EPOCHS, TrainConfig, default_lr
 from pipeline.train.recipe import AUTO
 
 __all__ = ["build_index", "train", "encode_files", "decode_file", "plan_encode", "plan_search", "format_plan", "check_plan",
-           "search_files", "evaluate", "serve", "reencode", "baselines", "demo"]
+           "search_files", "evaluate", "open_service", "serve", "reencode", "baselines", "demo"]
 
 Echo = Callable[[str], None]
 
@@ -288,15 +288,9 @@ def evaluate(results: str, groundtruth: str, options=None) -> dict[str, float]:
     return evaluate_results(results, groundtruth, options)
 
 
-def serve(index: str, *, host: str = "127.0.0.1", port: int = 8000, k: int = 10, workers: int = 2,
-          cpus_per_worker: float | None = None, version: str | None = None, poll_s: float = 5.0,
-          rerank_precision: str = "float32", memory_per_actor: int | None = None, report_s: float = 60.0,
-          stop: threading.Event | None = None, options=None, echo: Echo = print, **params: Any) -> dict[str, Any]:
-    """The warm search service (HTTP: ``POST /search``, ``GET /stats``, ``GET /health``) until
-    ``stop`` is set; without ``stop``, until SIGINT or SIGTERM (handlers installed when called from
-    the main thread, restored on return). ``k`` and ``params`` are the defaults of each request.
-    Without ``version`` it follows ``CURRENT`` and swaps to each new version; the actors' default
-    CPUs then leave room for two pools. Returns the last stats."""
+def _serve_config(index: str, *, host: str = "127.0.0.1", port: int = 8000, k: int, workers: int,
+                  cpus_per_worker: float | None, version: str | None, poll_s: float, rerank_precision: str,
+                  memory_per_actor: int | None, params: dict[str, Any]) -> ServeConfig:
     cfg = ServeConfig(index_uri=index, host=host, port=port, workers=workers, cpus_per_worker=1.0,
                       params=search_params({**params, "k": k}), version=version, poll_s=poll_s,
                       rerank_precision=rerank_precision, memory_per_actor=memory_per_actor)
@@ -304,6 +298,33 @@ def serve(index: str, *, host: str = "127.0.0.1", port: int = 8000, k: int = 10,
     # following CURRENT, a swap runs the new version's actors beside the served ones: by default
     # each takes the share of the cluster that lets both pools fit
     cfg.cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers if version else 2 * workers)
+    return cfg
+
+
+def open_service(index: str, *, k: int = 10, workers: int = 2, cpus_per_worker: float | None = None,
+                 version: str | None = None, poll_s: float = 5.0, rerank_precision: str = "float32",
+                 memory_per_actor: int | None = None, options=None, **params: Any) -> SearchService:
+    """The warm service without HTTP, for a long-lived process of your own: shard actors load the
+    index once, ``.search(queries, k=None, **params) -> (D, I, version)`` answers from any thread,
+    ``.stats()`` gives latency and queries/s, ``.close()`` (or a ``with`` block) ends the actors.
+    Without ``version`` it follows ``CURRENT`` as :func:`serve` does."""
+    return SearchService(_serve_config(index, k=k, workers=workers, cpus_per_worker=cpus_per_worker,
+                                       version=version, poll_s=poll_s, rerank_precision=rerank_precision,
+                                       memory_per_actor=memory_per_actor, params=params), options)
+
+
+def serve(index: str, *, host: str = "127.0.0.1", port: int = 8000, k: int = 10, workers: int = 2,
+          cpus_per_worker: float | None = None, version: str | None = None, poll_s: float = 5.0,
+          rerank_precision: str = "float32", memory_per_actor: int | None = None, report_s: float = 60.0,
+          stop: threading.Event | None = None, options=None, echo: Echo = print, **params: Any) -> dict[str, Any]:
+    """The warm search service over HTTP (``POST /search``, ``GET /stats``, ``GET /health``) until
+    ``stop`` is set; without ``stop``, until SIGINT or SIGTERM (handlers installed when called from
+    the main thread, restored on return). ``k`` and ``params`` are the defaults of each request.
+    Without ``version`` it follows ``CURRENT`` and swaps to each new version; the actors' default
+    CPUs then leave room for two pools. Returns the last stats."""
+    cfg = _serve_config(index, host=host, port=port, k=k, workers=workers, cpus_per_worker=cpus_per_worker,
+                        version=version, poll_s=poll_s, rerank_precision=rerank_precision,
+                        memory_per_actor=memory_per_actor, params=params)
     previous = {}
     if stop is None:
         stop = threading.Event()

@@ -197,6 +197,12 @@ class SearchService:
             except Exception as e:  # noqa: BLE001 - reading CURRENT failed: try again at the next poll
                 log.warning("reading CURRENT of %s failed: %s", storage.redact(self.cfg.index_uri), e)
 
+    def __enter__(self) -> "SearchService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop watching, wait for the requests in flight, end the actors."""
         self._stop.set()
