@@ -43,9 +43,9 @@ _MODULES = {
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = ["Index", "baselines", "build_index", "check_plan", "collect_garbage", "decode", "decode_file", "demo",
-           "encode", "encode_files", "evaluate", "format_plan", "format_report", "index_report", "open_index", "open_service",
-           "plan_encode", "plan_search", "reencode", "rollback", "search_files", "serve", "setup_logging", "train",
-           "verify"]
+           "encode", "encode_files", "evaluate", "format_plan", "format_report", "index_report", "open_index",
+           "open_service", "plan_encode", "plan_search", "reencode", "rollback", "search_files", "serve",
+           "setup_logging", "train", "verify"]
 
 
 def __getattr__(name: str) -> Any:

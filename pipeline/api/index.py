@@ -63,9 +63,10 @@ class Index:
         """The ``k`` nearest neighbours of each query row: ``(D, I)``, float32 scores and int64 ids,
         both ``(Q, k)``, best first: squared L2 distances (ascending) for an ``l2`` index, inner
         products or cosine similarities (descending) for ``ip`` and ``cosine``; -1 ids (with
-        inf, or -inf, scores) where fewer than ``k`` candidates were found. ``params`` are :class:`~pipeline.search.params.SearchParams`
-        fields: ``nprobe``, ``shortlist``, ``rerank``, ``pairwise``, ``prefix_steps``,
-        ``prefix_shortlist``, ``probe_ratio`` (the ``qinco search`` options of the same names)."""
+        inf, or -inf, scores) where fewer than ``k`` candidates were found. ``params`` are
+        :class:`~pipeline.search.params.SearchParams` fields: ``nprobe``, ``shortlist``,
+        ``rerank``, ``pairwise``, ``prefix_steps``, ``prefix_shortlist``, ``probe_ratio`` (the
+        ``qinco search`` options of the same names)."""
         p = search_params({**params, "k": k})
         q = np.asarray(queries)
         if q.ndim == 1:

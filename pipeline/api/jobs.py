@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pipeline.api.index import Index, open_index
 from pipeline.codec.decoder import decode as _decode
 from pipeline.codec.metric import check_metric
 from pipeline.codec.model import PRESETS, config_from_preset
-from pipeline.api.index import Index, open_index
 from pipeline.codec.model_file import CONFIG_FILE, load_model, model_identity
 from pipeline.distributed.cluster import cluster_at_address, cpus_share, default_cpus_per_worker, ensure_ray
 from pipeline.distributed.train import DistTrainConfig, run_distributed_training
@@ -40,8 +40,8 @@ from pipeline.stages.train import run_train
 from pipeline.train.config import DEFAULT_EPOCHS, TrainConfig, default_lr
 from pipeline.train.recipe import AUTO
 
-__all__ = ["build_index", "train", "encode_files", "decode_file", "plan_encode", "plan_search", "format_plan", "check_plan",
-           "search_files", "evaluate", "open_service", "serve", "reencode", "baselines", "demo"]
+__all__ = ["build_index", "train", "encode_files", "decode_file", "plan_encode", "plan_search", "format_plan",
+           "check_plan", "search_files", "evaluate", "open_service", "serve", "reencode", "baselines", "demo"]
 
 Echo = Callable[[str], None]
 
