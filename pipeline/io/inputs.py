@@ -190,7 +190,7 @@ def plan_inputs(uris: Sequence[str] | VectorSource, fmt: str | None = None, opti
         seen.add(u)
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(_PLAN_THREADS, len(uris))) as pool:
-        columns = (vector_column or vectors.PARQUET_VECTOR_COLUMN, id_column or vectors.PARQUET_ID_COLUMN)
+        columns = vectors.parquet_columns(vector_column, id_column)
         planned = list(pool.map(lambda u: _plan_one(u, fmt, options, columns), uris))
     inputs: list[InputFile] = []
     id_start = 0

@@ -416,11 +416,8 @@ def read_id_file(uri: str, start: int, stop: int, options: StorageOptions | None
     return np.frombuffer(data, dtype=np.dtype(fi.dtype).newbyteorder("<")).astype(fi.dtype)
 
 
-def parquet_columns(vector_column: str | None = None, id_column: str | None = None) -> tuple[str, str] | None:
-    """The ``columns`` argument of :func:`info` for the given names (None: the default ``vector``
-    and ``id``; None for both: the defaults)."""
-    if vector_column is None and id_column is None:
-        return None
+def parquet_columns(vector_column: str | None = None, id_column: str | None = None) -> tuple[str, str]:
+    """The ``columns`` argument of :func:`info` for the given names (None: ``vector``, ``id``)."""
     return (vector_column or PARQUET_VECTOR_COLUMN, id_column or PARQUET_ID_COLUMN)
 
 
